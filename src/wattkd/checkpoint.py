@@ -1,0 +1,157 @@
+"""Checkpoints for exact resume, and the preemption signals that trigger them.
+
+A checkpoint is a directory written under a temporary name and renamed, so a killed run never
+leaves a half-written one that `latest()` would pick. It holds everything the next step depends
+on: trainable weights (student + projector), optimizer, scheduler, every RNG, and the data
+position, so a resumed run reproduces the uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wattkd.atomic import atomic_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step_(\d{7})$")
+# Exit status of a run that saved a checkpoint on a preemption signal (sysexits EX_TEMPFAIL):
+# "try again" — the Slurm wrapper requeues on it.
+PREEMPTED_EXIT_CODE = 75
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def trainable_state(module: nn.Module, full: bool) -> dict[str, torch.Tensor]:
+    """Full state, or only trainable tensors (LoRA: the frozen base is rebuilt from its source)."""
+    if full:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k in names}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_dir: Path, step: int, *, module: nn.Module, optimizer: torch.optim.Optimizer,
+         scheduler: Any, progress: dict[str, Any], full_weights: bool, keep_last: int,
+         rank: int = 0, rng_by_rank: list[dict[str, Any]] | None = None) -> Path:
+    """Write checkpoint `step` atomically (rank 0), then prune to the newest `keep_last`."""
+    final = checkpoint_root(run_dir) / f"step_{step:07d}"
+    if rank != 0:
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        shutil.rmtree(final)
+    with atomic_dir(final) as tmp:
+        torch.save(trainable_state(module, full_weights), tmp / "model.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_by_rank or [rng_state()], tmp / "rng.pt")
+        meta = {"format": "wattkd-checkpoint", "version": FORMAT_VERSION, "step": step,
+                "full_weights": full_weights, **progress}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    prune(run_dir, keep_last)
+    log.info("checkpoint saved: %s", final)
+    return final
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+         rank: int = 0) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this rank's RNG; return the progress record."""
+    state_file = path / "state.json"
+    if not state_file.exists():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no state.json)")
+    meta = json.loads(state_file.read_text())
+    if meta.get("format") != "wattkd-checkpoint" or meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} v"
+                              f"{meta.get('version')} is not wattkd-checkpoint v{FORMAT_VERSION}")
+    weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    missing, unexpected = module.load_state_dict(weights, strict=False)
+    if unexpected or (meta.get("full_weights") and missing):
+        raise CheckpointError(f"{path}: checkpoint does not fit this model (missing "
+                              f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}); was the "
+                              "config changed since it was written?")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu",
+                                         weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rngs = torch.load(path / "rng.pt", weights_only=False)
+    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    log.info("resumed from %s (step %d)", path, meta["step"])
+    return meta
+
+
+class PreemptionSignal:
+    """SIGUSR1/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        log.warning("received %s: will checkpoint and exit after this step", self.received)
+
+    def __enter__(self) -> PreemptionSignal:
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a test runner thread)
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,249 @@
+"""`wattkd` command line: one sub-command per stage. Thin: parse, load config, call the library.
+
+Imports of heavy modules happen inside commands so `wattkd --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="Energy-aware knowledge distillation of LLMs.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+config_app = typer.Typer(help="Inspect experiment configs.", no_args_is_help=True)
+data_app = typer.Typer(help="Token shards.", no_args_is_help=True)
+teacher_app = typer.Typer(help="Teacher: pretrain (demo) and the offline teacher cache.",
+                          no_args_is_help=True)
+models_app = typer.Typer(help="Prepare models for offline use.", no_args_is_help=True)
+slurm_app = typer.Typer(help="Submit and follow the pipeline on a Slurm cluster.",
+                        no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+app.add_typer(teacher_app, name="teacher")
+app.add_typer(models_app, name="models")
+app.add_typer(slurm_app, name="slurm")
+
+ConfigArg = Annotated[Path, typer.Argument(help="experiment YAML")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="override a config key: --set train.max_steps=10 (value parsed as YAML)")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        datefmt="[%X]", handlers=[RichHandler(show_path=False)], force=True)
+    for noisy in ("urllib3", "filelock", "httpx", "datasets", "fsspec", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(path: Path, sets: list[str] | None = None):
+    import yaml
+
+    from wattkd.config import ConfigError, load
+
+    overrides = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise typer.BadParameter(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    try:
+        return load(path, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    _setup_logging(verbose)
+
+
+# ------------------------------------------------------------------------------------ config
+@config_app.command("show")
+def config_show(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Print the resolved config with every default filled in."""
+    from wattkd.config import dump
+
+    typer.echo(dump(_load(config, set_)), nl=False)
+
+
+# -------------------------------------------------------------------------------------- data
+@data_app.command("build")
+def data_build(config: ConfigArg, set_: SetOpt = None,
+               overwrite: Annotated[bool, typer.Option(help="replace different shards")] = False,
+               ) -> None:
+    """Tokenize, mix and pack the config's sources into Parquet shards."""
+    from wattkd.data.shards import build_shards
+
+    cfg = _load(config, set_)
+    summary = build_shards(cfg.data, cfg.shards_dir, overwrite=overwrite)
+    typer.echo(f"shards: {cfg.shards_dir} ({summary.get('total_tokens', '?')} tokens)")
+
+
+# ----------------------------------------------------------------------------------- monitor
+@app.command("monitor")
+def monitor(output: Annotated[Path, typer.Option(help="telemetry JSONL to append to")],
+            interval: Annotated[float, typer.Option(help="power sampling period, s")] = 0.1,
+            slow_interval: Annotated[float, typer.Option(help="slow fields period, s")] = 1.0,
+            duration: Annotated[Optional[float], typer.Option(help="stop after, s")] = None,
+            ) -> None:
+    """Sample GPU/CPU telemetry to JSONL until interrupted (SIGINT/SIGTERM)."""
+    from wattkd.energy.monitor import run_monitor
+
+    run_monitor(output, interval, slow_interval, duration)
+
+
+# ----------------------------------------------------------------------------------- teacher
+@teacher_app.command("pretrain")
+def teacher_pretrain(config: ConfigArg, set_: SetOpt = None,
+                     resume: Annotated[str, typer.Option(help="auto | never | DIR")] = "auto",
+                     ) -> None:
+    """Train the config's from-scratch teacher (the demo's tiny teacher) with CE."""
+    from wattkd.train import teacher_pretrain_job, train
+
+    cfg = _load(config, set_)
+    result = train(teacher_pretrain_job(cfg), resume=resume)
+    _finish_train(result)
+
+
+@teacher_app.command("cache")
+def teacher_cache(config: ConfigArg, set_: SetOpt = None,
+                  signals: Annotated[Optional[str], typer.Option(
+                      help="topk,hidden:L[:L...],pooled (default: from the config)")] = None,
+                  ) -> None:
+    """Run the teacher once over the shards and store its signals for many students."""
+    from wattkd.teacher_cache import build_cache
+
+    cfg = _load(config, set_)
+    out = build_cache(cfg, signals=signals)
+    typer.echo(f"teacher cache: {out}")
+
+
+# ------------------------------------------------------------------------------------- train
+@app.command("train")
+def train_cmd(config: ConfigArg,
+              method: Annotated[str, typer.Option(help="method name from distill.methods")],
+              repeat: Annotated[int, typer.Option(help="repeat index (seed = train.seed + k)")] = 0,
+              resume: Annotated[str, typer.Option(help="auto | never | checkpoint DIR")] = "auto",
+              set_: SetOpt = None) -> None:
+    """Train one student with a KD method (or the no-KD baseline)."""
+    from wattkd.config import ConfigError
+    from wattkd.train import student_job, train
+
+    cfg = _load(config, set_)
+    try:
+        job = student_job(cfg, method, repeat)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _finish_train(train(job, resume=resume))
+
+
+def _finish_train(result) -> None:
+    from wattkd.checkpoint import PREEMPTED_EXIT_CODE
+
+    typer.echo(f"{result.status}: step {result.step}, {result.tokens:,} tokens -> "
+               f"{result.final_dir or result.run_dir}")
+    if result.status == "preempted":
+        raise typer.Exit(PREEMPTED_EXIT_CODE)
+
+
+# -------------------------------------------------------------------------------------- eval
+@app.command("eval")
+def eval_cmd(model: Annotated[str, typer.Argument(help="HF folder, hub id, or run directory")],
+             config: Annotated[Optional[Path], typer.Option(help="experiment YAML for eval "
+                                                            "settings and data paths")] = None,
+             suite: Annotated[Optional[str], typer.Option(help="task suite")] = None,
+             limit: Annotated[Optional[int], typer.Option(help="examples per task")] = None,
+             out: Annotated[Optional[Path], typer.Option(help="result JSON")] = None,
+             perplexity: Annotated[bool, typer.Option(help="also held-out perplexity")] = False,
+             set_: SetOpt = None) -> None:
+    """Evaluate a model with lm-eval under a locked protocol (and held-out perplexity)."""
+    from wattkd.eval.runner import evaluate_target
+
+    cfg = _load(config, set_) if config else None
+    result = evaluate_target(model, cfg, suite=suite, limit=limit, out=out,
+                             with_perplexity=perplexity)
+    typer.echo(f"eval results: {result}")
+
+
+@app.command("ept")
+def ept_cmd(model: Annotated[str, typer.Argument(help="HF folder, hub id, or run directory")],
+            config: Annotated[Optional[Path], typer.Option(help="experiment YAML")] = None,
+            out: Annotated[Optional[Path], typer.Option(help="result JSON")] = None,
+            set_: SetOpt = None) -> None:
+    """Inference energy-per-token benchmark (batch sweep, greedy, warm-up excluded)."""
+    from wattkd.eval.runner import ept_target
+
+    cfg = _load(config, set_) if config else None
+    typer.echo(f"EPT results: {ept_target(model, cfg, out=out)}")
+
+
+# ------------------------------------------------------------------------------------ report
+@app.command("report")
+def report_cmd(runs: Annotated[list[Path], typer.Argument(help="run directories")],
+               teacher: Annotated[Path, typer.Option(help="teacher run directory")],
+               out: Annotated[Path, typer.Option(help="output directory")]) -> None:
+    """Tables, plots, report.html and report.md from run directories."""
+    from wattkd.report import build_report
+
+    path = build_report(runs, teacher=teacher, out=out)
+    typer.echo(f"report: {path}")
+
+
+# ------------------------------------------------------------------------------------- slurm
+@slurm_app.command("submit")
+def slurm_submit(config: ConfigArg, set_: SetOpt = None,
+                 dry_run: Annotated[bool, typer.Option("--dry-run", help="print scripts and the "
+                                                       "dependency graph only")] = False) -> None:
+    """Write sbatch scripts for every stage and submit them with afterok dependencies."""
+    from wattkd.slurm import submit_pipeline
+
+    cfg = _load(config, set_)
+    submit_pipeline(cfg, config_path=config, dry_run=dry_run)
+
+
+@slurm_app.command("status")
+def slurm_status(run_dir: Annotated[Path, typer.Argument(help="experiment output directory")]
+                 ) -> None:
+    """Which stage jobs ran, their state and exit codes."""
+    from wattkd.slurm import print_status
+
+    print_status(run_dir)
+
+
+# ---------------------------------------------------------------------------------- pipeline
+@app.command("pipeline")
+def pipeline_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Run every stage locally in order, skipping stages whose outputs are complete."""
+    from wattkd.pipeline import run_pipeline
+
+    cfg = _load(config, set_)
+    run_pipeline(cfg, config_path=config)
+
+
+# ------------------------------------------------------------------------------------ models
+@models_app.command("prepare")
+def models_prepare(name: Annotated[str, typer.Argument(help="gemma3-270m")],
+                   out: Annotated[Path, typer.Option(help="HF folder to write")]) -> None:
+    """Convert a packaged model (e.g. the Gemma 3 270M GGUF from PyPI) to a bf16 HF folder."""
+    from wattkd.prepare import prepare_model
+
+    typer.echo(f"prepared: {prepare_model(name, out)}")
+
+
+def run() -> None:  # pragma: no cover - console entry convenience
+    app(sys.argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,457 @@
+"""Experiment configuration: one pydantic schema, the only place defaults live.
+
+`load(path)` reads a YAML file and returns an `ExperimentConfig`. Unknown keys and wrong types
+raise `ConfigError` naming the file, the dotted key and what was expected, before any
+expensive work starts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the file and key it concerns."""
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _safe_name(value: str, what: str) -> str:
+    if not SAFE_NAME.match(value):
+        raise ValueError(
+            f"{what} {value!r} must match {SAFE_NAME.pattern} "
+            "(letters, digits, '.', '_', '-'; it is used in file names and job names)"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------- data
+class SourceConfig(Strict):
+    """One input of the shard builder. `kind` is inferred from `path` when omitted."""
+
+    path: str = Field(description="hub id, local file or glob, or bundled corpus name")
+    kind: Literal["auto", "hub", "json", "parquet", "text", "bundled"] = "auto"
+    name: str | None = Field(default=None, description="label in the manifest; defaults to path")
+    split: str = "train"
+    subset: str | None = Field(default=None, description="hub dataset config name")
+    revision: str | None = None
+    text_field: str = "text"
+    prompt_field: str | None = Field(default=None, description="instruction data: prompt column")
+    response_field: str | None = Field(default=None, description="instruction data: response")
+    chat_template: bool = Field(default=False, description="format prompt/response with the "
+                                "tokenizer's chat template")
+    weight: float = Field(default=1.0, gt=0, description="mixing weight (share of tokens)")
+    max_tokens: int | None = Field(default=None, gt=0, description="quota: at most this many "
+                                   "tokens from this source")
+
+    @model_validator(mode="after")
+    def _instruction_pair(self) -> SourceConfig:
+        if (self.prompt_field is None) != (self.response_field is None):
+            raise ValueError("prompt_field and response_field must be given together")
+        return self
+
+
+class DataConfig(Strict):
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="bundled")])
+    tokenizer: str = Field(default="bundled:bpe-4096",
+                           description="HF tokenizer path or hub id, or bundled:bpe-<vocab>")
+    seq_len: int = Field(default=256, ge=8)
+    shards_dir: str = Field(default="{output_dir}/shards",
+                            description="where train/ and heldout/ shard sets are written")
+    total_tokens: int | None = Field(default=None, gt=0,
+                                     description="token budget across sources (None: all input)")
+    heldout_fraction: float = Field(default=0.02, ge=0, lt=0.5)
+    rows_per_part: int = Field(default=2048, gt=0)
+    num_workers: int = Field(default=1, ge=1)
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------- models
+class LoraConfig(Strict):
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    merge_on_save: bool = Field(default=True, description="merge into the base weights in final/; "
+                                "False saves an adapter folder")
+
+
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+class TeacherPretrainConfig(Strict):
+    """Train a from-scratch teacher before distillation (tiny demo teachers only)."""
+
+    max_steps: int = Field(default=200, gt=0)
+    lr: float = Field(default=3e-3, gt=0)
+    micro_batch_size: int = Field(default=16, gt=0)
+
+
+class TeacherConfig(Strict):
+    model: str | None = Field(default=None, description="HF folder or hub id")
+    build: dict[str, Any] | None = Field(default=None, description="HF config kwargs for a "
+                                         "random-init model (needs `model_type`)")
+    pretrain: TeacherPretrainConfig | None = None
+    revision: str | None = None
+    dtype: Dtype = "auto"
+    device_map: str | None = Field(default=None, description="e.g. 'auto' to spread a large "
+                                   "teacher over the node's GPUs")
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if (self.model is None) == (self.build is None):
+            raise ValueError("give exactly one of teacher.model or teacher.build")
+        if self.pretrain is not None and self.build is None:
+            raise ValueError("teacher.pretrain applies only to a teacher built from config")
+        return self
+
+
+class StudentConfig(Strict):
+    model: str | None = Field(default=None, description="pretrained HF folder or hub id")
+    build: dict[str, Any] | None = Field(default=None, description="HF config kwargs")
+    from_teacher_layers: list[int] | None = Field(
+        default=None, description="copy embeddings, these decoder layers, norm and head")
+    revision: str | None = None
+    dtype: Dtype = "auto"
+    lora: LoraConfig | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentConfig:
+        given = [x is not None for x in (self.model, self.build, self.from_teacher_layers)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of student.model, student.build, "
+                             "student.from_teacher_layers")
+        if self.from_teacher_layers is not None and not self.from_teacher_layers:
+            raise ValueError("student.from_teacher_layers must not be empty")
+        return self
+
+
+# ------------------------------------------------------------------------------------ distill
+class LossTerm(Strict):
+    """One weighted loss of a method; `params` are checked against the loss registry."""
+
+    name: str
+    weight: float = Field(default=1.0, ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DivergenceGuard(Strict):
+    """Stop a feature/relation-only run whose LM loss climbs instead of silently collapsing."""
+
+    enabled: bool = True
+    window: int = Field(default=20, gt=1)
+    max_ratio: float = Field(default=3.0, gt=1,
+                             description="stop when the window-mean LM loss exceeds its "
+                                         "first-window mean by this factor")
+
+
+class MethodConfig(Strict):
+    name: str
+    mode: Literal["response", "feature", "relation", "none"]
+    losses: list[LossTerm]
+    layer_map: list[tuple[int, int]] | None = Field(
+        default=None, description="feature mode: (student layer, teacher layer) pairs; hidden "
+                                  "state index 0 is the embeddings")
+    token_subsample: float = Field(default=1.0, gt=0, le=1)
+    pooling: Literal["mean", "last"] = "mean"
+    guard: DivergenceGuard = Field(default_factory=DivergenceGuard)
+
+    _name = field_validator("name")(lambda v: _safe_name(v, "method name"))
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> MethodConfig:
+        if not self.losses:
+            raise ValueError(f"method {self.name!r}: losses must not be empty")
+        if self.mode == "feature" and not self.layer_map:
+            raise ValueError(f"method {self.name!r}: feature mode needs layer_map")
+        return self
+
+
+def _default_methods() -> list[MethodConfig]:
+    return [
+        MethodConfig(name="response", mode="response",
+                     losses=[LossTerm(name="forward_kl", params={"temperature": 2.0}),
+                             LossTerm(name="ce", weight=0.5)]),
+        MethodConfig(name="baseline", mode="none", losses=[LossTerm(name="ce")]),
+    ]
+
+
+class DistillConfig(Strict):
+    methods: list[MethodConfig] = Field(default_factory=_default_methods)
+    teacher_signals: Literal["online", "cache"] = "online"
+    cache_dir: str = "{output_dir}/teacher_cache"
+    cache_top_k: int = Field(default=64, gt=0)
+    cache_hidden_layers: list[int] = Field(default_factory=list)
+    cache_pooled: bool = False
+    logit_chunk_tokens: int = Field(default=1024, gt=0,
+                                    description="tokens per chunk of the fused logit losses")
+
+    @model_validator(mode="after")
+    def _unique(self) -> DistillConfig:
+        names = [m.name for m in self.methods]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"method names must be unique; repeated: {sorted(dup)}")
+        return self
+
+
+# -------------------------------------------------------------------------------------- train
+class TrainConfig(Strict):
+    seed: int = 0
+    repeats: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=100, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0)
+    energy_budget_j: float | None = Field(default=None, gt=0,
+                                          description="stop once metered energy reaches this")
+    micro_batch_size: int = Field(default=8, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=3e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 on CUDA with bf16 support, else fp32")
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(default=0, ge=0, description="steps; 0 = only at the end")
+    keep_last: int = Field(default=2, ge=1)
+    log_every: int = Field(default=10, gt=0)
+    eval_every: int = Field(default=0, ge=0, description="in-loop held-out perplexity; 0 = off")
+    eval_tokens: int = Field(default=8192, gt=0)
+    tensorboard: bool = True
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+
+    @model_validator(mode="after")
+    def _budget(self) -> TrainConfig:
+        if self.max_steps is None and self.max_tokens is None and self.energy_budget_j is None:
+            raise ValueError("give at least one of max_steps, max_tokens, energy_budget_j")
+        return self
+
+
+# ---------------------------------------------------------------------------------- telemetry
+class TelemetryConfig(Strict):
+    enabled: bool = True
+    interval_s: float = Field(default=0.1, gt=0, description="power sampling period")
+    slow_interval_s: float = Field(default=1.0, gt=0,
+                                   description="temperature, clocks, memory sampling period")
+    idle_seconds: float = Field(default=5.0, ge=0, description="idle power measured before the "
+                                "first phase")
+    cpu_watts_per_core: float | None = Field(
+        default=None, gt=0, description="enables an `estimated` CPU energy figure "
+                                        "(CPU time x this) where no RAPL counter exists")
+    gpu_gain_error: float = Field(default=0.05, ge=0, description="relative sensor error used "
+                                  "in the uncertainty")
+    min_window_s: float = Field(default=10.0, ge=0, description="shorter phases are flagged")
+
+
+# --------------------------------------------------------------------------------------- eval
+class EptConfig(Strict):
+    prompts: str | None = Field(default=None, description="text file, one prompt a line; "
+                                "None: the bundled corpus")
+    num_prompts: int = Field(default=64, gt=0)
+    prompt_tokens: int = Field(default=128, gt=0)
+    max_new_tokens: int = Field(default=64, gt=0)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
+    warmup_batches: int = Field(default=2, ge=0)
+
+
+class EvalConfig(Strict):
+    suite: str = "offline"
+    limit: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    mmlu_path: str | None = Field(default=None, description="JSONL of {subject, question, "
+                                  "choices, answer}")
+    bigbench_dir: str | None = Field(default=None, description="folder of <task>/task.json")
+    perplexity_tokens: int = Field(default=65536, gt=0)
+    ept: EptConfig = Field(default_factory=EptConfig)
+
+
+# -------------------------------------------------------------------------------------- slurm
+class SlurmResources(Strict):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    nodes: int | None = Field(default=None, gt=0)
+    gpus_per_node: int | None = Field(default=None, ge=0)
+    cpus_per_task: int | None = Field(default=None, gt=0)
+    mem: str | None = Field(default=None, pattern=r"^\d+[KMGT]?$")
+    time: str | None = Field(default=None, pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+
+    @field_validator("partition", "account", "qos", "constraint")
+    @classmethod
+    def _no_shell(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[A-Za-z0-9._,&|\[\]*:-]+$", v):
+            raise ValueError(f"{v!r} contains characters not allowed in a Slurm resource value")
+        return v
+
+
+class SlurmConfig(Strict):
+    defaults: SlurmResources = Field(default_factory=lambda: SlurmResources(
+        nodes=1, cpus_per_task=4, mem="16G", time="02:00:00"))
+    stages: dict[str, SlurmResources] = Field(default_factory=dict,
+                                              description="per-stage overrides")
+    signal_seconds: int = Field(default=300, gt=0, description="USR1 this long before the limit")
+    requeue: bool = True
+    venv: str | None = Field(default=None, description="virtualenv activated in each job")
+    modules: list[str] = Field(default_factory=list, description="environment modules to load")
+
+    @field_validator("modules")
+    @classmethod
+    def _module_names(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if not re.match(r"^[A-Za-z0-9._/+-]+$", m):
+                raise ValueError(f"module name {m!r} contains characters not allowed")
+        return v
+
+
+# --------------------------------------------------------------------------------- experiment
+class ExperimentConfig(Strict):
+    name: str
+    output_dir: str = "runs/{name}"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig
+    student: StudentConfig
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    _name = field_validator("name")(lambda v: _safe_name(v, "experiment name"))
+
+    # Resolved paths: "{name}" and "{output_dir}" placeholders are expanded once, here.
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir.format(name=self.name))
+
+    def path(self, template: str) -> Path:
+        return Path(template.format(name=self.name, output_dir=str(self.out)))
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.path(self.data.shards_dir)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.path(self.distill.cache_dir)
+
+    def method(self, name: str) -> MethodConfig:
+        for m in self.distill.methods:
+            if m.name == name:
+                return m
+        known = ", ".join(m.name for m in self.distill.methods)
+        raise ConfigError(f"unknown method {name!r}; this config defines: {known}")
+
+    def run_dir(self, method: str, repeat: int = 0) -> Path:
+        return self.out / method / f"rep{repeat}"
+
+
+# ------------------------------------------------------------------------------------ loading
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    got = err.get("input")
+    got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+    return f"{key}: {err['msg']}{got_s}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Keys allowed at the parent of `loc`, for "did you mean" messages."""
+    cls: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)]
+        candidates = [ann] + inner
+        nxt = next((c for c in candidates
+                    if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        cls = nxt
+    return sorted(getattr(cls, "model_fields", {}))
+
+
+def validate(data: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+    """Validate a dict as an experiment config; errors name `source` and each key."""
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            line = _describe(err)
+            if err["type"] == "extra_forbidden":
+                allowed = _allowed_keys(ExperimentConfig, tuple(err["loc"]))
+                if allowed:
+                    line += f"; expected one of: {', '.join(allowed)}"
+            lines.append("  - " + line)
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(lines)) from None
+    _check_losses(cfg, source)
+    return cfg
+
+
+def _check_losses(cfg: ExperimentConfig, source: str) -> None:
+    """Loss names and params are checked against the registry at load time."""
+    from wattkd.distill.registry import check_loss_term
+
+    problems = []
+    for i, method in enumerate(cfg.distill.methods):
+        for j, term in enumerate(method.losses):
+            msg = check_loss_term(term.name, term.params, method.mode)
+            if msg:
+                problems.append(f"  - distill.methods.{i}.losses.{j} ({method.name}): {msg}")
+    if problems:
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(problems))
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate an experiment YAML. `overrides` maps dotted keys to values."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {p} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {p}: top level must be a mapping, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return validate(data, str(p))
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a mapping")
+    node[parts[-1]] = value
+
+
+def dump(cfg: ExperimentConfig) -> str:
+    """The resolved config (every default filled in) as YAML."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,606 @@
+"""Build token shards: read sources, tokenize, mix by weight/quota, pack with EOS, write Parquet.
+
+Output (`out_dir/train/` and `out_dir/heldout/`, each a shard set; see `manifest.py`):
+rows of exactly `seq_len` tokens, `input_ids: list<int32>`, plus `loss_mask: list<uint8>`
+only when some source is instruction data (a reader treats a missing mask as all ones).
+
+Algorithm, in stream order:
+1. Each source yields documents in a fixed order (`sources.py`). Documents are tokenized in
+   batches (~256K characters) with the Rust tokenizer, no special tokens added, and EOS is
+   appended to each document (EOS is trained on; prompt tokens of instruction data are not).
+   With `num_workers > 1` batches go to a process pool (spawned, one tokenizer thread each);
+   results are consumed in submission order, so output never depends on the worker count.
+2. Held-out split by document: document i of source s is held out when
+   splitmix64(seed, hash(s), i) / 2^64 < heldout_fraction. It depends only on the seed, the
+   source name and the document's position, not on batching or mixing.
+3. Mixing (train documents only): let p_s = weight_s / sum(weight). The mixer repeatedly
+   picks the active source with the smallest tokens_s / p_s (the one most behind its share)
+   and takes whole documents from it until it would pass the next source's level (plus a
+   small slack), so tokens_s / p_s stays level across sources to within about one document.
+   A source leaves the mix when it runs out or reaches `max_tokens` (its last document is
+   cut to fit the quota exactly, ending in EOS); the rest keep their relative shares. The
+   build stops at `total_tokens` (rounded down to a multiple of seq_len; the last document
+   is cut to fit) or when every source is done. Shares therefore hold to within
+   (longest document + slack) / total_tokens, with slack = min(65536, total_tokens / 2000).
+   Without `total_tokens`, every document is used and the weights only set the interleaving.
+   Held-out documents met while reading are routed to the held-out set; they do not count
+   against quotas or the budget (held-out size ~ heldout_fraction of the documents read).
+4. Packing: the mixed token stream is cut into rows of seq_len; the final partial row is
+   dropped (recorded as `dropped_tokens`). Rows are written `rows_per_part` per Parquet file,
+   zstd level 3, no dictionary, no statistics, one row group: same input => same bytes.
+5. Everything is written into a temp folder beside `out_dir` and renamed onto it at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wattkd.config import DataConfig, SourceConfig
+from wattkd.data.manifest import (FORMAT, MANIFEST, VERSION, ManifestError, part_name,
+                                  read_manifest, sha256_file, verify_parts, write_manifest)
+from wattkd.data.sources import (Instruction, SourceError, check_source, iter_documents,
+                                 resolve_kind, source_fingerprint, source_name)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_shards", "config_hash", "ShardBuildError", "BUILDER_VERSION"]
+
+BUILDER_VERSION = 1
+BATCH_CHARS = 1 << 18
+BATCH_DOCS = 4096
+SPLITS = ("train", "heldout")
+
+
+class ShardBuildError(ValueError):
+    """A shard build that cannot proceed (bad config, existing different output, no data)."""
+
+
+# --------------------------------------------------------------------- tokenization
+_WORKER_TOK: Any = None
+
+
+def _init_worker(tok_json: str) -> None:
+    """Pool initializer: one single-threaded Rust tokenizer per worker process."""
+    global _WORKER_TOK
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    _WORKER_TOK = Tokenizer.from_str(tok_json)
+
+
+@dataclass
+class TokBatch:
+    """Tokenized documents: flat `ids` (EOS after each document), `offs` (n+1 boundaries)."""
+
+    ids: np.ndarray
+    offs: np.ndarray
+    mask: np.ndarray | None  # uint8 per token; None = all ones
+
+
+def _encode(tok: Any, texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(e.ids, dtype=np.int32) for e in
+            tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def _tokenize(tok: Any, job: tuple[Any, ...], eos: int) -> TokBatch:
+    kind = job[0]
+    eos_arr = np.array([eos], dtype=np.int32)
+    if kind == "text":
+        docs = _encode(tok, job[1])
+        pieces = [a for d in docs for a in (d, eos_arr)]
+        lens = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
+        mask = None
+    else:
+        prompts, responses = _encode(tok, job[1]), _encode(tok, job[2])
+        pieces, masks, lens_l = [], [], []
+        for p, r in zip(prompts, responses, strict=True):
+            pieces += [p, r, eos_arr]
+            masks += [np.zeros(len(p), np.uint8), np.ones(len(r) + 1, np.uint8)]
+            lens_l.append(len(p) + len(r) + 1)
+        lens = np.asarray(lens_l, dtype=np.int64)
+        mask = np.concatenate(masks) if masks else np.zeros(0, np.uint8)
+    offs = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offs[1:])
+    ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    return TokBatch(ids, offs, mask)
+
+
+def _worker_job(job: tuple[Any, ...], eos: int) -> TokBatch:
+    return _tokenize(_WORKER_TOK, job, eos)
+
+
+# ------------------------------------------------------------------------ held-out split
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _M64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M64
+        return x ^ (x >> np.uint64(31))
+
+
+def heldout_flags(seed: int, source: str, start: int, n: int, fraction: float) -> np.ndarray:
+    """Which of documents start..start+n-1 of `source` are held out (deterministic)."""
+    if fraction <= 0:
+        return np.zeros(n, dtype=bool)
+    salt = int.from_bytes(hashlib.sha256(f"{seed}\0{source}".encode()).digest()[:8], "little")
+    idx = np.arange(start, start + n, dtype=np.uint64)
+    u = _splitmix64(idx ^ np.uint64(salt)) >> np.uint64(11)
+    return u.astype(np.float64) * (1.0 / (1 << 53)) < fraction
+
+
+# -------------------------------------------------------------------------- source streams
+@dataclass
+class Chunk:
+    """Consecutive tokens of one source, ready for packing."""
+
+    ids: np.ndarray
+    mask: np.ndarray | None
+    docs: int
+
+
+class SourceStream:
+    """Tokenized documents of one source, in order, with held-out docs routed aside."""
+
+    def __init__(self, index: int, src: SourceConfig, tokenizer: Any, backend: Any,
+                 pool: Any, num_workers: int, eos: int, seed: int, fraction: float) -> None:
+        self.index = index
+        self.name = source_name(src)
+        self.src = src
+        self.instruct = src.prompt_field is not None
+        self._docs = iter_documents(src, tokenizer)
+        self._backend = backend
+        self._pool = pool
+        self._inflight: deque[Any] = deque()
+        self._depth = max(2, 2 * num_workers)
+        self._eos = eos
+        self._seed = seed
+        self._fraction = fraction
+        self._exhausted_input = False
+        self._batch: TokBatch | None = None
+        self._held = self._lens = self._tcum = self._next_train = np.zeros(0, np.int64)
+        self._pos = 0
+        self._doc_index = 0
+        self.done = False
+        self.documents = 0
+        self.heldout_documents = 0
+
+    # -- batching
+    def _next_job(self) -> tuple[Any, ...] | None:
+        if self._exhausted_input:
+            return None
+        texts: list[str] = []
+        prompts: list[str] = []
+        chars = 0
+        for doc in self._docs:
+            if isinstance(doc, Instruction):
+                prompts.append(doc.prompt)
+                texts.append(doc.response)
+                chars += len(doc.prompt) + len(doc.response)
+            else:
+                texts.append(doc)
+                chars += len(doc)
+            if chars >= BATCH_CHARS or len(texts) >= BATCH_DOCS:
+                break
+        else:
+            self._exhausted_input = True
+        if not texts:
+            return None
+        return ("instr", prompts, texts) if self.instruct else ("text", texts)
+
+    def _fill(self) -> None:
+        while len(self._inflight) < (self._depth if self._pool else 1):
+            job = self._next_job()
+            if job is None:
+                return
+            if self._pool is None:
+                self._inflight.append(_tokenize(self._backend, job, self._eos))
+            else:
+                self._inflight.append(self._pool.apply_async(_worker_job, (job, self._eos)))
+
+    def _load_batch(self) -> bool:
+        self._fill()
+        if not self._inflight:
+            return False
+        item = self._inflight.popleft()
+        batch = item if self._pool is None else item.get()
+        self._fill()
+        n = len(batch.offs) - 1
+        held = heldout_flags(self._seed, self.name, self._doc_index, n, self._fraction)
+        lens = np.diff(batch.offs)
+        # tcum[i] = train tokens in documents < i; next_train[i] = first train doc >= i.
+        self._tcum = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.where(held, 0, lens), out=self._tcum[1:])
+        idx = np.where(held, n, np.arange(n))
+        self._next_train = np.minimum.accumulate(idx[::-1])[::-1]
+        self._batch, self._held, self._lens = batch, held, lens
+        self._doc_index += n
+        self._pos = 0
+        return True
+
+    def take(self, soft: float, hard: float, heldout: Callable[[Chunk], None]) -> Chunk | None:
+        """Take train documents up to `soft` tokens (at least one document) from the current
+        batch, cutting at `hard` tokens; held-out documents passed over go to `heldout`.
+        Returns None when nothing was taken; sets `done` once the source has run dry."""
+        while self._batch is None or self._pos >= len(self._batch.offs) - 1:
+            if not self._load_batch():
+                self.done = True
+                return None
+        b, k, tcum = self._batch, self._pos, self._tcum
+        n = len(b.offs) - 1
+        base = tcum[k]
+        # Consume documents k..j-1: all that fit in `soft`, and at least one train document.
+        j = int(np.searchsorted(tcum, base + soft, side="right")) - 1
+        j = min(max(j, int(self._next_train[k]) + 1), n)
+        cut = None
+        if tcum[j] - base > hard:  # the hard limit falls inside: stop at the crossing doc
+            j = int(np.searchsorted(tcum, base + hard, side="left"))
+            cut = int(hard)
+        lo, hi = b.offs[k], b.offs[j]
+        held = self._held[k:j]
+        n_held = int(held.sum())
+        if n_held:
+            tok_held = np.repeat(held, self._lens[k:j])
+            hchunk = Chunk(b.ids[lo:hi][tok_held],
+                           None if b.mask is None else b.mask[lo:hi][tok_held], n_held)
+            self.heldout_documents += n_held
+            heldout(hchunk)
+            keep = ~tok_held
+            ids = b.ids[lo:hi][keep]
+            mask = None if b.mask is None else b.mask[lo:hi][keep]
+        else:
+            ids = b.ids[lo:hi]
+            mask = None if b.mask is None else b.mask[lo:hi]
+        if cut is not None and cut < len(ids):
+            # Cut the crossing document; it still ends in EOS so documents stay separated.
+            ids = ids[:cut].copy()
+            ids[-1] = self._eos
+            if mask is not None:
+                mask = mask[:cut].copy()
+                mask[-1] = 1
+        self._pos = j
+        docs = (j - k) - n_held
+        self.documents += docs
+        return Chunk(ids, mask, docs) if len(ids) else None
+
+    def close(self) -> None:
+        close = getattr(self._docs, "close", None)
+        if close:
+            close()
+
+
+# ------------------------------------------------------------------------------- writing
+class PartWriter:
+    """Accumulate full rows and write `part-NNNNN.parquet` files of `rows_per_part` rows."""
+
+    def __init__(self, folder: Path, seq_len: int, rows_per_part: int, with_mask: bool) -> None:
+        self.folder = folder
+        self.seq_len = seq_len
+        self.rows_per_part = rows_per_part
+        self.with_mask = with_mask
+        self.parts: list[dict[str, Any]] = []
+        self.rows = 0
+        self._ids: list[np.ndarray] = []
+        self._mask: list[np.ndarray] = []
+        self._pending = 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        """`ids`/`mask`: [k, seq_len] arrays of full rows."""
+        self._ids.append(ids)
+        self._mask.append(mask)
+        self._pending += len(ids)
+        while self._pending >= self.rows_per_part:
+            self._write(self.rows_per_part)
+
+    def finish(self) -> None:
+        if self._pending:
+            self._write(self._pending)
+
+    def _write(self, nrows: int) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        ids = np.concatenate(self._ids)
+        mask = np.concatenate(self._mask)
+        head_ids, head_mask = ids[:nrows], mask[:nrows]
+        self._ids, self._mask = [ids[nrows:]], [mask[nrows:]]
+        self._pending -= nrows
+        offsets = pa.array(np.arange(nrows + 1, dtype=np.int32) * self.seq_len, pa.int32())
+        cols = {"input_ids": pa.ListArray.from_arrays(
+            offsets, pa.array(head_ids.reshape(-1).astype(np.int32, copy=False), pa.int32()))}
+        if self.with_mask:
+            cols["loss_mask"] = pa.ListArray.from_arrays(
+                offsets, pa.array(head_mask.reshape(-1).astype(np.uint8, copy=False),
+                                  pa.uint8()))
+        table = pa.table(cols)
+        path = self.folder / part_name(len(self.parts))
+        pq.write_table(table, path, row_group_size=nrows, compression="zstd",
+                       compression_level=3, use_dictionary=False, write_statistics=False,
+                       data_page_size=1 << 20, version="2.6", store_schema=True)
+        self.parts.append({"file": path.name, "rows": nrows, "bytes": path.stat().st_size,
+                           "sha256": sha256_file(path)})
+        self.rows += nrows
+
+
+class Packer:
+    """Concatenate chunks into one stream, cut it into seq_len rows, count tokens per source."""
+
+    def __init__(self, writer: PartWriter, n_sources: int, flush_rows: int = 256) -> None:
+        self.writer = writer
+        self.seq_len = writer.seq_len
+        self.flush_tokens = flush_rows * self.seq_len
+        self.tokens = np.zeros(n_sources, dtype=np.int64)  # written, per source
+        self.documents = np.zeros(n_sources, dtype=np.int64)
+        self._ids: list[np.ndarray] = []
+        self._mask: list[np.ndarray] = []
+        self._src: list[np.ndarray] = []
+        self._pending = 0
+        self.dropped = np.zeros(n_sources, dtype=np.int64)
+
+    def add(self, source: int, chunk: Chunk) -> None:
+        n = len(chunk.ids)
+        self._ids.append(chunk.ids)
+        self._mask.append(chunk.mask if chunk.mask is not None else np.ones(n, np.uint8))
+        self._src.append(np.full(n, source, dtype=np.int16))
+        self.documents[source] += chunk.docs
+        self._pending += n
+        if self._pending >= self.flush_tokens:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._ids:
+            return
+        ids, mask, src = (np.concatenate(x) for x in (self._ids, self._mask, self._src))
+        full = (len(ids) // self.seq_len) * self.seq_len
+        if full:
+            self.writer.add(ids[:full].reshape(-1, self.seq_len),
+                            mask[:full].reshape(-1, self.seq_len))
+            self.tokens += np.bincount(src[:full], minlength=len(self.tokens))
+        self._ids, self._mask, self._src = [ids[full:]], [mask[full:]], [src[full:]]
+        self._pending = len(ids) - full
+
+    def finish(self) -> None:
+        self._flush()
+        if self._src:
+            self.dropped += np.bincount(self._src[0], minlength=len(self.tokens))
+        self._ids, self._mask, self._src, self._pending = [], [], [], 0
+        self.writer.finish()
+
+
+# ------------------------------------------------------------------------------ the build
+def _check_config(cfg: DataConfig) -> list[str]:
+    if not cfg.sources:
+        raise ShardBuildError("data.sources is empty: give at least one source")
+    names = [source_name(s) for s in cfg.sources]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ShardBuildError(f"data.sources: names must be unique (set `name`); repeated: "
+                              f"{dup}")
+    if cfg.total_tokens is not None and cfg.total_tokens < cfg.seq_len:
+        raise ShardBuildError(f"data.total_tokens ({cfg.total_tokens}) is less than one row "
+                              f"(seq_len {cfg.seq_len})")
+    return names
+
+
+def config_hash(cfg: DataConfig, tokenizer_sha: str) -> str:
+    """sha256 of everything that determines the output bytes (not num_workers, not paths)."""
+    blob = {
+        "format": FORMAT, "version": VERSION, "builder": BUILDER_VERSION,
+        "data": cfg.model_dump(mode="json", exclude={"num_workers", "shards_dir"}),
+        "tokenizer_sha256": tokenizer_sha,
+        "sources": [source_fingerprint(s) for s in cfg.sources],
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _existing(out_dir: Path, chash: str, overwrite: bool) -> dict[str, Any] | None:
+    """Manifests of an identical complete build at out_dir, or None if we should build."""
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        raise ShardBuildError(f"shards dir {out_dir} exists and is not a folder")
+    manifests: dict[str, Any] = {}
+    try:
+        for split in SPLITS:
+            manifests[split] = read_manifest(out_dir / split)
+            verify_parts(out_dir / split, manifests[split], "size")
+    except ManifestError as exc:
+        if overwrite or not any(out_dir.iterdir()):
+            return None
+        raise ShardBuildError(f"shards dir {out_dir} exists but is not a complete shard build "
+                              f"({exc}); remove it or pass overwrite=True") from None
+    if all(m.get("config_hash") == chash for m in manifests.values()):
+        return manifests
+    if overwrite:
+        return None
+    raise ShardBuildError(f"shards dir {out_dir} holds shards built from a different config "
+                          f"(config_hash {manifests['train'].get('config_hash', '?')[:12]}, "
+                          f"this config {chash[:12]}); pass overwrite=True to replace them")
+
+
+def _summary(out_dir: Path, manifests: dict[str, Any], seconds: float, skipped: bool,
+             tokenized: int) -> dict[str, Any]:
+    sources: dict[str, dict[str, int]] = {}
+    for split, m in manifests.items():
+        for s in m["sources"]:
+            d = sources.setdefault(s["name"], {})
+            d[f"{split}_tokens"] = s["tokens"]
+            d[f"{split}_documents"] = s["documents"]
+    return {
+        "out_dir": str(out_dir), "skipped": skipped,
+        "config_hash": manifests["train"]["config_hash"],
+        **{split: {"rows": m["rows"], "tokens": m["total_tokens"], "parts": len(m["parts"]),
+                   "dropped_tokens": m["dropped_tokens"]} for split, m in manifests.items()},
+        "sources": sources, "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokenized / seconds, 1) if seconds > 0 and tokenized else None,
+    }
+
+
+def _progress(enabled: bool, total: int | None) -> Any:
+    from rich.progress import (BarColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed / 1e3:,.0f}k tok/s" if speed else "- tok/s", style="cyan")
+
+    cols = [TextColumn("[bold]shards[/]"), BarColumn(),
+            TextColumn("{task.completed:,} tokens" + (f" / {total:,}" if total else "")),
+            Rate(), TimeElapsedColumn()]
+    if total:
+        cols.append(TimeRemainingColumn())
+    return Progress(*cols, disable=not enabled, transient=False)
+
+
+def build_shards(cfg: DataConfig, out_dir: Path, progress: bool = True, *,
+                 overwrite: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Build `out_dir/train/` and `out_dir/heldout/` shard sets from `cfg`; return a summary.
+
+    Returns early (summary["skipped"] = True) when `out_dir` already holds a complete build
+    with the same config hash; refuses to replace a different one unless `overwrite`.
+    """
+    from tokenizers import Tokenizer
+
+    from wattkd.atomic import atomic_dir
+    from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    names = _check_config(cfg)
+    tok = load_tokenizer(cfg.tokenizer, trust_remote_code=trust_remote_code)
+    eos = tok.eos_token_id
+    if eos is None:
+        raise ShardBuildError(f"tokenizer {cfg.tokenizer!r} has no EOS token; documents are "
+                              "joined with EOS, so set one (tokenizer.eos_token)")
+    for src in cfg.sources:  # fail before any expensive work: paths, fields, templates
+        check_source(src, tok)
+    tok_sha = tokenizer_sha256(tok)
+    chash = config_hash(cfg, tok_sha)
+    existing = _existing(out_dir, chash, overwrite)
+    if existing is not None:
+        log.info("shards in %s are up to date (config %s); skipping", out_dir, chash[:12])
+        return _summary(out_dir, existing, time.perf_counter() - t0, True, 0)
+
+    with_mask = any(s.prompt_field is not None for s in cfg.sources)
+    weights = np.array([s.weight for s in cfg.sources], dtype=np.float64)
+    share = weights / weights.sum()
+    budget = float("inf") if cfg.total_tokens is None else \
+        float(cfg.total_tokens // cfg.seq_len * cfg.seq_len)
+    quota = [float("inf") if s.max_tokens is None else float(s.max_tokens) for s in cfg.sources]
+    slack = 65536.0 if budget == float("inf") else max(1.0, min(65536.0, budget / 2000))
+    tok_json = tok.backend_tokenizer.to_str()
+    backend = Tokenizer.from_str(tok_json)
+    header = {
+        "tokenizer": {"name": cfg.tokenizer, "sha256": tok_sha, "vocab_size": len(tok),
+                      "eos_id": eos, "bos_id": tok.bos_token_id, "pad_id": tok.pad_token_id},
+        "seq_len": cfg.seq_len, "seed": cfg.seed, "heldout_fraction": cfg.heldout_fraction,
+        "columns": ["input_ids", "loss_mask"] if with_mask else ["input_ids"],
+    }
+    pool = None
+    if cfg.num_workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(cfg.num_workers, initializer=_init_worker,
+                                            initargs=(tok_json,))
+    streams: list[SourceStream] = []
+    manifests: dict[str, Any] = {}
+    try:
+        with atomic_dir(out_dir) as tmp, _progress(progress, None if budget == float("inf")
+                                                   else int(budget)) as bar:
+            task = bar.add_task("shards", total=None if budget == float("inf") else budget)
+            packers = {split: Packer(PartWriter(tmp / split, cfg.seq_len, cfg.rows_per_part,
+                                                with_mask), len(cfg.sources))
+                       for split in SPLITS}
+            streams = [SourceStream(i, s, tok, backend, pool, cfg.num_workers, eos, cfg.seed,
+                                    cfg.heldout_fraction) for i, s in enumerate(cfg.sources)]
+            taken = np.zeros(len(streams), dtype=np.float64)
+            total = 0.0
+            active = list(range(len(streams)))
+            while active and total < budget:
+                level = taken[active] / share[active]
+                pick = active[int(np.argmin(level))]
+                others = [taken[j] / share[j] for j in active if j != pick]
+                soft = (min(others) - taken[pick] / share[pick]) * share[pick] + slack \
+                    if others else float("inf")
+                hard = min(quota[pick] - taken[pick], budget - total)
+                stream = streams[pick]
+                chunk = stream.take(soft, hard,
+                                    lambda c, i=pick: packers["heldout"].add(i, c))
+                if chunk is not None:
+                    packers["train"].add(pick, chunk)
+                    taken[pick] += len(chunk.ids)
+                    total += len(chunk.ids)
+                    bar.update(task, completed=int(total))
+                if stream.done or taken[pick] >= quota[pick]:
+                    active.remove(pick)
+            for p in packers.values():
+                p.finish()
+            for split, packer in packers.items():
+                manifests[split] = _manifest(split, chash, header, cfg, names, streams, packer)
+                write_manifest(tmp / split, manifests[split])
+            held = manifests["heldout"]
+            if cfg.heldout_fraction > 0 and held["rows"] == 0:
+                n_docs = sum(s.heldout_documents for s in streams)
+                raise ShardBuildError(
+                    f"held-out split is empty: {n_docs} held-out documents gave "
+                    f"{int(packers['heldout'].dropped.sum())} tokens, less than one row of "
+                    f"seq_len {cfg.seq_len}; raise data.heldout_fraction or data.total_tokens, "
+                    "or set data.heldout_fraction: 0")
+            if manifests["train"]["rows"] == 0:
+                raise ShardBuildError(f"no training rows: the sources gave fewer than seq_len "
+                                      f"({cfg.seq_len}) tokens")
+    finally:
+        for s in streams:
+            s.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    seconds = time.perf_counter() - t0
+    tokenized = sum(m["total_tokens"] + m["dropped_tokens"] for m in manifests.values())
+    summary = _summary(out_dir, manifests, seconds, False, tokenized)
+    log.info("built shards in %s: train %d rows, heldout %d rows, %.1f s (%s tok/s)",
+             out_dir, summary["train"]["rows"], summary["heldout"]["rows"], seconds,
+             summary["tokens_per_s"])
+    return summary
+
+
+def _manifest(split: str, chash: str, header: dict[str, Any], cfg: DataConfig,
+              names: list[str], streams: list[SourceStream], packer: Packer) -> dict[str, Any]:
+    rows = packer.writer.rows
+    return {
+        "format": FORMAT, "version": VERSION, "split": split, "config_hash": chash,
+        **header,
+        "sources": [{"name": n, "kind": resolve_kind(s), "path": s.path, "weight": s.weight,
+                     "max_tokens": s.max_tokens, "documents": int(packer.documents[i]),
+                     "tokens": int(packer.tokens[i])}
+                    for i, (n, s) in enumerate(zip(names, cfg.sources, strict=True))],
+        "total_tokens": rows * cfg.seq_len, "rows": rows,
+        "dropped_tokens": int(packer.dropped.sum()),
+        "parts": packer.writer.parts,
+    }
+
+
+def iter_rows(shard_dir: Path) -> Iterator[np.ndarray]:
+    """All input_ids rows of a shard set in stored order (for tests and inspection)."""
+    import pyarrow.parquet as pq
+
+    m = read_manifest(shard_dir)
+    for part in m["parts"]:
+        col = pq.read_table(Path(shard_dir) / part["file"], columns=["input_ids"])["input_ids"]
+        yield from np.asarray(col.combine_chunks().flatten()).reshape(-1, m["seq_len"])

@@ -1,0 +1,65 @@
+"""Feature-based KD (FitNets): student hidden states, projected, match the teacher's.
+
+Each (student layer, teacher layer) pair has a learned linear projector; projectors train with
+the student, are saved in checkpoints and beside the final student (projector.pt).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wattkd.config import MethodConfig
+from wattkd.distill.objective import StepInputs, terms_of
+from wattkd.distill.teacher import SignalRequest, TeacherSignals
+from wattkd.models import ModelError
+
+
+def check_layer_map(layer_map: list[tuple[int, int]], student_layers: int,
+                    teacher_layers: int) -> None:
+    """Hidden-state index i is the output of layer i (0 = embeddings), so 0..num_layers."""
+    for s, t in layer_map:
+        if not 0 <= s <= student_layers:
+            raise ModelError(f"layer_map pair ({s}, {t}): the student has {student_layers} layers, "
+                             f"so its hidden-state indices are 0..{student_layers}")
+        if not 0 <= t <= teacher_layers:
+            raise ModelError(f"layer_map pair ({s}, {t}): the teacher has {teacher_layers} layers, "
+                             f"so its hidden-state indices are 0..{teacher_layers}")
+
+
+class FeatureMode(nn.Module):
+    needs_student_hidden = True
+
+    def __init__(self, method: MethodConfig, student_hidden: int, teacher_hidden: int) -> None:
+        super().__init__()
+        assert method.layer_map
+        self.pairs = [tuple(p) for p in method.layer_map]
+        self.terms = terms_of(method, {"feature"})
+        self.subsample = method.token_subsample
+        self.projectors = nn.ModuleList(
+            nn.Linear(student_hidden, teacher_hidden, bias=False) for _ in self.pairs)
+        for proj in self.projectors:
+            nn.init.xavier_uniform_(proj.weight)
+        self.request = SignalRequest(hidden_layers=tuple(sorted({t for _, t in self.pairs})))
+
+    def forward(self, inputs: StepInputs, last: torch.Tensor, all_hidden, signals: TeacherSignals
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        # Positions that count (loss mask of the token itself), optionally subsampled.
+        full = torch.ones_like(inputs.input_ids[:, :1], dtype=inputs.mask.dtype)
+        token_mask = torch.cat([full, inputs.mask], dim=1).reshape(-1) > 0
+        idx = token_mask.nonzero().squeeze(1)
+        if self.subsample < 1.0 and idx.numel() > 1:
+            keep = max(1, int(idx.numel() * self.subsample))
+            idx = idx[torch.randperm(idx.numel(), device=idx.device)[:keep]].sort().values
+        total = last.new_zeros(()).float()
+        parts: dict[str, float] = {}
+        for (s, t), proj in zip(self.pairs, self.projectors):
+            s_h = all_hidden[s].reshape(-1, all_hidden[s].shape[-1])[idx]
+            t_h = signals.hidden[t].reshape(-1, signals.hidden[t].shape[-1])[idx]
+            s_p = proj(s_h.to(proj.weight.dtype)).float()
+            for spec, weight, params in self.terms:
+                value = spec.fn(s_p, t_h.float(), **params)
+                total = total + weight * value / len(self.pairs)
+                key = spec.name
+                parts[key] = parts.get(key, 0.0) + float(value.detach()) / len(self.pairs)
+        return total, parts

@@ -1,0 +1,22 @@
+"""Energy measurement: sources (NVML, RAPL, psutil), a sampler, a phase ledger, metrics.
+
+Formats are documented in docs/energy-formats.md and in the module docstrings of
+`monitor` (telemetry JSONL) and `ledger` (phases.jsonl).
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import Any
+
+
+def versions(driver: str | None = None) -> dict[str, Any]:
+    """Versions that matter for an energy figure (recorded in telemetry and benchmark output)."""
+    out: dict[str, Any] = {"python": platform.python_version(), "nvidia_driver": driver}
+    for dist in ("wattkd", "nvidia-ml-py", "psutil", "torch"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out

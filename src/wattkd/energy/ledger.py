@@ -1,0 +1,545 @@
+"""Phase ledger: named, nestable energy windows around the stages of a run -> phases.jsonl.
+
+    meter = make_meter(cfg.telemetry, run_dir)
+    with meter:                                   # starts the sampler, measures idle power
+        with meter.phase("train", tokens=0) as w:
+            ...; w.add_tokens(n)
+        meter.energy_j()                          # metered so far (energy budgets)
+
+Each window reads every counter at both edges (after torch.cuda.synchronize when CUDA is in
+use), so its energy is a counter difference, not a sum of power samples. The integrated power
+samples of the same window are recorded beside it as a cross-check.
+
+One meter per node: in a multi-process job only local rank 0 (LOCAL_RANK / SLURM_LOCALID) reads
+the hardware, for every GPU visible to it; other local ranks get records flagged
+`not-metered-here` and `energy_j()` returns None there (broadcast rank 0's value if needed).
+
+phases.jsonl (schema 1): one JSON object per line, appended with a single write.
+  {"schema": 1, "kind": "phase" | "run" | "idle", "phase": name, "seq": n (per meter session),
+   "depth": 0 for top level, "parent": name | null, "host", "session", "start_wall", "end_wall",
+   "duration_s", "tokens", "status": "ok" | "error",
+   "energy_j":      {"gpu": J|null, "cpu": J|null, "dram": J|null},
+   "source":        {"gpu": "nvml-counter"|"unavailable", "cpu": "rapl"|"estimated-cpu-time"|
+                     "unavailable", "dram": "rapl"|"unavailable"},
+   "estimated": true if any component is an estimate,
+   "uncertainty_j": {"gpu": J|null, "cpu": null, "dram": null}  (null: not characterised),
+   "dynamic_energy_j": {component: energy - idle power x duration | null},
+   "per_gpu": {uuid: {"index", "cuda_index", "name", "mig", "energy_j", "uncertainty_j",
+                      "integrated_power_j", "power_samples", "resets"}},
+   "idle_power_w": {"gpu", "cpu", "dram", "per_gpu", "window_s", "source"},
+   "integrated_power_j": {"gpu": J|null, "power_source", "samples", "ratio": integrated/counter,
+                          "diff_j": counter - integrated},
+   "counter_period_s", "counter_period_source", "flags": [str], "notes": [str], "meta": {...}}
+`kind: run` covers start() (after the idle window) to stop(); `kind: idle` is the idle window.
+GPU uncertainty = sum over GPUs of counter_period x (power at start + power at end)
++ gpu_gain_error x energy. CPU energy is `estimated-cpu-time` = this process tree's CPU seconds
+x telemetry.cpu_watts_per_core, and only where no RAPL counter exists and the user enabled it.
+Flags: short-window, high-uncertainty, counter-reset, partial-gpu, mig-shared-counter,
+estimated-cpu, counter-power-mismatch, no-power-samples, error:<Exception>, not-metered-here,
+telemetry-disabled.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from wattkd.config import TelemetryConfig
+from wattkd.energy.monitor import (
+    Sampler,
+    Snapshot,
+    ensure_trailing_newline,
+    host_name,
+    open_sources,
+)
+from wattkd.energy.sources import NvmlSource
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+# Published/observed NVML counter update period (DESIGN.md: ~100 ms on H200); used when the
+# idle window is too short to measure it.
+DEFAULT_COUNTER_PERIOD_S = 0.1
+COMPONENTS = ("gpu", "cpu", "dram")
+MISMATCH_TOLERANCE = 0.2      # |integrated/counter - 1| above this is flagged
+HIGH_UNCERTAINTY = 0.1        # uncertainty/energy above this is flagged
+
+
+def _is_node_leader() -> bool:
+    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
+        value = os.environ.get(var)
+        if value is not None and value.strip().isdigit():
+            return int(value) == 0
+    return True
+
+
+def _cuda_sync() -> None:
+    """Finish queued GPU work so the counter read at an edge belongs to the right window."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    try:
+        if torch.cuda.is_initialized():
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(i)
+    except Exception as exc:  # never fail a phase because of a sync problem
+        log.debug("cuda synchronize failed: %s", exc)
+
+
+class PhaseWindow:
+    """One open energy window; `record` is its phases.jsonl record once it has closed."""
+
+    def __init__(self, meter: _MeterBase, name: str, tokens: int, meta: dict[str, Any]) -> None:
+        self._meter = meter
+        self.name = name
+        self.tokens = _check_tokens(tokens, name)
+        self.meta = meta
+        self.record: dict[str, Any] | None = None
+        self.depth = 0
+        self.parent: str | None = None
+        self.seq = 0
+        self._start: Snapshot | None = None
+        self._t0 = (0.0, 0.0)
+
+    def add_tokens(self, n: int) -> None:
+        self.tokens += _check_tokens(n, self.name)
+
+    def __enter__(self) -> PhaseWindow:
+        self._meter._open_window(self)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self._meter._close_window(self, exc_type)
+        return False
+
+
+def _check_tokens(n: Any, phase: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"phase {phase!r}: tokens must be an int >= 0, got {n!r}")
+    return n
+
+
+class _MeterBase:
+    """Window bookkeeping shared by the real meter and the null meter."""
+
+    def __init__(self, cfg: TelemetryConfig | None, run_dir: Path | None,
+                 host: str | None) -> None:
+        self.cfg = cfg or TelemetryConfig()
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.host = host or host_name()
+        self.session = ""
+        self._stack: list[PhaseWindow] = []
+        self._seq = 0
+        self._write_records = self.run_dir is not None
+        self._base_flags: list[str] = []
+        self._base_notes: list[str] = []
+        self._checked_tail = False
+
+    # ---- public
+    def phase(self, name: str, tokens: int = 0, **meta: Any) -> PhaseWindow:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"phase name must be a non-empty string, got {name!r}")
+        return PhaseWindow(self, name, tokens, meta)
+
+    def __enter__(self) -> _MeterBase:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def stop(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    # ---- windows
+    def _read(self) -> Snapshot | None:
+        return None
+
+    def _open_window(self, w: PhaseWindow) -> None:
+        _cuda_sync()
+        w._start = self._read()
+        w._t0 = (time.monotonic(), time.time())
+        w.depth = len(self._stack)
+        w.parent = self._stack[-1].name if self._stack else None
+        self._seq += 1
+        w.seq = self._seq
+        self._stack.append(w)
+
+    def _close_window(self, w: PhaseWindow, exc_type: Any) -> None:
+        _cuda_sync()
+        end = self._read()
+        t1 = (time.monotonic(), time.time())
+        if w in self._stack:
+            self._stack.remove(w)
+        flags = [f"error:{exc_type.__name__}"] if exc_type is not None else []
+        rec = self._record("phase", w.name, w._start, end, w._t0, t1, w.tokens, w.meta, flags)
+        rec.update(seq=w.seq, depth=w.depth, parent=w.parent,
+                   status="error" if exc_type is not None else "ok")
+        w.record = rec
+        self._append(rec)
+
+    def _record(self, kind: str, name: str, a: Snapshot | None, b: Snapshot | None,
+                t0: tuple[float, float], t1: tuple[float, float], tokens: int,
+                meta: dict[str, Any], flags: list[str]) -> dict[str, Any]:
+        if a is not None and b is not None:
+            t0, t1 = (a.t_mono, a.t_wall), (b.t_mono, b.t_wall)
+        duration = max(t1[0] - t0[0], 0.0)
+        rec: dict[str, Any] = {
+            "schema": SCHEMA, "kind": kind, "phase": name, "seq": 0, "depth": 0,
+            "parent": None, "host": self.host, "session": self.session,
+            "start_wall": round(t0[1], 4), "end_wall": round(t1[1], 4),
+            "duration_s": round(duration, 6), "tokens": tokens, "status": "ok",
+            "energy_j": dict.fromkeys(COMPONENTS), "source": dict.fromkeys(COMPONENTS,
+                                                                           "unavailable"),
+            "estimated": False, "uncertainty_j": dict.fromkeys(COMPONENTS),
+            "dynamic_energy_j": dict.fromkeys(COMPONENTS), "per_gpu": {},
+            "idle_power_w": self.idle_power_w,
+            "integrated_power_j": {"gpu": None, "power_source": None, "samples": 0,
+                                   "ratio": None, "diff_j": None},
+            "counter_period_s": None, "counter_period_source": None,
+            "flags": list(self._base_flags) + flags, "notes": list(self._base_notes),
+            "meta": _jsonable(meta)}
+        self._fill_energy(rec, a, b, duration)
+        return rec
+
+    def _fill_energy(self, rec: dict[str, Any], a: Snapshot | None, b: Snapshot | None,
+                     duration: float) -> None:
+        """Energy fields of a record; the null meter leaves them unavailable."""
+
+    def _append(self, rec: dict[str, Any]) -> None:
+        if not self._write_records or self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "phases.jsonl"
+        if not self._checked_tail:
+            ensure_trailing_newline(path)
+            self._checked_tail = True
+        line = (json.dumps(rec, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        # One write() on an O_APPEND descriptor: records from several processes or hosts do not
+        # interleave, and a crash leaves at most one truncated last line.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    @property
+    def idle_power_w(self) -> dict[str, Any]:
+        """Idle power (W) per component measured before the first phase (None: not measured)."""
+        return _no_idle()
+
+
+class NullMeter(_MeterBase):
+    """Measures nothing (telemetry disabled); records still carry tokens and durations."""
+
+    def __init__(self, cfg: TelemetryConfig | None = None, run_dir: Path | None = None, *,
+                 host: str | None = None, reason: str = "telemetry-disabled") -> None:
+        super().__init__(cfg, run_dir, host)
+        self._base_flags = [reason]
+
+    def start(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+    def energy_j(self) -> float | None:
+        return None
+
+    def __enter__(self) -> NullMeter:
+        return self
+
+
+class EnergyMeter(_MeterBase):
+    """Meters a run: sampler thread, idle power, phase windows, a `run` record at stop()."""
+
+    def __init__(self, cfg: TelemetryConfig, run_dir: Path | None, *, host: str | None = None,
+                 nvml_lib: Any = None, powercap_root: str | Path | None = None,
+                 leader: bool | None = None) -> None:
+        super().__init__(cfg, run_dir, host)
+        self.leader = _is_node_leader() if leader is None else leader
+        self._nvml_lib = nvml_lib
+        self._powercap_root = powercap_root
+        self._sampler: Sampler | None = None
+        self._nvml: NvmlSource | None = None
+        self._started = False
+        self._stopped = False
+        self._run_start: Snapshot | None = None
+        self._run_t0 = (0.0, 0.0)
+        self._sources = dict.fromkeys(COMPONENTS, "unavailable")
+        self._idle: dict[str, Any] = _no_idle()
+        self.counter_period_s = DEFAULT_COUNTER_PERIOD_S
+        self.counter_period_source = "default (~100 ms, DESIGN.md)"
+        if not self.leader:
+            self._write_records = False
+            self._base_flags = ["not-metered-here"]
+            self._base_notes = ["local rank != 0: the node's local rank 0 meters this node"]
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        if not self.leader:
+            return
+        nvml, rapl, cpu = open_sources(nvml_lib=self._nvml_lib, rapl_root=self._powercap_root)
+        self._nvml = nvml
+        estimate = self.cfg.cpu_watts_per_core is not None and not rapl.available
+        out = self.run_dir / "telemetry" / f"{self.host}.jsonl" if self.run_dir else None
+        self._sampler = Sampler(nvml, rapl, cpu, host=self.host, interval=self.cfg.interval_s,
+                                slow_interval=self.cfg.slow_interval_s, output=out,
+                                track_cpu_time=estimate)
+        self.session = self._sampler.session
+        if any(g.energy for g in nvml.gpus):
+            self._sources["gpu"] = "nvml-counter"
+        if any(z.kind == "package" for z in rapl.zones):
+            self._sources["cpu"] = "rapl"
+        elif estimate:
+            self._sources["cpu"] = "estimated-cpu-time"
+        if any(z.kind == "dram" for z in rapl.zones):
+            self._sources["dram"] = "rapl"
+        if not nvml.available:
+            self._base_notes.append(f"gpu unavailable: {nvml.reason}")
+        elif not all(g.energy for g in nvml.gpus):
+            self._base_flags.append("partial-gpu")
+            self._base_notes.append("some GPUs have no energy counter; gpu energy sums the rest")
+        if any(g.mig for g in nvml.gpus):
+            self._base_flags.append("mig-shared-counter")
+            self._base_notes.append("MIG: a GPU's counter covers all of its MIG instances")
+        if self._sources["cpu"] == "unavailable":
+            self._base_notes.append(f"cpu unavailable: {rapl.reason}; set "
+                                    "telemetry.cpu_watts_per_core for an estimate")
+        self._sampler.start()
+        atexit.register(self.stop)
+        self._measure_idle()
+        self._run_start = self._sampler.read_now()
+        self._run_t0 = (self._run_start.t_mono, self._run_start.t_wall)
+
+    def stop(self) -> None:
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        if self._sampler is None:
+            return
+        atexit.unregister(self.stop)
+        for w in list(self._stack):
+            log.warning("energy meter stopped with phase %r still open", w.name)
+        _cuda_sync()
+        end = self._sampler.read_now()
+        top = self._session_tokens
+        rec = self._record("run", "run", self._run_start, end, self._run_t0,
+                           (end.t_mono, end.t_wall), top, {}, [])
+        self._append(rec)
+        self._sampler.stop()
+        if self._nvml is not None:
+            self._nvml.close()
+
+    _session_tokens = 0
+
+    def _close_window(self, w: PhaseWindow, exc_type: Any) -> None:
+        super()._close_window(w, exc_type)
+        if w.depth == 0:
+            self._session_tokens += w.tokens
+
+    def _open_window(self, w: PhaseWindow) -> None:
+        if not self._started:
+            raise RuntimeError(f"EnergyMeter.phase({w.name!r}) entered before start(); use "
+                               "`with meter:` or call meter.start() first")
+        super()._open_window(w)
+
+    # ------------------------------------------------------------------ reads
+    def _read(self) -> Snapshot | None:
+        return self._sampler.read_now() if self._sampler is not None else None
+
+    def energy_j(self) -> float | None:
+        """Energy (J) since start() (after the idle window), measured + estimated components.
+
+        Cheap: uses the sampler's latest reads (<= one interval old), never the hardware.
+        """
+        if self._sampler is None or self._run_start is None:
+            return None
+        e = self._energies(self._run_start, self._sampler.snapshot(), 0.0)
+        vals = [v for v in (e["gpu"], e["cpu"], e["dram"]) if v is not None]
+        return float(sum(vals)) if vals else None
+
+    @property
+    def idle_power_w(self) -> dict[str, Any]:
+        """Idle power (W) per component measured before the first phase (None: not measured)."""
+        return dict(self._idle)
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Component -> source label ("nvml-counter", "rapl", "estimated-cpu-time", ...)."""
+        return dict(self._sources)
+
+    # ------------------------------------------------------------------ energy
+    def _energies(self, a: Snapshot, b: Snapshot, duration: float) -> dict[str, Any]:
+        per_gpu: dict[str, dict[str, Any]] = {}
+        gain = self.cfg.gpu_gain_error
+        for g in self._nvml.gpus if self._nvml else []:
+            u = g.uuid
+            e = _diff(a.gpu_j.get(u), b.gpu_j.get(u))
+            integ = _diff(a.gpu_int_j.get(u), b.gpu_int_j.get(u))
+            unc = None
+            if e is not None:
+                mean_p = e / duration if duration > 0 else 0.0
+                pa = a.gpu_power_w.get(u)
+                pb = b.gpu_power_w.get(u)
+                unc = (self.counter_period_s * ((pa if pa is not None else mean_p)
+                                                + (pb if pb is not None else mean_p))
+                       + gain * e)
+            per_gpu[u] = {"index": g.index, "cuda_index": g.cuda_index, "name": g.name,
+                          "mig": g.mig, "energy_j": _r(e), "uncertainty_j": _r(unc),
+                          "integrated_power_j": _r(integ),
+                          "power_samples": b.gpu_power_samples.get(u, 0)
+                          - a.gpu_power_samples.get(u, 0),
+                          "resets": b.gpu_resets.get(u, 0) - a.gpu_resets.get(u, 0)}
+        out: dict[str, Any] = {"per_gpu": per_gpu}
+        gpu_vals = [p["energy_j"] for p in per_gpu.values() if p["energy_j"] is not None]
+        out["gpu"] = sum(gpu_vals) if gpu_vals else None
+        out["gpu_unc"] = (sum(p["uncertainty_j"] for p in per_gpu.values()
+                              if p["uncertainty_j"] is not None) if gpu_vals else None)
+        ints = [p["integrated_power_j"] for p in per_gpu.values()
+                if p["energy_j"] is not None and p["integrated_power_j"] is not None]
+        out["gpu_int"] = sum(ints) if ints and len(ints) == len(gpu_vals) else None
+        kinds = {z.name: z.kind for z in (self._sampler.rapl.zones
+                                          if self._sampler and self._sampler.rapl else [])}
+        for comp, kind in (("cpu", "package"), ("dram", "dram")):
+            vals = [_diff(a.rapl_j.get(n), b.rapl_j.get(n)) for n, k in kinds.items()
+                    if k == kind]
+            out[comp] = sum(vals) if vals and None not in vals else None
+        if self._sources["cpu"] == "estimated-cpu-time":
+            cpu_s = _diff(a.cpu_s, b.cpu_s)
+            out["cpu"] = cpu_s * self.cfg.cpu_watts_per_core if cpu_s is not None else None
+        return out
+
+    def _fill_energy(self, rec: dict[str, Any], a: Snapshot | None, b: Snapshot | None,
+                     duration: float) -> None:
+        if a is None or b is None:
+            return
+        e = self._energies(a, b, duration)
+        rec["source"] = dict(self._sources)
+        for comp in COMPONENTS:
+            rec["energy_j"][comp] = _r(e[comp])
+            if rec["energy_j"][comp] is None:
+                rec["source"][comp] = "unavailable"
+        rec["uncertainty_j"]["gpu"] = _r(e["gpu_unc"])
+        rec["estimated"] = rec["source"]["cpu"] == "estimated-cpu-time"
+        if rec["estimated"]:
+            rec["flags"].append("estimated-cpu")
+        rec["per_gpu"] = e["per_gpu"]
+        rec["counter_period_s"] = self.counter_period_s
+        rec["counter_period_source"] = self.counter_period_source
+        idle = self._idle
+        for comp in COMPONENTS:
+            if e[comp] is not None and idle.get(comp) is not None:
+                rec["dynamic_energy_j"][comp] = _r(e[comp] - idle[comp] * duration)
+        flags, notes = rec["flags"], rec["notes"]
+        gpu = e["gpu"]
+        if gpu is not None:
+            if duration < self.cfg.min_window_s:
+                flags.append("short-window")
+                notes.append(f"window {duration:.3g} s < telemetry.min_window_s "
+                             f"{self.cfg.min_window_s:g} s: counter quantisation at the edges "
+                             "dominates the figure")
+            if e["gpu_unc"] is not None and gpu > 0 and e["gpu_unc"] / gpu > HIGH_UNCERTAINTY:
+                flags.append("high-uncertainty")
+            if any(p["resets"] for p in e["per_gpu"].values()):
+                flags.append("counter-reset")
+                notes.append("an NVML counter decreased (driver reload) inside this window; the "
+                             "sampling interval containing the reset may be missing")
+            ip = rec["integrated_power_j"]
+            srcs = {g.power_source for g in self._nvml.gpus} if self._nvml else set()
+            ip["power_source"] = "+".join(sorted(s for s in srcs if s)) or None
+            ip["samples"] = sum(p["power_samples"] for p in e["per_gpu"].values())
+            if e["gpu_int"] is not None and ip["samples"] >= 2:
+                ip["gpu"] = _r(e["gpu_int"])
+                ip["diff_j"] = _r(gpu - e["gpu_int"])
+                ip["ratio"] = round(e["gpu_int"] / gpu, 6) if gpu > 0 else None
+                if (ip["ratio"] is not None and duration >= self.cfg.min_window_s
+                        and abs(ip["ratio"] - 1) > MISMATCH_TOLERANCE):
+                    flags.append("counter-power-mismatch")
+            else:
+                flags.append("no-power-samples")
+
+    # ------------------------------------------------------------------ idle
+    def _measure_idle(self) -> None:
+        """Idle power over cfg.idle_seconds before any phase; also times the counter updates."""
+        secs = self.cfg.idle_seconds
+        measurable = any(v != "unavailable" for v in self._sources.values())
+        if secs <= 0 or not measurable or self._sampler is None:
+            self._idle["source"] = ("not measured (telemetry.idle_seconds = 0)" if secs <= 0
+                                    else "not measured (no energy source)")
+            return
+        log.info("measuring idle power for %.3g s", secs)
+        _cuda_sync()
+        a = self._sampler.read_now()
+        changes = self._poll_counter(secs)
+        b = self._sampler.read_now()
+        dt = b.t_mono - a.t_mono
+        e = self._energies(a, b, dt)
+        idle: dict[str, Any] = {"window_s": round(dt, 4), "per_gpu": {},
+                                "source": dict(self._sources)}
+        for comp in COMPONENTS:
+            idle[comp] = _r(e[comp] / dt) if e[comp] is not None and dt > 0 else None
+        for u, p in e["per_gpu"].items():
+            idle["per_gpu"][u] = _r(p["energy_j"] / dt) if p["energy_j"] is not None else None
+        if len(changes) >= 4:
+            gaps = [t1 - t0 for t0, t1 in zip(changes, changes[1:])]
+            self.counter_period_s = round(statistics.median(gaps), 4)
+            self.counter_period_source = f"measured at idle ({len(gaps)} updates)"
+        self._idle = idle
+        rec = self._record("idle", "idle", a, b, (0, 0), (0, 0), 0, {}, [])
+        self._append(rec)
+
+    def _poll_counter(self, secs: float) -> list[float]:
+        """Wait `secs`, polling the first GPU counter to find when it changes."""
+        deadline = time.monotonic() + secs
+        gpu = next((g for g in (self._nvml.gpus if self._nvml else []) if g.energy), None)
+        if gpu is None:
+            time.sleep(secs)
+            return []
+        changes: list[float] = []
+        last = None
+        while time.monotonic() < deadline:
+            v = self._nvml.read_energy_mj(gpu)
+            t = time.monotonic()
+            if v is not None and last is not None and v != last:
+                changes.append(t)
+            last = v if v is not None else last
+            time.sleep(0.005)
+        return changes
+
+
+def _no_idle() -> dict[str, Any]:
+    return {"gpu": None, "cpu": None, "dram": None, "per_gpu": {}, "window_s": 0.0,
+            "source": "not measured"}
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else max(b - a, 0.0)
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 6)
+
+
+def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(meta, default=str))
+
+
+def make_meter(cfg: TelemetryConfig, run_dir: Path | None) -> EnergyMeter | NullMeter:
+    """The meter a stage should use: a NullMeter when telemetry is disabled."""
+    if not cfg.enabled:
+        return NullMeter(cfg, run_dir)
+    return EnergyMeter(cfg, run_dir)

@@ -1,0 +1,357 @@
+"""Energy metrics as pure functions on the ledger (phases.jsonl) and telemetry files.
+
+Definitions (DESIGN.md):
+  E_run      sum over devices of (counter at end - counter at start) over the run, J. The GPU is
+             the headline component; CPU (RAPL or an `estimated` figure) is reported beside it,
+             never silently added or dropped.
+  E_avg      mean E_run over the repeats of one configuration, with its sample std and n.
+  EPT_train  E_train / tokens trained (J/token).
+  P_avg      energy over a wall-clock window / its duration, devices summed.
+Multi-host: every host's meter writes its own records (summed here); telemetry has one file per
+host, and a GPU (UUID) or RAPL zone reported by two overlapping samplers is kept once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wattkd.energy.sources import CounterTracker, PowerIntegrator
+
+log = logging.getLogger(__name__)
+
+KNOWN_SCHEMAS = {1}
+COMPONENTS = ("gpu", "cpu", "dram")
+
+
+@dataclass(frozen=True)
+class EnergyFigure:
+    """An energy figure that says where it came from. `value` in J, None if unavailable."""
+
+    value: float | None
+    source: str
+    estimated: bool
+    uncertainty: float | None
+    component: str = "gpu"
+    tokens: int = 0
+    duration_s: float = 0.0
+    records: int = 0
+    flags: tuple[str, ...] = ()
+
+    def label(self) -> str:
+        if self.value is None:
+            return f"{self.component}: unavailable"
+        unc = f" ± {self.uncertainty:.3g}" if self.uncertainty is not None else ""
+        est = ", estimated" if self.estimated else ""
+        return f"{self.value:.6g} J{unc} ({self.source}{est})"
+
+
+@dataclass(frozen=True)
+class PowerFigure:
+    """Average power (W) over a window, with the energy and duration it came from."""
+
+    value: float | None
+    source: str
+    energy_j: float | None
+    duration_s: float
+    samples: int
+    component: str = "gpu"
+    flags: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------------------ reading
+def _read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
+    """Objects of a JSONL file. A truncated line is tolerated where a crash can leave one: the
+    last line, or the line before a new session's header (a resumed writer)."""
+    raw = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    if raw and raw[-1] == "":
+        raw.pop()
+    out: list[dict[str, Any]] = []
+    for i, line in enumerate(raw):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            nxt = raw[i + 1] if i + 1 < len(raw) else None
+            if nxt is None or '"type":"header"' in nxt.replace(" ", ""):
+                log.warning("%s: skipping truncated line %d (a writer stopped mid-line)", path,
+                            i + 1)
+                continue
+            raise ValueError(f"{path}:{i + 1}: not a valid {what} line: {line[:80]!r}") from None
+        schema = obj.get("schema")
+        if schema not in KNOWN_SCHEMAS:
+            raise ValueError(f"{path}:{i + 1}: {what} schema {schema!r} is not supported by this "
+                             f"wattkd (it reads schema {sorted(KNOWN_SCHEMAS)})")
+        out.append(obj)
+    return out
+
+
+def read_phases(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a phases.jsonl file (or of a run directory's phases.jsonl)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "phases.jsonl"
+    if not p.is_file():
+        raise FileNotFoundError(f"no energy ledger at {p} (expected a phases.jsonl file)")
+    return _read_jsonl(p, "phase record")
+
+
+class Telemetry(list):
+    """Telemetry samples of one or more hosts, sorted by wall time (a list of sample dicts).
+
+    `headers`: the header line of every sampler session; `notes`: later unavailability notes;
+    `dropped`: what was left out to avoid double counting.
+    """
+
+    def __init__(self, samples: Iterable[dict[str, Any]] = ()) -> None:
+        super().__init__(samples)
+        self.headers: list[dict[str, Any]] = []
+        self.notes: list[dict[str, Any]] = []
+        self.files: list[Path] = []
+        self.dropped: list[str] = []
+
+
+def _telemetry_files(paths_or_dir: str | Path | Sequence[str | Path]) -> list[Path]:
+    items = [paths_or_dir] if isinstance(paths_or_dir, str | Path) else list(paths_or_dir)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            d = p / "telemetry" if (p / "telemetry").is_dir() else p
+            files.extend(sorted(d.glob("*.jsonl")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"telemetry path {p} does not exist")
+    if not files:
+        raise FileNotFoundError(f"no telemetry *.jsonl files in {paths_or_dir}")
+    return files
+
+
+def read_telemetry(paths_or_dir: str | Path | Sequence[str | Path]) -> Telemetry:
+    """Merge telemetry files (one per host) into one wall-time-ordered sample list.
+
+    Accepts a file, a telemetry/ folder, a run folder, or a list of those. A device reported by
+    two sampler sessions at overlapping times (two samplers on one node) is kept from the
+    session that started first, so no energy is counted twice.
+    """
+    tel = Telemetry()
+    samples: list[dict[str, Any]] = []
+    for f in _telemetry_files(paths_or_dir):
+        tel.files.append(f)
+        for obj in _read_jsonl(f, "telemetry"):
+            kind = obj.get("type")
+            if kind == "sample":
+                samples.append(obj)
+            elif kind == "header":
+                tel.headers.append(obj)
+            elif kind == "note":
+                tel.notes.append(obj)
+    samples = _dedupe(samples, tel.dropped)
+    samples.sort(key=lambda s: s.get("t_wall", 0.0))
+    tel.extend(samples)
+    return tel
+
+
+def _dedupe(samples: list[dict[str, Any]], dropped: list[str]) -> list[dict[str, Any]]:
+    spans: dict[str, list[float]] = {}
+    devices: dict[str, set[str]] = {}
+    for s in samples:
+        sid = s.get("session", "")
+        span = spans.setdefault(sid, [math.inf, -math.inf])
+        span[0] = min(span[0], s["t_wall"])
+        span[1] = max(span[1], s["t_wall"])
+        devs = devices.setdefault(sid, set())
+        devs.update(f"gpu:{u}" for u in s.get("gpu", {}))
+        devs.update(f"rapl:{s.get('host')}:{z}" for z in s.get("rapl", {}))
+    order = sorted(spans, key=lambda sid: spans[sid][0])
+    drop: dict[str, set[str]] = {}
+    for i, a in enumerate(order):
+        for b in order[i + 1:]:
+            if spans[b][0] > spans[a][1] or b in drop and devices[b] <= drop[b]:
+                continue
+            shared = devices[a] & devices[b] - drop.get(a, set())
+            if shared:
+                drop.setdefault(b, set()).update(shared)
+                msg = (f"sessions {a} and {b} both report {sorted(shared)} at overlapping times; "
+                       f"keeping {a} (started first) to avoid double counting")
+                dropped.append(msg)
+                log.warning(msg)
+    if not drop:
+        return samples
+    out = []
+    for s in samples:
+        d = drop.get(s.get("session", ""))
+        if d:
+            s = dict(s)
+            s["gpu"] = {u: v for u, v in s.get("gpu", {}).items() if f"gpu:{u}" not in d}
+            s["rapl"] = {z: v for z, v in s.get("rapl", {}).items()
+                         if f"rapl:{s.get('host')}:{z}" not in d}
+        out.append(s)
+    return out
+
+
+# ------------------------------------------------------------------------------- ledger
+def _select(phases: Sequence[dict[str, Any]], phase: str | None) -> tuple[list[dict], list[str]]:
+    flags: list[str] = []
+    if phase is None:
+        recs = [r for r in phases if r.get("kind") == "run"]
+        if not recs:
+            recs = [r for r in phases if r.get("kind", "phase") == "phase" and r.get("depth") == 0]
+            if recs:
+                flags.append("no-run-record: summed top-level phases (a meter did not stop)")
+        if not recs:
+            raise ValueError("no run or top-level phase records in this ledger")
+        return recs, flags
+    recs = [r for r in phases if r.get("kind", "phase") == "phase" and r.get("phase") == phase]
+    if not recs:
+        names = sorted({r.get("phase") for r in phases if r.get("kind", "phase") == "phase"})
+        raise ValueError(f"no phase records named {phase!r}; this ledger has: {names}")
+    return recs, flags
+
+
+def e_run(phases: Sequence[dict[str, Any]], phase: str | None = None,
+          component: str = "gpu") -> EnergyFigure:
+    """Energy of the run (phase=None: its `run` records) or of every window named `phase`.
+
+    Records of several hosts and resumed sessions are summed. If any record lacks the
+    component, the figure is unavailable (flagged `partial`), never a silent partial sum.
+    """
+    if component not in COMPONENTS:
+        raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
+    recs, flags = _select(phases, phase)
+    values = [r["energy_j"].get(component) for r in recs]
+    sources = sorted({r["source"].get(component, "unavailable") for r in recs})
+    tokens = sum(int(r.get("tokens", 0)) for r in recs)
+    duration = sum(float(r.get("duration_s", 0.0)) for r in recs)
+    rec_flags = sorted({f for r in recs for f in r.get("flags", [])})
+    missing = sum(v is None for v in values)
+    if missing:
+        if missing < len(values):
+            flags.append(f"partial: {missing} of {len(values)} records have no {component} energy")
+        return EnergyFigure(None, "unavailable", False, None, component, tokens, duration,
+                            len(recs), tuple(rec_flags + flags))
+    uncs = [r.get("uncertainty_j", {}).get(component) for r in recs]
+    unc = sum(uncs) if None not in uncs else None
+    source = sources[0] if len(sources) == 1 else "mixed:" + "+".join(sources)
+    estimated = any(s.startswith("estimated") for s in sources)
+    return EnergyFigure(float(sum(values)), source, estimated, unc, component, tokens,
+                        duration, len(recs), tuple(rec_flags + flags))
+
+
+def e_avg(values: Iterable[float | EnergyFigure | None]) -> tuple[float, float | None, int]:
+    """(mean, sample std (n-1), n) over repeats; std is None for a single repeat."""
+    vals: list[float] = []
+    for i, v in enumerate(values):
+        x = v.value if isinstance(v, EnergyFigure) else v
+        if x is None:
+            raise ValueError(f"E_avg: repeat {i} has no energy figure (unavailable); an "
+                             "average over the others would misstate the configuration")
+        vals.append(float(x))
+    if not vals:
+        raise ValueError("E_avg needs at least one repeat")
+    n = len(vals)
+    mean = sum(vals) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in vals) / (n - 1)) if n > 1 else None
+    return mean, std, n
+
+
+def ept(energy_j: float | None, tokens: int) -> float | None:
+    """Energy per token (J/token); None when the energy is unavailable."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        raise ValueError(f"EPT needs a positive token count, got {tokens!r}")
+    return None if energy_j is None else float(energy_j) / tokens
+
+
+def ept_train(phases: Sequence[dict[str, Any]], phase: str = "train",
+              component: str = "gpu") -> float | None:
+    """EPT_train = E(train windows) / tokens trained in them."""
+    fig = e_run(phases, phase, component)
+    return ept(fig.value, fig.tokens)
+
+
+# ---------------------------------------------------------------------------- telemetry
+def _header_info(samples: Sequence[dict[str, Any]]) -> tuple[dict[str, float], dict[str, int]]:
+    limits: dict[str, float] = {}
+    ranges: dict[str, int] = {}
+    for h in getattr(samples, "headers", []):
+        for g in h.get("gpus", []):
+            if g.get("power_limit_w"):
+                limits[g["uuid"]] = 2 * g["power_limit_w"]
+        for z in h.get("rapl", []):
+            ranges[f"{h.get('session')}:{z['zone']}"] = z.get("max_range_uj") or 0
+    return limits, ranges
+
+
+def telemetry_energy(samples: Sequence[dict[str, Any]], start_wall: float | None = None,
+                     end_wall: float | None = None, component: str = "gpu"
+                     ) -> dict[str, Any]:
+    """Energy (J) per device from the raw counters in telemetry samples within a window.
+
+    Counters are differenced within each sampler session only (a gap between sessions is not
+    metered). GPU devices without a counter fall back to integrated `power_w` (labelled).
+    Returns {"energy_j", "source", "devices": {key: J}, "samples", "t0", "t1"}.
+    """
+    if component not in ("gpu", "cpu", "dram"):
+        raise ValueError(f"component must be gpu, cpu or dram, got {component!r}")
+    limits, ranges = _header_info(samples)
+    window = [s for s in samples if (start_wall is None or s["t_wall"] >= start_wall)
+              and (end_wall is None or s["t_wall"] <= end_wall)]
+    trackers: dict[str, CounterTracker] = {}
+    integrators: dict[str, PowerIntegrator] = {}
+    for s in sorted(window, key=lambda x: (x.get("session", ""), x["t_mono"])):
+        sid, t = s.get("session", ""), s["t_mono"]
+        if component == "gpu":
+            for u, v in s.get("gpu", {}).items():
+                key = f"{sid}:{u}"
+                if v.get("energy_mj") is not None:
+                    trackers.setdefault(key, CounterTracker(1e-3, max_power_w=limits.get(u)))
+                    trackers[key].update(v["energy_mj"], t)
+                integrators.setdefault(key, PowerIntegrator()).add(t, v.get("power_w"))
+        else:
+            for z, v in s.get("rapl", {}).items():
+                if not z.startswith("package" if component == "cpu" else "dram"):
+                    continue
+                key = f"{sid}:{z}"
+                wrap = ranges.get(key) or None
+                trackers.setdefault(key, CounterTracker(1e-6, wrap=wrap)).update(v, t)
+    devices: dict[str, float] = {k: tr.total_j for k, tr in trackers.items()}
+    labels = {"nvml-counter" if component == "gpu" else "rapl"} if devices else set()
+    for k, integ in integrators.items():
+        if k not in devices and integ.samples >= 2:
+            devices[k] = integ.joules
+            labels.add("nvml-power-integrated")
+    t0 = min((s["t_wall"] for s in window), default=None)
+    t1 = max((s["t_wall"] for s in window), default=None)
+    return {"energy_j": sum(devices.values()) if devices else None,
+            "source": "+".join(sorted(labels)) or "unavailable", "devices": devices,
+            "samples": len(window), "t0": t0, "t1": t1}
+
+
+def average_power(telemetry_samples: Sequence[dict[str, Any]], start_wall: float | None = None,
+                  end_wall: float | None = None, component: str = "gpu") -> PowerFigure:
+    """Average power (W) over [start_wall, end_wall] (default: the samples' span), devices
+    summed: counter energy in the window / window duration."""
+    e = telemetry_energy(telemetry_samples, start_wall, end_wall, component)
+    flags: list[str] = []
+    if e["t0"] is None or e["t1"] is None or e["t1"] <= e["t0"]:
+        return PowerFigure(None, "unavailable", None, 0.0, e["samples"], component,
+                           ("fewer than two samples in the window",))
+    sessions = {s.get("session") for s in telemetry_samples
+                if e["t0"] <= s["t_wall"] <= e["t1"]}
+    if len(sessions) > 1:
+        hosts = {s.get("host") for s in telemetry_samples if e["t0"] <= s["t_wall"] <= e["t1"]}
+        if len(hosts) < len(sessions):
+            flags.append("several sessions on one host: time between them is not metered")
+    duration = e["t1"] - e["t0"]
+    value = e["energy_j"] / duration if e["energy_j"] is not None else None
+    return PowerFigure(value, e["source"], e["energy_j"], duration, e["samples"], component,
+                       tuple(flags))

@@ -1,0 +1,151 @@
+"""Named evaluation suites: the tasks, few-shot counts, template settings, limit and the one
+primary metric per task are fixed here, not on the command line, so a teacher and its
+students cannot be evaluated with different flags by accident.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wattkd.config import EvalConfig
+from wattkd.eval.tasks import TASKS_DIR
+from wattkd.eval.tasks import utils as task_utils
+
+
+class SuiteError(ValueError):
+    """Unknown suite, or a suite whose data cannot be found."""
+
+
+@dataclass(frozen=True)
+class SuiteTask:
+    name: str          # lm-eval task or group name
+    metric: str        # key in lm-eval's results, "<metric>,<filter>"
+    num_fewshot: int = 0
+    data: str | None = None  # "mmlu" | "bigbench:<task>" | None (hub data)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    tasks: tuple[SuiteTask, ...]
+    limit: int | None = None  # per task; EvalConfig.limit overrides (and is hashed)
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
+    system_instruction: str | None = None
+    hub: bool = False  # tasks from lm-eval's own registry, data from the Hugging Face hub
+    fewshot_seed: int = 1234
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def effective_limit(self, cfg: EvalConfig) -> int | None:
+        return cfg.limit if cfg.limit is not None else self.limit
+
+
+def _bb(task: str, mode: str) -> SuiteTask:
+    metric = "acc,none" if mode == "mc" else "exact_match,extract"
+    return SuiteTask(f"wattkd_bb_{task}", metric, 0, f"bigbench:{task}")
+
+
+def _bigbench_catalogue() -> dict[str, str]:
+    """BIG-bench tasks wattkd ships a YAML for -> 'mc' | 'gen'."""
+    out = {}
+    for p in sorted((TASKS_DIR / "bigbench").glob("wattkd_bb_*.yaml")):
+        text = p.read_text()
+        out[p.stem.removeprefix("wattkd_bb_")] = "gen" if "_bigbench_gen_" in text else "mc"
+    return out
+
+
+BIGBENCH_TASKS = _bigbench_catalogue()
+
+SUITES: dict[str, Suite] = {
+    "offline": Suite(
+        name="offline",
+        description="CPU-sized local suite: MMLU (8 subjects), BIG-bench sports_understanding "
+                    "and date_understanding (multiple choice), object_counting (generation); "
+                    "zero-shot, no chat template, 100 examples per task",
+        tasks=(
+            SuiteTask("wattkd_mmlu_mini", "acc,none", 0, "mmlu"),
+            _bb("sports_understanding", "mc"),
+            _bb("date_understanding", "mc"),
+            _bb("object_counting", "gen"),
+        ),
+        limit=100,
+    ),
+    "offline-full": Suite(
+        name="offline-full",
+        description="All local data: MMLU (57 subjects) and the 24 bundled BIG-bench tasks; "
+                    "zero-shot, no chat template, no limit",
+        tasks=(SuiteTask("wattkd_mmlu", "acc,none", 0, "mmlu"),
+               *(_bb(t, m) for t, m in BIGBENCH_TASKS.items())),
+        limit=None,
+    ),
+    "seed": Suite(
+        name="seed",
+        description="The original study's tasks from the Hugging Face hub (Open LLM "
+                    "Leaderboard v1 shots): mmlu 5-shot, arc_challenge 25-shot, hellaswag "
+                    "10-shot, bbh 3-shot chain-of-thought; no chat template",
+        tasks=(
+            SuiteTask("mmlu", "acc,none", 5),
+            SuiteTask("arc_challenge", "acc_norm,none", 25),
+            SuiteTask("hellaswag", "acc_norm,none", 10),
+            SuiteTask("bbh", "exact_match,get-answer", 3),
+        ),
+        limit=None,
+        hub=True,
+    ),
+}
+
+
+def get_suite(name: str) -> Suite:
+    try:
+        return SUITES[name]
+    except KeyError:
+        raise SuiteError(f"unknown eval suite {name!r}; known suites: "
+                         f"{', '.join(sorted(SUITES))}") from None
+
+
+def _offline_env() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes")
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def task_metadata(suite: Suite, cfg: EvalConfig) -> dict[str, str]:
+    """Check every data file the suite reads and return the lm-eval metadata naming them.
+
+    Runs before any model is loaded, so a missing file costs nothing.
+    """
+    if suite.hub and _offline_env():
+        raise SuiteError(
+            f"suite {suite.name!r} reads its data from the Hugging Face hub "
+            f"({', '.join(t.name for t in suite.tasks)}) but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE "
+            "is set; use suite 'offline' or 'offline-full' (local data) instead")
+    meta: dict[str, str] = {}
+    needs = {t.data.split(":")[0] for t in suite.tasks if t.data}
+    if "mmlu" in needs:
+        if not cfg.mmlu_path:
+            raise SuiteError(f"suite {suite.name!r} needs MMLU data: set eval.mmlu_path to a "
+                             "JSONL of {subject, question, choices, answer}")
+        p = Path(cfg.mmlu_path).expanduser()
+        if not p.is_file():
+            raise SuiteError(f"eval.mmlu_path {p} does not exist (expected a JSONL of "
+                             "{subject, question, choices, answer})")
+        meta[task_utils.MMLU_PATH_KEY] = str(p.resolve())
+    if "bigbench" in needs:
+        if not cfg.bigbench_dir:
+            raise SuiteError(f"suite {suite.name!r} needs BIG-bench data: set "
+                             "eval.bigbench_dir to a folder of <task>/task.json")
+        root = Path(cfg.bigbench_dir).expanduser()
+        if not root.is_dir():
+            raise SuiteError(f"eval.bigbench_dir {root} is not a folder (expected "
+                             "<task>/task.json inside)")
+        missing = [t.data.split(":", 1)[1] for t in suite.tasks
+                   if t.data and t.data.startswith("bigbench:")
+                   and not (root / t.data.split(":", 1)[1] / "task.json").is_file()]
+        if missing:
+            raise SuiteError(f"eval.bigbench_dir {root} lacks task.json for: "
+                             f"{', '.join(missing)} (suite {suite.name!r})")
+        meta[task_utils.BIGBENCH_DIR_KEY] = str(root.resolve())
+    return meta

@@ -1,0 +1,261 @@
+"""Teacher and student models: load, build from a config, init from teacher layers, LoRA.
+
+Everything is a plain Hugging Face `AutoModelForCausalLM`, so what wattkd trains is what
+`from_pretrained` loads back. Vocabulary mismatches are refused before any training starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from wattkd.config import LoraConfig, StudentConfig, TeacherConfig
+
+log = logging.getLogger(__name__)
+
+# Per-layer lists in configs that must follow a layer selection (Gemma 3, Qwen 2, ...).
+_PER_LAYER_CONFIG_KEYS = ("layer_types",)
+_LAYER_KEY = re.compile(r"^(?P<prefix>.*\.layers\.)(?P<idx>\d+)(?P<rest>\..*)$")
+
+
+class ModelError(ValueError):
+    """A model cannot be used as configured (missing layer, vocab mismatch, ...)."""
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """`auto` = bf16 on a CUDA device that supports it, fp32 elsewhere."""
+    if spec == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+
+
+def build_from_config(kwargs: dict[str, Any], vocab_size: int, seed: int) -> PreTrainedModel:
+    """Random-init causal LM from HF config kwargs (`model_type` required), seeded."""
+    kwargs = dict(kwargs)
+    model_type = kwargs.pop("model_type", None)
+    if model_type is None:
+        raise ModelError("a model built from config needs `model_type` (e.g. llama, gemma3_text)")
+    kwargs.setdefault("vocab_size", vocab_size)
+    try:
+        config = AutoConfig.for_model(model_type, **kwargs)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelError(f"cannot build a {model_type!r} config from {kwargs}: {exc}") from None
+    with _seeded(seed):
+        model = AutoModelForCausalLM.from_config(config)
+    return model
+
+
+def load_pretrained(path: str, *, dtype: torch.dtype, revision: str | None = None,
+                    device_map: str | None = None,
+                    trust_remote_code: bool = False) -> PreTrainedModel:
+    """Load an HF causal LM folder or hub id (adapter folders are merged onto their base)."""
+    p = Path(path)
+    if p.exists() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+        raise ModelError(f"{p} is not a Hugging Face model folder (no config.json)")
+    if (p / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(p), dtype=dtype,
+                                                         trust_remote_code=trust_remote_code)
+        return model.merge_and_unload()
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    if device_map:
+        kwargs["device_map"] = device_map
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def load_teacher(cfg: TeacherConfig, *, device: torch.device, vocab_size: int, seed: int,
+                 path_override: str | None = None) -> PreTrainedModel:
+    """Frozen teacher in its own dtype; `path_override` points at a teacher trained here."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    if path_override is not None or cfg.model is not None:
+        model = load_pretrained(path_override or cfg.model, dtype=dtype, revision=cfg.revision,
+                                device_map=cfg.device_map,
+                                trust_remote_code=cfg.trust_remote_code)
+    else:
+        model = build_from_config(cfg.build or {}, vocab_size, seed).to(dtype)
+    if cfg.device_map is None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def build_student(cfg: StudentConfig, *, teacher: PreTrainedModel | None, vocab_size: int,
+                  seed: int) -> PreTrainedModel:
+    """Student in fp32 master weights (autocast supplies bf16 compute); LoRA applied last."""
+    if cfg.model is not None:
+        model = load_pretrained(cfg.model, dtype=torch.float32, revision=cfg.revision,
+                                trust_remote_code=cfg.trust_remote_code)
+    elif cfg.build is not None:
+        model = build_from_config(cfg.build, vocab_size, seed)
+    else:
+        if teacher is None:
+            raise ModelError("student.from_teacher_layers needs a teacher")
+        model = init_from_teacher_layers(teacher, cfg.from_teacher_layers or [])
+    model = model.float()
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora)
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder block list of an HF causal LM (model.model.layers and friends)."""
+    base = unwrap(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    for attr in ("layers", "h", "blocks"):
+        layers = getattr(decoder, attr, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ModelError(f"cannot find the decoder layers of {type(base).__name__}")
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def hidden_size(model: nn.Module) -> int:
+    return int(unwrap(model).config.hidden_size)
+
+
+def init_from_teacher_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """DistilBERT-style student: embeddings, chosen decoder layers, final norm and LM head."""
+    n = num_layers(teacher)
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise ModelError(f"student.from_teacher_layers {bad} out of range: the teacher has "
+                         f"{n} layers (0..{n - 1})")
+    if len(set(layers)) != len(layers) or layers != sorted(layers):
+        raise ModelError(f"student.from_teacher_layers must be increasing and unique, got {layers}")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    for key in _PER_LAYER_CONFIG_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, list) and len(value) == n:
+            setattr(config, key, [value[i] for i in layers])
+    student = AutoModelForCausalLM.from_config(config)
+    source = teacher.state_dict()
+    remap = {old: new for new, old in enumerate(layers)}
+    target: dict[str, torch.Tensor] = {}
+    for key, tensor in source.items():
+        m = _LAYER_KEY.match(key)
+        if m is None:
+            target[key] = tensor
+        elif int(m["idx"]) in remap:
+            target[f"{m['prefix']}{remap[int(m['idx'])]}{m['rest']}"] = tensor
+    missing, unexpected = student.load_state_dict(target, strict=False)
+    missing = [k for k in missing if not _is_tied_head(student, k)]
+    if missing or unexpected:
+        raise ModelError(f"copying teacher layers failed: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    student.tie_weights()
+    return student
+
+
+def _is_tied_head(model: PreTrainedModel, key: str) -> bool:
+    return key.endswith("lm_head.weight") and bool(getattr(model.config, "tie_word_embeddings",
+                                                           False))
+
+
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                              target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)
+
+
+def unwrap(model: nn.Module) -> PreTrainedModel:
+    """The HF model under peft / DDP / compile wrappers."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            break
+    return model  # type: ignore[return-value]
+
+
+def output_vocab(model: nn.Module) -> int:
+    return int(unwrap(model).get_output_embeddings().weight.shape[0])
+
+
+def check_vocab(teacher: nn.Module | None, student: nn.Module, tokenizer_size: int) -> int:
+    """Return the vocabulary the logit losses compare over, or refuse a mismatch.
+
+    Heads may be padded past the tokenizer (Qwen pads to a multiple of 128): such padding rows are
+    never real tokens, so logits are compared over the first `tokenizer_size` entries.
+    """
+    s_vocab = output_vocab(student)
+    if s_vocab < tokenizer_size:
+        raise ModelError(f"student head has {s_vocab} outputs but the tokenizer has "
+                         f"{tokenizer_size} tokens")
+    if teacher is None:
+        return tokenizer_size
+    t_vocab = output_vocab(teacher)
+    if t_vocab < tokenizer_size:
+        raise ModelError(f"teacher head has {t_vocab} outputs but the tokenizer has "
+                         f"{tokenizer_size} tokens")
+    if t_vocab != s_vocab:
+        log.info("teacher vocab %d and student vocab %d differ only in padding past the "
+                 "tokenizer's %d tokens; comparing logits over %d", t_vocab, s_vocab,
+                 tokenizer_size, tokenizer_size)
+    return tokenizer_size
+
+
+def check_tokenizer_match(teacher_dir: str | None, tokenizer: Any) -> None:
+    """A teacher folder with its own tokenizer must agree with the data tokenizer."""
+    if teacher_dir is None or not (Path(teacher_dir) / "tokenizer.json").exists():
+        return
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(teacher_dir)
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise ModelError(f"tokenizer mismatch: the teacher folder {teacher_dir} has a tokenizer of "
+                         f"{len(theirs)} tokens, the shards were built with one of "
+                         f"{len(tokenizer)} tokens that differs; rebuild shards with the "
+                         "teacher's tokenizer")
+
+
+def parameter_count(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+class _seeded:
+    """Fork the torch RNG so model init is reproducible and leaves global state untouched."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng(devices=[])
+        self._fork.__enter__()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        self._fork.__exit__(*exc)

@@ -1,0 +1,138 @@
+"""`wattkd pipeline CONFIG`: every stage locally, in order, skipping what is already complete.
+
+A stage is complete when its outputs exist and say so (manifests, run.json status, result
+files), so rerunning after an interruption continues where it stopped; training resumes from
+its last checkpoint. The same stage functions back the Slurm jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from wattkd.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+
+@dataclass
+class Stage:
+    name: str
+    done: Callable[[], bool]
+    run: Callable[[], Any]
+
+
+def _run_status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def training_done(run_dir: Path) -> bool:
+    return _run_status(run_dir) in ("completed", "budget") and \
+        (run_dir / "final" / "config.json").exists()
+
+
+def stages(cfg: ExperimentConfig) -> list[Stage]:
+    """The experiment's stage list; what each needs is made by an earlier one."""
+    from wattkd.train import student_job, teacher_pretrain_job, train
+
+    out: list[Stage] = []
+    shards = cfg.shards_dir
+
+    def build_data() -> None:
+        from wattkd.data.shards import build_shards
+
+        build_shards(cfg.data, shards)
+
+    out.append(Stage("shards", lambda: False, build_data))  # the builder itself skips a match
+    teacher_dir = cfg.out / "teacher"
+    if cfg.teacher.pretrain is not None:
+        out.append(Stage("teacher pretrain", lambda: training_done(teacher_dir),
+                         lambda: train(teacher_pretrain_job(cfg))))
+    if cfg.distill.teacher_signals == "cache" and any(
+            m.mode != "none" for m in cfg.distill.methods):
+        def cache() -> None:
+            from wattkd.teacher_cache import build_cache
+
+            build_cache(cfg)
+
+        out.append(Stage("teacher cache", lambda: False, cache))  # resumable, skips when done
+    runs: list[Path] = []
+    for method in cfg.distill.methods:
+        for rep in range(cfg.train.repeats):
+            job = student_job(cfg, method.name, rep)
+            runs.append(job.run_dir)
+            out.append(Stage(f"train {method.name} rep{rep}",
+                             lambda d=job.run_dir: training_done(d),
+                             lambda j=job: _train_or_fail(train, j)))
+    for run_dir in [teacher_dir] + runs:
+        out.append(Stage(f"eval {run_dir.relative_to(cfg.out)}",
+                         lambda d=run_dir: (d / "eval" / "perplexity.json").exists(),
+                         lambda d=run_dir: _evaluate(cfg, d)))
+        out.append(Stage(f"ept {run_dir.relative_to(cfg.out)}",
+                         lambda d=run_dir: (d / "ept.json").exists(),
+                         lambda d=run_dir: _ept(cfg, d)))
+
+    def report() -> None:
+        from wattkd.report import build_report
+
+        build_report(runs, teacher=teacher_dir, out=cfg.out / "report")
+
+    out.append(Stage("report", lambda: False, report))
+    return out
+
+
+def _train_or_fail(train: Callable[..., Any], job: Any) -> None:
+    result = train(job, resume="auto")
+    if result.status == "preempted":
+        raise SystemExit(f"training {job.method.name} was interrupted; rerun the pipeline "
+                         "to resume")
+
+
+def _evaluate(cfg: ExperimentConfig, run_dir: Path) -> None:
+    from wattkd.eval.runner import evaluate_target
+
+    evaluate_target(str(run_dir), cfg, with_perplexity=True)
+
+
+def _ept(cfg: ExperimentConfig, run_dir: Path) -> None:
+    from wattkd.eval.runner import ept_target
+
+    ept_target(str(run_dir), cfg)
+
+
+def run_pipeline(cfg: ExperimentConfig, *, config_path: Path | None = None) -> Path:
+    """Run every incomplete stage; return the report path and print a short summary."""
+    t0 = time.perf_counter()
+    todo = stages(cfg)
+    for i, stage in enumerate(todo, 1):
+        prefix = f"[{i}/{len(todo)}] {stage.name}"
+        if stage.done():
+            console.print(f"{prefix}: [green]complete, skipped[/green]")
+            continue
+        console.rule(prefix)
+        t = time.perf_counter()
+        stage.run()
+        console.print(f"{prefix}: done in {time.perf_counter() - t:.1f} s")
+    report = cfg.out / "report" / "report.html"
+    console.print(f"\npipeline finished in {time.perf_counter() - t0:.0f} s")
+    _summary(cfg, report)
+    return report
+
+
+def _summary(cfg: ExperimentConfig, report: Path) -> None:
+    summary = cfg.out / "report" / "summary.json"
+    console.print(f"report: {report}")
+    if summary.exists():
+        for line in json.loads(summary.read_text()).get("lines", [])[:3]:
+            console.print(line)

@@ -1,0 +1,278 @@
+"""Read run directories into `RunData`: what each file says, and what is missing and why.
+
+A report must show a gap where an input is missing, so nothing here fails on a missing or
+unreadable optional file: the reason is kept in `RunData.gaps` (file -> reason) and the
+metrics later turn it into a "—" with a footnote. Only a path that is not a run directory at
+all is an error (`ReportInputError`), raised before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PHASES_SCHEMA = 1
+TELEMETRY_SCHEMA = 1
+KINDS = {"response": "response", "feature": "feature", "relation": "relation",
+         "none": "baseline", "baseline": "baseline"}
+
+
+class ReportInputError(ValueError):
+    """A path given to the report is not what it should be (named, with what was expected)."""
+
+
+@dataclass
+class Telemetry:
+    """One host's telemetry: GPU descriptions from the headers, samples in file order."""
+
+    host: str
+    gpus: dict[str, dict[str, Any]] = field(default_factory=dict)   # uuid -> header entry
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunData:
+    path: Path
+    label: str
+    info: dict[str, Any]
+    phases: list[dict[str, Any]] | None = None
+    telemetry: list[Telemetry] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)   # suite -> result doc
+    perplexity: dict[str, Any] | None = None
+    ept: dict[str, Any] | None = None
+    gaps: dict[str, str] = field(default_factory=dict)               # input -> reason
+
+    @property
+    def method(self) -> str:
+        return str(self.info.get("method") or "?")
+
+    @property
+    def kind(self) -> str:
+        """response | feature | relation | baseline | teacher (from the run's mode)."""
+        if self.info.get("method") == "teacher":
+            return "teacher"
+        return KINDS.get(str(self.info.get("mode")), str(self.info.get("mode") or "?"))
+
+    @property
+    def repeat(self) -> int:
+        r = self.info.get("repeat")
+        return r if isinstance(r, int) else 0
+
+    @property
+    def status(self) -> str:
+        return str(self.info.get("status") or "unknown")
+
+
+# ----------------------------------------------------------------------------- discovery
+def expand_runs(paths: list[Path], *, exclude: Path | None = None) -> list[Path]:
+    """Run directories from the arguments: a run dir itself, or a folder holding run dirs.
+
+    An experiment's output folder (runs/demo) expands to its <method>/rep<k> run dirs; the
+    teacher run dir is left out (it is the reference, given with --teacher).
+    """
+    out: list[Path] = []
+    skip = exclude.resolve() if exclude is not None else None
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise ReportInputError(f"run directory {p} does not exist")
+        if not p.is_dir():
+            raise ReportInputError(f"{p} is not a directory; expected a run directory "
+                                   "(with run.json) or a folder of them")
+        if (p / "run.json").is_file():
+            found = [p]
+        else:
+            found = sorted({f.parent for f in p.glob("*/run.json")}
+                           | {f.parent for f in p.glob("*/*/run.json")})
+            if not found:
+                raise ReportInputError(f"{p} has no run.json, and no <method>/rep<k>/run.json "
+                                       "below it: not a run directory")
+        for f in found:
+            if skip is not None and f.resolve() == skip:
+                continue
+            if f.resolve() not in {o.resolve() for o in out}:
+                out.append(f)
+    if not out:
+        raise ReportInputError("no student run directories given (only the teacher)")
+    return out
+
+
+def check_teacher(path: Path) -> None:
+    if not Path(path).is_dir():
+        raise ReportInputError(f"--teacher {path}: no such directory (expected the teacher's "
+                               "run directory, e.g. runs/demo/teacher)")
+    if not (Path(path) / "run.json").is_file() and not (Path(path) / "eval").is_dir() \
+            and not (Path(path) / "ept.json").is_file():
+        raise ReportInputError(f"--teacher {path}: neither run.json, eval/ nor ept.json there; "
+                               "expected the teacher's run directory")
+
+
+# ------------------------------------------------------------------------------- readers
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Records of a JSON-lines file; a truncated last line (crash mid-write) is skipped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out, bad = [], 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                bad += 1
+                continue
+            raise ValueError(f"{path}:{i + 1} is not valid JSON") from None
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out, bad
+
+
+def read_phases(path: Path) -> list[dict[str, Any]]:
+    """phases.jsonl records (schema 1); an unknown schema is refused with a clear error."""
+    try:
+        from wattkd.energy.metrics import read_phases as ledger_read  # the ledger's own reader
+    except ImportError:
+        ledger_read = None
+    if ledger_read is not None:
+        return list(ledger_read(path))
+    recs, _ = _jsonl(path)
+    for r in recs:
+        if r.get("schema") != PHASES_SCHEMA:
+            raise ValueError(f"{path}: phase record schema {r.get('schema')!r} is not supported "
+                             f"(this wattkd reads schema {PHASES_SCHEMA})")
+    return recs
+
+
+def read_telemetry(path: Path) -> Telemetry:
+    recs, _ = _jsonl(path)
+    tel = Telemetry(host=path.stem)
+    for r in recs:
+        if r.get("schema") != TELEMETRY_SCHEMA:
+            raise ValueError(f"{path}: telemetry schema {r.get('schema')!r} is not supported "
+                             f"(this wattkd reads schema {TELEMETRY_SCHEMA})")
+        kind = r.get("type")
+        if kind == "header":
+            tel.host = r.get("host") or tel.host
+            for g in r.get("gpus") or []:
+                if g.get("uuid"):
+                    tel.gpus[g["uuid"]] = g
+            tel.unavailable.update(r.get("unavailable") or {})
+        elif kind == "sample":
+            tel.samples.append(r)
+        elif kind == "note" and r.get("key"):
+            tel.unavailable[r["key"]] = r.get("reason") or "unavailable"
+    return tel
+
+
+def load_run(path: Path, label: str | None = None) -> RunData:
+    """Everything a report needs from one run directory; missing parts recorded as gaps."""
+    path = Path(path)
+    info: dict[str, Any] = {}
+    gaps: dict[str, str] = {}
+    if (path / "run.json").is_file():
+        try:
+            info = _json(path / "run.json")
+        except ValueError as exc:
+            gaps["run.json"] = str(exc)
+    else:
+        gaps["run.json"] = "run.json missing"
+    run = RunData(path, label or path.name, info, gaps=gaps)
+
+    ph = path / "phases.jsonl"
+    if ph.is_file():
+        try:
+            run.phases = read_phases(ph)
+        except ValueError as exc:
+            gaps["phases"] = f"phases.jsonl unreadable: {exc}"
+    else:
+        gaps["phases"] = "no energy ledger (phases.jsonl missing)"
+
+    tdir = path / "telemetry"
+    files = sorted(tdir.glob("*.jsonl")) if tdir.is_dir() else []
+    for f in files:
+        try:
+            run.telemetry.append(read_telemetry(f))
+        except ValueError as exc:
+            gaps[f"telemetry/{f.name}"] = str(exc)
+    if not files:
+        gaps["telemetry"] = "no telemetry (telemetry/<host>.jsonl missing)"
+    elif not any(t.samples for t in run.telemetry):
+        gaps["telemetry"] = "telemetry files hold no samples"
+
+    mf = path / "metrics.jsonl"
+    if mf.is_file():
+        try:
+            run.metrics, _ = _jsonl(mf)
+        except ValueError as exc:
+            gaps["metrics"] = str(exc)
+    else:
+        gaps["metrics"] = "no training metrics (metrics.jsonl missing)"
+
+    edir = path / "eval"
+    for f in sorted(edir.glob("*.json")) if edir.is_dir() else []:
+        try:
+            doc = _json(f)
+        except ValueError as exc:
+            gaps[f"eval/{f.name}"] = str(exc)
+            continue
+        if f.stem == "perplexity":
+            run.perplexity = doc
+        else:
+            run.evals[f.stem] = doc
+    if not run.evals:
+        gaps["eval"] = "no task evaluation (eval/<suite>.json missing)"
+    if run.perplexity is None:
+        gaps["perplexity"] = gaps.get("eval/perplexity.json",
+                                      "no perplexity (eval/perplexity.json missing)")
+    ef = path / "ept.json"
+    if ef.is_file():
+        try:
+            run.ept = _json(ef)
+        except ValueError as exc:
+            gaps["ept"] = str(exc)
+    else:
+        gaps["ept"] = "no inference benchmark (ept.json missing)"
+    return run
+
+
+def labels_for(paths: list[Path]) -> list[str]:
+    """Short unique labels: the path relative to the runs' common folder (response/rep0)."""
+    resolved = [p.resolve() for p in paths]
+    if len(resolved) == 1:
+        return [f"{resolved[0].parent.name}/{resolved[0].name}"]
+    import os
+
+    common = Path(os.path.commonpath([str(r) for r in resolved]))
+    labels = [str(r.relative_to(common)) if r != common else r.name for r in resolved]
+    return labels
+
+
+def collect(runs: list[Path], teacher: Path) -> tuple[list[RunData], RunData]:
+    """Load the student runs (expanded, labelled) and the teacher run."""
+    check_teacher(teacher)
+    paths = expand_runs(runs, exclude=teacher)
+    labels = labels_for(paths)
+    students = [load_run(p, lab) for p, lab in zip(paths, labels, strict=True)]
+    t = load_run(teacher, "teacher")
+    t.info.setdefault("method", "teacher")
+    for r in students + [t]:
+        for what, reason in r.gaps.items():
+            log.info("%s: %s: %s", r.label, what, reason)
+    return students, t

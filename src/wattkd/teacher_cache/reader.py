@@ -1,0 +1,292 @@
+"""Reading a teacher cache during training: random rows, checked against the batch.
+
+`CachedTeacher.signals(batch)` takes the batch's global shard row indices (`batch["row"]`, which
+ShardDataset yields) and returns the cached signals of exactly those rows, so the cached
+provider follows the data loader's deterministic, rank-aware, resumable order by construction.
+Every row's input_ids are compared with the crc32 recorded at build time: a cache row that
+does not belong to the batch row is an error, never a silently wrong loss.
+
+Reads are by row group (the build keeps them ~1 MB); decompressed row groups are kept in a
+small LRU so neighbouring rows of a shuffle window are not decompressed twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wattkd.config import ExperimentConfig
+from wattkd.distill.teacher import SignalRequest, TeacherSignals, TopK
+from wattkd.teacher_cache import encoding as enc
+from wattkd.teacher_cache.manifest import CacheError, read_cache_manifest
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CacheReader", "CachedTeacher", "check_cache"]
+
+LRU_BYTES = 256 << 20
+
+
+# --------------------------------------------------------------------------------- checking
+def check_cache(cfg: ExperimentConfig, shards_path: Path, *,
+                request: SignalRequest | None = None, verify: str = "size") -> dict[str, Any]:
+    """Refuse a cache that does not belong to these shards, this tokenizer and this teacher,
+    or that lacks a signal `request` needs; return its manifest. Cheap: no weights are read
+    (the teacher is identified by its config and sampled weight bytes)."""
+    from wattkd.data.manifest import read_manifest, sha256_file
+    from wattkd.teacher_cache.manifest import teacher_fingerprint
+    from wattkd.train import teacher_path
+
+    root = cfg.cache_dir
+    m = read_cache_manifest(root)
+    shards_path = Path(shards_path)
+    shard_sha = sha256_file(shards_path / "manifest.json")
+    ident = m["identity"]
+    if ident["shards_sha256"] != shard_sha:
+        raise CacheError(f"teacher cache {root} was built from other shards "
+                         f"({m['shards']['path']}, manifest sha256 "
+                         f"{ident['shards_sha256'][:12]}…) than {shards_path} "
+                         f"({shard_sha[:12]}…); rebuild it with `wattkd teacher cache`")
+    shard_tok = read_manifest(shards_path)["tokenizer"]
+    if ident["tokenizer_sha256"] != shard_tok["sha256"]:
+        raise CacheError(f"teacher cache {root} was built with another tokenizer "
+                         f"({m['tokenizer'].get('name')!r}, sha256 "
+                         f"{ident['tokenizer_sha256'][:12]}…) than the shards "
+                         f"{shards_path} ({shard_tok.get('name')!r}, "
+                         f"{shard_tok['sha256'][:12]}…)")
+    vocab = int(m["teacher"]["vocab"])
+    now = teacher_fingerprint(cfg, teacher_path(cfg), vocab)
+    if ident["teacher_fingerprint"] != now["fingerprint"]:
+        raise CacheError(f"teacher cache {root} was built with another teacher "
+                         f"({m['teacher']['id']}, fingerprint "
+                         f"{ident['teacher_fingerprint'][:12]}…) than this config's "
+                         f"({now['id']}, {now['fingerprint'][:12]}…); rebuild the cache")
+    if request is not None:
+        _check_request(m, request, root)
+    _verify_parts(root, m, verify)
+    return m
+
+
+def _check_request(m: dict[str, Any], request: SignalRequest, root: Path) -> None:
+    sig = m["signals"]
+    missing = []
+    if request.logits and not sig.get("topk"):
+        missing.append("top-k logits (topk)")
+    have = set((sig.get("hidden") or {}).get("layers", []))
+    lacking = sorted(set(request.hidden_layers) - have)
+    if lacking:
+        missing.append(f"hidden states of layers {lacking}")
+    if request.pooled and request.pooled not in sig.get("pooled", []):
+        missing.append(f"{request.pooled}-pooled embeddings")
+    if missing:
+        raise CacheError(f"teacher cache {root} ({sig.get('spec')}) lacks "
+                         f"{', '.join(missing)} that this method needs; rebuild it with "
+                         "`wattkd teacher cache CONFIG --signals ...` including them")
+    hidden = sig.get("hidden") or {}
+    if request.hidden_layers and hidden.get("stride", 1) != 1:
+        raise CacheError(f"teacher cache {root} stores hidden states at every "
+                         f"{hidden['stride']}-th position only; feature KD needs every position "
+                         "(the feature mode does not take a position subset yet): rebuild "
+                         "without stride=")
+
+
+def _verify_parts(root: Path, m: dict[str, Any], level: str) -> None:
+    from wattkd.teacher_cache.manifest import file_sha256
+
+    if level not in ("none", "size", "sha256"):
+        raise ValueError(f"verify must be 'none', 'size' or 'sha256', got {level!r}")
+    if level == "none":
+        return
+    for p in m["parts"]:
+        path = root / p["file"]
+        if not path.is_file():
+            raise CacheError(f"{path}: cache part listed in the manifest is missing")
+        if path.stat().st_size != p["bytes"]:
+            raise CacheError(f"{path}: {path.stat().st_size} bytes, the manifest says "
+                             f"{p['bytes']} (truncated or replaced?)")
+        if level == "sha256" and file_sha256(path) != p["sha256"]:
+            raise CacheError(f"{path}: sha256 differs from the manifest (corrupt part)")
+
+
+# ----------------------------------------------------------------------------------- reader
+class CacheReader:
+    """Random access to the rows of a cache (global shard row indices)."""
+
+    def __init__(self, root: str | Path, manifest: dict[str, Any] | None = None,
+                 threads: int = 4) -> None:
+        self.root = Path(root)
+        self.manifest = manifest or read_cache_manifest(self.root)
+        self.columns: dict[str, dict[str, Any]] = self.manifest["columns"]
+        self.encoding: str = self.manifest["encoding"]
+        parts = self.manifest["parts"]
+        self._starts = np.array([p["row_start"] for p in parts] + [self.manifest["rows"]],
+                                dtype=np.int64)
+        self._files: dict[int, Any] = {}
+        self._lru: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self._lru_bytes = 0
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cache-reader")
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.manifest["rows"])
+
+    def _file(self, part: int) -> Any:
+        import pyarrow.parquet as pq
+
+        f = self._files.get(part)
+        if f is None:
+            path = self.root / self.manifest["parts"][part]["file"]
+            try:
+                f = pq.ParquetFile(path)
+            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
+                raise CacheError(f"{path}: cannot open cache part ({type(exc).__name__}: "
+                                 f"{exc})") from None
+            self._files[part] = f
+        return f
+
+    def _group(self, key: tuple[int, int], columns: tuple[str, ...]) -> Any:
+        hit = self._lru.get(key)
+        if hit is not None and all(c in hit.column_names for c in columns):
+            self._lru.move_to_end(key)
+            return hit
+        part, group = key
+        try:
+            table = self._file(part).read_row_group(group, columns=list(columns))
+        except Exception as exc:  # noqa: BLE001
+            raise CacheError(f"{self.root / self.manifest['parts'][part]['file']}: cannot read "
+                             f"row group {group} ({type(exc).__name__}: {exc}); the part is "
+                             "corrupt") from None
+        return table
+
+    def _remember(self, key: tuple[int, int], table: Any) -> None:
+        old = self._lru.pop(key, None)
+        if old is not None:
+            self._lru_bytes -= old.nbytes
+        self._lru[key] = table
+        self._lru_bytes += table.nbytes
+        while self._lru_bytes > LRU_BYTES and len(self._lru) > 1:
+            _, t = self._lru.popitem(last=False)
+            self._lru_bytes -= t.nbytes
+
+    def cells(self, rows: np.ndarray, columns: tuple[str, ...]) -> dict[str, list[Any]]:
+        """Raw cells of `columns` (plus row and input_crc32) for global rows, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise CacheError(f"row index out of range [0, {self.num_rows}) for cache "
+                             f"{self.root}: {rows.tolist()}")
+        parts = np.searchsorted(self._starts, rows, side="right") - 1
+        want = ("row", "input_crc32", *columns)
+        keys: dict[tuple[int, int], list[int]] = {}
+        offsets = []
+        for i, (r, p) in enumerate(zip(rows.tolist(), parts.tolist())):
+            g_rows = self.manifest["parts"][p]["row_group_rows"]
+            local = r - int(self._starts[p])
+            key = (p, local // g_rows)
+            keys.setdefault(key, []).append(i)
+            offsets.append(local % g_rows)
+        loaded = dict(zip(keys, self._pool.map(lambda k: self._group(k, want), keys)))
+        for k, t in loaded.items():
+            self._remember(k, t)
+        out: dict[str, list[Any]] = {c: [None] * len(rows) for c in want}
+        for key, idxs in keys.items():
+            table = loaded[key]
+            for c in want:
+                col = table.column(c)
+                for i in idxs:
+                    out[c][i] = col[offsets[i]].as_py()
+        for i, r in enumerate(rows.tolist()):
+            if out["row"][i] != r:
+                raise CacheError(f"cache {self.root}: row {r} read back as row {out['row'][i]}; "
+                                 "the part's row groups do not match its manifest")
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self._files.clear()
+        self._lru.clear()
+
+
+# --------------------------------------------------------------------------------- provider
+class CachedTeacher:
+    """Teacher signals from the cache, for the rows of each batch (see module docstring)."""
+
+    def __init__(self, cfg: ExperimentConfig, request: SignalRequest, *, rank: int = 0,
+                 world_size: int = 1, device: torch.device | str | None = None,
+                 check_rows: bool = True) -> None:
+        self.request = request
+        self.rank, self.world_size = rank, world_size
+        shards = cfg.shards_dir / "train"
+        manifest = check_cache(cfg, shards, request=request)
+        self.reader = CacheReader(cfg.cache_dir, manifest)
+        self.manifest = manifest
+        self.device = torch.device(device) if device is not None else _default_device(cfg)
+        self.check_rows = check_rows
+        cols: list[str] = []
+        if request.logits:
+            cols += ["topk_ids", "topk_logprobs", "topk_tail"]
+        cols += [f"hidden_L{i}" for i in request.hidden_layers]
+        if request.pooled:
+            cols.append(f"pooled_{request.pooled}")
+        self._columns = tuple(cols)
+        log.info("teacher signals from cache %s (%s, %s encoding), rank %d/%d", cfg.cache_dir,
+                 manifest["signals"]["spec"], manifest["encoding"], rank, world_size)
+
+    def signals(self, batch: dict[str, torch.Tensor]) -> TeacherSignals:
+        rows = batch.get("row")
+        if rows is None:
+            raise CacheError("the cached teacher needs each batch's shard row indices "
+                             "(batch['row'], yielded by ShardDataset); this batch has none")
+        rows_np = rows.detach().cpu().numpy().astype(np.int64).reshape(-1)
+        cells = self.reader.cells(rows_np, self._columns)
+        if self.check_rows:
+            _check_crc(batch["input_ids"], cells["input_crc32"], rows_np, self.reader.root)
+        sig = TeacherSignals()
+        dev = self.device
+        if self.request.logits:
+            t = enc.decode_topk(self.reader.encoding, self.reader.columns,
+                                {k: cells[k] for k in ("topk_ids", "topk_logprobs",
+                                                       "topk_tail")})
+            sig.topk = TopK(ids=_to(torch.from_numpy(t.ids), dev),
+                            logprobs=_to(torch.from_numpy(t.logprobs), dev),
+                            tail_logprob=_to(torch.from_numpy(t.tail), dev))
+        for i in self.request.hidden_layers:
+            c = self.reader.columns[f"hidden_L{i}"]
+            h = enc.decode_hidden(self.reader.encoding, cells[f"hidden_L{i}"], c["shape"],
+                                  c["values"])
+            sig.hidden[i] = _to(h, dev)
+        if self.request.pooled:
+            name = f"pooled_{self.request.pooled}"
+            p = enc.decode_f32(cells[name], int(self.reader.columns[name]["shape"][0]))
+            sig.pooled = _to(torch.from_numpy(p), dev)
+        return sig
+
+
+def _check_crc(input_ids: torch.Tensor, crcs: list[int], rows: np.ndarray, root: Path) -> None:
+    ids = input_ids.detach().cpu().numpy().astype("<i4")
+    for i, r in enumerate(ids):
+        if zlib.crc32(r.tobytes()) != crcs[i]:
+            raise CacheError(f"teacher cache {root}: row {int(rows[i])} was cached for other "
+                             "tokens than this batch holds (the batch's row index and input_ids "
+                             "disagree with the cache); the cache and the data are misaligned")
+
+
+def _default_device(cfg: ExperimentConfig) -> torch.device:
+    from wattkd.models import resolve_device
+
+    dev = resolve_device(cfg.train.device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

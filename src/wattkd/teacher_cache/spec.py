@@ -1,0 +1,165 @@
+"""What a teacher cache holds: the `--signals` grammar and the defaults taken from the config.
+
+    topk[:K]                       top-K token ids + log-probs under the full softmax + tail mass
+    hidden:L[:L...][:fp16|:bf16][:stride=S]
+                                   hidden states of layers L (HF hidden_states index, 0 =
+                                   embeddings), every S-th position only when stride > 1
+    pooled[:mean][:last]           pooled final hidden state per row (fp32)
+
+Without `--signals` the config decides (one cache serves every method of the experiment):
+top-k (k = distill.cache_top_k) if any method has a logit loss that needs the teacher; hidden
+layers = distill.cache_hidden_layers, else the teacher side of every feature method's layer_map;
+pooled (with each relation method's pooling) if distill.cache_pooled or any relation method.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from wattkd.config import ExperimentConfig
+
+__all__ = ["CacheSpec", "SpecError", "parse_signals", "default_spec", "resolve_spec",
+           "ENCODINGS", "DEFAULT_ENCODING", "HIDDEN_DTYPES"]
+
+ENCODINGS = ("raw", "fp16", "packed")
+DEFAULT_ENCODING = "packed"
+HIDDEN_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "float16": "float16",
+                 "bfloat16": "bfloat16"}
+POOLINGS = ("mean", "last")
+GRAMMAR = ("topk[:K], hidden:L[:L...][:fp16|:bf16][:stride=S], pooled[:mean][:last] "
+           "(comma-separated, e.g. 'topk:64,hidden:2:4,pooled')")
+
+
+class SpecError(ValueError):
+    """A `--signals` string or a cache request that cannot be satisfied."""
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The signals of one cache; `canonical()` is part of the cache identity."""
+
+    topk: int | None = None
+    hidden_layers: tuple[int, ...] = ()
+    hidden_dtype: str | None = None       # float16 | bfloat16; None: from the teacher dtype
+    hidden_stride: int = 1
+    pooled: tuple[str, ...] = ()
+    encoding: str = DEFAULT_ENCODING
+
+    @property
+    def empty(self) -> bool:
+        return self.topk is None and not self.hidden_layers and not self.pooled
+
+    def canonical(self) -> str:
+        parts = []
+        if self.topk is not None:
+            parts.append(f"topk:{self.topk}")
+        if self.hidden_layers:
+            h = "hidden:" + ":".join(str(i) for i in self.hidden_layers)
+            if self.hidden_dtype:
+                h += ":" + ("bf16" if self.hidden_dtype == "bfloat16" else "fp16")
+            if self.hidden_stride > 1:
+                h += f":stride={self.hidden_stride}"
+            parts.append(h)
+        if self.pooled:
+            parts.append("pooled:" + ":".join(self.pooled))
+        return ",".join(parts)
+
+
+def parse_signals(text: str, *, default_k: int, default_pooled: tuple[str, ...] = ("mean",),
+                  encoding: str = DEFAULT_ENCODING) -> CacheSpec:
+    """Parse a `--signals` string; every problem names the item and the expected grammar."""
+    if not isinstance(text, str) or not text.strip():
+        raise SpecError(f"--signals must not be empty; expected {GRAMMAR}")
+    topk: int | None = None
+    layers: set[int] = set()
+    dtype: str | None = None
+    stride = 1
+    pooled: list[str] = []
+    seen: set[str] = set()
+    for raw in text.split(","):
+        item = raw.strip()
+        name, *args = item.split(":")
+        if name in seen:
+            raise SpecError(f"--signals {text!r}: {name!r} given twice")
+        seen.add(name)
+        if name == "topk":
+            if len(args) > 1:
+                raise SpecError(f"--signals item {item!r}: expected topk or topk:K")
+            topk = _positive_int(args[0], item) if args else default_k
+        elif name == "hidden":
+            if not args:
+                raise SpecError(f"--signals item {item!r}: name at least one layer, e.g. "
+                                "hidden:2:4 (HF hidden_states index, 0 = embeddings)")
+            for a in args:
+                if a in HIDDEN_DTYPES:
+                    dtype = HIDDEN_DTYPES[a]
+                elif a.startswith("stride="):
+                    stride = _positive_int(a[len("stride="):], item)
+                elif re.fullmatch(r"\d+", a):
+                    layers.add(int(a))
+                else:
+                    raise SpecError(f"--signals item {item!r}: {a!r} is not a layer index, "
+                                    "fp16, bf16 or stride=S")
+            if not layers:
+                raise SpecError(f"--signals item {item!r}: no layer index given")
+        elif name == "pooled":
+            for a in args:
+                if a not in POOLINGS:
+                    raise SpecError(f"--signals item {item!r}: pooling {a!r} unknown; "
+                                    f"expected {' or '.join(POOLINGS)}")
+            pooled = sorted(set(args) or set(default_pooled), key=POOLINGS.index)
+        else:
+            raise SpecError(f"--signals item {item!r}: unknown signal {name!r}; "
+                            f"expected {GRAMMAR}")
+    return CacheSpec(topk=topk, hidden_layers=tuple(sorted(layers)), hidden_dtype=dtype,
+                     hidden_stride=stride, pooled=tuple(pooled), encoding=_encoding(encoding))
+
+
+def default_spec(cfg: ExperimentConfig, encoding: str = DEFAULT_ENCODING) -> CacheSpec:
+    """The signals the config's methods need (see module docstring)."""
+    from wattkd.distill.registry import get_loss
+
+    d = cfg.distill
+    kd = [m for m in d.methods if m.mode != "none"]
+    wants_topk = any(get_loss(t.name).kind == "logit" and get_loss(t.name).needs_teacher
+                     and t.weight > 0 for m in kd for t in m.losses)
+    layers = set(d.cache_hidden_layers)
+    if not layers:
+        layers = {int(t) for m in kd if m.mode == "feature" for _, t in (m.layer_map or [])}
+    pooled = {m.pooling for m in kd if m.mode == "relation"}
+    if d.cache_pooled and not pooled:
+        pooled = {"mean"}
+    return CacheSpec(topk=d.cache_top_k if wants_topk else None,
+                     hidden_layers=tuple(sorted(layers)),
+                     pooled=tuple(sorted(pooled, key=POOLINGS.index)),
+                     encoding=_encoding(encoding))
+
+
+def resolve_spec(cfg: ExperimentConfig, signals: str | None,
+                 encoding: str | None = None) -> CacheSpec:
+    """`--signals` when given, else the config's defaults; refuses an empty request."""
+    enc = encoding or DEFAULT_ENCODING
+    if signals is None:
+        spec = default_spec(cfg, enc)
+        if spec.empty:
+            raise SpecError("nothing to cache: no method of this config needs teacher signals "
+                            "(no logit loss with a teacher, no feature or relation method); "
+                            f"pass --signals {GRAMMAR}")
+        return spec
+    pooled = tuple(sorted({m.pooling for m in cfg.distill.methods if m.mode == "relation"}
+                          or {"mean"}, key=POOLINGS.index))
+    return parse_signals(signals, default_k=cfg.distill.cache_top_k, default_pooled=pooled,
+                         encoding=enc)
+
+
+def _positive_int(text: str, item: str) -> int:
+    if not re.fullmatch(r"\d+", text or "") or int(text) <= 0:
+        raise SpecError(f"--signals item {item!r}: {text!r} must be a positive integer")
+    return int(text)
+
+
+def _encoding(name: str) -> str:
+    if name not in ENCODINGS:
+        raise SpecError(f"cache encoding {name!r} unknown; expected one of {', '.join(ENCODINGS)}")
+    return name

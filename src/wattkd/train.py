@@ -1,0 +1,496 @@
+"""One training loop for every KD mode and the no-KD baseline, readable top to bottom.
+
+    wattkd train CONFIG --method response [--repeat 0] [--resume auto]
+
+Setup validates everything before a model is loaded; then models, objective, optimizer; then
+the loop: teacher signals -> student step -> optimizer step -> log / checkpoint / budget checks.
+The whole loop runs inside the energy meter's `train` phase window.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wattkd import checkpoint
+from wattkd.atomic import atomic_dir
+from wattkd.config import ExperimentConfig, MethodConfig, StudentConfig, TrainConfig, dump
+from wattkd.runinfo import write_run_json
+
+log = logging.getLogger(__name__)
+
+
+class DivergenceError(RuntimeError):
+    """A feature/relation-only run whose LM loss climbed past the guard's threshold."""
+
+
+@dataclass
+class TrainJob:
+    """What to train: the experiment, one method, one repeat, and where the student comes from."""
+
+    cfg: ExperimentConfig
+    method: MethodConfig
+    run_dir: Path
+    student: StudentConfig
+    train: TrainConfig
+    repeat: int = 0
+    teacher_path: str | None = None   # a teacher trained earlier in this experiment
+
+    @property
+    def seed(self) -> int:
+        return self.train.seed + self.repeat
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str              # completed | preempted | budget
+    step: int
+    tokens: int
+    final_dir: Path | None
+
+
+# ------------------------------------------------------------------------------- job builders
+def teacher_path(cfg: ExperimentConfig) -> str | None:
+    """Where the teacher's weights are: the config's model, or a teacher pretrained here."""
+    if cfg.teacher.model is not None:
+        return cfg.teacher.model
+    if cfg.teacher.pretrain is not None:
+        return str(cfg.out / "teacher" / "final")
+    return None  # built from config, random init (benchmarks)
+
+
+def student_job(cfg: ExperimentConfig, method: str, repeat: int = 0) -> TrainJob:
+    m = cfg.method(method)
+    return TrainJob(cfg, m, cfg.run_dir(method, repeat), cfg.student, cfg.train, repeat,
+                    teacher_path(cfg))
+
+
+def teacher_pretrain_job(cfg: ExperimentConfig) -> TrainJob:
+    """The demo's tiny teacher is trained here first, with the same loop (CE only)."""
+    from wattkd.config import LossTerm
+
+    pre = cfg.teacher.pretrain
+    if pre is None:
+        raise ValueError("teacher.pretrain is not set in this config")
+    method = MethodConfig(name="teacher", mode="none", losses=[LossTerm(name="ce")])
+    train = cfg.train.model_copy(update={"max_steps": pre.max_steps, "lr": pre.lr,
+                                         "micro_batch_size": pre.micro_batch_size,
+                                         "max_tokens": None, "energy_budget_j": None,
+                                         "warmup_steps": min(cfg.train.warmup_steps,
+                                                             pre.max_steps // 10)})
+    student = StudentConfig(build=cfg.teacher.build, dtype=cfg.teacher.dtype)
+    return TrainJob(cfg, method, cfg.out / "teacher", student, train, 0, None)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def batches(dataset: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Stack consecutive samples; the dataset's order (seeded, rank-aware) is the data order."""
+    buf: list[dict[str, torch.Tensor]] = []
+    for sample in dataset:
+        buf.append(sample)
+        if len(buf) == batch_size:
+            yield {k: torch.stack([s[k] for s in buf]) for k in buf[0]
+                   if isinstance(buf[0][k], torch.Tensor)}
+            buf = []
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int | None):
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_linear_schedule_with_warmup)
+
+    if train.schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, train.warmup_steps)
+    if total_steps is None:
+        raise ValueError(f"train.schedule={train.schedule!r} needs max_steps or max_tokens to "
+                         "know its length; use schedule: constant with an energy-only budget")
+    fn = (get_cosine_schedule_with_warmup if train.schedule == "cosine"
+          else get_linear_schedule_with_warmup)
+    return fn(optimizer, train.warmup_steps, total_steps)
+
+
+def use_bf16(train: TrainConfig, device: torch.device) -> bool:
+    if train.precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return train.precision == "bf16"
+
+
+class MetricsLog:
+    """metrics.jsonl (one line per logged step, flushed) + TensorBoard when installed."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool) -> None:
+        self.enabled = enabled
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                log.info("tensorboard not installed; metrics go to metrics.jsonl only "
+                         "(pip install 'wattkd[tensorboard]')")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        assert self.file is not None
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, int | float) and k != "step":
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class DivergenceGuard:
+    """Compares the LM loss of the latest window with the first one."""
+
+    def __init__(self, window: int, max_ratio: float) -> None:
+        self.window, self.max_ratio = window, max_ratio
+        self.values: list[float] = []
+
+    def update(self, lm_loss: float, step: int) -> None:
+        self.values.append(lm_loss)
+        if not math.isfinite(lm_loss):
+            raise DivergenceError(f"LM loss became {lm_loss} at step {step}")
+        if len(self.values) < 2 * self.window:
+            return
+        first = sum(self.values[: self.window]) / self.window
+        recent = sum(self.values[-self.window:]) / self.window
+        if recent > self.max_ratio * first:
+            raise DivergenceError(
+                f"LM loss diverged at step {step}: mean of the last {self.window} checks is "
+                f"{recent:.3f}, {recent / first:.1f}x the first window's {first:.3f} (guard "
+                f"max_ratio {self.max_ratio}). Add a `ce` term to the method, lower the lr, or "
+                "set guard.enabled: false to train on anyway.")
+
+
+def heldout_loss(objective: Any, path: Path, *, tokens: int, batch_size: int,
+                 device: torch.device, autocast: Any) -> dict[str, float]:
+    """Mean next-token CE over the first `tokens` of the held-out shards (fixed order)."""
+    from wattkd.data.loader import ShardDataset
+
+    ds = ShardDataset(path, shuffle=False, verify="size")
+    n_rows = max(1, min(len(ds), math.ceil(tokens / ds.seq_len)))
+    total, count = 0.0, 0
+    from wattkd.distill.objective import StepInputs
+
+    was_training = objective.training
+    objective.eval()
+    rows = 0
+    for batch in batches(ds, min(batch_size, n_rows)):
+        inputs = StepInputs.from_batch(batch, device)
+        with autocast:
+            loss = objective.lm_loss(inputs)
+        n = float(inputs.mask.sum())
+        total += loss * n
+        count += n
+        rows += batch["input_ids"].shape[0]
+        if rows >= n_rows:
+            break
+    objective.train(was_training)
+    mean = total / max(count, 1.0)
+    return {"heldout_loss": mean, "heldout_ppl": math.exp(min(mean, 50.0)),
+            "heldout_tokens": int(count)}
+
+
+# ------------------------------------------------------------------------------------- train
+def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> TrainResult:
+    """Train one student (or the demo teacher) and write its run directory."""
+    from accelerate import Accelerator
+
+    from wattkd.data.loader import ShardDataset
+    from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
+    from wattkd.distill.modes import make_mode
+    from wattkd.distill.objective import DistillObjective, StepInputs
+    from wattkd.distill.teacher import OnlineTeacher
+    from wattkd.energy.ledger import make_meter
+    from wattkd.models import (build_student, check_tokenizer_match, check_vocab, load_teacher,
+                               parameter_count, resolve_device)
+
+    cfg, method, tc, run_dir = job.cfg, job.method, job.train, job.run_dir
+
+    # ---- 1. validate inputs before anything expensive
+    shards = cfg.shards_dir / "train"
+    if not (shards / "manifest.json").exists():
+        raise FileNotFoundError(f"no shards at {shards}: run `wattkd data build` first")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    probe = ShardDataset(shards, verify="size")
+    want = probe.manifest["tokenizer"]["sha256"]
+    if want != tokenizer_sha256(tokenizer):
+        raise ValueError(f"stale shards: {shards} were built with a different tokenizer than "
+                         f"data.tokenizer={cfg.data.tokenizer!r}; rebuild them")
+    needs_teacher = method.mode != "none"
+    if needs_teacher and job.teacher_path and not Path(job.teacher_path).exists() \
+            and cfg.teacher.pretrain is not None:
+        raise FileNotFoundError(f"teacher {job.teacher_path} not found: run `wattkd teacher "
+                                "pretrain` first")
+    if needs_teacher and cfg.distill.teacher_signals == "cache":
+        from wattkd.teacher_cache import check_cache
+
+        check_cache(cfg, shards)
+    device = resolve_device(tc.device)
+    if resume not in ("auto", "never") and not Path(resume).is_dir():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
+
+    # ---- 2. accelerator, models, objective
+    bf16 = use_bf16(tc, device)
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no",
+                              cpu=device.type == "cpu")
+    device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(job.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        (run_dir / "config.yaml").write_text(dump(cfg))
+
+    teacher = None
+    if needs_teacher:
+        check_tokenizer_match(job.teacher_path, tokenizer)
+        if cfg.distill.teacher_signals == "online":
+            teacher = load_teacher(cfg.teacher, device=device, vocab_size=len(tokenizer),
+                                   seed=cfg.train.seed, path_override=job.teacher_path)
+    student = build_student(job.student, teacher=teacher, vocab_size=len(tokenizer),
+                            seed=job.seed)
+    if tc.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    vocab = check_vocab(teacher, student, len(tokenizer))
+    mode = make_mode(method, student, teacher)
+    objective = DistillObjective(student, mode, method, vocab=vocab,
+                                 chunk_tokens=cfg.distill.logit_chunk_tokens)
+    provider = None
+    if needs_teacher and not mode.request.empty:
+        if teacher is not None:
+            provider = OnlineTeacher(teacher, mode.request)
+        else:
+            from wattkd.teacher_cache import CachedTeacher
+
+            provider = CachedTeacher(cfg, mode.request, rank=rank, world_size=world)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas,
+                                  weight_decay=tc.weight_decay)
+    tokens_per_step = tc.micro_batch_size * tc.grad_accum * world * probe.seq_len
+    total_steps = tc.max_steps
+    if tc.max_tokens is not None:
+        by_tokens = math.ceil(tc.max_tokens / tokens_per_step)
+        total_steps = by_tokens if total_steps is None else min(total_steps, by_tokens)
+    scheduler = make_scheduler(optimizer, tc, total_steps)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    core = accelerator.unwrap_model(objective)
+
+    # ---- 3. resume
+    step, samples, tokens, prior_energy = 0, 0, 0, 0.0
+    ckpt = (checkpoint.latest(run_dir) if resume == "auto"
+            else None if resume == "never" else Path(resume))
+    if ckpt is not None:
+        meta = checkpoint.load(ckpt, module=core, optimizer=optimizer, scheduler=scheduler,
+                               rank=rank)
+        step, samples, tokens = meta["step"], meta["samples"], meta["tokens"]
+        prior_energy = meta.get("energy_j") or 0.0
+    full_weights = job.student.lora is None
+    if accelerator.is_main_process:
+        write_run_json(run_dir, status="running", method=method.name, mode=method.mode,
+                       repeat=job.repeat, seed=job.seed, teacher=job.teacher_path or
+                       cfg.teacher.model, teacher_signals=cfg.distill.teacher_signals
+                       if needs_teacher else None, shards=str(shards),
+                       shards_sha256=_sha256(shards / "manifest.json"), parameters=parameter_count(student),
+                       precision="bf16" if bf16 else "fp32", world_size=world,
+                       resumed_from=str(ckpt) if ckpt else None)
+
+    data = ShardDataset(shards, rank=rank, world_size=world, seed=job.seed, shuffle=True,
+                        start=samples, loop=True, verify="size")
+    stream = batches(data, tc.micro_batch_size)
+    guard = None
+    has_ce = any(t.name == "ce" and t.weight > 0 for t in method.losses)
+    if method.mode in ("feature", "relation") and method.guard.enabled and not has_ce:
+        guard = DivergenceGuard(method.guard.window, method.guard.max_ratio)
+    metrics = MetricsLog(run_dir, tc.tensorboard, accelerator.is_main_process)
+    heldout = cfg.shards_dir / "heldout"
+    status = "completed"
+
+    # ---- 4. the loop
+    meter = make_meter(cfg.telemetry, run_dir if accelerator.is_main_process else None)
+    bar = _progress(progress and accelerator.is_main_process, total_steps, method.name)
+    objective.train()
+    with meter, checkpoint.PreemptionSignal() as preempt, bar:
+        task = bar.add_task(f"train {method.name}", total=total_steps, start_step=step)
+        with meter.phase("train", method=method.name, repeat=job.repeat,
+                         start_step=step) as window:
+            t_last, tok_last = time.perf_counter(), tokens
+            while total_steps is None or step < total_steps:
+                parts_acc: dict[str, float] = {}
+                for micro in range(tc.grad_accum):
+                    batch = next(stream)
+                    inputs = StepInputs.from_batch(batch, device)
+                    signals = provider.signals(batch) if provider is not None else None
+                    sync = micro == tc.grad_accum - 1
+                    ctx = nullcontext() if sync else accelerator.no_sync(objective)
+                    with ctx:
+                        loss, parts = objective(inputs, signals)
+                        accelerator.backward(loss / tc.grad_accum)
+                    for k, v in parts.items():
+                        parts_acc[k] = parts_acc.get(k, 0.0) + v / tc.grad_accum
+                grad_norm = None
+                if tc.max_grad_norm is not None:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                samples += tc.micro_batch_size * tc.grad_accum
+                tokens += tokens_per_step
+                window.add_tokens(tokens_per_step)
+                if not math.isfinite(parts_acc.get("loss", 0.0)):
+                    raise DivergenceError(f"loss is {parts_acc.get('loss')} at step {step}")
+
+                if step % tc.log_every == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    energy = meter.energy_j()
+                    record = {"kind": "train", "step": step, "tokens": tokens,
+                              "lr": scheduler.get_last_lr()[0], **parts_acc,
+                              "grad_norm": grad_norm,
+                              "tokens_per_s": (tokens - tok_last) / max(now - t_last, 1e-9),
+                              "energy_j": None if energy is None else prior_energy + energy}
+                    if guard is not None:
+                        with accelerator.autocast():
+                            record["lm_loss"] = core.lm_loss(inputs)
+                        guard.update(record["lm_loss"], step)
+                    metrics.write(record)
+                    t_last, tok_last = now, tokens
+                    bar.update(task, completed=step, loss=parts_acc.get("loss", float("nan")),
+                               tps=record["tokens_per_s"])
+                else:
+                    # Same per-step losses in the log on every step for exact-resume checks.
+                    metrics.write({"kind": "step", "step": step, "loss": parts_acc["loss"]})
+                if tc.eval_every and step % tc.eval_every == 0 and (heldout / "manifest.json"
+                                                                    ).exists():
+                    ev = heldout_loss(core, heldout, tokens=tc.eval_tokens,
+                                      batch_size=tc.micro_batch_size, device=device,
+                                      autocast=accelerator.autocast())
+                    energy = meter.energy_j()
+                    metrics.write({"kind": "eval", "step": step, "tokens": tokens, **ev,
+                                   "energy_j": None if energy is None else prior_energy + energy})
+
+                done_by_energy = False
+                if tc.energy_budget_j is not None:
+                    energy = meter.energy_j()
+                    done_by_energy = energy is not None and prior_energy + energy >= \
+                        tc.energy_budget_j
+                progress_rec = {"samples": samples, "tokens": tokens,
+                                "energy_j": prior_energy + (meter.energy_j() or 0.0)}
+                wants_ckpt = tc.checkpoint_every and step % tc.checkpoint_every == 0
+                if wants_ckpt or preempt.received:
+                    checkpoint.save(run_dir, step, module=core, optimizer=optimizer,
+                                    scheduler=scheduler, progress=progress_rec,
+                                    full_weights=full_weights, keep_last=tc.keep_last,
+                                    rank=rank)
+                if preempt.received:
+                    status = "preempted"
+                    break
+                if tc.max_tokens is not None and tokens >= tc.max_tokens:
+                    break
+                if done_by_energy:
+                    status = "budget"
+                    log.info("energy budget %.1f J reached at step %d", tc.energy_budget_j, step)
+                    break
+    metrics.close()
+
+    # ---- 5. finish
+    final_dir = None
+    if status != "preempted" and accelerator.is_main_process:
+        final_dir = save_final(run_dir, core, tokenizer, job, step=step, tokens=tokens)
+    if accelerator.is_main_process:
+        write_run_json(run_dir, status=status, step=step, tokens=tokens,
+                       final=str(final_dir) if final_dir else None)
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, status, step, tokens, final_dir)
+
+
+def save_final(run_dir: Path, objective: Any, tokenizer: Any, job: TrainJob, *, step: int,
+               tokens: int) -> Path:
+    """final/: an HF folder `from_pretrained` loads, plus projector.pt and wattkd.json."""
+    from peft import PeftModel
+
+    final = run_dir / "final"
+    student = objective.student
+    lora = job.student.lora
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    with atomic_dir(final) as tmp:
+        if isinstance(student, PeftModel):
+            if lora is not None and lora.merge_on_save:
+                import copy
+
+                merged = copy.deepcopy(student).merge_and_unload()
+                merged.save_pretrained(tmp)
+            else:
+                student.save_pretrained(tmp)
+        else:
+            student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        projectors = getattr(objective.mode, "projectors", None)
+        if projectors is not None:
+            torch.save({"layer_map": job.method.layer_map,
+                        "state_dict": projectors.state_dict()}, tmp / "projector.pt")
+        (tmp / "wattkd.json").write_text(json.dumps({
+            "method": job.method.name, "mode": job.method.mode, "repeat": job.repeat,
+            "teacher": job.teacher_path or job.cfg.teacher.model, "steps": step,
+            "tokens": tokens, "layer_map": job.method.layer_map}, indent=2))
+    return final
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def add_task(self, *a: Any, **k: Any) -> int:
+        return 0
+
+    def update(self, *a: Any, **k: Any) -> None:
+        pass
+
+
+def _progress(enabled: bool, total: int | None, name: str) -> Any:
+    if not enabled:
+        return _NoBar()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]:.4f}"),
+                   TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeRemainingColumn(),
+                   transient=False)
+    real_add = bar.add_task
+
+    def add_task(description: str, total: int | None = None, start_step: int = 0) -> Any:
+        return real_add(description, total=total, completed=start_step, loss=float("nan"),
+                        tps=0.0)
+
+    bar.add_task = add_task  # type: ignore[method-assign]
+    return bar

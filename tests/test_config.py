@@ -1,0 +1,124 @@
+"""Config schema: defaults, named errors for unknown keys and wrong types, `config show`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from wattkd.cli import app
+from wattkd.config import ConfigError, load
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+MINIMAL = {
+    "name": "t",
+    "teacher": {"build": {"model_type": "llama", "hidden_size": 32}},
+    "student": {"build": {"model_type": "llama", "hidden_size": 16}},
+}
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "exp.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_defaults_filled(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, MINIMAL))
+    assert cfg.data.seq_len == 256
+    assert cfg.train.max_steps == 100
+    assert cfg.teacher.trust_remote_code is False
+    assert cfg.out == Path("runs/t")
+    assert cfg.shards_dir == Path("runs/t/shards")
+    assert [m.name for m in cfg.distill.methods] == ["response", "baseline"]
+
+
+def test_unknown_key_named_with_file_and_alternatives(tmp_path: Path) -> None:
+    data = {**MINIMAL, "train": {"max_stepz": 5}}
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "train.max_stepz: unknown key" in msg
+    assert "max_steps" in msg  # the expected keys are listed
+
+
+def test_wrong_type_named(tmp_path: Path) -> None:
+    data = {**MINIMAL, "data": {"seq_len": "long"}}
+    with pytest.raises(ConfigError, match=r"data\.seq_len"):
+        load(write(tmp_path, data))
+
+
+def test_unknown_loss_and_param_refused(tmp_path: Path) -> None:
+    bad_loss = {**MINIMAL, "distill": {"methods": [
+        {"name": "r", "mode": "response", "losses": [{"name": "forward_kld"}]}]}}
+    with pytest.raises(ConfigError, match="unknown loss 'forward_kld'"):
+        load(write(tmp_path, bad_loss))
+    bad_param = {**MINIMAL, "distill": {"methods": [
+        {"name": "r", "mode": "response",
+         "losses": [{"name": "forward_kl", "params": {"temprature": 2.0}}]}]}}
+    with pytest.raises(ConfigError, match="temprature"):
+        load(write(tmp_path, bad_param))
+
+
+def test_loss_kind_must_fit_mode(tmp_path: Path) -> None:
+    data = {**MINIMAL, "distill": {"methods": [
+        {"name": "r", "mode": "relation", "losses": [{"name": "forward_kl"}]}]}}
+    with pytest.raises(ConfigError, match="mode 'relation'"):
+        load(write(tmp_path, data))
+
+
+def test_feature_mode_needs_layer_map(tmp_path: Path) -> None:
+    data = {**MINIMAL, "distill": {"methods": [
+        {"name": "f", "mode": "feature", "losses": [{"name": "hidden_mse"}]}]}}
+    with pytest.raises(ConfigError, match="layer_map"):
+        load(write(tmp_path, data))
+
+
+@pytest.mark.parametrize("name", ["a;rm -rf /", "$(id)", "x y", "../up"])
+def test_names_that_reach_a_shell_are_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError, match="name"):
+        load(write(tmp_path, {**MINIMAL, "name": name}))
+
+
+def test_slurm_values_validated(tmp_path: Path) -> None:
+    data = {**MINIMAL, "slurm": {"defaults": {"partition": "gpu; reboot"}}}
+    with pytest.raises(ConfigError, match="slurm.defaults.partition"):
+        load(write(tmp_path, data))
+
+
+def test_student_source_exactly_one(tmp_path: Path) -> None:
+    data = {**MINIMAL, "student": {"build": {"model_type": "llama"}, "model": "x"}}
+    with pytest.raises(ConfigError, match="exactly one"):
+        load(write(tmp_path, data))
+
+
+def test_overrides_and_missing_file(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, MINIMAL), {"train.max_steps": 7})
+    assert cfg.train.max_steps == 7
+    with pytest.raises(ConfigError, match="not found"):
+        load(tmp_path / "nope.yaml")
+
+
+def test_config_show_prints_resolved_defaults(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["config", "show", str(write(tmp_path, MINIMAL))])
+    assert res.exit_code == 0, res.output
+    shown = yaml.safe_load(res.output)
+    assert shown["telemetry"]["interval_s"] == 0.1
+    assert shown["distill"]["logit_chunk_tokens"] == 1024
+
+
+def test_config_show_error_is_one_clear_message(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["config", "show", str(write(tmp_path, {**MINIMAL, "x": 1}))])
+    assert res.exit_code == 2
+    assert "x: unknown key" in res.output
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
+def test_shipped_configs_validate(path: Path) -> None:
+    load(path)

@@ -1,0 +1,205 @@
+"""The training loop: every mode learns, exact resume after SIGKILL, KD beats no-KD."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wattkd.config import ConfigError, validate
+from wattkd.train import DivergenceError, heldout_loss, student_job, teacher_pretrain_job, train
+
+TEACHER = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 128, "tie_word_embeddings": True}
+STUDENT = {**TEACHER, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+
+METHODS = [
+    {"name": "response", "mode": "response",
+     "losses": [{"name": "forward_kl", "params": {"temperature": 1.0}}]},
+    {"name": "feature", "mode": "feature", "layer_map": [[1, 1], [2, 3]],
+     "losses": [{"name": "hidden_mse"}, {"name": "ce"}]},
+    {"name": "relation", "mode": "relation",
+     "losses": [{"name": "rkd_distance"}, {"name": "rkd_angle"}, {"name": "ce"}]},
+    {"name": "baseline", "mode": "none", "losses": [{"name": "ce"}]},
+]
+
+
+def experiment(out: Path, **train: object) -> dict:
+    return {
+        "name": "t",
+        "output_dir": str(out),
+        "data": {"tokenizer": "bundled:bpe-4096", "seq_len": 64, "total_tokens": 120_000,
+                 "shards_dir": str(out.parent / "shards"), "rows_per_part": 256},
+        "teacher": {"build": TEACHER,
+                    "pretrain": {"max_steps": 150, "lr": 3e-3, "micro_batch_size": 16}},
+        "student": {"build": STUDENT},
+        "distill": {"methods": METHODS},
+        "train": {"max_steps": 20, "micro_batch_size": 8, "lr": 3e-3, "log_every": 5,
+                  "tensorboard": False, "device": "cpu", **train},
+        "telemetry": {"idle_seconds": 0},
+    }
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards from the bundled corpus and a teacher pretrained on them (shared by tests)."""
+    from wattkd.data.shards import build_shards
+
+    root = tmp_path_factory.mktemp("train")
+    cfg = validate(experiment(root / "exp"))
+    build_shards(cfg.data, cfg.shards_dir, progress=False)
+    result = train(teacher_pretrain_job(cfg), progress=False)
+    assert result.status == "completed"
+    return root
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Per-step loss; a resumed run re-logs some steps, the last record of a step wins."""
+    out: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] in ("train", "step"):
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.mark.parametrize("method", [m["name"] for m in METHODS])
+def test_each_mode_trains_and_loss_falls(workspace: Path, method: str) -> None:
+    cfg = validate(experiment(workspace / "exp", max_steps=20))
+    job = student_job(cfg, method)
+    job.run_dir = workspace / f"m-{method}"
+    result = train(job, progress=False)
+    assert result.status == "completed" and result.step == 20
+    curve = losses(job.run_dir)
+    first = sum(curve[s] for s in range(1, 4)) / 3
+    last = sum(curve[s] for s in range(18, 21)) / 3
+    assert last < first, (method, first, last)
+    final = json.loads((job.run_dir / "final" / "wattkd.json").read_text())
+    assert final["method"] == method
+    assert (job.run_dir / "phases.jsonl").exists()
+    if method == "feature":
+        assert (job.run_dir / "final" / "projector.pt").exists()
+
+
+def test_response_kd_beats_no_kd_baseline(workspace: Path) -> None:
+    """Same student, steps, data and seed: distilling from the trained teacher generalises
+    better than CE alone on the held-out shards."""
+    from transformers import AutoModelForCausalLM
+
+    import torch
+
+    results = {}
+    for method in ("response", "baseline"):
+        cfg = validate(experiment(workspace / "exp", max_steps=60))
+        job = student_job(cfg, method)
+        job.run_dir = workspace / f"kd-{method}"
+        train(job, progress=False)
+        model = AutoModelForCausalLM.from_pretrained(job.run_dir / "final")
+        from wattkd.distill.modes import make_mode
+        from wattkd.distill.objective import DistillObjective
+
+        obj = DistillObjective(model, make_mode(cfg.method("baseline"), model, None),
+                               cfg.method("baseline"), vocab=model.config.vocab_size,
+                               chunk_tokens=256)
+        results[method] = heldout_loss(obj, cfg.shards_dir / "heldout", tokens=20_000,
+                                       batch_size=16, device=torch.device("cpu"),
+                                       autocast=torch.autocast("cpu", enabled=False))
+    assert results["response"]["heldout_loss"] < results["baseline"]["heldout_loss"], results
+
+
+def _train_cmd(config: Path, resume: str = "auto") -> list[str]:
+    return [sys.executable, "-m", "wattkd.cli", "train", str(config), "--method", "response",
+            "--resume", resume]
+
+
+def test_exact_resume_after_sigkill(workspace: Path) -> None:
+    """Kill -9 mid-run, resume: per-step losses after the checkpoint match an uninterrupted
+    run bitwise (CPU)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    runs = {}
+    for name in ("straight", "killed"):
+        data = experiment(workspace / f"resume-{name}", max_steps=120, checkpoint_every=10,
+                          keep_last=3)
+        data["output_dir"] = str(workspace / f"resume-{name}")
+        data["teacher"] = {"model": str(workspace / "exp" / "teacher" / "final")}
+        path = workspace / f"resume-{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        runs[name] = (path, workspace / f"resume-{name}" / "response" / "rep0")
+    subprocess.run(_train_cmd(runs["straight"][0]), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(runs["killed"][0]), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpts = runs["killed"][1] / "checkpoints"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpts.is_dir() and any(p.name >= "step_0000030" for p in ckpts.iterdir()
+                                  if (p / "state.json").exists()):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "run finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(losses(runs["killed"][1]))
+    assert killed_at < 120
+    subprocess.run(_train_cmd(runs["killed"][0]), check=True, env=env, capture_output=True)
+
+    straight, resumed = losses(runs["straight"][1]), losses(runs["killed"][1])
+    assert sorted(resumed) == list(range(1, 121))
+    assert [resumed[s] for s in range(1, 121)] == [straight[s] for s in range(1, 121)]
+    run = json.loads((runs["killed"][1] / "run.json").read_text())
+    assert run["status"] == "completed" and run["resumed_from"]
+
+
+def test_sigusr1_checkpoints_and_exits_75(workspace: Path) -> None:
+    data = experiment(workspace / "preempt", max_steps=100000)
+    data["output_dir"] = str(workspace / "preempt")
+    data["teacher"] = {"model": str(workspace / "exp" / "teacher" / "final")}
+    path = workspace / "preempt.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen(_train_cmd(path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = workspace / "preempt" / "response" / "rep0" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.stat().st_size):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == 75
+    run = json.loads((metrics.parent / "run.json").read_text())
+    assert run["status"] == "preempted"
+    assert list((metrics.parent / "checkpoints").iterdir())
+
+
+def test_bad_inputs_refused_before_training(workspace: Path) -> None:
+    cfg = validate(experiment(workspace / "exp"))
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        student_job(cfg, "nope")
+    bad = experiment(workspace / "exp")
+    bad["distill"]["methods"] = [{"name": "f", "mode": "feature", "layer_map": [[5, 1]],
+                                  "losses": [{"name": "hidden_mse"}]}]
+    cfg = validate(bad)
+    from wattkd.models import ModelError
+
+    with pytest.raises(ModelError, match=r"layer_map pair \(5, 1\): the student has 2 layers"):
+        train(student_job(cfg, "f"), progress=False)
+    missing = experiment(workspace / "exp")
+    missing["data"]["shards_dir"] = str(workspace / "no-shards")
+    with pytest.raises(FileNotFoundError, match="wattkd data build"):
+        train(student_job(validate(missing), "response"), progress=False)
+
+
+def test_divergence_guard_stops_with_message() -> None:
+    from wattkd.train import DivergenceGuard
+
+    guard = DivergenceGuard(window=3, max_ratio=2.0)
+    for step, value in enumerate([1.0, 1.0, 1.0, 1.5, 1.8], 1):
+        guard.update(value, step)
+    with pytest.raises(DivergenceError, match="diverged at step 6"):
+        guard.update(5.0, 6)
