@@ -10,8 +10,10 @@ It measures, on GPU 0 (CUDA's first visible device):
      counter energy, integrated instant-power energy, integrated 1 s-average-power energy, their
      ratios to the counter, the sampler thread's own CPU time, and (if the `zeus` package is
      importable) ZeusMonitor's window energy over the same load.
-  3. The step-time overhead of the 10 Hz sampler on a small transformer training loop, in one
-     run, blocks alternating sampler on/off (ABBA order cancels drift).
+  3. First, on a cool GPU: the step-time overhead of the 10 Hz sampler on two small transformer
+     training loops, a launch-bound one (~5 M params, the worst case for a CPU-side sampler) and
+     a GPU-bound one (~100 M params), each in 1 s blocks alternating sampler on/off in one run
+     (ABBA order; adjacent on/off pairs cancel drift).
 It writes DIR/energy_validation.json (figures, card, driver, date, versions, command), the
 meter's phases.jsonl and telemetry under DIR/run-<time>/, and prints a markdown table.
 Needs only torch, nvidia-ml-py, psutil and wattkd (zeus optional).
@@ -31,6 +33,7 @@ import statistics
 import sys
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +62,10 @@ def read_costs(nvml: NvmlSource, g: Any, n: int = 50) -> dict[str, Any]:
              "power_usage": lambda: lib.nvmlDeviceGetPowerUsage(g.handle),
              "field_instant_power": lambda: lib.nvmlDeviceGetFieldValues(
                  g.handle, [lib.NVML_FI_DEV_POWER_INSTANT]),
-             "sampler_fast_read": lambda: nvml.read_fast(g)}
+             "field_energy": lambda: lib.nvmlDeviceGetFieldValues(
+                 g.handle, [lib.NVML_FI_DEV_ENERGY]),
+             "sampler_fast_read": lambda: nvml.read_fast(g, energy=False),
+             "sampler_slow_read": lambda: (nvml.read_fast(g), nvml.read_slow(g))}
     out = {}
     for name, fn in calls.items():
         try:
@@ -72,6 +78,20 @@ def read_costs(nvml: NvmlSource, g: Any, n: int = 50) -> dict[str, Any]:
             fn()
         out[name] = {"wall_ms": round((time.perf_counter() - w0) / n * 1e3, 4),
                      "cpu_ms": round((time.process_time() - c0) / n * 1e3, 4), "calls": n}
+    # Does the energy field value track the counter API? (could make 10 Hz energy cheap)
+    try:
+        diffs = []
+        for _ in range(10):
+            fv = lib.nvmlDeviceGetFieldValues(g.handle, [lib.NVML_FI_DEV_ENERGY])[0]
+            c = lib.nvmlDeviceGetTotalEnergyConsumption(g.handle)
+            if fv.nvmlReturn == 0:
+                diffs.append(c - int(fv.value.ullVal))
+            time.sleep(0.03)
+        out["field_energy_minus_counter_mj"] = (
+            {"min": min(diffs), "max": max(diffs), "n": len(diffs)} if diffs
+            else {"error": "field not supported"})
+    except (lib.NVMLError, AttributeError) as exc:
+        out["field_energy_minus_counter_mj"] = {"error": str(exc)}
     return out
 
 
@@ -95,8 +115,9 @@ def counter_period(nvml: NvmlSource, g: Any, seconds: float, load: Any) -> dict[
     load(seconds)
     stop.set()
     th.join()
-    gaps = [b[0] - a[0] for a, b in zip(changes[1:], changes[2:])]  # first change is partial
-    steps = [(b[1] - a[1]) / 1000 for a, b in zip(changes[1:], changes[2:])]
+    used = changes[1:]  # the first change ends a partial period
+    gaps = [b[0] - a[0] for a, b in pairwise(used)]
+    steps = [(b[1] - a[1]) / 1000 for a, b in pairwise(used)]
     if len(gaps) < 3:
         return {"updates": len(gaps), "error": "fewer than 3 counter updates observed"}
     q = statistics.quantiles(gaps, n=10)
@@ -145,17 +166,17 @@ def zeus_window(gpu_index: int) -> tuple[Any, dict[str, Any]]:
     """(begin, end) callables around ZeusMonitor, or None with the reason it is unusable."""
     try:
         from zeus.monitor import ZeusMonitor
-    except Exception as exc:  # not installed, or its import fails on this machine
+    except Exception as exc:  # noqa: BLE001 - optional: any import failure means 'no zeus'
         return None, {"available": False, "reason": f"zeus not importable: {exc}"}
     try:
         mon = ZeusMonitor(gpu_indices=[gpu_index])
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - optional comparison, never fatal
         return None, {"available": False, "reason": f"ZeusMonitor failed: {exc}"}
     try:
         from importlib.metadata import version
 
         ver = version("zeus")
-    except Exception:
+    except Exception:  # noqa: BLE001
         ver = None
     return mon, {"available": True, "version": ver}
 
@@ -175,12 +196,19 @@ class SmallLM(torch.nn.Module):
         return self.head(self.body(self.emb(x), mask=mask, is_causal=True))
 
 
+# (vocab, d_model, layers, heads, batch, seq). launch_bound: ~10 ms steps dominated by kernel
+# launches, the worst case for a CPU-side sampler; gpu_bound: ~100 M parameters, the regime of
+# real KD training. `tiny` is the --dry-run stand-in for both.
+MODELS = {"launch_bound": (4096, 256, 4, 4, 16, 128), "gpu_bound": (8192, 1024, 8, 16, 16, 512),
+          "tiny": (512, 32, 2, 2, 4, 32)}
+
+
 def step_overhead(device: torch.device, block_s: float, blocks: int, sampler_factory: Any,
-                  small: bool) -> dict[str, Any]:
+                  size: str) -> dict[str, Any]:
     """Step time of a small LM with the sampler on vs off, alternating blocks ABBA."""
     torch.manual_seed(0)
-    vocab, d, layers, heads, batch, seq = ((512, 32, 2, 2, 4, 32) if small
-                                          else (4096, 256, 4, 4, 16, 128))
+    small = size == "tiny"
+    vocab, d, layers, heads, batch, seq = MODELS[size]
     model = SmallLM(vocab, d, layers, heads).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, vocab, (batch, seq + 1), device=device)
@@ -197,6 +225,10 @@ def step_overhead(device: torch.device, block_s: float, blocks: int, sampler_fac
 
     warm = 2 if small else 10
     for _ in range(warm):
+        step()
+    _sync(device)
+    t_warm = time.perf_counter()
+    while not small and time.perf_counter() - t_warm < 3.0:  # settle clocks after the load
         step()
     _sync(device)
     t0 = time.perf_counter()
@@ -222,16 +254,19 @@ def step_overhead(device: torch.device, block_s: float, blocks: int, sampler_fac
             s.stop()
             sampler_cpu += s.cpu_s
     on, off = statistics.mean(times["on"]), statistics.mean(times["off"])
-    # paired relative differences of adjacent on/off blocks
+    # ABBA: on[i] and off[i] are adjacent blocks, so their ratio cancels slow drift
     pairs = [(times["on"][i] / times["off"][i] - 1) for i in range(min(len(times["on"]),
                                                                        len(times["off"])))]
     ci = (1.96 * statistics.stdev(pairs) / math.sqrt(len(pairs))) if len(pairs) > 1 else None
+    med = statistics.median(pairs)
     return {"model": {"vocab": vocab, "d_model": d, "layers": layers, "batch": batch,
                       "seq": seq, "params": sum(p.numel() for p in model.parameters())},
             "steps_per_block": k, "blocks": len(order), "order": "ABBA (on, off, off, on)",
             "step_ms_off": round(off * 1e3, 4), "step_ms_on": round(on * 1e3, 4),
-            "overhead_pct": round((on / off - 1) * 100, 3),
+            "overhead_pct": round(statistics.mean(pairs) * 100, 3),
+            "overhead_of_means_pct": round((on / off - 1) * 100, 3),
             "overhead_ci95_pct": round(ci * 100, 3) if ci is not None else None,
+            "overhead_median_pct": round(med * 100, 3),
             "block_step_ms": {m: [round(v * 1e3, 4) for v in ts] for m, ts in times.items()},
             "sampler_cpu_s_on_blocks": round(sampler_cpu, 4)}
 
@@ -243,16 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true",
                     help="no GPU needed: tiny CPU load, short windows; checks the script")
     ap.add_argument("--load-seconds", type=float, default=None, help="matmul window (60)")
-    ap.add_argument("--overhead-block-seconds", type=float, default=None, help="(3.0)")
-    ap.add_argument("--overhead-blocks", type=int, default=None, help="(16)")
+    ap.add_argument("--overhead-block-seconds", type=float, default=None,
+                    help="(1.0: each sampler-on block then holds one slow tick, as at 1 Hz)")
+    ap.add_argument("--overhead-blocks", type=int, default=None, help="(28, per model)")
     ap.add_argument("--idle-seconds", type=float, default=None, help="(5)")
     ap.add_argument("--matrix", type=int, default=None, help="matmul size (8192)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     dry = args.dry_run
     load_s = args.load_seconds or (1.0 if dry else 60.0)
-    block_s = args.overhead_block_seconds or (0.15 if dry else 3.0)
-    blocks = args.overhead_blocks or (4 if dry else 16)
+    block_s = args.overhead_block_seconds or (0.15 if dry else 1.0)
+    blocks = args.overhead_blocks or (4 if dry else 28)
     idle_s = args.idle_seconds if args.idle_seconds is not None else (0.3 if dry else 5.0)
     matrix = args.matrix or (256 if dry else 8192)
     if load_s <= 0 or block_s <= 0 or blocks < 2 or idle_s < 0 or matrix < 1:
@@ -289,13 +325,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import zeus  # noqa: F401
         has_zeus = True
-    except Exception:
+    except Exception:  # noqa: BLE001 - optional
         has_zeus = False
-    try:
-        import psutil  # noqa: F401
-    except ImportError:  # pragma: no cover - a dependency of wattkd
-        pass
 
+    # ---- step-time overhead first, on a GPU not yet heated by the long load (less drift)
+    rapl = RaplSource().open()
+    cpu = CpuSource()
+    ov_out = run_dir / "telemetry-overhead.jsonl"
+
+    def factory() -> Sampler:
+        return Sampler(nvml if nvml.available else None, rapl, cpu, interval=0.1,
+                       slow_interval=1.0, output=ov_out)
+
+    result["overhead"] = {
+        name: step_overhead(device, block_s, blocks, factory, "tiny" if dry else name)
+        for name in ("launch_bound", "gpu_bound")}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     load = matmul_load(device, matrix)
     load(min(2.0, load_s / 4))                                        # warm-up / clocks up
     if gpu is not None:
@@ -361,16 +407,6 @@ def main(argv: list[str] | None = None) -> int:
     result["sampler"] = sampler_stats
     result["zeus"] = zinfo
 
-    # ---- step-time overhead, alternating sampler on/off
-    rapl = RaplSource().open()
-    cpu = CpuSource()
-    ov_out = run_dir / "telemetry-overhead.jsonl"
-
-    def factory() -> Sampler:
-        return Sampler(nvml if nvml.available else None, rapl, cpu, interval=0.1,
-                       slow_interval=1.0, output=ov_out)
-
-    result["overhead"] = step_overhead(device, block_s, blocks, factory, small=dry)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     nvml.close()
 
@@ -404,31 +440,37 @@ def markdown(r: dict[str, Any]) -> str:
          f"{f(cp.get('median_s'), ' s')} ({f(cp.get('p10_s'))}-{f(cp.get('p90_s'))} s)"
          if "median_s" in cp else f(cp.get("error"))),
         ("Energy counter read cost", cost("total_energy")),
-        ("Sampler fast read (energy + power)", cost("sampler_fast_read")),
-        ("Load window", f"{f(ld.get('duration_s'), ' s')}, {r['settings']['matrix']}^2 matmul, "
-                        f"{f(ld.get('tflops'), ' TFLOP/s')}"),
+        ("Power field read (instant)", cost("field_instant_power")),
+        ("Sampler fast read (power, 10 Hz)", cost("sampler_fast_read")),
+        ("Sampler slow read (energy + slow fields, 1 Hz)", cost("sampler_slow_read")),
+        ("Load window", (f"{f(ld.get('duration_s'), ' s')}, {r['settings']['matrix']}^2 "
+                         f"matmul, {f(ld.get('tflops'), ' TFLOP/s')}")),
         ("Counter energy (± uncertainty)",
          f"{f(ld.get('counter_energy_j'), ' J')} ± {f(ld.get('uncertainty_j'), ' J')}"),
         ("Mean power (counter)", f(ld.get("mean_power_w"), " W")),
         ("Integrated instant power / counter",
-         f"{f(ld.get('integrated_instant_power_j'), ' J')} "
-         f"(ratio {f(ld.get('ratio_integrated_instant_to_counter'))})"),
+         (f"{f(ld.get('integrated_instant_power_j'), ' J')} "
+          f"(ratio {f(ld.get('ratio_integrated_instant_to_counter'))})")),
         ("Integrated 1 s-average power / counter",
-         f"{f(ld.get('integrated_avg_power_j'), ' J')} "
-         f"(ratio {f(ld.get('ratio_integrated_avg_to_counter'))})"),
+         (f"{f(ld.get('integrated_avg_power_j'), ' J')} "
+          f"(ratio {f(ld.get('ratio_integrated_avg_to_counter'))})")),
         ("Idle power (GPU)", f(ld.get("idle_power_w", {}).get("gpu"), " W")),
         ("Sampler CPU time (10 Hz)",
-         f"{f(sm.get('cpu_s'), ' s')} = {f(sm.get('cpu_pct_of_one_core'), '% of a core')}, "
-         f"{f(sm.get('cpu_ms_per_sample'), ' ms/sample')}"),
-        ("Step time off / on (sampler 10 Hz)",
-         f"{ov['step_ms_off']} / {ov['step_ms_on']} ms ({ov['steps_per_block']} steps x "
-         f"{ov['blocks']} blocks, ABBA)"),
-        ("Step-time overhead (95% CI)",
-         f"{ov['overhead_pct']}% ± {f(ov['overhead_ci95_pct'])}%"),
+         (f"{f(sm.get('cpu_s'), ' s')} = {f(sm.get('cpu_pct_of_one_core'), '% of a core')}, "
+          f"{f(sm.get('cpu_ms_per_sample'), ' ms/sample')}")),
         ("ZeusMonitor window / counter",
-         f"{f(zs.get('energy_j'), ' J')} (ratio {f(zs.get('ratio_to_counter'))}, zeus "
-         f"{f(zs.get('version'))})" if zs.get("available") else f(zs.get("reason"))),
+         (f"{f(zs.get('energy_j'), ' J')} (ratio {f(zs.get('ratio_to_counter'))}, zeus "
+          f"{f(zs.get('version'))})") if zs.get("available") else f(zs.get("reason"))),
     ]
+    for name, o in ov.items():
+        label = name.replace("_", "-")
+        params = f"{o['model']['params'] / 1e6:.1f} M params"
+        rows.insert(-1, (f"Step time off / on, {label} model ({params})",
+                         (f"{o['step_ms_off']} / {o['step_ms_on']} ms "
+                          f"({o['steps_per_block']} steps x {o['blocks']} blocks, ABBA)")))
+        rows.insert(-1, (f"Step-time overhead, {label} (95% CI)",
+                         (f"{o['overhead_pct']}% ± {f(o['overhead_ci95_pct'])}% "
+                          f"(median {o['overhead_median_pct']}%)")))
     lines = ["| Figure | Value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     lines.append(f"\nCommand: `{r['command']}`" + (" (DRY RUN: no GPU figures)" if r["dry_run"]
                                                    else ""))

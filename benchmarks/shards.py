@@ -36,6 +36,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def cpu_seconds() -> float:
+    """User+system CPU of this process and its reaped children (worker pools)."""
+    import resource
+
+    own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
+                                                  resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -76,11 +85,11 @@ def time_wattkd(jsonl: Path, workers: int, work: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cfg = DataConfig(sources=[SourceConfig(path=str(jsonl))], tokenizer="bundled:bpe-4096",
                      seq_len=1024, heldout_fraction=0.0, num_workers=workers)
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     summary = build_shards(cfg, out, progress=False)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     shutil.rmtree(out, ignore_errors=True)
-    return {"seconds": seconds, "tokens_with_eos": summary["train"]["tokens"]
+    return {"seconds": seconds, "cpu_seconds": cpu, "tokens_with_eos": summary["train"]["tokens"]
             + summary["train"]["dropped_tokens"]}
 
 
@@ -89,18 +98,18 @@ def time_datasets(jsonl: Path, workers: int, work: Path, tok) -> dict:
 
     cache = work / f"hf-cache-w{workers}"
     shutil.rmtree(cache, ignore_errors=True)
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     ds = datasets.load_dataset("json", data_files=str(jsonl), split="train",
                                cache_dir=str(cache))
     t1 = time.perf_counter()
     mapped = ds.map(lambda b: tok(b["text"]), batched=True, num_proc=workers if workers > 1
                     else None, remove_columns=["text"], load_from_cache_file=False,
                     desc=None)
-    t2 = time.perf_counter()
+    t2, cpu = time.perf_counter(), cpu_seconds() - c0
     n_tokens = sum(len(x) for x in mapped["input_ids"])
     del ds, mapped
     shutil.rmtree(cache, ignore_errors=True)
-    return {"seconds": t2 - t0, "map_seconds": t2 - t1, "tokens": n_tokens}
+    return {"seconds": t2 - t0, "cpu_seconds": cpu, "map_seconds": t2 - t1, "tokens": n_tokens}
 
 
 def main() -> None:
@@ -127,8 +136,7 @@ def main() -> None:
         docs = list(corpus.documents("all"))
         with open(jsonl, "w", encoding="utf-8") as f:
             for _ in range(args.copies):
-                for d in docs:
-                    f.write(json.dumps({"text": d}) + "\n")
+                f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
         n_docs = len(docs) * args.copies
         chars = sum(len(d) for d in docs) * args.copies
         print(f"input: {n_docs} documents, {chars / 1e6:.1f} M chars, {jsonl.stat().st_size / 1e6:.1f} MB "
@@ -155,8 +163,11 @@ def main() -> None:
     for w in args.workers:
         for impl in ("wattkd", "datasets"):
             secs = [r["seconds"] for r in runs[f"{impl}/w{w}"]]
-            row = {"impl": impl, "workers": w, "seconds": secs,
+            cpus = [r["cpu_seconds"] for r in runs[f"{impl}/w{w}"]]
+            row = {"impl": impl, "workers": w, "seconds": secs, "cpu_seconds": cpus,
                    "median_s": statistics.median(secs), "best_s": min(secs),
+                   "median_cpu_s": statistics.median(cpus),
+                   "tokens_per_cpu_s_median": text_tokens / statistics.median(cpus),
                    "tokens_per_s_median": text_tokens / statistics.median(secs),
                    "tokens_per_s_best": text_tokens / min(secs)}
             if impl == "datasets":
@@ -183,30 +194,36 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     m, inp = r["machine"], r["input"]
+    runs = len(r["results"][0]["seconds"])
+    load0 = r["load_average_1_5_15"][0][0]
+    load_max = max(x[0] for x in r["load_average_1_5_15"])
     lines = [
         "## Shard building (tokenize + pack + write) vs `datasets.map`",
         "",
-        f"Measured {r['date']} on {m['cpu']} ({m['logical_cpus']} CPUs, {m['ram_gb']} GB RAM), "
-        f"no GPU. Command: `{r['command']}`.",
-        f"Input: bundled corpus x{inp['copies_of_bundled_corpus']} = {inp['documents']:,} "
-        f"documents, {inp['chars'] / 1e6:.1f} M chars, {inp['text_tokens'] / 1e6:.2f} M tokens "
-        f"({inp['tokenizer']}); TOKENIZERS_PARALLELISM={r['env']['TOKENIZERS_PARALLELISM']}.",
-        "Both sides start from the same JSONL file; wattkd = `build_shards` end to end (read, "
-        "tokenize, EOS, pack seq_len 1024, Parquet zstd, sha256, manifest); datasets = "
-        "`load_dataset('json')` + `Dataset.map(tokenizer, batched=True, num_proc=n)`.",
-        f"Median (best) of {len(r['results'][0]['seconds'])} alternating runs; load average "
-        f"during the run {r['load_average_1_5_15'][0][0]:.1f} -> "
-        f"{max(x[0] for x in r['load_average_1_5_15']):.1f} (max; shared machine).",
+        (f"Measured {r['date']} on {m['cpu']} ({m['logical_cpus']} CPUs, {m['ram_gb']} GB "
+         f"RAM), no GPU. Command: `{r['command']}`."),
+        (f"Input: bundled corpus x{inp['copies_of_bundled_corpus']} = {inp['documents']:,} "
+         f"documents, {inp['chars'] / 1e6:.1f} M chars, {inp['text_tokens'] / 1e6:.2f} M "
+         f"tokens ({inp['tokenizer']}); "
+         f"TOKENIZERS_PARALLELISM={r['env']['TOKENIZERS_PARALLELISM']}."),
+        ("Both sides start from the same JSONL file; wattkd = `build_shards` end to end (read, "
+         "tokenize, EOS, pack seq_len 1024, Parquet zstd, sha256, manifest); datasets = "
+         "`load_dataset('json')` + `Dataset.map(tokenizer, batched=True, num_proc=n)`."),
+        (f"Median (best) of {runs} alternating runs; 1-min load average {load0:.1f} at the "
+         f"start, {load_max:.1f} at most (shared machine). CPU s = user+system of the process "
+         "and its workers."),
         "",
-        "| implementation | workers | wall s | tokens/s | datasets map-only tokens/s |",
-        "|---|---|---|---|---|",
+        ("| implementation | workers | wall s | tokens/s | CPU s | tokens per CPU s | "
+         "datasets map-only tokens/s |"),
+        "|---|---|---|---|---|---|---|",
     ]
     for row in r["results"]:
         extra = f"{row['map_only_tokens_per_s_median'] / 1e3:,.0f}k" \
             if "map_only_tokens_per_s_median" in row else "—"
         lines.append(f"| {row['impl']} | {row['workers']} | {row['median_s']:.2f} "
                      f"({row['best_s']:.2f}) | {row['tokens_per_s_median'] / 1e3:,.0f}k "
-                     f"({row['tokens_per_s_best'] / 1e3:,.0f}k) | {extra} |")
+                     f"({row['tokens_per_s_best'] / 1e3:,.0f}k) | {row['median_cpu_s']:.1f} | "
+                     f"{row['tokens_per_cpu_s_median'] / 1e3:,.0f}k | {extra} |")
     by = {(x["impl"], x["workers"]): x["median_s"] for x in r["results"]}
     ratios = ", ".join(f"{w} worker(s): {by[('datasets', w)] / by[('wattkd', w)]:.2f}x"
                        for w in sorted({x["workers"] for x in r["results"]}))

@@ -130,7 +130,7 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 def make_run(root: Path, rel: str, *, info: dict[str, Any], phases: list[dict] | None = None,
              evals: dict[str, dict] | None = None, perplexity: dict | None = None,
-             ept: dict | None = None, telemetry: bool = True, metrics: bool = True,
+             ept: dict | None = None, telemetry: bool = False, metrics: bool = True,
              student: dict[str, Any] | None = None) -> Path:
     d = root / rel
     d.mkdir(parents=True, exist_ok=True)
@@ -164,9 +164,10 @@ def make_run(root: Path, rel: str, *, info: dict[str, Any], phases: list[dict] |
 
 def gpu_experiment(root: Path) -> Path:
     """Teacher + response x2 (cached teacher) + feature (protocol mismatch) + relation (no
-    ledger, no telemetry) + baseline (no ept.json). Expected values in test_report_metrics."""
+    ledger) + baseline (no ept.json); telemetry only for the teacher and response/rep0. Expected values in test_report_metrics."""
     teacher_scores = {"taskA": (0.8, 0.02), "taskB": (0.5, 0.01)}
     make_run(root, "teacher", info={"method": "teacher", "mode": "none", "repeat": 0},
+             telemetry=True,
              phases=[phase("idle", gpu=20.0, kind="idle"),
                      phase("train", gpu=1000.0, gpu_unc=10.0, tokens=10_000)],
              evals={"offline": eval_doc(teacher_scores)}, perplexity=perplexity_doc(2.0),
@@ -177,6 +178,7 @@ def gpu_experiment(root: Path) -> Path:
     make_run(root, "response/rep0",
              info={"method": "response", "mode": "response", "repeat": 0,
                    "teacher_signals": "cache", "teacher_cache": cache, "tokens": 4000},
+             telemetry=True,
              phases=[phase("train", gpu=400.0, gpu_unc=4.0, tokens=4000),
                      phase("eval", gpu=50.0, gpu_unc=1.0),
                      phase("ept", gpu=30.0, gpu_unc=1.0, tokens=1536)],
@@ -226,3 +228,27 @@ def cpu_experiment(root: Path) -> Path:
              perplexity=perplexity_doc(3.0), telemetry=False,
              ept=ept_doc({1: {"gpu": None, "cpu": 12.0}}))
     return root
+
+
+def make_cache(path: Path, *, gpu: float | None, cpu: float | None = None,
+               session_unc: list[float | None] = (), complete: bool = True) -> Path:
+    """A teacher-cache folder with a manifest that wattkd.teacher_cache accepts (no parts)."""
+    from wattkd.atomic import atomic_write_json
+
+    path.mkdir(parents=True, exist_ok=True)
+    energy = {"energy_j": gpu, "component": "gpu", "source": "nvml-counter",
+              "estimated": False, "components": {"gpu": gpu, "cpu": cpu, "dram": None},
+              "sources": {"gpu": "nvml-counter" if gpu is not None else "unavailable",
+                          "cpu": "estimated-cpu-time" if cpu is not None else "unavailable",
+                          "dram": "unavailable"},
+              "tokens": 1000, "j_per_token": None, "complete": complete, "notes": [],
+              "sessions": [{"uncertainty_j": u} for u in session_unc]}
+    manifest = {"format": "wattkd-teacher-cache", "version": 1,
+                "identity": {k: "x" for k in ("shards_sha256", "tokenizer_sha256",
+                                              "teacher_fingerprint", "teacher_dtype", "signals",
+                                              "encoding")},
+                "shards": {}, "teacher": {}, "signals": {"spec": "topk"}, "columns": {},
+                "parts": [], "rows": 0, "tokens": 1000, "encoding": "topk-v1",
+                "energy": energy}
+    atomic_write_json(path / "manifest.json", manifest)
+    return path

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import secrets
 import shutil
 import signal
@@ -34,6 +33,7 @@ CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "srun", "sinfo")
 # Requeued jobs wait this long before they may start again (slurm.conf AuthInfo cred_expire,
 # 120 s by default); a short value keeps the preemption test quick.
 CRED_EXPIRE_S = 5
+FAKE_GPUS = 2
 
 
 def _which(name: str) -> str | None:
@@ -175,7 +175,8 @@ ReturnToService=2
 KillWait=5
 MinJobAge=600
 InactiveLimit=0
-{node_line} NodeAddr=127.0.0.1 State=UNKNOWN
+GresTypes=gpu
+{node_line} Gres=gpu:{gpus} NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -196,11 +197,21 @@ def start_cluster(root: Path, *, timeout: float = 60) -> SlurmCluster:
     os.chown(munge_dir, mu.pw_uid, mu.pw_gid)
     os.chmod(munge_dir, 0o755)
     (root / "plugstack.conf").write_text("")
+    # Stand-in GPUs (links to /dev/null) so jobs can ask for --gpus-per-node as on a GPU
+    # cluster: Slurm's allocation, CUDA_VISIBLE_DEVICES and launch are real, while the tasks
+    # compute on the CPU (torch finds no CUDA).
+    dev = root / "dev"
+    dev.mkdir(exist_ok=True)
+    for i in range(FAKE_GPUS):
+        link = dev / f"gpu{i}"
+        if not link.is_symlink():
+            link.symlink_to("/dev/null")
+    (root / "gres.conf").write_text(f"Name=gpu File={dev}/gpu[0-{FAKE_GPUS - 1}]\n")
     node, node_line = _node_line()
     conf = root / "slurm.conf"
     conf.write_text(SLURM_CONF.format(
         cluster=f"wkd{secrets.token_hex(3)}", node=node, node_line=node_line, root=root,
-        ctld_port=_free_port(), slurmd_port=_free_port(), cred_expire=CRED_EXPIRE_S,
+        gpus=FAKE_GPUS, ctld_port=_free_port(), slurmd_port=_free_port(), cred_expire=CRED_EXPIRE_S,
         munge_socket=munge_dir / "munge.socket"))
     cluster = SlurmCluster(root=root, conf=conf, node=node)
 
@@ -216,7 +227,7 @@ def start_cluster(root: Path, *, timeout: float = 60) -> SlurmCluster:
     for daemon in ("slurmctld", "slurmd"):
         # Both daemonize; their pid files say which processes to stop.
         res = subprocess.run([_which(daemon) or daemon, "-f", str(conf)], env=env,
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, check=False)
         if res.returncode != 0:
             cluster.stop()
             raise RuntimeError(f"{daemon} failed to start: {res.stderr.strip()}\n"

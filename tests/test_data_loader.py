@@ -178,3 +178,22 @@ def test_bad_arguments(shards):
         ShardDataset(shards, start=-1)
     with pytest.raises(ValueError, match="verify must be"):
         ShardDataset(shards, verify="md5")
+
+
+def test_loss_mask_column_is_yielded(tmp_path):
+    recs = [{"q": f"Prompt number {i}?", "a": f"Reply {i}."} for i in range(40)]
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg = DataConfig(sources=[SourceConfig(path=str(tmp_path / "i.jsonl"), prompt_field="q",
+                                           response_field="a")],
+                     seq_len=16, heldout_fraction=0)
+    build_shards(cfg, tmp_path / "s", progress=False)
+    ds = ShardDataset(tmp_path / "s" / "train", shuffle=False)
+    assert ds.has_loss_mask
+    from wattkd.data.tokenizer import load_tokenizer
+
+    n_prompt = len(load_tokenizer("bundled:bpe-4096")("Prompt number 0?\n")["input_ids"])
+    first = ds.row(0)
+    assert first["loss_mask"].dtype == torch.long
+    assert first["loss_mask"][:n_prompt].eq(0).all() and first["loss_mask"][n_prompt] == 1
+    batch = next(ds.batches(4))
+    assert batch["loss_mask"].shape == (4, 16) and 0 < batch["loss_mask"].float().mean() < 1

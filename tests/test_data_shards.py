@@ -54,7 +54,7 @@ def write_jsonl(path, records):
 
 def texts(n, seed=0):
     rng = np.random.default_rng(seed)
-    words = "the king of lords said unto them behold a light in darkness and".split()
+    words = ["the", "king", "of", "lords", "said", "unto", "them", "behold", "a", "light", "in", "darkness", "and"]
     return [f"doc {i}: " + " ".join(rng.choice(words, rng.integers(3, 40))) for i in range(n)]
 
 
@@ -91,7 +91,8 @@ def test_packing_preserves_every_token_with_eos_between_documents(tmp_path, tok)
     assert ids.reshape(-1).tolist() == stream[:full]
     m = read_manifest(tmp_path / "s" / "train")
     assert m["dropped_tokens"] == len(stream) - full
-    assert m["total_tokens"] == full == m["sources"][0]["tokens"] == summary["train"]["tokens"]
+    assert m["total_tokens"] == full == m["sources"][0]["tokens"] == summary["train"]["tokens"] \
+        == summary["total_tokens"]
     assert m["sources"][0]["documents"] == 120
     assert [p["rows"] for p in m["parts"]] == [50] * (full // 16 // 50) + \
         ([full // 16 % 50] if full // 16 % 50 else [])

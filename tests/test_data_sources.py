@@ -11,8 +11,14 @@ import pytest
 
 from wattkd import corpus
 from wattkd.config import SourceConfig
-from wattkd.data.sources import (Instruction, SourceError, check_source, iter_documents,
-                                 resolve_kind, source_fingerprint)
+from wattkd.data.sources import (
+    Instruction,
+    SourceError,
+    check_source,
+    iter_documents,
+    resolve_kind,
+    source_fingerprint,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,8 +7,12 @@ import os
 
 import pytest
 
-from wattkd.data.tokenizer import (SPECIAL_TOKENS, bundled_tokenizer_dir, load_tokenizer,
-                                   tokenizer_sha256)
+from wattkd.data.tokenizer import (
+    SPECIAL_TOKENS,
+    bundled_tokenizer_dir,
+    load_tokenizer,
+    tokenizer_sha256,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)

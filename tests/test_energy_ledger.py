@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_energy_fakes import FakeNvml, make_powercap, set_uj, two_gpus
 
+from test_energy_fakes import FakeNvml, make_powercap, set_uj, two_gpus
 from wattkd.config import TelemetryConfig
 from wattkd.energy.ledger import EnergyMeter, NullMeter, make_meter
 from wattkd.energy.metrics import e_run, ept_train, read_phases, read_telemetry
@@ -164,10 +164,9 @@ def test_bad_use_fails_clearly(tmp_path: Path) -> None:
 def test_exception_in_window_still_records(tmp_path: Path) -> None:
     gpus = two_gpus()
     meter, _ = _meter(tmp_path, gpus)
-    with meter:
-        with pytest.raises(KeyError), meter.phase("train") as w:
-            gpus[1].energy_mj += 2_000
-            raise KeyError("boom")
+    with meter, pytest.raises(KeyError), meter.phase("train") as w:
+        gpus[1].energy_mj += 2_000
+        raise KeyError("boom")
     assert w.record["status"] == "error" and "error:KeyError" in w.record["flags"]
     assert w.record["energy_j"]["gpu"] == pytest.approx(2.0)
 

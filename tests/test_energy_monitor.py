@@ -7,11 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from test_energy_fakes import FakeNvml, make_powercap, two_gpus
 
+from test_energy_fakes import FakeNvml, make_powercap, two_gpus
 from wattkd.energy.metrics import read_telemetry
 from wattkd.energy.monitor import Sampler, run_monitor
 from wattkd.energy.sources import CpuSource, NvmlSource, RaplSource
@@ -35,17 +36,20 @@ def test_run_monitor_fast_and_slow_cadence(tmp_path: Path) -> None:
     assert [g["uuid"] for g in head["gpus"]] == [g.uuid for g in gpus]
     assert "Not Supported" in head["unavailable"][f"gpu/{gpus[1].uuid}/temp_c"]
     assert {z["zone"] for z in head["rapl"]} == {"package-0", "dram-0"}
-    assert 8 <= len(samples) <= 14                      # ~0.6 s at 20 Hz
+    assert 6 <= len(samples) <= 14                      # ~0.6 s at 20 Hz (busy CI: >= 6)
     slow = [s for s in samples if s["slow"]]
     assert 2 <= len(slow) <= 4                          # ~0.6 s at 4 Hz
     fast = next(s for s in samples if not s["slow"])
-    assert set(fast["gpu"][gpus[0].uuid]) == {"energy_mj", "power_w", "power_avg_w"}
+    # power at the fast cadence; the costly energy counter only with the slow fields
+    assert set(fast["gpu"][gpus[0].uuid]) == {"power_w", "power_avg_w"}
+    assert slow[0]["gpu"][gpus[0].uuid]["energy_mj"] == 1_000_000
+    assert gpus[0].reads <= len(slow) + 3      # + the first read and the probe
     assert "cpu" not in fast and "cpu" in slow[0]
     g1 = slow[0]["gpu"][gpus[1].uuid]
     assert g1["temp_c"] is None and g1["util_pct"] == 87 and g1["sm_clock_mhz"] == 1980
     assert samples[0]["rapl"] == {"package-0": 1_000_000, "dram-0": 333_333}
     ts = [s["t_mono"] for s in samples]
-    assert all(b > a for a, b in zip(ts, ts[1:]))
+    assert all(b > a for a, b in pairwise(ts))
 
 
 def test_field_failing_later_is_noted_once(tmp_path: Path) -> None:
@@ -73,7 +77,7 @@ def test_sampler_own_cpu_cost_is_small(tmp_path: Path) -> None:
     s.start()
     time.sleep(1.0)
     s.stop()
-    assert 8 <= s.samples <= 12
+    assert 5 <= s.samples <= 12   # ~10 at 10 Hz; a busy CI box may delay a few ticks
     assert s.cpu_s < 0.1      # < 10 % of one core even on this slow shared VM
 
 

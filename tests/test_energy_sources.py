@@ -6,8 +6,8 @@ import pathlib
 
 import pynvml
 import pytest
-from test_energy_fakes import FakeGpu, FakeNvml, make_powercap, set_uj, two_gpus
 
+from test_energy_fakes import FakeGpu, FakeNvml, make_powercap, set_uj, two_gpus
 from wattkd.energy.sources import (
     CounterTracker,
     CpuSource,

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_eval_common import one_thread, save_model_dir
 
+from test_eval_common import one_thread, save_model_dir
 from wattkd.config import EptConfig, TelemetryConfig
 from wattkd.eval.ept import EptError, ept_for, ept_from_record, ept_metrics, load_prompts, run_ept
 from wattkd.eval.protocol import protocol_hash
@@ -81,7 +81,7 @@ def test_run_ept_without_energy_counts_tokens_and_writes_schema(model_dir, tmp_p
     assert p["prompt_source"].startswith("bundled:all@") and p["device_name"] == "cpu"
     assert [r["batch_size"] for r in on_disk["runs"]] == [1, 4]
     for run, batches in zip(on_disk["runs"], [4, 1], strict=True):
-        assert run["batches"] == batches and run["prompts"] == 4
+        assert run["batches"] == batches and run["prompts"] == 4 and run["passes"] == 1
         assert (run["input_tokens"], run["output_tokens"], run["total_tokens"]) == (48, 16, 64)
         assert run["tokens_per_s"] == pytest.approx(64 / run["duration_s"])
         assert run["latency"]["ms_per_output_token"] > 0
@@ -116,6 +116,14 @@ def test_run_ept_with_estimated_cpu_energy_is_labelled_and_consistent(model_dir,
     assert cpu["dynamic_energy_j"] == pytest.approx(ept_rec[0]["dynamic_energy_j"]["cpu"],
                                                     abs=1e-5)
     assert any(r["kind"] == "run" for r in records)  # the meter started here was stopped
+
+
+def test_short_windows_repeat_whole_passes(model_dir, tmp_path):
+    cfg = CFG.model_copy(update={"batch_sizes": [4], "warmup_batches": 0})
+    run = run_ept(str(model_dir), cfg, None, tmp_path, device="cpu", min_window_s=0.3)["runs"][0]
+    assert run["passes"] >= 2 and run["duration_s"] >= 0.3
+    assert run["total_tokens"] == run["passes"] * 64  # every pass is the whole prompt set
+    assert len(run["energy"]) == 2 and run["batches"] == 1
 
 
 def test_prompt_file_short_lines_are_counted_as_they_are(model_dir, tmp_path):

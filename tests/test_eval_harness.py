@@ -11,11 +11,18 @@ import json
 from pathlib import Path
 
 import pytest
-from test_eval_common import build_model, build_tokenizer, one_thread, save_model_dir
 
+from test_eval_common import build_model, build_tokenizer, one_thread, save_model_dir
 from wattkd.config import EvalConfig
-from wattkd.eval import (ProtocolMismatch, SuiteError, compare_protocols, evaluate_lm,
-                         get_suite, protocol_hash, run_eval)
+from wattkd.eval import (
+    ProtocolMismatch,
+    SuiteError,
+    compare_protocols,
+    evaluate_lm,
+    get_suite,
+    protocol_hash,
+    run_eval,
+)
 
 LIMIT = 5
 
@@ -155,3 +162,50 @@ def test_bad_settings_fail_before_the_model_is_loaded(tmp_path):
         run_eval(str(tmp_path / "no-model"), "mmlu", EvalConfig(), tmp_path)
     with pytest.raises(SuiteError, match="HF_HUB_OFFLINE"):
         run_eval(str(tmp_path / "no-model"), "seed", EvalConfig(), tmp_path)
+
+
+def test_lora_adapter_is_merged_into_the_evaluated_model(model_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from wattkd.eval import load_model
+
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids).logits
+    merged, tok = load_model(str(model_dir), adapter=str(tmp_path / "adapter"), device="cpu")
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
+    assert not hasattr(merged, "peft_config") and tok.eos_token == "</s>"
+    with pytest.raises(SuiteError, match="has no adapter_config.json"):
+        load_model(str(model_dir), adapter=str(tmp_path), device="cpu")
+
+
+def test_a_metric_the_harness_did_not_report_is_an_error():
+    from wattkd.eval.harness import EvalError, _scores
+
+    suite = get_suite("offline")
+    res = {"results": {t.name: {"alias": t.name, "acc,none": 0.5} for t in suite.tasks},
+           "n-samples": {}}
+    with pytest.raises(EvalError, match="declares metric 'exact_match,extract' for task "
+                                        r"'wattkd_bb_object_counting', but lm-eval reported "
+                                        r"\['acc,none'\]"):
+        _scores(suite, res)
+
+
+def test_malformed_data_fails_before_the_model_is_loaded(tmp_path, shared_dir):
+    from wattkd.eval.tasks.utils import TaskDataError
+
+    bad = tmp_path / "mmlu.jsonl"
+    bad.write_text('{"subject": "marketing", "question": "q", "choices": ["a"], "answer": 0}\n')
+    cfg = EvalConfig(mmlu_path=str(bad), bigbench_dir=str(shared_dir / "data/eval/bigbench"))
+    with pytest.raises(TaskDataError, match=r"mmlu.jsonl:1: 'choices' must be a list of 4"):
+        run_eval(str(tmp_path / "no-model"), "offline", cfg, tmp_path)

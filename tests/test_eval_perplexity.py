@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_eval_common import build_model, build_tokenizer, one_thread
 
+from test_eval_common import build_model, build_tokenizer, one_thread
 from wattkd.config import DataConfig, EvalConfig, SourceConfig
 from wattkd.eval.perplexity import PerplexityError, in_loop_record, perplexity, run_perplexity
 from wattkd.eval.protocol import ProtocolMismatch, compare_protocols
@@ -52,7 +52,7 @@ def _stored_rows(shards: Path, n: int) -> torch.Tensor:
 
 
 def test_uniform_model_has_perplexity_equal_to_vocab_and_exact_token_budget(setup):
-    model, _, shards = setup
+    _, _, shards = setup
     uniform = build_model(build_tokenizer(), seed=2)
     with torch.no_grad():
         uniform.lm_head.weight.zero_()  # every logit 0: p = 1/V for every token

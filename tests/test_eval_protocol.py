@@ -7,8 +7,14 @@ import json
 
 import pytest
 
-from wattkd.eval.protocol import (ProtocolMismatch, compare_protocols, diff_protocols,
-                                  protocol_hash, task_config_digest, write_json_atomic)
+from wattkd.eval.protocol import (
+    ProtocolMismatch,
+    compare_protocols,
+    diff_protocols,
+    protocol_hash,
+    task_config_digest,
+    write_json_atomic,
+)
 
 
 def _protocol(**over) -> dict:
@@ -72,7 +78,7 @@ def test_task_level_differences_are_named_by_task():
 def test_missing_task_is_named():
     b = _protocol()
     del b["tasks"][1]
-    diffs = dict((k, (x, y)) for k, x, y in diff_protocols(_protocol(), b))
+    diffs = {k: (x, y) for k, x, y in diff_protocols(_protocol(), b)}
     assert diffs["tasks.wattkd_bb_object_counting"][1] == "<absent>"
 
 

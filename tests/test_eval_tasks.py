@@ -10,8 +10,13 @@ import pytest
 from wattkd.config import EvalConfig
 from wattkd.eval.suites import BIGBENCH_TASKS, SUITES, SuiteError, get_suite, task_metadata
 from wattkd.eval.tasks import TASKS_DIR
-from wattkd.eval.tasks.utils import (TaskDataError, load_bigbench_mc, load_mmlu, read_bigbench,
-                                     read_mmlu)
+from wattkd.eval.tasks.utils import (
+    TaskDataError,
+    load_bigbench_mc,
+    load_mmlu,
+    read_bigbench,
+    read_mmlu,
+)
 
 
 def _mmlu(tmp_path: Path, rows: list[dict]) -> Path:

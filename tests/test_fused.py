@@ -164,7 +164,7 @@ def test_duplicate_terms_get_distinct_keys():
 
 
 def test_bf16_inputs_accumulate_in_fp32_and_return_input_dtype():
-    h, w, b, th, tw, labels, mask = _inputs(seed=7)
+    h, w, _b, th, tw, labels, mask = _inputs(seed=7)
     hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
     loss, _ = fused_logit_loss(hb, wb, TeacherHidden(th.bfloat16(), tw.bfloat16()), labels, mask,
                                KD_TERMS, chunk_tokens=6)
@@ -201,24 +201,25 @@ def test_bad_inputs_fail_before_work():
     h, w, b, th, tw, labels, mask = _inputs(seed=10)
     src = TeacherHidden(th, tw)
     cases = [
-        (dict(teacher=DenseTeacher(torch.zeros(N, V + 1))), "teacher logits vocab 51"),
-        (dict(teacher=TeacherHidden(th[:-1], tw)), "teacher has 36 tokens"),
-        (dict(teacher=None), "loss 'forward_kl' needs teacher signals"),
-        (dict(labels=labels.clamp(min=0) + V), "labels: .* outside \\[0, 50\\)"),
-        (dict(mask=mask[:-1]), "mask must be \\[tokens\\]=37"),
-        (dict(terms=_terms(("hidden_mse", 1.0, {}))), "feature loss"),
-        (dict(terms=_terms(("jsd", 1.0, {"beta": 2.0}))), "param 'beta' must be in"),
-        (dict(chunk_tokens=0), "chunk_tokens must be a positive int"),
-        (dict(head=nn.Sequential(nn.Linear(H, V))), "must be an nn.Linear"),
-        (dict(h=h[:, :5]), "must be \\[tokens, 12\\]"),
+        ({"teacher": DenseTeacher(torch.zeros(N, V + 1))}, "teacher logits vocab 51"),
+        ({"teacher": TeacherHidden(th[:-1], tw)}, "teacher has 36 tokens"),
+        ({"teacher": None}, "loss 'forward_kl' needs teacher signals"),
+        ({"labels": labels.clamp(min=0) + V}, "labels: .* outside \\[0, 50\\)"),
+        ({"mask": mask[:-1]}, "mask must be \\[tokens\\]=37"),
+        ({"terms": _terms(("hidden_mse", 1.0, {}))}, "feature loss"),
+        ({"terms": _terms(("jsd", 1.0, {"beta": 2.0}))}, "param 'beta' must be in"),
+        ({"chunk_tokens": 0}, "chunk_tokens must be a positive int"),
+        ({"head": nn.Sequential(nn.Linear(H, V))}, "must be an nn.Linear"),
+        ({"h": h[:, :5]}, "must be \\[tokens, 12\\]"),
+        ({"teacher": DenseTeacher(torch.zeros(N, V, device="meta"))}, "move the teacher"),
     ]
     ids = torch.zeros(N, 3, dtype=torch.long)
     ids[0, 0] = V
-    cases.append((dict(teacher=TopKTeacher(ids, torch.zeros(N, 3), torch.zeros(N))),
+    cases.append(({"teacher": TopKTeacher(ids, torch.zeros(N, 3), torch.zeros(N))},
                   "TopKTeacher.ids: 1 ids are outside"))
     for override, msg in cases:
-        args = dict(h=h, head=(w, b), teacher=src, labels=labels, mask=mask, terms=KD_TERMS,
-                    chunk_tokens=8)
+        args = {"h": h, "head": (w, b), "teacher": src, "labels": labels, "mask": mask,
+                "terms": KD_TERMS, "chunk_tokens": 8}
         args.update(override)
         with pytest.raises((ValueError, TypeError), match=msg):
             fused_logit_loss(args["h"], args["head"], args["teacher"], args["labels"],
@@ -229,9 +230,9 @@ def test_bad_inputs_fail_before_work():
 def _tiny(model_type, **extra):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                  max_position_embeddings=64)
+    kwargs = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 8, "max_position_embeddings": 64}
     cfg = AutoConfig.for_model(model_type, **{**kwargs, **extra})
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).float().eval()

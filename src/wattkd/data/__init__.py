@@ -23,7 +23,9 @@ _EXPORTS = {
     "SourceError": "wattkd.data.sources",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["ManifestError", "ShardBuildError", "ShardDataset", "SourceError", "build_shards",
+           "collate", "iter_documents", "load_tokenizer", "manifest_sha256", "read_manifest",
+           "tokenizer_sha256"]
 
 
 def __getattr__(name: str) -> Any:

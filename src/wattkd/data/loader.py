@@ -108,6 +108,13 @@ class ShardDataset(IterableDataset):
         per = self.samples_per_epoch()
         return per if self.loop else max(0, per - self.start)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled into DataLoader workers without the cached parts."""
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()
+        state["_perm"] = None
+        return state
+
     # -------------------------------------------------------------------- reading
     def _row_order(self, epoch: int) -> np.ndarray | None:
         if not self.shuffle:

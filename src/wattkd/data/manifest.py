@@ -32,8 +32,18 @@ from typing import Any
 
 from wattkd.atomic import atomic_write_json
 
-__all__ = ["FORMAT", "VERSION", "MANIFEST", "ManifestError", "read_manifest", "write_manifest",
-           "verify_parts", "sha256_file", "manifest_sha256", "part_name"]
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "VERSION",
+    "ManifestError",
+    "manifest_sha256",
+    "part_name",
+    "read_manifest",
+    "sha256_file",
+    "verify_parts",
+    "write_manifest",
+]
 
 FORMAT = "wattkd-shards"
 VERSION = 1

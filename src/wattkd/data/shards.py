@@ -6,10 +6,13 @@ only when some source is instruction data (a reader treats a missing mask as all
 
 Algorithm, in stream order:
 1. Each source yields documents in a fixed order (`sources.py`). Documents are tokenized in
-   batches (~256K characters) with the Rust tokenizer, no special tokens added, and EOS is
-   appended to each document (EOS is trained on; prompt tokens of instruction data are not).
-   With `num_workers > 1` batches go to a process pool (spawned, one tokenizer thread each);
-   results are consumed in submission order, so output never depends on the worker count.
+   batches (32K characters at first, doubling to 1M) by the Rust tokenizer with no special
+   tokens added, and EOS is appended to each document (EOS is trained on; prompt tokens of
+   instruction data are not). num_workers=1 tokenizes in a background thread (the tokenizer
+   uses its own threads); num_workers > 1 uses a pool of spawned processes with one
+   single-threaded tokenizer each (`encode.py`). Results are consumed in submission order,
+   and batch boundaries depend only on the documents, so the output never depends on the
+   worker count.
 2. Held-out split by document: document i of source s is held out when
    splitmix64(seed, hash(s), i) / 2^64 < heldout_fraction. It depends only on the seed, the
    source name and the document's position, not on batching or mixing.
@@ -36,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -47,77 +49,41 @@ from typing import Any
 import numpy as np
 
 from wattkd.config import DataConfig, SourceConfig
-from wattkd.data.manifest import (FORMAT, MANIFEST, VERSION, ManifestError, part_name,
-                                  read_manifest, sha256_file, verify_parts, write_manifest)
-from wattkd.data.sources import (Instruction, SourceError, check_source, iter_documents,
-                                 resolve_kind, source_fingerprint, source_name)
+from wattkd.data.encode import TokBatch, Tokenizers
+from wattkd.data.manifest import (
+    FORMAT,
+    VERSION,
+    ManifestError,
+    part_name,
+    read_manifest,
+    sha256_file,
+    verify_parts,
+    write_manifest,
+)
+from wattkd.data.sources import (
+    Instruction,
+    check_source,
+    iter_documents,
+    resolve_kind,
+    source_fingerprint,
+    source_name,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_shards", "config_hash", "ShardBuildError", "BUILDER_VERSION"]
+__all__ = ["BUILDER_VERSION", "ShardBuildError", "build_shards", "config_hash"]
 
 BUILDER_VERSION = 1
-BATCH_CHARS = 1 << 18
-BATCH_DOCS = 4096
+# Tokenization batches start small (a small budget should not tokenize megabytes it never
+# uses) and double up to the cap (fewer, larger encode_batch calls: each has a fixed cost).
+FIRST_BATCH_CHARS = 1 << 15
+BATCH_CHARS = 1 << 20
+BATCH_DOCS = 1024
 SPLITS = ("train", "heldout")
 
 
 class ShardBuildError(ValueError):
     """A shard build that cannot proceed (bad config, existing different output, no data)."""
-
-
-# --------------------------------------------------------------------- tokenization
-_WORKER_TOK: Any = None
-
-
-def _init_worker(tok_json: str) -> None:
-    """Pool initializer: one single-threaded Rust tokenizer per worker process."""
-    global _WORKER_TOK
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
-
-    _WORKER_TOK = Tokenizer.from_str(tok_json)
-
-
-@dataclass
-class TokBatch:
-    """Tokenized documents: flat `ids` (EOS after each document), `offs` (n+1 boundaries)."""
-
-    ids: np.ndarray
-    offs: np.ndarray
-    mask: np.ndarray | None  # uint8 per token; None = all ones
-
-
-def _encode(tok: Any, texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(e.ids, dtype=np.int32) for e in
-            tok.encode_batch(texts, add_special_tokens=False)]
-
-
-def _tokenize(tok: Any, job: tuple[Any, ...], eos: int) -> TokBatch:
-    kind = job[0]
-    eos_arr = np.array([eos], dtype=np.int32)
-    if kind == "text":
-        docs = _encode(tok, job[1])
-        pieces = [a for d in docs for a in (d, eos_arr)]
-        lens = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
-        mask = None
-    else:
-        prompts, responses = _encode(tok, job[1]), _encode(tok, job[2])
-        pieces, masks, lens_l = [], [], []
-        for p, r in zip(prompts, responses, strict=True):
-            pieces += [p, r, eos_arr]
-            masks += [np.zeros(len(p), np.uint8), np.ones(len(r) + 1, np.uint8)]
-            lens_l.append(len(p) + len(r) + 1)
-        lens = np.asarray(lens_l, dtype=np.int64)
-        mask = np.concatenate(masks) if masks else np.zeros(0, np.uint8)
-    offs = np.zeros(len(lens) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offs[1:])
-    ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-    return TokBatch(ids, offs, mask)
-
-
-def _worker_job(job: tuple[Any, ...], eos: int) -> TokBatch:
-    return _tokenize(_WORKER_TOK, job, eos)
 
 
 # ------------------------------------------------------------------------ held-out split
@@ -155,21 +121,21 @@ class Chunk:
 class SourceStream:
     """Tokenized documents of one source, in order, with held-out docs routed aside."""
 
-    def __init__(self, index: int, src: SourceConfig, tokenizer: Any, backend: Any,
-                 pool: Any, num_workers: int, eos: int, seed: int, fraction: float) -> None:
+    def __init__(self, index: int, src: SourceConfig, tokenizer: Any, pool: Tokenizers,
+                 eos: int, seed: int, fraction: float) -> None:
         self.index = index
         self.name = source_name(src)
         self.src = src
         self.instruct = src.prompt_field is not None
         self._docs = iter_documents(src, tokenizer)
-        self._backend = backend
         self._pool = pool
         self._inflight: deque[Any] = deque()
-        self._depth = max(2, 2 * num_workers)
+        self._depth = 2 * pool.workers
         self._eos = eos
         self._seed = seed
         self._fraction = fraction
         self._exhausted_input = False
+        self._batch_chars = FIRST_BATCH_CHARS
         self._batch: TokBatch | None = None
         self._held = self._lens = self._tcum = self._next_train = np.zeros(0, np.int64)
         self._pos = 0
@@ -193,30 +159,27 @@ class SourceStream:
             else:
                 texts.append(doc)
                 chars += len(doc)
-            if chars >= BATCH_CHARS or len(texts) >= BATCH_DOCS:
+            if chars >= self._batch_chars or len(texts) >= BATCH_DOCS:
                 break
         else:
             self._exhausted_input = True
         if not texts:
             return None
+        self._batch_chars = min(2 * self._batch_chars, BATCH_CHARS)
         return ("instr", prompts, texts) if self.instruct else ("text", texts)
 
     def _fill(self) -> None:
-        while len(self._inflight) < (self._depth if self._pool else 1):
+        while len(self._inflight) < self._depth:
             job = self._next_job()
             if job is None:
                 return
-            if self._pool is None:
-                self._inflight.append(_tokenize(self._backend, job, self._eos))
-            else:
-                self._inflight.append(self._pool.apply_async(_worker_job, (job, self._eos)))
+            self._inflight.append(self._pool.submit(job))
 
     def _load_batch(self) -> bool:
         self._fill()
         if not self._inflight:
             return False
-        item = self._inflight.popleft()
-        batch = item if self._pool is None else item.get()
+        batch = self._inflight.popleft().result()
         self._fill()
         n = len(batch.offs) - 1
         held = heldout_flags(self._seed, self.name, self._doc_index, n, self._fraction)
@@ -443,6 +406,7 @@ def _summary(out_dir: Path, manifests: dict[str, Any], seconds: float, skipped: 
     return {
         "out_dir": str(out_dir), "skipped": skipped,
         "config_hash": manifests["train"]["config_hash"],
+        "total_tokens": manifests["train"]["total_tokens"],
         **{split: {"rows": m["rows"], "tokens": m["total_tokens"], "parts": len(m["parts"]),
                    "dropped_tokens": m["dropped_tokens"]} for split, m in manifests.items()},
         "sources": sources, "seconds": round(seconds, 3),
@@ -451,8 +415,14 @@ def _summary(out_dir: Path, manifests: dict[str, Any], seconds: float, skipped: 
 
 
 def _progress(enabled: bool, total: int | None) -> Any:
-    from rich.progress import (BarColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from rich.text import Text
 
     class Rate(ProgressColumn):
@@ -474,9 +444,10 @@ def build_shards(cfg: DataConfig, out_dir: Path, progress: bool = True, *,
 
     Returns early (summary["skipped"] = True) when `out_dir` already holds a complete build
     with the same config hash; refuses to replace a different one unless `overwrite`.
+    Summary keys: out_dir, skipped, config_hash, total_tokens (train), train/heldout {rows,
+    tokens, parts, dropped_tokens}, sources {name: {train_tokens, train_documents,
+    heldout_tokens, heldout_documents}}, seconds, tokens_per_s (all tokens tokenized / s).
     """
-    from tokenizers import Tokenizer
-
     from wattkd.atomic import atomic_dir
     from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
 
@@ -498,57 +469,26 @@ def build_shards(cfg: DataConfig, out_dir: Path, progress: bool = True, *,
         return _summary(out_dir, existing, time.perf_counter() - t0, True, 0)
 
     with_mask = any(s.prompt_field is not None for s in cfg.sources)
-    weights = np.array([s.weight for s in cfg.sources], dtype=np.float64)
-    share = weights / weights.sum()
-    budget = float("inf") if cfg.total_tokens is None else \
-        float(cfg.total_tokens // cfg.seq_len * cfg.seq_len)
-    quota = [float("inf") if s.max_tokens is None else float(s.max_tokens) for s in cfg.sources]
-    slack = 65536.0 if budget == float("inf") else max(1.0, min(65536.0, budget / 2000))
-    tok_json = tok.backend_tokenizer.to_str()
-    backend = Tokenizer.from_str(tok_json)
+    budget = None if cfg.total_tokens is None else cfg.total_tokens // cfg.seq_len * cfg.seq_len
     header = {
         "tokenizer": {"name": cfg.tokenizer, "sha256": tok_sha, "vocab_size": len(tok),
                       "eos_id": eos, "bos_id": tok.bos_token_id, "pad_id": tok.pad_token_id},
         "seq_len": cfg.seq_len, "seed": cfg.seed, "heldout_fraction": cfg.heldout_fraction,
         "columns": ["input_ids", "loss_mask"] if with_mask else ["input_ids"],
     }
-    pool = None
-    if cfg.num_workers > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("spawn").Pool(cfg.num_workers, initializer=_init_worker,
-                                            initargs=(tok_json,))
+    pool = Tokenizers(tok.backend_tokenizer.to_str(), eos, cfg.num_workers)
     streams: list[SourceStream] = []
     manifests: dict[str, Any] = {}
     try:
-        with atomic_dir(out_dir) as tmp, _progress(progress, None if budget == float("inf")
-                                                   else int(budget)) as bar:
-            task = bar.add_task("shards", total=None if budget == float("inf") else budget)
+        with atomic_dir(out_dir) as tmp, _progress(progress, budget) as bar:
+            task = bar.add_task("shards", total=budget)
             packers = {split: Packer(PartWriter(tmp / split, cfg.seq_len, cfg.rows_per_part,
                                                 with_mask), len(cfg.sources))
                        for split in SPLITS}
-            streams = [SourceStream(i, s, tok, backend, pool, cfg.num_workers, eos, cfg.seed,
-                                    cfg.heldout_fraction) for i, s in enumerate(cfg.sources)]
-            taken = np.zeros(len(streams), dtype=np.float64)
-            total = 0.0
-            active = list(range(len(streams)))
-            while active and total < budget:
-                level = taken[active] / share[active]
-                pick = active[int(np.argmin(level))]
-                others = [taken[j] / share[j] for j in active if j != pick]
-                soft = (min(others) - taken[pick] / share[pick]) * share[pick] + slack \
-                    if others else float("inf")
-                hard = min(quota[pick] - taken[pick], budget - total)
-                stream = streams[pick]
-                chunk = stream.take(soft, hard,
-                                    lambda c, i=pick: packers["heldout"].add(i, c))
-                if chunk is not None:
-                    packers["train"].add(pick, chunk)
-                    taken[pick] += len(chunk.ids)
-                    total += len(chunk.ids)
-                    bar.update(task, completed=int(total))
-                if stream.done or taken[pick] >= quota[pick]:
-                    active.remove(pick)
+            streams = [SourceStream(i, s, tok, pool, eos, cfg.seed, cfg.heldout_fraction)
+                       for i, s in enumerate(cfg.sources)]
+            _mix(cfg, streams, packers, budget,
+                 lambda n: bar.update(task, completed=n))
             for p in packers.values():
                 p.finish()
             for split, packer in packers.items():
@@ -568,9 +508,7 @@ def build_shards(cfg: DataConfig, out_dir: Path, progress: bool = True, *,
     finally:
         for s in streams:
             s.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        pool.close()
     seconds = time.perf_counter() - t0
     tokenized = sum(m["total_tokens"] + m["dropped_tokens"] for m in manifests.values())
     summary = _summary(out_dir, manifests, seconds, False, tokenized)
@@ -578,6 +516,36 @@ def build_shards(cfg: DataConfig, out_dir: Path, progress: bool = True, *,
              out_dir, summary["train"]["rows"], summary["heldout"]["rows"], seconds,
              summary["tokens_per_s"])
     return summary
+
+
+def _mix(cfg: DataConfig, streams: list[SourceStream], packers: dict[str, Packer],
+         budget: int | None, on_progress: Callable[[int], None]) -> None:
+    """Interleave train documents by weighted credit (module docstring, step 3)."""
+    share = np.array([s.weight for s in cfg.sources], dtype=np.float64)
+    share /= share.sum()
+    inf = float("inf")
+    quota = [inf if s.max_tokens is None else float(s.max_tokens) for s in cfg.sources]
+    limit = inf if budget is None else float(budget)
+    slack = 65536.0 if budget is None else max(1.0, min(65536.0, budget / 2000))
+    taken = np.zeros(len(streams), dtype=np.float64)
+    total = 0.0
+    active = list(range(len(streams)))
+    while active and total < limit:
+        level = taken[active] / share[active]
+        pick = active[int(np.argmin(level))]  # the source most behind its share
+        others = [taken[j] / share[j] for j in active if j != pick]
+        soft = (min(others) - taken[pick] / share[pick]) * share[pick] + slack if others \
+            else inf
+        hard = min(quota[pick] - taken[pick], limit - total)
+        stream = streams[pick]
+        chunk = stream.take(soft, hard, lambda c, i=pick: packers["heldout"].add(i, c))
+        if chunk is not None:
+            packers["train"].add(pick, chunk)
+            taken[pick] += len(chunk.ids)
+            total += len(chunk.ids)
+            on_progress(int(total))
+        if stream.done or taken[pick] >= quota[pick]:
+            active.remove(pick)
 
 
 def _manifest(split: str, chash: str, header: dict[str, Any], cfg: DataConfig,

@@ -46,8 +46,17 @@ from wattkd.config import SourceConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Instruction", "Document", "SourceError", "source_name", "resolve_kind",
-           "resolve_files", "iter_documents", "source_fingerprint", "check_source"]
+__all__ = [
+    "Document",
+    "Instruction",
+    "SourceError",
+    "check_source",
+    "iter_documents",
+    "resolve_files",
+    "resolve_kind",
+    "source_fingerprint",
+    "source_name",
+]
 
 EXTENSIONS = {
     "json": (".json", ".jsonl", ".ndjson"),
@@ -79,8 +88,7 @@ def source_name(src: SourceConfig) -> str:
 
 def _kind_of_file(path: str) -> str | None:
     p = path.lower()
-    if p.endswith(".gz"):
-        p = p[:-3]
+    p = p.removesuffix(".gz")
     for kind, exts in EXTENSIONS.items():
         if p.endswith(exts):
             return kind
@@ -161,7 +169,7 @@ def resolve_files(src: SourceConfig, kind: str) -> list[str]:
 def _open_text(path: str) -> io.TextIOBase:
     if path.lower().endswith(".gz"):
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")  # noqa: SIM115 - closed by the caller's `with`
+    return open(path, encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- records
@@ -229,7 +237,7 @@ def _hub_records(src: SourceConfig, name: str) -> Iterator[tuple[str, dict[str, 
                                        revision=src.revision, streaming=True)
     except SourceError:
         raise
-    except Exception as exc:  # noqa: BLE001 - datasets raises many types; we add context
+    except Exception as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
         hint = " (offline mode is on: only local folders and cached datasets work)" \
             if offline and offline not in ("0", "false") else ""

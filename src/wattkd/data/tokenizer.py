@@ -22,8 +22,14 @@ from wattkd.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_tokenizer", "tokenizer_sha256", "bundled_tokenizer_dir", "cache_root",
-           "SPECIAL_TOKENS", "CHAT_TEMPLATE"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "SPECIAL_TOKENS",
+    "bundled_tokenizer_dir",
+    "cache_root",
+    "load_tokenizer",
+    "tokenizer_sha256",
+]
 
 BUNDLED = re.compile(r"^bundled:bpe-(\d+)$")
 RECIPE_VERSION = 1
@@ -134,7 +140,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
 
     try:
         tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the spec and the likely cause
+    except Exception as exc:
         where = "local folder" if Path(spec).exists() else "hub id (offline mode: " \
             f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')})"
         raise ValueError(f"tokenizer {spec!r} could not be loaded as a {where}: "

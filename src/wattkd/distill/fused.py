@@ -172,7 +172,8 @@ def _check_teacher(teacher: TeacherSource, n: int, vocab: int, device: torch.dev
     if not isinstance(teacher, TeacherHidden | DenseTeacher | TopKTeacher):
         raise TypeError(f"teacher must be TeacherHidden, DenseTeacher or TopKTeacher, got "
                         f"{type(teacher).__name__}")
-    rows = {TeacherHidden: "hidden", DenseTeacher: "logits", TopKTeacher: "ids"}[type(teacher)]
+    rows = ("hidden" if isinstance(teacher, TeacherHidden)
+            else "logits" if isinstance(teacher, DenseTeacher) else "ids")
     where = getattr(teacher, rows).device
     if where != device:  # (a TeacherHidden's head weight may live on another device)
         raise ValueError(f"teacher {rows} are on {where}, the student hidden states on {device}: "

@@ -12,7 +12,8 @@ Three kinds, three call shapes:
 Conventions for the divergences. p_t is the teacher, q_s the student, both at temperature T:
 ``forward_kl = KL(p_t || q_s)`` (mass-covering), ``reverse_kl = KL(q_s || p_t)`` (mode-seeking).
 With ``scale_by_t2`` the value is multiplied by T^2 so gradient magnitudes do not shrink as T
-grows (Hinton et al. 2015).
+grows (Hinton et al. 2015). Teacher log-probs of 0-probability entries (-inf) are floored at
+LOG_FLOOR; student logits must be finite (a linear head's are).
 
 Top-k teachers (the teacher cache) give log-probs of K ids under the FULL softmax at T=1 plus
 the log of the mass outside them. Both distributions are then compared on K+1 buckets: the K
@@ -52,7 +53,7 @@ class LogitChunk:
     """Student logits [N,V] whose log-softmax (per temperature) and top-k buckets are computed
     once and shared by every loss term evaluated on this chunk."""
 
-    __slots__ = ("logits", "_logp", "_buckets")
+    __slots__ = ("_buckets", "_logp", "logits")
 
     def __init__(self, logits: Tensor):
         if logits.dim() != 2:

@@ -71,7 +71,8 @@ def get_loss(name: str) -> LossSpec:
     try:
         return LOSSES[name]
     except KeyError:
-        raise KeyError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}") from None
+        known = ", ".join(sorted(LOSSES))
+        raise KeyError(f"unknown loss {name!r}; known losses: {known}") from None
 
 
 def check_params(spec: LossSpec, params: dict[str, Any]) -> str | None:

@@ -19,4 +19,8 @@ def versions(driver: str | None = None) -> dict[str, Any]:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = None
+    if out["wattkd"] is None:  # a source checkout on PYTHONPATH, not installed
+        from wattkd import __version__
+
+        out["wattkd"] = __version__
     return out

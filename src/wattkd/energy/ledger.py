@@ -48,7 +48,9 @@ import os
 import statistics
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from wattkd.config import TelemetryConfig
@@ -89,7 +91,7 @@ def _cuda_sync() -> None:
         if torch.cuda.is_initialized():
             for i in range(torch.cuda.device_count()):
                 torch.cuda.synchronize(i)
-    except Exception as exc:  # never fail a phase because of a sync problem
+    except Exception as exc:  # noqa: BLE001 - never fail a phase over a sync problem
         log.debug("cuda synchronize failed: %s", exc)
 
 
@@ -111,11 +113,12 @@ class PhaseWindow:
     def add_tokens(self, n: int) -> None:
         self.tokens += _check_tokens(n, self.name)
 
-    def __enter__(self) -> PhaseWindow:
+    def __enter__(self) -> PhaseWindow:  # noqa: PYI034
         self._meter._open_window(self)
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
         self._meter._close_window(self, exc_type)
         return False
 
@@ -148,11 +151,11 @@ class _MeterBase:
             raise ValueError(f"phase name must be a non-empty string, got {name!r}")
         return PhaseWindow(self, name, tokens, meta)
 
-    def __enter__(self) -> _MeterBase:
+    def __enter__(self) -> _MeterBase:  # noqa: PYI034
         self.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def start(self) -> None:  # pragma: no cover - overridden
@@ -256,7 +259,7 @@ class NullMeter(_MeterBase):
     def energy_j(self) -> float | None:
         return None
 
-    def __enter__(self) -> NullMeter:
+    def __enter__(self) -> NullMeter:  # noqa: PYI034
         return self
 
 
@@ -495,7 +498,7 @@ class EnergyMeter(_MeterBase):
         for u, p in e["per_gpu"].items():
             idle["per_gpu"][u] = _r(p["energy_j"] / dt) if p["energy_j"] is not None else None
         if len(changes) >= 4:
-            gaps = [t1 - t0 for t0, t1 in zip(changes, changes[1:])]
+            gaps = [t1 - t0 for t0, t1 in pairwise(changes)]
             self.counter_period_s = round(statistics.median(gaps), 4)
             self.counter_period_source = f"measured at idle ({len(gaps)} updates)"
         self._idle = idle
@@ -517,7 +520,7 @@ class EnergyMeter(_MeterBase):
             if v is not None and last is not None and v != last:
                 changes.append(t)
             last = v if v is not None else last
-            time.sleep(0.005)
+            time.sleep(0.01)
         return changes
 
 

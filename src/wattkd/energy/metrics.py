@@ -17,7 +17,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +78,8 @@ def _read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
         try:
             obj = json.loads(line)
             if not isinstance(obj, dict):
-                raise ValueError("not an object")
-        except ValueError:
+                raise json.JSONDecodeError("not an object", line, 0)
+        except json.JSONDecodeError:
             nxt = raw[i + 1] if i + 1 < len(raw) else None
             if nxt is None or '"type":"header"' in nxt.replace(" ", ""):
                 log.warning("%s: skipping truncated line %d (a writer stopped mid-line)", path,

@@ -1,7 +1,10 @@
 """Background sampler: reads the sources on a fixed cadence and writes telemetry JSONL.
 
-Power and energy counters are read every `interval` (10 Hz by default), slow fields
-(utilisation, memory, temperature, clocks, CPU, RAM) every `slow_interval` (~1 Hz). Each line is
+GPU power and RAPL counters are read every `interval` (10 Hz by default); the NVML energy
+counter and the slow fields (utilisation, memory, temperature, clocks, CPU, RAM) every
+`slow_interval` (~1 Hz). The counter is cumulative, so reading it less often loses no energy,
+while one read costs ~5 ms of CPU (H200, driver 580: the power fields cost ~2 us); window edges
+read it directly. Each line is
 flushed as it is written, so a crash loses at most the last line. The same object keeps the
 running energy totals (`CounterTracker`, `PowerIntegrator`) that the phase ledger reads at window
 edges through `read_now()`: one lock covers every counter read and its bookkeeping, so the
@@ -13,8 +16,8 @@ Telemetry file format (schema 1), one JSON object per line, `type` says which:
            "power_source","power_avg","power_limit_w"}],"rapl":[{"zone","kind","max_range_uj"}],
            "unavailable":{key: reason},"versions":{...}}
   sample  {"schema":1,"type":"sample","host","session","t_wall","t_mono","slow":bool,
-           "gpu":{uuid:{"energy_mj","power_w","power_avg_w"
-                        [+ slow: "util_pct","mem_used_b","mem_total_b","temp_c","sm_clock_mhz"]}},
+           "gpu":{uuid:{"power_w","power_avg_w" [+ slow: "energy_mj","util_pct",
+                        "mem_used_b","mem_total_b","temp_c","sm_clock_mhz"]}},
            "rapl":{zone: energy_uj}, [slow: "cpu":{"util_pct","ram_used_b","ram_total_b"}]}
   note    {"schema":1,"type":"note","host","session","t_wall","key","reason"}  (a field that
            became unreadable later; the reason is written once, the value is null)
@@ -190,15 +193,16 @@ class Sampler:
 
     _last_t: tuple[float, float] | None = None
 
-    def _read_fast(self) -> dict[str, Any]:
+    def _read_fast(self, energy: bool = True) -> dict[str, Any]:
         """Caller holds the lock. Returns the raw values for the telemetry line."""
         gpu: dict[str, Any] = {}
         rapl: dict[str, Any] = {}
         if self.nvml:
             for g in self.nvml.gpus:
-                v = self.nvml.read_fast(g)
+                v = self.nvml.read_fast(g, energy=energy)
                 t = time.monotonic()
-                self._gpu_trackers[g.uuid].update(v["energy_mj"], t)
+                if energy:
+                    self._gpu_trackers[g.uuid].update(v["energy_mj"], t)
                 self._gpu_power[g.uuid] = v["power_w"]
                 self._gpu_integrators[g.uuid].add(t, v["power_w"])
                 gpu[g.uuid] = v
@@ -220,8 +224,8 @@ class Sampler:
             slow = t >= next_slow
             try:
                 self._tick(slow)
-            except Exception as exc:  # a sampler must never take the job down
-                log.exception("telemetry sampler tick failed: %s", exc)
+            except Exception:  # a sampler must never take the job down
+                log.exception("telemetry sampler tick failed")
             self.cpu_s = time.thread_time() - cpu0
             next_fast += self.interval
             if slow:
@@ -238,7 +242,7 @@ class Sampler:
     def _tick(self, slow: bool) -> None:
         with self._lock:
             if self.has_fast:
-                raw = self._read_fast()
+                raw = self._read_fast(energy=slow)
             else:
                 raw = {"gpu": {}, "rapl": {}}
                 self._last_t = (time.monotonic(), time.time())
@@ -251,8 +255,9 @@ class Sampler:
         gpus = {}
         for g in self.nvml.gpus if self.nvml else []:
             v = raw["gpu"][g.uuid]
-            entry = {"energy_mj": v["energy_mj"], "power_w": _r(v["power_w"]),
-                     "power_avg_w": _r(v["power_avg_w"])}
+            entry = {"power_w": _r(v["power_w"]), "power_avg_w": _r(v["power_avg_w"])}
+            if "energy_mj" in v:
+                entry["energy_mj"] = v["energy_mj"]
             if slow:
                 entry.update(self.nvml.read_slow(g))
             gpus[g.uuid] = entry

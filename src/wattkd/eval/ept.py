@@ -194,12 +194,25 @@ def _meter_or_null(meter: Any) -> tuple[Any, bool]:
     return meter, started is False
 
 
+def _min_window(meter: Any, override: float | None) -> float:
+    """Seconds each metered window must last: the meter's `telemetry.min_window_s` when it
+    reads a GPU energy counter (whose ~100 ms quantisation swamps short windows), else 0."""
+    if override is not None:
+        return max(0.0, float(override))
+    sources = getattr(meter, "sources", None)
+    if isinstance(sources, dict) and sources.get("gpu") == "nvml-counter":
+        return float(getattr(getattr(meter, "cfg", None), "min_window_s", 0.0) or 0.0)
+    return 0.0
+
+
 def run_ept(model: str, cfg: EptConfig, meter: Any, out_path: Path, *, device: str = "auto",
-            adapter: str | None = None) -> dict[str, Any]:
+            adapter: str | None = None, min_window_s: float | None = None) -> dict[str, Any]:
     """Benchmark inference energy per token of an HF model folder; write ept.json.
 
     `meter` is an EnergyMeter (started or not; an unstarted one is started here and stopped
     at the end, which measures idle power first) or NullMeter/None (no energy: timings only).
+    Each batch size repeats whole passes over the prompts until its window lasts
+    `min_window_s` (default: see `_min_window`), so short windows do not dominate the error.
     `out_path` is the JSON file, or a run directory (then <run>/ept.json).
     """
     import torch
@@ -242,6 +255,7 @@ def run_ept(model: str, cfg: EptConfig, meter: Any, out_path: Path, *, device: s
     meter, own = _meter_or_null(meter)
     if own:
         meter.start()
+    min_window = _min_window(meter, min_window_s)
     runs = []
     t_all = time.perf_counter()
     try:
@@ -251,16 +265,18 @@ def run_ept(model: str, cfg: EptConfig, meter: Any, out_path: Path, *, device: s
             for k in range(cfg.warmup_batches):  # not metered
                 generate(*spans[k % n_batches])
             times: list[float] = []
-            tin = tout = 0
+            tin = tout = passes = 0
             t0 = time.perf_counter()
             with meter.phase("ept", tokens=0, batch_size=b, model=model,
                              max_new_tokens=cfg.max_new_tokens,
                              prompt_tokens=cfg.prompt_tokens) as w:
-                for lo, hi in spans:
-                    n_in, n_out, dt = generate(lo, hi)
-                    tin, tout = tin + n_in, tout + n_out
-                    times.append(dt)
-                    w.add_tokens(n_in + n_out)
+                while passes == 0 or time.perf_counter() - t0 < min_window:
+                    for lo, hi in spans:
+                        n_in, n_out, dt = generate(lo, hi)
+                        tin, tout = tin + n_in, tout + n_out
+                        times.append(dt)
+                        w.add_tokens(n_in + n_out)
+                    passes += 1
             wall = time.perf_counter() - t0
             rec = w.record or {}
             duration = float(rec.get("duration_s") or wall)
@@ -268,6 +284,7 @@ def run_ept(model: str, cfg: EptConfig, meter: Any, out_path: Path, *, device: s
                 "batch_size": b,
                 "batches": n_batches,
                 "prompts": n_batches * b,
+                "passes": passes,
                 "warmup_batches": cfg.warmup_batches,
                 "duration_s": duration,
                 "input_tokens": tin,

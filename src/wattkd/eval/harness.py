@@ -174,16 +174,20 @@ def build_protocol(suite: Suite, cfg: EvalConfig, leaves: dict[str, list[Any]]) 
 
 # ------------------------------------------------------------------------------- running
 def evaluate_lm(lm: Any, suite: str | Suite, cfg: EvalConfig, *,
-                model_info: dict[str, Any] | None = None) -> dict[str, Any]:
+                model_info: dict[str, Any] | None = None,
+                tasks: tuple[Any, list[Any], dict[str, list[Any]]] | None = None
+                ) -> dict[str, Any]:
     """Run `suite` on an lm-eval LM object and return the result dict (not written).
 
-    Used by `run_eval` and by callers that hold a model in memory (in-loop evaluation).
+    Used by `run_eval` and by callers that hold a model in memory (in-loop evaluation:
+    `evaluate_lm(make_lm(model, tokenizer, cfg), "offline", cfg)`). `tasks` is a
+    `load_tasks` result when the caller loaded them already.
     """
     import lm_eval
 
     s = get_suite(suite) if isinstance(suite, str) else suite
     t0 = time.perf_counter()
-    tm, objs, leaves = load_tasks(s, cfg)
+    tm, objs, leaves = tasks if tasks is not None else load_tasks(s, cfg)
     protocol = build_protocol(s, cfg, leaves)
     limit = protocol["limit"]
     log.info("eval suite %s (%s), limit %s, protocol %s", s.name,
@@ -259,7 +263,7 @@ def run_eval(model: str, suite: str, cfg: EvalConfig, out_path: Path, *, device:
     tasks loaded before the model, so bad settings fail in seconds.
     """
     s = get_suite(suite)
-    task_metadata(s, cfg)  # fail fast on missing data, before loading any weights
+    tasks = load_tasks(s, cfg)  # data checked and parsed before any weights are loaded
     net, tokenizer = load_model(model, adapter=adapter, device=device, device_map=device_map)
     lm = make_lm(net, tokenizer, cfg)
     info = {
@@ -269,7 +273,9 @@ def run_eval(model: str, suite: str, cfg: EvalConfig, out_path: Path, *, device:
         "device": str(next(net.parameters()).device),
         "parameters": sum(p.numel() for p in net.parameters()),
     }
-    result = evaluate_lm(lm, s, cfg, model_info=info)
+    result = evaluate_lm(lm, s, cfg, model_info=info, tasks=tasks)
+    if not result:  # a non-zero rank of a distributed launch: rank 0 writes
+        return result
     target = _result_path(out_path, s.name)
     write_json_atomic(target, result)
     log.info("wrote %s: %s", target, ", ".join(f"{k}={v['value']}"

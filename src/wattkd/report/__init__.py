@@ -19,7 +19,7 @@ from wattkd.atomic import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_report", "ReportInputError"]
+__all__ = ["ReportInputError", "build_report"]
 
 
 def __getattr__(name: str):  # lazy: `wattkd --help` must not import matplotlib
@@ -55,6 +55,12 @@ def build_report(runs: list[Path], *, teacher: Path, out: Path,
     a = analyze(students, t, ept_batch=ept_batch)
     for w in a.warnings:
         log.warning("report: %s", w)
+    missing: dict[str, list[str]] = {}
+    for r in [*a.students, a.teacher]:
+        for what in a.missing_inputs(r):
+            missing.setdefault(what.split("/")[0], []).append(r.label)
+    for what, labels in sorted(missing.items()):
+        log.info("report: %s missing for %s (marked as gaps)", what, ", ".join(labels))
     tables = build_tables(a)
     plots = build_plots(a)
 
@@ -74,7 +80,8 @@ def build_report(runs: list[Path], *, teacher: Path, out: Path,
         "quality_basis": a.quality_basis, "quality_label": a.quality_label, "suite": a.suite,
         "ept_batch_size": a.ept_batch, "ept_batch_note": a.ept_batch_note,
         "warnings": a.warnings, "definitions": dict(definitions(a)),
-        "missing_inputs": {r.label: r.run.gaps for r in [*a.students, a.teacher] if r.run.gaps},
+        "missing_inputs": {r.label: a.missing_inputs(r) for r in [*a.students, a.teacher]
+                           if a.missing_inputs(r)},
         "tables": [table_json(tb) for tb in tables],
         "plots": [{"name": p.name, "title": p.title, "caption": p.caption, "gap": p.gap,
                    "omitted": p.omitted} for p in plots],

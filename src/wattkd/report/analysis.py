@@ -25,21 +25,18 @@ from typing import Any
 from wattkd.energy.metrics import e_avg as ledger_e_avg
 from wattkd.energy.metrics import e_run as ledger_e_run
 from wattkd.energy.metrics import ept as ledger_ept
-from wattkd.energy.metrics import read_phases
-from wattkd.report import collect
 from wattkd.report.collect import RunData
 from wattkd.report.metrics import (
     MetricError,
     Quantity,
     Spread,
-    energy_per_point,
     eff_overall,
+    energy_per_point,
     is_estimated_source,
     mean_quantity,
     om_perf,
     ppl_retention,
     ratio,
-    spread,
     total,
 )
 
@@ -76,6 +73,8 @@ class EptPoint:
     ept_out: Quantity
     ept_total: Quantity
     ept_dynamic: Quantity                 # total EPT above idle power
+    ept_dynamic_in: Quantity
+    ept_dynamic_out: Quantity
 
 
 @dataclass
@@ -94,8 +93,8 @@ class RunResult:
     task_scores: dict[str, Quantity] = field(default_factory=dict)
     task_ratios: dict[str, Quantity] = field(default_factory=dict)
     ept: dict[int, EptPoint] = field(default_factory=dict)
-    ept_at: Quantity = Quantity.missing("not computed")
-    j_per_point: Quantity = Quantity.missing("not computed")
+    ept_at: Quantity = field(default_factory=lambda: Quantity.missing("not computed"))
+    j_per_point: Quantity = field(default_factory=lambda: Quantity.missing("not computed"))
 
     @property
     def label(self) -> str:
@@ -148,6 +147,12 @@ class Analysis:
     def basis_label(self) -> str:
         est = any(r.e_run[self.basis].estimated for r in self.students if r.e_run[self.basis].ok)
         return COMP_LABEL[self.basis] + (", estimated" if est else "")
+
+    def missing_inputs(self, r: RunResult) -> dict[str, str]:
+        """The run's missing inputs that matter for this report (a perplexity file is not
+        missed when task scores are the quality basis, and the other way round)."""
+        skip = {"tasks": {"perplexity"}, "perplexity": {"eval"}}.get(self.quality_basis, set())
+        return {k: v for k, v in sorted(r.run.gaps.items()) if k not in skip}
 
     @property
     def quality_label(self) -> str:
@@ -234,7 +239,13 @@ def _tokens(recs: Sequence[dict[str, Any]]) -> int:
 
 
 def cache_share(run: RunData, comp: str) -> tuple[Quantity | None, str]:
-    """The run's share of the teacher-cache energy: cache energy / students sharing it."""
+    """The run's share of the teacher-cache energy: cache energy / runs that used the cache.
+
+    The cache folder (run.json `teacher_cache.path`) is the source of truth: its manifest's
+    per-component build energy and its users.jsonl, through wattkd.teacher_cache's
+    `amortisation`. Without the folder, run.json's own record is used if it names the number
+    of `students` sharing the cache.
+    """
     signals = run.info.get("teacher_signals")
     if run.kind in ("baseline", "teacher") or signals is None:
         return None, "no teacher signals (n/a)"
@@ -244,33 +255,69 @@ def cache_share(run: RunData, comp: str) -> tuple[Quantity | None, str]:
     if not isinstance(tc, dict):
         return Quantity.missing("teacher_signals=cache but run.json has no teacher_cache "
                                 "record: the cache's energy is unknown", "J"), "cache"
+    path = tc.get("path")
+    if path and (Path(path) / "manifest.json").is_file():
+        return _share_from_cache(Path(path), comp), "cache"
+    return _share_from_record(tc, comp, path), "cache"
+
+
+def _share_from_cache(path: Path, comp: str) -> Quantity:
+    from wattkd.teacher_cache.manifest import CacheError, read_cache_manifest
+    from wattkd.teacher_cache.usage import amortisation
+
+    try:
+        am = amortisation(path)
+        energy = read_cache_manifest(path).get("energy") or {}
+    except (CacheError, OSError, ValueError) as exc:
+        return Quantity.missing(f"teacher cache {path}: {exc}", "J")
+    users = len(am["users"])
+    e = (energy.get("components") or {}).get(comp)
+    src = (energy.get("sources") or {}).get(comp)
+    if e is None:
+        return Quantity.missing(f"teacher cache {path.name}: no {COMP_LABEL[comp]} energy "
+                                f"figure for its build", "J")
+    if not users:
+        return Quantity.missing(f"teacher cache {path.name}: no run registered in users.jsonl "
+                                "to share its energy", "J")
+    u = None
+    if comp == "gpu":
+        uncs = [s.get("uncertainty_j") for s in energy.get("sessions") or []]
+        u = math.fsum(uncs) if uncs and None not in uncs else None
+    q = Quantity(e / users, "J", None if u is None else u / users, src,
+                 is_estimated_source(src), note=f"cache energy {e:.6g} J / {users} runs")
+    if not energy.get("complete", True):
+        q = q.with_note("cache energy is a lower bound (a build session was not metered)")
+    return q
+
+
+def _share_from_record(tc: dict[str, Any], comp: str, path: str | None) -> Quantity:
     students = tc.get("students")
-    if not isinstance(students, int) or students < 1:
-        return Quantity.missing(f"teacher_cache.students is {students!r}; expected the number "
-                                "of students sharing the cache (>= 1)", "J"), "cache"
+    where = f"teacher cache folder {path} not found" if path else "no teacher cache path"
+    if not isinstance(students, int) or isinstance(students, bool) or students < 1:
+        return Quantity.missing(f"{where}, and run.json teacher_cache has no `students` count "
+                                "(>= 1) to amortise its energy over", "J")
     energy, source, unc = tc.get("energy_j"), tc.get("source"), tc.get("uncertainty_j")
     if isinstance(energy, dict):
-        e, src = energy.get(comp), (source or {}).get(comp) if isinstance(source, dict) else source
+        e = energy.get(comp)
+        src = source.get(comp) if isinstance(source, dict) else source
         u = unc.get(comp) if isinstance(unc, dict) else None
     elif isinstance(energy, int | float):
         src = source if isinstance(source, str) else None
-        src_comp = "gpu" if src == "nvml-counter" else "cpu" if src else None
-        e = energy if src_comp == comp else None
+        rec_comp = tc.get("component") or ("gpu" if src == "nvml-counter" else
+                                           "cpu" if src else None)
+        if rec_comp is None:
+            return Quantity.missing("run.json teacher_cache.energy_j has no source or component "
+                                    "label", "J")
+        e = energy if rec_comp == comp else None
         u = unc if isinstance(unc, int | float) else None
-        if src_comp is None:
-            return Quantity.missing("teacher_cache.energy_j has no source label", "J"), "cache"
     else:
         e, src, u = None, None, None
-    if e is None and tc.get("path") and (Path(tc["path"]) / "phases.jsonl").is_file():
-        phases = read_phases(Path(tc["path"]))
-        fig = ledger_e_run(phases, None, comp)
-        e, src, u = fig.value, fig.source, fig.uncertainty
     if e is None:
-        return Quantity.missing(f"teacher cache has no {COMP_LABEL[comp]} energy figure", "J"), \
-            "cache"
-    q = Quantity(e / students, "J", None if u is None else u / students, src,
-                 is_estimated_source(src), note=f"cache energy {e:.6g} J / {students} students")
-    return q, "cache"
+        return Quantity.missing(f"teacher cache record has no {COMP_LABEL[comp]} energy figure",
+                                "J")
+    return Quantity(e / students, "J", None if u is None else u / students, src,
+                    is_estimated_source(src) or bool(tc.get("estimated")),
+                    note=f"cache energy {e:.6g} J / {students} students")
 
 
 # ------------------------------------------------------------------------------- quality
@@ -379,7 +426,7 @@ def choose_suite(students: Sequence[RunData], teacher: RunData) -> str | None:
             counts[s] += 2 if r is teacher else 1
     if not counts:
         return None
-    return sorted(counts, key=lambda s: (-counts[s], s))[0]
+    return min(counts, key=lambda s: (-counts[s], s))
 
 
 # ----------------------------------------------------------------------------------- EPT
@@ -422,7 +469,9 @@ def ept_points(run: RunData, comp: str) -> list[EptPoint]:
 
         pts.append(EptPoint(int(r["batch_size"]), q("ept_in_j", "input_tokens"),
                             q("ept_out_j", "output_tokens"), q("ept_total_j", "total_tokens"),
-                            q("dynamic_ept_total_j", "total_tokens")))
+                            q("dynamic_ept_total_j", "total_tokens"),
+                            q("dynamic_ept_in_j", "input_tokens"),
+                            q("dynamic_ept_out_j", "output_tokens")))
     return sorted(pts, key=lambda p: p.batch_size)
 
 
@@ -465,9 +514,10 @@ def _run_result(run: RunData, comps: Sequence[str], basis: str) -> RunResult:
         e[c], f = phase_energy(run, "train", c)
         if c == basis:
             fig = f
-    tokens = fig.tokens if fig is not None else None
-    if not tokens and isinstance(run.info.get("tokens"), int) and fig is not None:
-        tokens = run.info["tokens"]
+    # every host's record carries the global token count (train.py adds tokens x world size)
+    train_recs = [r for r in run.phases or [] if r.get("kind", "phase") == "phase"
+                  and r.get("phase") == "train"]
+    tokens = _tokens(train_recs) if train_recs else None
     if e[basis].ok and tokens:
         v = ledger_ept(e[basis].value, tokens)
         q = e[basis]
@@ -495,11 +545,11 @@ def analyze(students: Sequence[RunData], teacher: RunData, *, ept_batch: int | N
            for r in list(students) + [teacher]):
         comps.append("dram")
     basis = "gpu"
-    if not any(phase_energy(r, "train", "gpu")[0].ok for r in students):
-        if any(phase_energy(r, "train", "cpu")[0].ok for r in students):
-            basis = "cpu"
-            warnings.append("no student run has GPU energy: derived figures (EPT, E_total, "
-                            "Eff_overall, J per point) use CPU energy")
+    if not any(phase_energy(r, "train", "gpu")[0].ok for r in students) \
+            and any(phase_energy(r, "train", "cpu")[0].ok for r in students):
+        basis = "cpu"
+        warnings.append("no student run has GPU energy: derived figures (EPT, E_total, "
+                        "Eff_overall, J per point) use CPU energy")
     students = sorted(students, key=lambda r: (KIND_ORDER.get(r.kind, 5), r.method, r.repeat,
                                                r.label))
     results = [_run_result(r, comps, basis) for r in students]
@@ -568,6 +618,10 @@ def analyze(students: Sequence[RunData], teacher: RunData, *, ept_batch: int | N
         else:
             rr.ept_at = Quantity.missing(rr.run.gaps.get("ept", "no EPT result"), "J/token")
         rr.j_per_point = _j_per_point(rr.e_total, rr.quality)
+    for rr in results:
+        for what, q in (("quality", rr.quality), ("EPT", rr.ept_at)):
+            if q.gap and "refusing to compare" in q.gap:
+                warnings.append(f"{rr.label}: {what} not compared with the teacher — {q.gap}")
     if not tres.ept_at.ok:
         warnings.append(f"teacher EPT unavailable ({tres.ept_at.gap}): Eff_overall cannot be "
                         "computed")
@@ -608,10 +662,12 @@ def _e_avg(runs: Sequence[RunResult], basis: str) -> tuple[Quantity, Spread | No
     if missing:
         return Quantity.missing("E_avg needs every repeat's energy; missing: " + "; ".join(
             f"{r.label} ({r.e_run[basis].gap})" for r in runs if not r.e_run[basis].ok), "J"), None
-    mean, _std, _n = ledger_e_avg([q.value for q in qs])
-    q, sp = mean_quantity(qs, "J", what="E_run", names=[r.label for r in runs])
-    assert sp is not None and math.isclose(mean, sp.mean, rel_tol=1e-12)
-    return q, sp
+    values = [q.value for q in qs]
+    mean, std, n = ledger_e_avg(values)
+    uncs = [q.unc for q in qs]
+    q = Quantity(mean, "J", None if None in uncs else math.fsum(uncs) / n,  # type: ignore[arg-type]
+                 source=_merge(qs), estimated=any(x.estimated for x in qs))
+    return q, Spread(mean, std, min(values), max(values), n)  # type: ignore[type-var]
 
 
 def _configs(results: Sequence[RunResult], basis: str) -> list[ConfigResult]:
@@ -686,40 +742,40 @@ def definitions(a: Analysis) -> list[tuple[str, str]]:
     b = a.basis_label
     q = a.quality_label
     out = [
-        ("E_run", "Energy of a run's `train` windows in the energy ledger (phases.jsonl): the "
-                  "sum over devices of counter end − start, summed over resumed sessions and "
-                  "hosts, in J. GPU (NVML counter) and CPU (RAPL, or `estimated` from CPU time) "
-                  "are reported side by side and never added."),
-        ("E_avg", "Mean E_run over the repeats of one configuration (or over a method's runs). "
-                  "Spread: sample standard deviation (n − 1) and min–max. ± is the mean "
-                  "measurement uncertainty. Refused (—) when any repeat has no energy."),
+        ("E_run", ("Energy of a run's `train` windows in the energy ledger (phases.jsonl): the "
+                   "sum over devices of counter end − start, summed over resumed sessions and "
+                   "hosts, in J. GPU (NVML counter) and CPU (RAPL, or `estimated` from CPU time) "
+                   "are reported side by side and never added.")),
+        ("E_avg", ("Mean E_run over the repeats of one configuration (or over a method's runs). "
+                   "Spread: sample standard deviation (n − 1) and min–max. ± is the mean "
+                   "measurement uncertainty. Refused (—) when any repeat has no energy.")),
         ("EPT_train", "E_run / tokens trained in the `train` windows, J/token."),
-        ("EPT (inference)", "From ept.json (warm-up excluded): EPT_in = E / input tokens, "
-                            "EPT_out = E / output tokens, EPT_total = E / all tokens; dynamic "
-                            "EPT = (E − idle power × duration) / tokens."),
-        ("E_total", "E_run + the run's share of the teacher-cache energy (cache energy / number "
-                    "of students sharing the cache, from run.json `teacher_cache`). Online "
-                    "teachers are already inside E_run; the baseline has no teacher cost. "
-                    "Evaluation and EPT phases are listed in the phase table, not in E_total."),
-        ("OM_perf", "OM_perf(S) = mean over tasks t of s_t(S) / s_t(T), only when S and the "
-                    "teacher T share the protocol hash (else refused, naming what differs). "
-                    "OM_perf(method) = mean over its students (run directories). ± from the "
-                    "tasks' stderr, propagated in quadrature."),
-        ("OM_ppl", "Used only when no run has task scores: ppl(T) / ppl(S) = exp(nll_T − nll_S) "
-                   "on the same held-out tokens (same protocol hash). 1 = as good as the "
-                   "teacher. Not comparable with OM_perf."),
-        ("Eff_overall", "Eff_overall(method) = (1/K) Σ_i OM(S_i) × EPT(T) / EPT(S_i), EPT = "
-                        f"inference EPT_total at batch size {a.ept_batch} ({a.ept_batch_note}); "
-                        "K = students with both figures (others named in a footnote)."),
-        ("Energy per retained point", "E_total / (100 × OM): joules per percentage point of "
-                                      "teacher quality retained (method: mean E_total / "
-                                      "(100 × OM(method)))."),
-        ("Uncertainty", "± is the energy ledger's measurement uncertainty (counter quantisation "
-                        "at window edges + sensor gain error), added linearly over windows "
-                        "(errors of one device are correlated) and as relative errors over "
-                        "ratios. Estimated CPU figures carry no characterised uncertainty."),
-        ("This report", f"energy basis for derived figures: {b}; quality basis: {q}"
-                        + (f" (suite {a.suite!r})" if a.suite else "") + "; gaps are shown as "
-                        "— with a numbered reason, never as 0."),
+        ("EPT (inference)", ("From ept.json (warm-up excluded): EPT_in = E / input tokens, "
+                             "EPT_out = E / output tokens, EPT_total = E / all tokens; dynamic "
+                             "EPT = (E − idle power × duration) / tokens.")),
+        ("E_total", ("E_run + the run's share of the teacher-cache energy (cache energy / number "
+                     "of students sharing the cache, from run.json `teacher_cache`). Online "
+                     "teachers are already inside E_run; the baseline has no teacher cost. "
+                     "Evaluation and EPT phases are listed in the phase table, not in E_total.")),
+        ("OM_perf", ("OM_perf(S) = mean over tasks t of s_t(S) / s_t(T), only when S and the "
+                     "teacher T share the protocol hash (else refused, naming what differs). "
+                     "OM_perf(method) = mean over its students (run directories). ± from the "
+                     "tasks' stderr, propagated in quadrature.")),
+        ("OM_ppl", ("Used only when no run has task scores: ppl(T) / ppl(S) = exp(nll_T − nll_S) "
+                    "on the same held-out tokens (same protocol hash). 1 = as good as the "
+                    "teacher. Not comparable with OM_perf.")),
+        ("Eff_overall", ("Eff_overall(method) = (1/K) Σ_i OM(S_i) × EPT(T) / EPT(S_i), EPT = "
+                         f"inference EPT_total at batch size {a.ept_batch} ({a.ept_batch_note}); "
+                         "K = students with both figures (others named in a footnote).")),
+        ("Energy per retained point", ("E_total / (100 × OM): joules per percentage point of "
+                                       "teacher quality retained (method: mean E_total / "
+                                       "(100 × OM(method))).")),
+        ("Uncertainty", ("± is the energy ledger's measurement uncertainty (counter quantisation "
+                         "at window edges + sensor gain error), added linearly over windows "
+                         "(errors of one device are correlated) and as relative errors over "
+                         "ratios. Estimated CPU figures carry no characterised uncertainty.")),
+        ("This report", (f"energy basis for derived figures: {b}; quality basis: {q}"
+                         + (f" (suite {a.suite!r})" if a.suite else "") + "; gaps are shown as "
+                         "— with a numbered reason, never as 0.")),
     ]
     return out

@@ -121,7 +121,7 @@ def _json(path: Path) -> dict[str, Any]:
     except ValueError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")  # noqa: TRY004
     return data
 
 
@@ -274,5 +274,5 @@ def collect(runs: list[Path], teacher: Path) -> tuple[list[RunData], RunData]:
     t.info.setdefault("method", "teacher")
     for r in students + [t]:
         for what, reason in r.gaps.items():
-            log.info("%s: %s: %s", r.label, what, reason)
+            log.debug("%s: %s: %s", r.label, what, reason)
     return students, t

@@ -27,7 +27,8 @@ h1{margin:.2em 0}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom
 .warn li{margin:.2em 0}nav a{margin-right:1em}
 table{border-collapse:collapse;margin:.6em 0;font-size:13px;display:block;overflow-x:auto}
 th,td{border:1px solid #d0d0d0;padding:4px 8px;text-align:right;white-space:nowrap}
-th{background:#f3f3f3;cursor:pointer;user-select:none;position:sticky;top:0}
+th{background:#f3f3f3;cursor:pointer;user-select:none;white-space:normal;min-width:3.5em;
+vertical-align:bottom}
 th.txt,td.txt{text-align:left}th[aria-sort=ascending]::after{content:" ▲"}
 th[aria-sort=descending]::after{content:" ▼"}
 td.gap{color:#b00020}td.est{background:#fffbe6}sup a{text-decoration:none}
@@ -118,7 +119,7 @@ def figure_html(p: Plot) -> str:
 def inputs_html(a: Analysis) -> str:
     rows = []
     for r in [*a.students, a.teacher]:
-        for what, why in sorted(r.run.gaps.items()):
+        for what, why in a.missing_inputs(r).items():
             rows.append(f'<tr><td class="txt">{_e(r.label)}</td><td class="txt">{_e(what)}</td>'
                         f'<td class="txt gap">{_e(why)}</td></tr>')
     if not rows:

@@ -47,8 +47,9 @@ def figure_md(p: Plot) -> str:
 def render(a: Analysis, tables: Sequence[Table], plots: Sequence[Plot], *,
            title: str = "wattkd report") -> str:
     out = [f"# {title}", "",
-           f"{len(a.students)} student runs, {len(a.methods)} methods; teacher: "
-           f"`{a.teacher.run.path}`; energy basis: {a.basis_label}; quality: {a.quality_label}.",
+           (f"{len(a.students)} student runs, {len(a.methods)} methods; teacher: "
+            f"`{a.teacher.run.path}`; energy basis: {a.basis_label}; quality: "
+            f"{a.quality_label}."),
            ""]
     if a.warnings:
         out += ["> **Read first**", ">"] + [f"> - {w}" for w in a.warnings] + [""]
@@ -56,7 +57,7 @@ def render(a: Analysis, tables: Sequence[Table], plots: Sequence[Plot], *,
     out += ["## Figures", ""] + [figure_md(p) for p in plots]
     out += ["## Missing inputs", ""]
     rows = [(r.label, what, why) for r in [*a.students, a.teacher]
-            for what, why in sorted(r.run.gaps.items())]
+            for what, why in a.missing_inputs(r).items()]
     if rows:
         out += ["| Run | Input | Reason |", "|:---|:---|:---|"]
         out += [f"| {_cell(a_)} | {_cell(b)} | {_cell(c)} |" for a_, b, c in rows]

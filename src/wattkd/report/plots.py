@@ -84,7 +84,7 @@ def energy_source_text(qs: Sequence[Quantity], component: str) -> str:
 def _footer(fig: Any, text: str, *, bottom: float = 0.12, left: float = 0.1,
             top: float = 0.92) -> None:
     """Source/uncertainty line under the axes (manual layout: tight bbox doubles render time)."""
-    lines = textwrap.wrap(text, width=int(fig.get_figwidth() * 19))
+    lines = textwrap.wrap(text, width=int(fig.get_figwidth() * 16))
     inch = 1 / fig.get_figheight()
     fig.subplots_adjust(bottom=bottom + (0.16 * len(lines) + 0.1) * inch, left=left, right=0.97,
                         top=top)
@@ -180,11 +180,12 @@ def phase_bars(a: Analysis) -> Plot:
                     else 0.0)
     ax.errorbar(range(len(drawn)), bottoms, yerr=errs, fmt="none", color="black", capsize=3)
     ax.set_xticks(range(len(drawn)), [r.label for r in drawn], rotation=30, ha="right")
+    ax.set_axisbelow(True)
     ax.set_ylabel(_energy_axis(a, "energy"))
     ax.set_title(plot.title)
     ax.legend(title="phase", fontsize=7.5)
     qs = [p.energy[a.basis] for r in drawn for p in r.phases]
-    _footer(fig, energy_source_text(qs, a.basis), bottom=0.3)
+    _footer(fig, energy_source_text(qs, a.basis), bottom=0.2)
     return _render(fig, plot)
 
 
@@ -197,27 +198,26 @@ def _thin(xs: list[float], *ys: list[Any]) -> tuple[list[float], ...]:
 
 def power_traces(a: Analysis) -> list[Plot]:
     """One figure per run: GPU power (W) and utilisation (%) over time, one line per GPU."""
+    return [_power_trace(r) for r in [*a.students, a.teacher]]
+
+
+def _power_trace(r: RunResult) -> Plot:
     from wattkd.energy.metrics import read_telemetry
 
-    out = []
-    for r in [*a.students, a.teacher]:
-        name = "power_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", r.label)
-        plot = Plot(name, f"Power and utilisation — {r.label}",
-                    "Per-GPU board power and utilisation from the telemetry sampler, over time "
-                    "since the first sample (all hosts).")
-        gap = r.run.gaps.get("telemetry")
-        if gap:
-            plot.gap = gap
-            out.append(plot)
-            continue
-        try:
-            tel = read_telemetry(r.run.path)
-        except (ValueError, FileNotFoundError) as exc:
-            plot.gap = f"telemetry unreadable: {exc}"
-            out.append(plot)
-            continue
-        out.append(_trace_figure(plot, tel))
-    return out
+    name = "power_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", r.label)
+    plot = Plot(name, f"Power and utilisation — {r.label}",
+                "Per-GPU board power and utilisation from the telemetry sampler, over time "
+                "since the first sample (all hosts).")
+    gap = r.run.gaps.get("telemetry")
+    if gap:
+        plot.gap = gap
+        return plot
+    try:
+        tel = read_telemetry(r.run.path)
+    except (ValueError, FileNotFoundError) as exc:
+        plot.gap = f"telemetry unreadable: {exc}"
+        return plot
+    return _trace_figure(plot, tel)
 
 
 def _trace_figure(plot: Plot, tel: Any) -> Plot:
@@ -265,7 +265,9 @@ def _trace_figure(plot: Plot, tel: Any) -> Plot:
                  transform=ax1.transAxes, ha="center", va="center", color="#d62728")
     src = ", ".join(sorted(power_src)) or "none"
     ax1.set_ylabel("board power [W]")
+    ax1.set_ylim(bottom=0)
     ax2.set_ylabel("utilisation [%]")
+    ax2.set_ylim(0, 105)
     ax2.set_xlabel("time since first sample [s]")
     ax1.set_title(plot.title)
     if series:
@@ -299,15 +301,23 @@ def ept_vs_batch(a: Analysis) -> Plot:
                     yerr=[q.unc or 0 for _, q in pts], marker="o", ms=4, capsize=2,
                     lw=2 if r is a.teacher else 1, color=_colour(r.run.kind, i),
                     ls=["-", "--", ":", "-."][same % 4], label=r.label)
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    sizes = sorted({b for r in drawn for b in r.ept})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xlabel("batch size [sequences]")
     ax.set_ylabel(_energy_axis(a, "EPT_total", "J/token"))
     ax.set_title(plot.title)
     ax.legend(fontsize=7.5)
     qs = [p.ept_total for r in drawn for p in r.ept.values()]
     _footer(fig, energy_source_text(qs, a.basis)
-            + (f"; Eff_overall uses batch size {a.ept_batch}" if a.ept_batch else ""))
+            + (f"; Eff_overall uses batch size {a.ept_batch}" if a.ept_batch else ""), left=0.13)
     return _render(fig, plot)
 
 
@@ -365,9 +375,14 @@ def _logged_components(a: Analysis) -> str:
     return " + ".join(parts) if parts else "source unknown"
 
 
-def build_plots(a: Analysis) -> list[Plot]:
-    plots = [energy_vs_quality(a), phase_bars(a), ept_vs_batch(a), loss_vs_energy(a)]
-    plots += power_traces(a)
-    return plots
+def build_plots(a: Analysis, *, progress: bool = True) -> list[Plot]:
+    """Every figure of the report, in report order (a rich progress bar: each takes ~1 s)."""
+    from wattkd.energy.metrics import read_telemetry  # noqa: F401 - fail early if missing
 
+    jobs: list[Any] = [energy_vs_quality, phase_bars, ept_vs_batch, loss_vs_energy]
+    jobs += [lambda a, r=r: _power_trace(r) for r in [*a.students, a.teacher]]
+    if not progress:
+        return [job(a) for job in jobs]
+    from rich.progress import track
 
+    return [job(a) for job in track(jobs, description="report figures", transient=True)]

@@ -145,12 +145,18 @@ def methods_table(a: Analysis) -> Table:
     for m in a.methods:
         sp = m.e_spread
         t.add(method=m.method, kind=m.kind, k=len(m.runs), e_avg=m.e_avg,
-              e_std=_std_q(sp, m.e_avg), e_range=(f"{fmt_number(sp.min)}–{fmt_number(sp.max)}"
-                                                  if sp else GAP_MARK),
+              e_std=_std_q(sp, m.e_avg),
+              e_range=(f"{fmt_number(sp.min)}–{fmt_number(sp.max)}"
+                       + (" (estimated)" if m.e_avg.estimated else "") if sp else m.e_avg),
               e_total=m.e_total, quality=m.om,
               quality_std=_std_q(m.om_spread, m.om, unit=""), eff=m.eff, k_eff=m.k_eff,
               j_per_point=m.j_per_point)
     return t
+
+
+def _like(value: float, base: Quantity) -> Quantity:
+    """A figure derived from `base` (min, max of its values): same unit, source, estimate."""
+    return Quantity(value, base.unit, source=base.source, estimated=base.estimated)
 
 
 def _std_q(sp: Any, base: Quantity, unit: str = "J") -> Quantity:
@@ -192,9 +198,10 @@ def runs_table(a: Analysis) -> Table:
     for r in [*a.students, a.teacher]:
         cells: dict[str, Cell] = {
             "run": r.label, "method": r.run.method, "kind": r.run.kind, "student": r.student,
-            "repeat": r.run.repeat if r.run.kind != "teacher" else None,
+            "repeat": r.run.repeat if r.run.kind != "teacher" else "n/a",
             "status": r.run.status, "sources": _sources(r),
-            "tokens": r.tokens_train if r.tokens_train else None,
+            "tokens": r.tokens_train if r.tokens_train else Quantity.missing(
+                r.e_run[a.basis].gap or "no tokens recorded in the train windows"),
             "ept_train": r.ept_train,
             "cache_share": r.cache_share if r.cache_share is not None else r.cache_note,
             "e_total": r.e_total, "quality": r.quality, "j_per_point": r.j_per_point}
@@ -233,8 +240,8 @@ def configs_table(a: Analysis) -> Table:
         sp = c.e_spread
         t.add(method=c.method, kind=c.kind, student=c.student, r=len(c.runs), e_avg=c.e_avg,
               e_std=_std_q(sp, c.e_avg),
-              e_min=Quantity(sp.min, "J") if sp else Quantity.missing(c.e_avg.gap or "", "J"),
-              e_max=Quantity(sp.max, "J") if sp else Quantity.missing(c.e_avg.gap or "", "J"),
+              e_min=_like(sp.min, c.e_avg) if sp else c.e_avg,
+              e_max=_like(sp.max, c.e_avg) if sp else c.e_avg,
               ept_train=c.ept_train)
     return t
 
@@ -252,13 +259,13 @@ def phases_table(a: Analysis) -> Table:
               "'Above idle' subtracts idle power × duration (dynamic energy).", cols)
     for r in [*a.students, a.teacher]:
         if not r.phases:
-            t.add(run=r.label, phase=GAP_MARK, **{f"e_{c}": Quantity.missing(
-                r.run.gaps.get("phases", "no phase windows"), "J") for c in comps})
+            gap = Quantity.missing(r.run.gaps.get("phases", "no phase windows"))
+            t.add(run=r.label, phase=GAP_MARK, **{c.key: gap for c in cols if c.numeric})
             continue
         for p in r.phases:
             cells: dict[str, Cell] = {"run": r.label, "phase": p.phase, "windows": p.records,
                                       "duration_s": round(p.duration_s, 3),
-                                      "tokens": p.tokens or None}
+                                      "tokens": p.tokens}
             for c in comps:
                 cells[f"e_{c}"] = p.energy[c]
                 cells[f"dyn_{c}"] = p.dynamic[c]
@@ -277,15 +284,19 @@ def ept_table(a: Analysis) -> Table:
                Column("batch", "Batch size"), Column("ept_in", f"EPT_in ({b})", "J/token"),
                Column("ept_out", f"EPT_out ({b})", "J/token"),
                Column("ept_total", f"EPT_total ({b})", "J/token"),
-               Column("ept_dyn", f"EPT_total dynamic ({b})", "J/token")])
+               Column("ept_dyn", f"EPT_total dynamic ({b})", "J/token"),
+               Column("ept_dyn_in", f"EPT_in dynamic ({b})", "J/token"),
+               Column("ept_dyn_out", f"EPT_out dynamic ({b})", "J/token")])
     for r in [a.teacher, *a.students]:
         if not r.ept:
-            t.add(run=r.label, method=r.run.method, batch=None,
-                  ept_total=Quantity.missing(r.run.gaps.get("ept", "no EPT result"), "J/token"))
+            gap = Quantity.missing(r.run.gaps.get("ept", "no EPT result"), "J/token")
+            t.add(run=r.label, method=r.run.method, batch=gap, ept_in=gap, ept_out=gap,
+                  ept_total=gap, ept_dyn=gap, ept_dyn_in=gap, ept_dyn_out=gap)
             continue
         for bs, p in sorted(r.ept.items()):
             t.add(run=r.label, method=r.run.method, batch=bs, ept_in=p.ept_in, ept_out=p.ept_out,
-                  ept_total=p.ept_total, ept_dyn=p.ept_dynamic)
+                  ept_total=p.ept_total, ept_dyn=p.ept_dynamic, ept_dyn_in=p.ept_dynamic_in,
+                  ept_dyn_out=p.ept_dynamic_out)
     return t
 
 
@@ -315,9 +326,8 @@ def quality_table(a: Analysis) -> Table:
             cells[f"s:{task}"] = r.task_scores.get(task, Quantity.missing(
                 f"no score for {task}" if r.task_scores else
                 (r.quality.gap or "no evaluation")))
-            if r is not a.teacher:
-                cells[f"r:{task}"] = r.task_ratios.get(task, Quantity.missing(
-                    r.quality.gap or "no ratio"))
+            cells[f"r:{task}"] = "reference" if r is a.teacher else r.task_ratios.get(
+                task, Quantity.missing(r.quality.gap or "no ratio"))
         if a.quality_basis == "perplexity":
             doc = r.run.perplexity
             v = doc.get("perplexity") if doc else None

@@ -175,6 +175,11 @@ def build_graph(cfg: ExperimentConfig, only: set[str] | None = None) -> list[Sta
         kept = {j.key for j in jobs}
         for j in jobs:
             j.deps = [d for d in j.deps if d.key in kept]
+    if cfg.teacher.model is None and cfg.teacher.pretrain is None and any(
+            j.method == "teacher" for j in jobs):
+        raise SlurmError("teacher.build without teacher.pretrain: there are no teacher weights "
+                         "for the teacher's eval/EPT jobs (and the report needs them); set "
+                         "teacher.pretrain or teacher.model")
     for j in jobs:  # stable order, no duplicates
         seen: dict[Dep, None] = {}
         for d in j.deps:

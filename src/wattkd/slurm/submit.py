@@ -21,7 +21,6 @@ import logging
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -182,5 +181,3 @@ def _refuse_if_active(jobs_file: Path) -> None:
     jobs_file.rename(jobs_file.with_name(f"jobs-{stamp}.json"))
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use `wattkd slurm submit`")

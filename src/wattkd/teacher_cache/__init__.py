@@ -17,6 +17,18 @@ from wattkd.teacher_cache.spec import CacheSpec, SpecError, parse_signals
 from wattkd.teacher_cache.usage import amortisation, cache_users, record_cache_use
 from wattkd.teacher_cache.writer import build_cache, plan_cache
 
-__all__ = ["build_cache", "plan_cache", "check_cache", "CachedTeacher", "CacheReader",
-           "CacheError", "SpecError", "CacheSpec", "parse_signals", "read_cache_manifest",
-           "record_cache_use", "cache_users", "amortisation"]
+__all__ = [
+           "CacheError",
+           "CacheReader",
+           "CacheSpec",
+           "CachedTeacher",
+           "SpecError",
+           "amortisation",
+           "build_cache",
+           "cache_users",
+           "check_cache",
+           "parse_signals",
+           "plan_cache",
+           "read_cache_manifest",
+           "record_cache_use",
+]

@@ -18,7 +18,7 @@ from wattkd.distill.teacher import decoder_forward, logit_softcap, pool
 from wattkd.models import unwrap
 from wattkd.teacher_cache.spec import CacheSpec
 
-__all__ = ["TeacherBatch", "teacher_batch", "topk_logprobs", "hidden_positions"]
+__all__ = ["TeacherBatch", "hidden_positions", "teacher_batch", "topk_logprobs"]
 
 
 @dataclass

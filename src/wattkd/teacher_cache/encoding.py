@@ -30,9 +30,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["PACKED_SCALE", "id_bytes", "to_planes", "from_planes", "topk_columns",
-           "encode_topk", "decode_topk", "encode_hidden", "decode_hidden", "encode_f32",
-           "decode_f32", "TopKArrays"]
+__all__ = [
+    "PACKED_SCALE",
+    "TopKArrays",
+    "decode_f32",
+    "decode_hidden",
+    "decode_topk",
+    "encode_f32",
+    "encode_hidden",
+    "encode_topk",
+    "from_planes",
+    "id_bytes",
+    "to_planes",
+    "topk_columns",
+]
 
 # Log-prob grid of the `packed` encoding: codes per nat (step 1/64 nat = ~1.6% in probability,
 # max error half of that). Measured to keep the forward-KL loss within 1e-3 relative of the
@@ -121,7 +132,7 @@ def encode_topk(encoding: str, ids: torch.Tensor, logprobs: torch.Tensor,
     if torch.isnan(logprobs).any() or torch.isnan(tail).any():
         raise ValueError("teacher log-probs contain NaN: the teacher forward is broken (check "
                          "teacher.dtype; fp16 overflows in some models, use bfloat16)")
-    n, seq, k = ids.shape
+    n = ids.shape[0]
     out: dict[str, list[bytes]] = {"topk_tail": encode_f32(tail)}
     if encoding == "raw":
         i32 = ids.to(torch.int32).cpu().numpy().astype("<i4").reshape(n, -1)

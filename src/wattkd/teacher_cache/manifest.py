@@ -38,9 +38,20 @@ from typing import Any
 
 from wattkd.atomic import atomic_write_json
 
-__all__ = ["FORMAT", "VERSION", "MANIFEST", "STATE", "CacheError", "read_cache_manifest",
-           "write_cache_manifest", "teacher_fingerprint", "file_sha256", "manifest_sha256",
-           "part_name", "IDENTITY_KEYS"]
+__all__ = [
+    "FORMAT",
+    "IDENTITY_KEYS",
+    "MANIFEST",
+    "STATE",
+    "VERSION",
+    "CacheError",
+    "file_sha256",
+    "manifest_sha256",
+    "part_name",
+    "read_cache_manifest",
+    "teacher_fingerprint",
+    "write_cache_manifest",
+]
 
 FORMAT = "wattkd-teacher-cache"
 VERSION = 1

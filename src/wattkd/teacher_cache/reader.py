@@ -49,11 +49,6 @@ def check_cache(cfg: ExperimentConfig, shards_path: Path, *,
     shards_path = Path(shards_path)
     shard_sha = sha256_file(shards_path / "manifest.json")
     ident = m["identity"]
-    if ident["shards_sha256"] != shard_sha:
-        raise CacheError(f"teacher cache {root} was built from other shards "
-                         f"({m['shards']['path']}, manifest sha256 "
-                         f"{ident['shards_sha256'][:12]}…) than {shards_path} "
-                         f"({shard_sha[:12]}…); rebuild it with `wattkd teacher cache`")
     shard_tok = read_manifest(shards_path)["tokenizer"]
     if ident["tokenizer_sha256"] != shard_tok["sha256"]:
         raise CacheError(f"teacher cache {root} was built with another tokenizer "
@@ -61,6 +56,11 @@ def check_cache(cfg: ExperimentConfig, shards_path: Path, *,
                          f"{ident['tokenizer_sha256'][:12]}…) than the shards "
                          f"{shards_path} ({shard_tok.get('name')!r}, "
                          f"{shard_tok['sha256'][:12]}…)")
+    if ident["shards_sha256"] != shard_sha:
+        raise CacheError(f"teacher cache {root} was built from other shards "
+                         f"({m['shards']['path']}, manifest sha256 "
+                         f"{ident['shards_sha256'][:12]}…) than {shards_path} "
+                         f"({shard_sha[:12]}…); rebuild it with `wattkd teacher cache`")
     vocab = int(m["teacher"]["vocab"])
     now = teacher_fingerprint(cfg, teacher_path(cfg), vocab)
     if ident["teacher_fingerprint"] != now["fingerprint"]:

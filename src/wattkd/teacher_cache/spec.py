@@ -19,8 +19,16 @@ from dataclasses import dataclass
 
 from wattkd.config import ExperimentConfig
 
-__all__ = ["CacheSpec", "SpecError", "parse_signals", "default_spec", "resolve_spec",
-           "ENCODINGS", "DEFAULT_ENCODING", "HIDDEN_DTYPES"]
+__all__ = [
+    "DEFAULT_ENCODING",
+    "ENCODINGS",
+    "HIDDEN_DTYPES",
+    "CacheSpec",
+    "SpecError",
+    "default_spec",
+    "parse_signals",
+    "resolve_spec",
+]
 
 ENCODINGS = ("raw", "fp16", "packed")
 DEFAULT_ENCODING = "packed"

@@ -26,8 +26,14 @@ from wattkd.teacher_cache.manifest import CacheError, manifest_sha256, read_cach
 
 log = logging.getLogger(__name__)
 
-__all__ = ["session_energy", "summarize_energy", "record_cache_use", "cache_users",
-           "amortisation", "USERS"]
+__all__ = [
+    "USERS",
+    "amortisation",
+    "cache_users",
+    "record_cache_use",
+    "session_energy",
+    "summarize_energy",
+]
 
 USERS = "users.jsonl"
 COMPONENTS = ("gpu", "cpu", "dram")

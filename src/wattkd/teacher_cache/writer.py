@@ -35,14 +35,23 @@ from wattkd.atomic import atomic_write_json
 from wattkd.config import ExperimentConfig
 from wattkd.teacher_cache import encoding as enc
 from wattkd.teacher_cache.compute import TeacherBatch, hidden_positions, teacher_batch
-from wattkd.teacher_cache.manifest import (FORMAT, MANIFEST, STATE, VERSION, CacheError,
-                                           file_sha256, part_name, read_cache_manifest,
-                                           teacher_fingerprint, write_cache_manifest)
+from wattkd.teacher_cache.manifest import (
+    FORMAT,
+    MANIFEST,
+    STATE,
+    VERSION,
+    CacheError,
+    file_sha256,
+    part_name,
+    read_cache_manifest,
+    teacher_fingerprint,
+    write_cache_manifest,
+)
 from wattkd.teacher_cache.spec import CacheSpec, resolve_spec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_cache", "plan_cache", "CachePlan", "ZSTD_LEVEL", "ROW_GROUP_BYTES"]
+__all__ = ["ROW_GROUP_BYTES", "ZSTD_LEVEL", "CachePlan", "build_cache", "plan_cache"]
 
 ZSTD_LEVEL = 3                # measured: higher levels gain < 2% on top-k columns, cost time
 ROW_GROUP_BYTES = 1 << 20     # target encoded bytes per row group: cheap random reads
@@ -200,7 +209,7 @@ def _teacher_config(cfg: ExperimentConfig, path: str | None, vocab: int) -> Any:
                                               trust_remote_code=t.trust_remote_code)
     except CacheError:
         raise
-    except Exception as exc:  # noqa: BLE001 - re-raised with the teacher named
+    except Exception as exc:
         raise CacheError(f"cannot read the teacher's config ({path or 'teacher.build'}): "
                          f"{type(exc).__name__}: {exc}") from exc
     return conf.get_text_config() if hasattr(conf, "get_text_config") else conf
@@ -377,8 +386,8 @@ def _write_part(plan: CachePlan, teacher: Any, root: Path, index: int, row_start
 
     def flush(rows: int) -> None:
         chunk = {k: v[:rows] for k, v in pending.items()}
-        for k in pending:
-            del pending[k][:rows]
+        for v in pending.values():
+            del v[:rows]
         table = pa.table({k: pa.array(v, schema.field(k).type) for k, v in chunk.items()},
                          schema=schema)
         futures.append(pool.submit(writer.write_table, table, row_group_size=rows))
@@ -537,7 +546,7 @@ def _version(name: str) -> str | None:
 
 
 class _NoBar:
-    def __enter__(self) -> _NoBar:
+    def __enter__(self) -> _NoBar:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -553,8 +562,14 @@ class _NoBar:
 def _progress(enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
-    from rich.progress import (BarColumn, Progress, ProgressColumn, TaskProgressColumn,
-                               TextColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        ProgressColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
     from rich.text import Text
 
     class _Speed(ProgressColumn):

@@ -1,9 +1,10 @@
 """Data loaders for wattkd's offline lm-eval tasks (local MMLU JSONL, BIG-bench task.json).
 
-lm-eval calls these through `custom_dataset: !function utils.<name>` with the TaskManager's
-metadata (where wattkd puts the data paths, under the keys below) and the task's
-`dataset_kwargs` as keyword arguments. This file imports nothing from wattkd, so the task
-folder also works with the plain lm-eval CLI:
+lm-eval calls these through `custom_dataset: !function wattkd.eval.tasks.utils.<name>` (the
+importable module, so errors raised here are the `TaskDataError` wattkd callers catch) with the
+TaskManager's metadata (where wattkd puts the data paths, under the keys below) and the task's
+`dataset_kwargs` as keyword arguments. With wattkd installed, the task folder also works with
+the plain lm-eval CLI:
 
     lm_eval --include_path <this folder> --tasks wattkd_mmlu_mini \
             --metadata '{"wattkd_mmlu_path": "/data/mmlu_test.jsonl"}' ...

@@ -1,0 +1,342 @@
+"""KD training throughput on one GPU: wattkd vs TRL GKDTrainer vs a naive full-logit loop.
+
+    python benchmarks/kd_throughput.py --out DIR [--impls wattkd,wattkd_topk,trl,naive]
+
+Pair: a Gemma 3 270M-shaped teacher (vocab 262,144, 18 layers, hidden 640; random init,
+seeded: speed does not depend on weight values) and a 6-layer student copied from its layers
+0,3,6,9,12,17 — the pair of ../shared/DESIGN.md. bf16 compute, seq 1024, AdamW, forward KL.
+All implementations get the same random token ids already on the GPU, so data loading is
+excluded for every one of them equally.
+
+  wattkd       wattkd's DistillObjective + OnlineTeacher (what `wattkd train` runs): fused,
+               chunked logit loss; student fp32 master weights under bf16 autocast.
+  wattkd_topk  the same student step fed by top-k teacher tensors (k=64) as the teacher cache
+               provides them (cache read excluded; no teacher forward).
+  trl          TRL GKDTrainer as plain off-policy forward KL (beta=0, lmbda=0, no generation).
+  naive        full [tokens x vocab] fp32 logits for teacher and student (the original code).
+
+For each implementation the batch sizes are tried in order until one runs out of memory.
+Figures per (implementation, batch): tokens/s over the timed steps, peak GPU memory, J/token
+from the NVML energy counter over the timed steps, and MFU = tokens/s x FLOPs/token / peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+GEMMA_270M = {"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640,
+              "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4,
+              "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 32768,
+              "sliding_window": 512, "query_pre_attn_scalar": 256, "rope_theta": 1e6,
+              "tie_word_embeddings": True}
+STUDENT_LAYERS = [0, 3, 6, 9, 12, 17]
+TINY = {**GEMMA_270M, "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 6, "head_dim": 16, "num_attention_heads": 2,
+        "max_position_embeddings": 256, "sliding_window": 32, "query_pre_attn_scalar": 16}
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, SXM
+
+
+# ------------------------------------------------------------------------------------ models
+def make_pair(arch: dict, device: torch.device):
+    from wattkd.models import build_from_config, init_from_teacher_layers
+
+    teacher = build_from_config(arch, arch["vocab_size"], seed=0)
+    layers = STUDENT_LAYERS if arch["num_hidden_layers"] == 18 else [0, 2, 5]
+    student = init_from_teacher_layers(teacher, layers)
+    teacher = teacher.to(device, torch.bfloat16).eval().requires_grad_(False)
+    return teacher, student.to(device)
+
+
+def flops_per_token(arch: dict, n_student_layers: int, seq: int) -> dict[str, float]:
+    """Matmul FLOPs per token: teacher forward + student forward and backward (3x forward)."""
+    h, inter, v = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"]
+    q = arch["num_attention_heads"] * arch["head_dim"]
+    kv = arch["num_key_value_heads"] * arch["head_dim"]
+    per_layer = 2 * (h * q + 2 * h * kv + q * h + 3 * h * inter)     # projections + MLP
+    attn = 2 * 2 * q * seq / 2                                      # QK^T and AV, causal half
+    head = 2 * h * v
+    teacher = arch["num_hidden_layers"] * (per_layer + attn) + head
+    student_fwd = n_student_layers * (per_layer + attn) + head
+    return {"teacher_forward": teacher, "student_forward": student_fwd,
+            "student_train": 3 * student_fwd, "total": teacher + 3 * student_fwd}
+
+
+# ------------------------------------------------------------------------------ implementations
+def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None):
+    from wattkd.config import LossTerm, MethodConfig
+    from wattkd.distill.modes import make_mode
+    from wattkd.distill.objective import DistillObjective, StepInputs
+    from wattkd.distill.teacher import OnlineTeacher, TeacherSignals, TopK
+
+    method = MethodConfig(name="response", mode="response",
+                          losses=[LossTerm(name="forward_kl", params={"temperature": 1.0})])
+    mode = make_mode(method, student, teacher)
+    obj = DistillObjective(student, mode, method, vocab=GEMMA_VOCAB[0], chunk_tokens=CHUNK[0])
+    opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-5,
+                            fused=ids.is_cuda)
+    provider = OnlineTeacher(teacher, mode.request)
+    cached = None
+    if topk is not None:  # top-k tensors as the teacher cache delivers them
+        with torch.no_grad():
+            sig = provider.signals({"input_ids": ids})
+            z = sig.head(sig.last_hidden).float().log_softmax(-1)
+            vals, idx = z.topk(topk, dim=-1)
+            tail = torch.log1p(-vals.exp().sum(-1).clamp(max=1 - 1e-6))
+            cached = TeacherSignals(topk=TopK(idx.to(torch.int32), vals.half(), tail.half()))
+            del z, sig
+    batch = {"input_ids": ids}
+
+    def step():
+        inputs = StepInputs.from_batch(batch, ids.device)
+        signals = cached if cached is not None else provider.signals(batch)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+            loss, _ = obj(inputs, signals)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return timed(step, steps, warmup)
+
+
+def run_naive(teacher, student, ids, steps, warmup, topk=None):
+    student = student.to(torch.bfloat16)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=ids.is_cuda)
+
+    def step():
+        with torch.no_grad():
+            t_logits = teacher(ids).logits.float()
+        s_logits = student(ids).logits.float()
+        loss = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1),
+                        log_target=True, reduction="batchmean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return timed(step, steps, warmup)
+
+
+def run_trl(teacher, student, ids, steps, warmup, topk=None):
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from wattkd.data.tokenizer import load_tokenizer
+
+    tok: PreTrainedTokenizerFast = load_tokenizer("bundled:bpe-4096")
+    rows = ids.cpu().tolist()
+    ds = Dataset.from_dict({"input_ids": rows * (steps + warmup + 1)})
+
+    def collate(batch):
+        x = torch.tensor([b["input_ids"] for b in batch])
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+
+    args = GKDConfig(output_dir="/tmp/trl-bench", per_device_train_batch_size=ids.shape[0],
+                     max_steps=steps + warmup, bf16=True, beta=0.0, lmbda=0.0, temperature=1.0,
+                     learning_rate=1e-5, logging_steps=1000, save_strategy="no", report_to=[],
+                     remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
+                     max_grad_norm=1.0, dataloader_num_workers=0, seed=0)
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
+                         data_collator=collate, processing_class=tok, callbacks=[Clock()])
+    energy0 = {}
+
+    class Meter(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == warmup and not energy0:
+                torch.cuda.synchronize()
+                energy0["t"], energy0["e"] = time.perf_counter(), nvml_energy_j()
+
+    trainer.add_callback(Meter())
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    seconds = marks[-1] - energy0["t"]
+    energy = nvml_energy_j()
+    return {"seconds": seconds, "steps": steps,
+            "energy_j": None if energy is None or energy0["e"] is None else energy - energy0["e"]}
+
+
+def timed(step, steps: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        step()
+    sync()
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    e0, t0 = nvml_energy_j(), time.perf_counter()
+    loss = None
+    for _ in range(steps):
+        loss = step()
+    sync()
+    seconds, e1 = time.perf_counter() - t0, nvml_energy_j()
+    return {"seconds": seconds, "steps": steps, "loss": float(loss),
+            "energy_j": None if e0 is None or e1 is None else e1 - e0}
+
+
+# ------------------------------------------------------------------------------------ helpers
+_NVML: list = []
+
+
+def nvml_energy_j() -> float | None:
+    """Total-energy counter of the benchmark GPU, in J (NVML reports mJ)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import pynvml
+
+        if not _NVML:
+            pynvml.nvmlInit()
+            _NVML.append(pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device()))
+        return pynvml.nvmlDeviceGetTotalEnergyConsumption(_NVML[0]) / 1000.0
+    except Exception:  # noqa: BLE001 - figure becomes null, never a made-up value
+        return None
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def card() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+
+
+def peak_tflops(name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "accelerate", "trl", "datasets", "nvidia-ml-py"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    if torch.cuda.is_available():
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            out["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
+GEMMA_VOCAB = [GEMMA_270M["vocab_size"]]
+CHUNK = [1024]
+IMPLS = {"wattkd": (run_wattkd, None), "wattkd_topk": (run_wattkd, 64), "naive": (run_naive, None),
+         "trl": (run_trl, None)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--impls", default="wattkd,wattkd_topk,trl,naive")
+    ap.add_argument("--batches", default="4,8,16,32,64",
+                    help="batch sizes for every impl, or per impl: 'wattkd=8,16;naive=4,8'")
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--chunk", type=int, default=1024, help="wattkd logit chunk tokens")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny pair")
+    args = ap.parse_args()
+    arch = TINY if args.tiny else GEMMA_270M
+    GEMMA_VOCAB[0], CHUNK[0] = arch["vocab_size"], args.chunk
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seq = 64 if args.tiny else args.seq
+    n_layers = 3 if args.tiny else len(STUDENT_LAYERS)
+    fpt = flops_per_token(arch, n_layers, seq)
+    name = card()
+    peak = peak_tflops(name)
+    records = []
+    per_impl = dict(item.split("=") for item in args.batches.split(";")) \
+        if "=" in args.batches else {}
+    for impl in args.impls.split(","):
+        fn, topk = IMPLS[impl]
+        sizes = per_impl.get(impl, args.batches if not per_impl else "8")
+        for batch in [int(b) for b in sizes.split(",")]:
+            gc.collect()
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            rec = {"impl": impl, "batch": batch, "seq": seq, "card": name}
+            try:
+                teacher, student = make_pair(arch, device)
+                g = torch.Generator().manual_seed(batch)
+                ids = torch.randint(0, arch["vocab_size"], (batch, seq), generator=g).to(device)
+                res = fn(teacher, student, ids, args.steps, args.warmup, topk)
+                tokens = batch * seq * res["steps"]
+                tps = tokens / res["seconds"]
+                rec.update(tokens_per_s=round(tps, 1), seconds=round(res["seconds"], 3),
+                           peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2)
+                           if torch.cuda.is_available() else None,
+                           j_per_token=None if res["energy_j"] is None
+                           else round(res["energy_j"] / tokens, 6),
+                           energy_j=res["energy_j"], loss=res.get("loss"),
+                           mfu=None if peak is None else round(tps * fpt["total"] / (peak * 1e12),
+                                                               4),
+                           status="ok")
+            except torch.cuda.OutOfMemoryError:
+                rec["status"] = "oom"
+            except Exception as exc:  # noqa: BLE001 - one failure must not lose the others
+                rec["status"] = f"error: {type(exc).__name__}: {exc}"[:500]
+            finally:
+                teacher = student = ids = None  # noqa: F841
+            print(json.dumps(rec), flush=True)
+            records.append(rec)
+            if rec["status"] != "ok":
+                break
+    best = {}
+    for r in records:
+        if r["status"] == "ok" and r["tokens_per_s"] > best.get(r["impl"], {}).get(
+                "tokens_per_s", 0):
+            best[r["impl"]] = r
+    result = {"name": "kd_throughput", "card": name,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "versions": versions(), "command": " ".join(sys.argv),
+              "pair": {"teacher": arch, "student_layers": STUDENT_LAYERS if not args.tiny
+                       else [0, 2, 5], "seq": seq},
+              "flops_per_token": fpt, "peak_bf16_tflops": peak,
+              "mfu_arithmetic": "mfu = tokens/s x flops_per_token.total / (peak_bf16_tflops x "
+                                "1e12); flops = 2 x matmul params + causal attention, teacher "
+                                "forward + 3 x student forward",
+              "records": records, "best": best}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kd_throughput.json").write_text(json.dumps(result, indent=2))
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    lines = [f"KD throughput on {result['card']} ({result['date']})", "",
+             "| implementation | batch | tokens/s | peak GB | J/token | MFU | status |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["records"]:
+        lines.append(f"| {r['impl']} | {r['batch']} | {r.get('tokens_per_s', '—')} | "
+                     f"{r.get('peak_mem_gb', '—')} | {r.get('j_per_token', '—')} | "
+                     f"{r.get('mfu', '—')} | {r['status']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
