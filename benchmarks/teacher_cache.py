@@ -212,6 +212,8 @@ def train_timed(kind: str, cfg: Any, teacher_cpu: Any, teacher_dev: Any | None,
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
     it = batches(cfg, cfg.train.micro_batch_size, seed=0)
+    if kind == "cache":
+        it = provider.prefetch(it)   # reads the next batches' cache rows during the step
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len
     cuda = device.type == "cuda"
 

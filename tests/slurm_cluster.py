@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -44,7 +45,7 @@ def _which(name: str) -> str | None:
 
 def unavailable_reason() -> str | None:
     """Why this machine cannot run the test cluster, or None when it can."""
-    missing = [n for n in DAEMONS + CLIENTS if _which(n) is None]
+    missing = [n for n in DAEMONS + CLIENTS + ("runuser",) if _which(n) is None]
     if missing:
         return (f"Slurm/munge binaries not found ({', '.join(missing)}); run "
                 "scripts/ci/install-slurm.sh (Debian: apt-get install slurm-wlm munge)")
@@ -71,6 +72,9 @@ def _node_line() -> tuple[str, str]:
                          check=True, timeout=30).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("NodeName="))
     name = line.split()[0].split("=", 1)[1]
+    # A little less memory than measured, so a registration that reads a few MB less does
+    # not drain the node ("Low RealMemory").
+    line = re.sub(r"RealMemory=(\d+)", lambda m: f"RealMemory={int(m.group(1)) * 9 // 10}", line)
     return name, line
 
 
@@ -106,7 +110,14 @@ class SlurmCluster:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        """Stop the daemons this cluster started (by pid), slurmd first."""
+        """Cancel this cluster's jobs (no training left running), then stop its daemons."""
+        if self.conf.exists() and (self.procs.get("slurmctld")
+                                   or _read_pid(self.root / "slurmctld.pid")):
+            self.run("scancel", f"--user={pwd.getpwuid(os.geteuid()).pw_name}", check=False)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and self.run(
+                    "squeue", "-h", "-o", "%i", check=False).strip():
+                time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             pid_file = self.root / ("munge/munged.pid" if name == "munged" else f"{name}.pid")
             pid = self.procs.pop(name, None) or _read_pid(pid_file)
@@ -217,7 +228,7 @@ def start_cluster(root: Path, *, timeout: float = 60) -> SlurmCluster:
 
     # munged as user munge, on a private socket (no clash with a system munged).
     subprocess.run(
-        ["runuser", "-u", "munge", "--", _which("munged") or "munged",
+        [_which("runuser") or "runuser", "-u", "munge", "--", _which("munged") or "munged",
          f"--socket={munge_dir / 'munge.socket'}", f"--pid-file={munge_dir / 'munged.pid'}",
          f"--log-file={munge_dir / 'munged.log'}", f"--seed-file={munge_dir / 'munged.seed'}",
          "--key-file=/etc/munge/munge.key"],

@@ -228,3 +228,34 @@ def test_bad_builds_fail_before_work_with_clear_errors(tmp_path, tok):
         build_shards(DataConfig(sources=[austen], tokenizer=str(tmp_path / "noeos")),
                      tmp_path / "e", progress=False)
     assert not any(p.name in "abcde" for p in tmp_path.iterdir())
+
+
+def test_worker_pool_runs_from_stdin_and_a_dead_worker_raises(tmp_path, wattkd_cache, tok):
+    """Workers must not re-import the caller's __main__ (`python -` has none to import), and
+    a worker that dies must fail the build rather than hang it."""
+    import os
+    import subprocess
+    import sys
+
+    from wattkd.data.encode import Tokenizers
+
+    script = ("from wattkd.config import DataConfig, SourceConfig\n"
+              "from wattkd.data.shards import build_shards\n"
+              "s = build_shards(DataConfig(sources=[SourceConfig(path='bundled:milton')], "
+              "seq_len=64, total_tokens=20000, heldout_fraction=0, num_workers=2), "
+              f"{str(tmp_path / 'o')!r}, progress=False)\n"
+              "print('rows', s['train']['rows'])\n")
+    out = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, check=False,
+                         timeout=300, env={**os.environ, "WATTKD_CACHE": str(wattkd_cache)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rows 312" in out.stdout and "forked" not in out.stderr
+
+    pool = Tokenizers(tok.backend_tokenizer.to_str(), 2, 2)
+    try:
+        assert pool.submit(("text", ["In the beginning"])).result().ids[-1] == 2
+        death = pool._pool.submit(os._exit, 1)  # a worker dies, as if killed for memory
+        assert death.exception(timeout=60) is not None  # raised, not hung
+        with pytest.raises(RuntimeError, match="tokenizer worker process died"):
+            pool.submit(("text", ["again"])).result()
+    finally:
+        pool.close()

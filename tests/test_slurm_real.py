@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from wattkd.config import load
-from wattkd.slurm import SlurmError, collect_status, submit_pipeline
+from wattkd.slurm import SlurmError, collect_status, plan, submit_pipeline
 from wattkd.slurm.status import jobcomp_file, states_from_lines
 
 pytest_plugins = ["slurm_cluster"]
@@ -134,17 +134,32 @@ def _pipeline_missing() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def chain(slurm_cluster, work) -> dict[str, Any]:
-    """The whole tiny pipeline (training: an array of 2 repeats), submitted for real and run
-    to the end; only shards -> train while the eval/report stages are missing."""
+def broken(slurm_cluster, work) -> Path:
+    """A pipeline whose shards job fails (its source does not exist); submitted first so it
+    runs beside the others."""
+    tmp = work / "broken"
+    tmp.mkdir()
+    out = tmp / "runs" / "broken"
+    data = tiny("broken", out, **{"data.sources": [
+        {"path": str(tmp / "missing" / "*.txt"), "kind": "text"}]})
+    submit(tmp, data, only={"shards", "train"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def chain(slurm_cluster, work, broken) -> dict[str, Any]:
+    """The whole tiny pipeline (training: an array of 2 repeats; the teacher pretrained with
+    two ranks), submitted for real and run to the end; without eval/report while those stages
+    are missing."""
     tmp = work / "chain"
     tmp.mkdir()
     venv = fake_venv(tmp)
     out = tmp / "runs" / "chain"
     missing = _pipeline_missing()
-    result = submit(tmp, tiny("chain", out, **{"slurm.venv": str(venv)}),
-                    only={"shards", "train"} if missing else None)
-    rows = wait_done(out, 240, slurm_cluster)
+    data = tiny("chain", out, **{"slurm.venv": str(venv),
+                                 "slurm.stages": {"teacher_pretrain": {"gpus_per_node": 2}}})
+    result = submit(tmp, data, only={"shards", "teacher_pretrain", "train"} if missing else None)
+    rows = wait_done(out, 600, slurm_cluster)
     return {"tmp": tmp, "out": out, "rows": rows, "result": result, "venv": venv,
             "missing": missing}
 
@@ -204,15 +219,13 @@ def test_config_paths_cannot_inject_commands(chain) -> None:
     assert not list(Path.cwd().glob("PWNED*"))
 
 
-def test_failed_dependency_cancels_dependants(slurm_cluster, tmp) -> None:
-    out = tmp / "runs" / "broken"
-    data = tiny("broken", out, **{"data.sources": [
-        {"path": str(tmp / "missing" / "*.txt"), "kind": "text"}]})
-    submit(tmp, data, only={"shards", "train"})
-    rows = wait_done(out, 90, slurm_cluster)
+def test_failed_dependency_cancels_dependants(slurm_cluster, broken) -> None:
+    out = broken
+    rows = wait_done(out, 300, slurm_cluster)
     states = {(r["key"], r["task"]): r for r in rows}
     assert states[("shards", None)]["state"] == "FAILED"
     assert states[("shards", None)]["exit_code"] != "0:0"
+    assert "missing" in Path(states[("shards", None)]["log"]).read_text()
     for task in (0, 1):
         row = states[("train-baseline", task)]
         assert row["state"] == "CANCELLED", row
@@ -230,7 +243,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, chain, tmp
         submit(tmp, data, only={"train"})
     how = {0: ["--batch"], 1: []}
     sent: set[int] = set()
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 300
     while len(sent) < 2 and time.monotonic() < deadline:
         for rep in set(how) - sent:
             metrics = out / "baseline" / f"rep{rep}" / "metrics.jsonl"
@@ -239,7 +252,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, chain, tmp
                 sent.add(rep)
         time.sleep(0.05)
     assert sent == {0, 1}, "training never started"
-    rows = wait_done(out, 120, slurm_cluster)
+    rows = wait_done(out, 300, slurm_cluster)
     logs = {p.name: p.read_text() for p in (out / "slurm" / "logs").glob("*.out")}
     for row in rows:
         rep = row["task"]
@@ -257,18 +270,42 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, chain, tmp
         assert resumed[STEPS] == straight[STEPS]
 
 
-def test_two_ranks_per_node_launch_through_srun(slurm_cluster, chain, tmp) -> None:
-    """gpus_per_node: 2 -> two srun tasks that meet through the env:// rendezvous built from
-    SLURM_* variables (the test cluster's "GPUs" stand in; the ranks compute on the CPU)."""
-    out = tmp / "runs" / "ranks"
-    data = tiny("ranks", out, **{"data.shards_dir": str(chain["out"] / "shards"),
-                                 "train.repeats": 1, "train.max_steps": 10,
-                                 "slurm.stages": {"train": {"gpus_per_node": 2}}})
-    result = submit(tmp, data, only={"train"})
-    assert "#SBATCH --gpus-per-node=2" in result["scripts"]["train-baseline"]
-    rows = wait_done(out, 90, slurm_cluster)
-    log = next((out / "slurm" / "logs").glob("*.out")).read_text()
-    assert rows[0]["state"] == "COMPLETED", log
+def test_two_ranks_per_node_launch_through_srun(chain) -> None:
+    """teacher_pretrain with gpus_per_node: 2 ran as two srun tasks that met through the
+    env:// rendezvous built from SLURM_* variables (the test cluster's "GPUs" stand in; the
+    ranks compute on the CPU)."""
+    out = chain["out"]
+    assert "#SBATCH --gpus-per-node=2" in chain["result"]["scripts"]["teacher_pretrain"]
+    log = next((out / "slurm" / "logs").glob("*teacher_pretrain*.out")).read_text()
     assert "launching 2 ranks (1 node(s) x 2)" in log
-    run = json.loads((out / "baseline" / "rep0" / "run.json").read_text())
-    assert run["status"] == "completed" and run["world_size"] == 2
+    run = json.loads((out / "teacher" / "run.json").read_text())
+    assert run["status"] == "completed" and run["world_size"] == 2, log
+
+
+def test_node_sampler_step_runs_beside_the_work_and_stops_cleanly(slurm_cluster, tmp) -> None:
+    """The per-node telemetry sampler of multi-node jobs, on the one node we have: the
+    script's own `sampler_step` runs `wattkd monitor` as an overlapping step beside another
+    step, and `stop_node_samplers` ends it cleanly (header ... footer)."""
+    out = tmp / "runs" / "sampler"
+    path = tmp / "sampler.yaml"
+    path.write_text(yaml.safe_dump(tiny("sampler", out, **{"train.repeats": 1})))
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        _, scripts = plan(load(path), only={"train"})
+    finally:
+        os.chdir(cwd)
+    head = scripts["train-baseline"].split("# ---- the stage")[0]
+    body = ('sampler_step "$OUT_DIR/telemetry" --nodes=1\n'
+            'run_step srun --ntasks=1 --cpus-per-task=1 sleep 4\n'
+            "stop_node_samplers\nfinish $?\n")
+    script = tmp / "sampler.sbatch"
+    script.write_text(head + body)
+    (out / "slurm" / "logs").mkdir(parents=True)
+    slurm_cluster.run("sbatch", "--wait", str(script), timeout=300)
+    files = list((out / "telemetry").glob("*.jsonl"))
+    log = "".join(p.read_text() for p in (out / "slurm" / "logs").glob("*.out"))
+    assert len(files) == 1, log
+    lines = [json.loads(x) for x in files[0].read_text().splitlines()]
+    assert lines[0]["type"] == "header" and lines[-1]["type"] == "footer", log
+    assert any(x["type"] == "sample" for x in lines)

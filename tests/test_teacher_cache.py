@@ -339,3 +339,70 @@ def test_record_cache_use_and_amortisation(ws: dict, tmp_path: Path) -> None:
     am = amortisation(cache)
     assert len(am["users"]) == 2 and len(cache_users(cache)) == 2
     assert am["share_j"] == pytest.approx(a["energy_j"] / 2)
+
+
+# -------------------------------------------------------------------------------- signals
+def test_signals_grammar_and_config_defaults(ws: dict) -> None:
+    from wattkd.teacher_cache.spec import SpecError, default_spec, parse_signals
+
+    s = parse_signals("topk:32, hidden:4:2:bf16:stride=8 ,pooled:last", default_k=64)
+    assert (s.topk, s.hidden_layers, s.hidden_dtype, s.hidden_stride, s.pooled) == \
+        (32, (2, 4), "bfloat16", 8, ("last",))
+    assert s.canonical() == "topk:32,hidden:2:4:bf16:stride=8,pooled:last"
+    assert parse_signals("topk", default_k=64).topk == 64
+    for bad, msg in [("topk:0", "positive integer"), ("hidden", "at least one layer"),
+                     ("hidden:x", "not a layer index"), ("pooled:max", "pooling 'max'"),
+                     ("logits", "unknown signal"), ("topk,topk:3", "given twice"), ("", "empty")]:
+        with pytest.raises(SpecError, match=msg):
+            parse_signals(bad, default_k=64)
+    d = default_spec(ws["cfg"])  # response -> topk, feature layer_map -> 1, 2, relation -> last
+    assert (d.topk, d.hidden_layers, d.pooled, d.encoding) == (16, (1, 2), ("last",), "packed")
+
+
+def test_hidden_token_subset_is_written_and_refused_for_feature_training(ws: dict) -> None:
+    cfg = validate(experiment(ws["root"], "cache_stride"))
+    build_cache(cfg, "hidden:1:stride=4", progress=False)
+    m = read_cache_manifest(cfg.cache_dir)
+    assert m["signals"]["hidden"] == {"layers": [1], "dtype": "float16", "stride": 4,
+                                      "positions": 8}
+    assert m["columns"]["hidden_L1"]["shape"] == [8, 32]
+    with pytest.raises(CacheError, match="every 4-th position only"):
+        CachedTeacher(cfg, SignalRequest(hidden_layers=(1,)), rank=0, world_size=1)
+
+
+def test_small_row_groups_threaded_reads_and_prefetch(ws: dict, monkeypatch) -> None:
+    """One row per row group: a batch reads many groups of one part in parallel threads, and
+    prefetch reads ahead in another; the decoded signals equal those of the fixture cache."""
+    from wattkd.teacher_cache import plan
+
+    monkeypatch.setattr(plan, "ROW_GROUP_BYTES", 1)
+    cfg = validate(experiment(ws["root"], "cache_rg1"))
+    build_cache(cfg, SIGNALS, progress=False)
+    assert read_cache_manifest(cfg.cache_dir)["parts"][0]["row_group_rows"] == 1
+    req = SignalRequest(logits=True, hidden_layers=(2,), pooled="mean")
+    small = CachedTeacher(cfg, req, rank=0, world_size=1, device="cpu")
+    ref = CachedTeacher(ws["cfg"], req, rank=0, world_size=1, device="cpu")
+    rng = np.random.default_rng(0)
+    stream = [batch_of(cfg, rng.choice(64, 12, replace=False).tolist()) for _ in range(5)]
+    seen = 0
+    for batch in small.prefetch(iter(stream), depth=2):
+        a, b = small.signals(batch), ref.signals(batch)
+        assert torch.equal(a.topk.ids, b.topk.ids) and torch.equal(a.topk.logprobs,
+                                                                   b.topk.logprobs)
+        assert torch.equal(a.hidden[2], b.hidden[2]) and torch.equal(a.pooled, b.pooled)
+        seen += 1
+    assert seen == 5 and not small._ahead
+
+
+def test_cli_teacher_cache_command(ws: dict, tmp_path: Path) -> None:
+    """`wattkd teacher cache CONFIG --signals ...` reaches build_cache (here: already built)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from wattkd.cli import app
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment(ws["root"])))
+    res = CliRunner().invoke(app, ["teacher", "cache", str(path), "--signals", SIGNALS])
+    assert res.exit_code == 0, res.output
+    assert str(ws["cfg"].cache_dir) in res.output

@@ -4,13 +4,16 @@
 # and starts/stops munged, slurmctld and slurmd itself (these machines have no systemd).
 set -euo pipefail
 
+PATH=$PATH:/usr/sbin:/sbin
 have_all() {
   command -v munged >/dev/null && command -v slurmctld >/dev/null &&
-    command -v slurmd >/dev/null && command -v sbatch >/dev/null && command -v scontrol >/dev/null
+    command -v slurmd >/dev/null && command -v sbatch >/dev/null &&
+    command -v scontrol >/dev/null && [ -s /etc/munge/munge.key ]
 }
+version() { slurmd -V 2>/dev/null || echo "slurmd (version unknown)"; }
 
 if have_all; then
-  echo "slurm already installed: $(sbatch --version)"
+  echo "slurm already installed: $(version)"
   exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
@@ -29,7 +32,12 @@ created_policy=0
 if [ ! -e "$policy" ]; then
   printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && created_policy=1
 fi
-trap '[ "$created_policy" = 1 ] && rm -f "$policy"' EXIT
+trap 'if [ "$created_policy" = 1 ]; then rm -f "$policy"; fi' EXIT
 apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+if [ ! -s /etc/munge/munge.key ]; then   # the package normally creates it
+  mungekey --create --keyfile=/etc/munge/munge.key
+  chown munge:munge /etc/munge/munge.key
+  chmod 0400 /etc/munge/munge.key
+fi
 have_all
-echo "slurm installed: $(sbatch --version)"
+echo "slurm installed: $(version)"

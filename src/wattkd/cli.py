@@ -207,21 +207,30 @@ def report_cmd(runs: Annotated[list[Path], typer.Argument(help="run directories"
 @slurm_app.command("submit")
 def slurm_submit(config: ConfigArg, set_: SetOpt = None,
                  dry_run: Annotated[bool, typer.Option("--dry-run", help="print scripts and the "
-                                                       "dependency graph only")] = False) -> None:
+                                                       "dependency graph only")] = False,
+                 only: Annotated[Optional[str], typer.Option(
+                     help="comma-separated stages to submit (default: all)")] = None) -> None:
     """Write sbatch scripts for every stage and submit them with afterok dependencies."""
-    from wattkd.slurm import submit_pipeline
+    from wattkd.slurm import SlurmError, submit_pipeline
 
     cfg = _load(config, set_)
-    submit_pipeline(cfg, config_path=config, dry_run=dry_run)
+    stages = {s.strip() for s in only.split(",") if s.strip()} if only else None
+    try:
+        submit_pipeline(cfg, config_path=config, dry_run=dry_run, only=stages)
+    except SlurmError as exc:
+        _fail(str(exc))
 
 
 @slurm_app.command("status")
 def slurm_status(run_dir: Annotated[Path, typer.Argument(help="experiment output directory")]
                  ) -> None:
     """Which stage jobs ran, their state and exit codes."""
-    from wattkd.slurm import print_status
+    from wattkd.slurm import SlurmError, print_status
 
-    print_status(run_dir)
+    try:
+        print_status(run_dir)
+    except SlurmError as exc:
+        _fail(str(exc))
 
 
 # ---------------------------------------------------------------------------------- pipeline

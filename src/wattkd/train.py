@@ -262,15 +262,26 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
         (run_dir / "config.yaml").write_text(dump(cfg))
 
     teacher = None
-    if needs_teacher:
+    init_from_teacher = job.student.from_teacher_layers is not None
+    if needs_teacher or init_from_teacher:
         check_tokenizer_match(job.teacher_path, tokenizer)
-        if cfg.distill.teacher_signals == "online":
+        if cfg.distill.teacher_signals == "online" or init_from_teacher:
             teacher = load_teacher(cfg.teacher, device=device, vocab_size=len(tokenizer),
                                    seed=cfg.train.seed, path_override=job.teacher_path)
     student = build_student(job.student, teacher=teacher, vocab_size=len(tokenizer),
                             seed=job.seed)
+    if teacher is not None and (not needs_teacher or cfg.distill.teacher_signals == "cache"):
+        teacher = None  # only needed to initialise the student (baseline / cached signals)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if tc.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+        # Non-reentrant: LoRA adapters inside checkpointed blocks still get gradients when the
+        # frozen embeddings' outputs do not require grad.
+        kwargs = {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     vocab = check_vocab(teacher, student, len(tokenizer))
     mode = make_mode(method, student, teacher)
     objective = DistillObjective(student, mode, method, vocab=vocab,

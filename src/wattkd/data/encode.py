@@ -1,13 +1,14 @@
 """Batch tokenization for the shard builder, in a thread or in worker processes.
 
-Kept apart from `shards.py` so a spawned worker imports only numpy and `tokenizers`
-(~0.3 s instead of ~0.8 s with pydantic and pyarrow), which matters for small builds.
+Kept apart from `shards.py` so that, where workers are spawned rather than forked, they
+import only numpy and `tokenizers` (~0.3 s instead of ~0.8 s with pydantic and pyarrow).
 Documents get no special tokens from the tokenizer; EOS is appended to each one here.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,19 +69,41 @@ def _worker_job(job: tuple[Any, ...], eos: int) -> TokBatch:
     return tokenize_job(_WORKER_TOK, job, eos)
 
 
+WORKER_DIED = ("a tokenizer worker process died (killed for memory?); retry with fewer "
+               "data.num_workers or more memory")
+
+
 class _Pending:
-    def __init__(self, async_result: Any) -> None:
-        self._r = async_result
+    """A worker's future whose failure names what happened instead of a bare pool error."""
+
+    def __init__(self, future: Any) -> None:
+        self._f = future
 
     def result(self) -> TokBatch:
-        return self._r.get()
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self._f.result()
+        except BrokenProcessPool as exc:
+            raise RuntimeError(WORKER_DIED) from exc
+
+
+def _start_method() -> str:
+    """fork on Linux: fast, and no re-import of the caller's __main__ (which spawn needs and
+    which fails for `python -` or unguarded scripts); the workers only run the Rust tokenizer
+    and numpy, which are fork-safe. spawn elsewhere (macOS, Windows)."""
+    import multiprocessing as mp
+
+    return "fork" if sys.platform.startswith("linux") and "fork" in \
+        mp.get_all_start_methods() else "spawn"
 
 
 class Tokenizers:
     """Where batches are tokenized: a background thread (num_workers=1; the Rust tokenizer
     releases the GIL and uses its own threads, so reading and packing overlap with it) or a
-    pool of spawned processes with one single-threaded tokenizer each. `submit(job)` returns
-    an object whose `result()` is the TokBatch; callers consume results in submission order.
+    process pool with one single-threaded tokenizer per worker. `submit(job)` returns an
+    object whose `result()` is the TokBatch; callers consume results in submission order.
+    A process pool (not multiprocessing.Pool) so that a dead worker raises instead of hanging.
     """
 
     def __init__(self, tok_json: str, eos: int, num_workers: int) -> None:
@@ -90,9 +113,23 @@ class Tokenizers:
         self._thread: Any = None
         if num_workers > 1:
             import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
 
-            self._pool = mp.get_context("spawn").Pool(num_workers, initializer=_init_worker,
-                                                      initargs=(tok_json,))
+            method = _start_method()
+            # Workers use one tokenizer thread each; setting the variable around the fork
+            # also keeps `tokenizers` from warning that it disables parallelism after fork.
+            old = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            try:
+                self._pool = ProcessPoolExecutor(num_workers, mp.get_context(method),
+                                                 initializer=_init_worker, initargs=(tok_json,))
+                if method == "fork":  # with fork, all workers start at the first submit
+                    self._pool.submit(int).result()
+            finally:
+                if old is None:
+                    os.environ.pop("TOKENIZERS_PARALLELISM", None)
+                else:
+                    os.environ["TOKENIZERS_PARALLELISM"] = old
         else:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -103,12 +140,16 @@ class Tokenizers:
 
     def submit(self, job: tuple[Any, ...]) -> Any:
         if self._pool is not None:
-            return _Pending(self._pool.apply_async(_worker_job, (job, self.eos)))
+            from concurrent.futures.process import BrokenProcessPool
+
+            try:
+                return _Pending(self._pool.submit(_worker_job, job, self.eos))
+            except BrokenProcessPool as exc:
+                raise RuntimeError(WORKER_DIED) from exc
         return self._thread.submit(tokenize_job, self._tok, job, self.eos)
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
         if self._thread is not None:
             self._thread.shutdown(wait=True, cancel_futures=True)

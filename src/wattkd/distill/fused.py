@@ -17,6 +17,7 @@ counted = mask != 0, and for label terms (ce) additionally label != -100.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wattkd.distill.losses import IGNORE_INDEX, DenseTeacher, LogitChunk, TopKTeacher, upcast
+from wattkd.distill.losses import (
+    IGNORE_INDEX,
+    LOG_FLOOR,
+    DenseTeacher,
+    LogitChunk,
+    TopKTeacher,
+    upcast,
+)
 from wattkd.distill.registry import LossSpec, check_params
 
 log = logging.getLogger(__name__)
@@ -54,11 +62,17 @@ class TeacherHidden:
 
     def take(self, rows: slice | Tensor) -> DenseTeacher:
         with torch.no_grad():
-            h = self.hidden[rows].to(self.weight.device, self.weight.dtype)
-            z = upcast(F.linear(h, self.weight, self.bias))
+            z = upcast(self.raw_logits(rows))
             if self.softcap:
                 z = torch.tanh(z / self.softcap) * self.softcap
-        return DenseTeacher(z.to(self.hidden.device))
+        return DenseTeacher(z)
+
+    def raw_logits(self, rows: slice | Tensor) -> Tensor:
+        """The chunk's logits in the head's dtype, before the softcap (the fast path upcasts
+        and caps them inside its fused computation)."""
+        with torch.no_grad():
+            h = self.hidden[rows].to(self.weight.device, self.weight.dtype)
+            return F.linear(h, self.weight, self.bias).to(self.hidden.device)
 
 
 TeacherSource = TeacherHidden | DenseTeacher | TopKTeacher
@@ -198,6 +212,7 @@ def _check_teacher(teacher: TeacherSource, n: int, vocab: int, device: torch.dev
 
 # ------------------------------------------------------------------------------- chunk loop
 _MM_OUT_DTYPE_OK = True
+_ADDMM_OUT_DTYPE_OK = True
 
 
 def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
@@ -214,9 +229,307 @@ def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
     return (a @ b).float()
 
 
-def _run(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool, bool, bool]
+def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (fp32) += a @ b in place. On CUDA with bf16/fp16 inputs cuBLAS accumulates straight
+    into acc (beta = 1): no [V x H] fp32 temporary per chunk (671 MB at Gemma-3's vocab)."""
+    global _ADDMM_OUT_DTYPE_OK
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and _ADDMM_OUT_DTYPE_OK:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError):
+            _ADDMM_OUT_DTYPE_OK = False
+    acc += _mm_f32(a, b)
+
+
+def _generic_chunk(plan: _Plan, z: Tensor, teacher_c: Any, labels_c: Tensor, track: bool
+                   ) -> tuple[Tensor, Tensor | None]:
+    """Any registered logit terms, by autograd on a detached fp32 logits leaf.
+    Returns (per-term sums [terms] fp32, d(chunk loss)/d(z) fp32 or None)."""
+    z = upcast(z)
+    z.requires_grad_(track)
+    with torch.set_grad_enabled(track):
+        zz = torch.tanh(z / plan.softcap) * plan.softcap if plan.softcap else z
+        logits = LogitChunk(zz)
+        chunk_loss = torch.zeros((), dtype=torch.float32, device=z.device)
+        sums = []
+        for i, (spec, _, params) in enumerate(plan.terms):
+            s = spec.fn(logits, teacher_c, labels_c, **params).sum()
+            sums.append(s.detach())
+            chunk_loss = chunk_loss + plan.coef[i] * s
+    dz = torch.autograd.grad(chunk_loss, z)[0] if track else None
+    return torch.stack(sums).float(), dz
+
+
+# ------------------------------------------------------------------------- fast (analytic) path
+# forward_kl, reverse_kl and ce have closed-form gradients w.r.t. the logits, so one chunk's loss
+# and d(loss)/d(logits) are a few row reductions and one elementwise pass over the low-precision
+# logits: no autograd graph, no [chunk x V] fp32 intermediates (once torch.compile fuses it).
+# Everything else takes `_generic_chunk`; both give the same numbers within fp32 rounding.
+_FAST_TEACHER_TERMS = {"forward_kl", "reverse_kl"}
+_MIN_COMPILED_ROWS = 16   # smaller (last) chunks run eagerly: no 0/1-size specialisation
+_COMPILED: dict[Any, Any] = {}
+_COMPILE_BROKEN: list[str] = []   # non-empty once a compile failed: eager from then on
+
+
+@dataclass(frozen=True)
+class _FastCfg:
+    """The static part of a fast chunk computation (compiled once per distinct value)."""
+
+    terms: tuple[tuple[str, float, float, float], ...]  # (name, temperature, T^2 factor, eps)
+    teacher: str                   # "dense" | "topk" | "none"
+    s_cap: float | None
+    t_cap: float | None
+    grad: bool
+    dz_dtype: torch.dtype
+
+
+def _fast_cfg(plan: _Plan, track: bool, dz_dtype: torch.dtype) -> _FastCfg | None:
+    """The fast-path configuration of `plan`, or None when some term needs the generic path."""
+    if os.environ.get("WATTKD_FAST_LOSS", "1") == "0":
+        return None
+    from wattkd.distill import losses
+
+    known = {"forward_kl": losses.forward_kl, "reverse_kl": losses.reverse_kl, "ce": losses.ce}
+    teacher = plan.teacher
+    kind = ("none" if teacher is None else "topk" if isinstance(teacher, TopKTeacher)
+            else "dense")
+    terms = []
+    for spec, _, params in plan.terms:
+        if known.get(spec.name) is not spec.fn:
+            return None
+        if spec.name == "ce":
+            terms.append(("ce", 1.0, 1.0, float(params.get("label_smoothing", 0.0))))
+            continue
+        t = float(params.get("temperature", 1.0))
+        factor = t * t if params.get("scale_by_t2", True) else 1.0
+        terms.append((spec.name, t, factor, 0.0))
+    t_cap = teacher.softcap if isinstance(teacher, TeacherHidden) else None
+    return _FastCfg(tuple(terms), kind, plan.softcap, t_cap or None, track, dz_dtype)
+
+
+def _capped(x: Tensor, cap: float | None) -> Tensor:
+    return torch.tanh(x / cap) * cap if cap else x
+
+
+def _cap_grad(z: Tensor, cap: float | None) -> Tensor | float:
+    """d(cap * tanh(z / cap))/dz = 1 - tanh^2, for the chain rule through the softcap."""
+    if not cap:
+        return 1.0
+    y = torch.tanh(z / cap)
+    return 1.0 - y * y
+
+
+def _ce_value(logq1: Tensor, labels: Tensor, eps: float) -> Tensor:
+    """ce per row, as losses.ce computes it (0 where label = -100)."""
+    valid = labels != IGNORE_INDEX
+    nll = -logq1.gather(1, torch.where(valid, labels, 0).long()[:, None])[:, 0]
+    if eps:
+        nll = (1.0 - eps) * nll - eps * logq1.mean(-1)
+    return torch.where(valid, nll, 0.0)
+
+
+def _ce_grad(logq1: Tensor, cols: Tensor, labels: Tensor, eps: float, c: Tensor,
+             vocab: int) -> Tensor:
+    """c * d ce/d logits at columns `cols` ([1,V] = all, or [N,K]) whose student log-probs
+    are `logq1`: q - (1-eps) onehot(label) - eps/V, 0 where label = -100."""
+    valid = labels != IGNORE_INDEX
+    hot = (cols == labels[:, None]).to(logq1.dtype)
+    scale = torch.where(valid, c, 0.0)[:, None]
+    return (logq1.exp() - (1.0 - eps) * hot - eps / vocab) * scale
+
+
+def _all_cols(x: Tensor) -> Tensor:
+    return torch.arange(x.shape[1], device=x.device)[None, :]
+
+
+def _dense_body(z: Tensor, t: Tensor | None, labels: Tensor, coef: Tensor, *,
+                terms: tuple, s_cap: float | None, t_cap: float | None, grad: bool,
+                dz_dtype: torch.dtype) -> tuple[Tensor | None, Tensor]:
+    """One chunk, dense (or no) teacher: (dz in dz_dtype or None, per-term sums [terms]).
+
+    forward_kl: d/dz = c/T (q_T - p_T); reverse_kl: c/T q_T (log q_T - log p_T - KL);
+    ce: c (q_1 - (1-eps) onehot - eps/V); c = coef * T^2 (if scaled); times 1 - tanh^2 under a
+    softcap. Teacher log-probs are clamped at LOG_FLOOR as DenseTeacher.log_probs does."""
+    zz = _capped(upcast(z), s_cap)
+    tt = None if t is None else _capped(upcast(t), t_cap)
+    logq: dict[float, Tensor] = {}
+    logp: dict[float, Tensor] = {}
+
+    def student(temp: float) -> Tensor:
+        if temp not in logq:
+            x = zz if temp == 1.0 else zz / temp
+            logq[temp] = x - torch.logsumexp(x, -1, keepdim=True)
+        return logq[temp]
+
+    def teacher(temp: float) -> Tensor:
+        if temp not in logp:
+            assert tt is not None
+            x = tt if temp == 1.0 else tt / temp
+            logp[temp] = (x - torch.logsumexp(x, -1, keepdim=True)).clamp(min=LOG_FLOOR)
+        return logp[temp]
+
+    sums = []
+    g: Tensor | None = None
+    for i, (name, temp, factor, eps) in enumerate(terms):
+        c = coef[i] * factor
+        if name == "ce":
+            lq1 = student(1.0)
+            value = _ce_value(lq1, labels, eps)
+            gi = _ce_grad(lq1, _all_cols(zz), labels, eps, c, zz.shape[1]) if grad else None
+        else:
+            lq, lp = student(temp), teacher(temp)
+            if name == "forward_kl":
+                p = lp.exp()
+                value = (p * (lp - lq)).sum(-1)
+                gi = (lq.exp() - p) * (c / temp) if grad else None
+            else:  # reverse_kl
+                q = lq.exp()
+                diff = lq - lp
+                value = (q * diff).sum(-1)
+                gi = q * (diff - value[:, None]) * (c / temp) if grad else None
+        sums.append(value.sum() * factor)
+        if gi is not None:
+            g = gi if g is None else g + gi
+    dz = None
+    if grad and g is not None:
+        dz = (g * _cap_grad(upcast(z), s_cap)).to(dz_dtype)
+    return dz, torch.stack(sums)
+
+
+def _topk_body(z: Tensor, ids: Tensor, t_logprobs: Tensor, t_tail: Tensor, labels: Tensor,
+               coef: Tensor, *, terms: tuple, s_cap: float | None, grad: bool,
+               dz_dtype: torch.dtype) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """One chunk, top-k teacher: (dz, per-term sums, dz at `ids` [N,K] to scatter over dz).
+
+    The student's K+1 bucket log-probs b (the K ids at T=1, then the exact tail mass) carry
+    the teacher terms, whose gradient g_b = dL/db is closed-form on K+1 entries (the same
+    formulas as the dense case, as losses._pair tempers the buckets). Back to the full vocab:
+    dz_j = q_j (g_tail / Q_tail - G) off the ids, and g_k - G q_{id_k} at id_k (G = sum g_b).
+    With forward KL at T=1 that is q_j (1 - p_tail / Q_tail) and q_{id_k} - p_k."""
+    zz = _capped(upcast(z), s_cap)
+    # The tail is a masked logsumexp with its own max, like losses._TailLogProb: exact however
+    # small (1 - sum(top-k) would cancel to nothing for a confident student). The [N,V] bool
+    # membership mask costs 1 byte/entry, fused into the same row passes as the logsumexp.
+    member = torch.zeros(zz.shape, dtype=torch.bool, device=zz.device).scatter(1, ids, True)
+    m = zz.amax(-1, keepdim=True)
+    z_tail = torch.where(member, -torch.inf, zz)
+    m_tail = z_tail.amax(-1, keepdim=True)
+    m_tail = torch.where(torch.isfinite(m_tail), m_tail, 0.0)   # empty tail (K = V)
+    lse = m + (zz - m).exp().sum(-1, keepdim=True).log()
+    log_tail = m_tail + (z_tail - m_tail).exp().sum(-1, keepdim=True).log() - lse  # may be -inf
+    z_ids = _capped(upcast(z.gather(1, ids)), s_cap)
+    lq_ids = z_ids - lse
+    bs = torch.cat([lq_ids, log_tail.clamp(min=LOG_FLOOR)], dim=1)   # [N, K+1]
+    bt = torch.cat([upcast(t_logprobs), upcast(t_tail)[:, None]], dim=1)
+    logq1 = zz - lse
+
+    sums = []
+    gb: Tensor | None = None
+    ce_full: Tensor | None = None
+    ce_ids: Tensor | None = None
+    for i, (name, temp, factor, eps) in enumerate(terms):
+        c = coef[i] * factor
+        if name == "ce":
+            value = _ce_value(logq1, labels, eps)
+            if grad:
+                gf = _ce_grad(logq1, _all_cols(zz), labels, eps, c, zz.shape[1])
+                gk = _ce_grad(lq_ids, ids, labels, eps, c, zz.shape[1])
+                ce_full = gf if ce_full is None else ce_full + gf
+                ce_ids = gk if ce_ids is None else ce_ids + gk
+        else:
+            lq = F.log_softmax(bs if temp == 1.0 else bs / temp, dim=-1)
+            lp = F.log_softmax(bt / temp, dim=-1).clamp(min=LOG_FLOOR)
+            if name == "forward_kl":
+                p = lp.exp()
+                value = (p * (lp - lq)).sum(-1)
+                gi = (lq.exp() - p) * (c / temp)
+            else:  # reverse_kl
+                q = lq.exp()
+                diff = lq - lp
+                value = (q * diff).sum(-1)
+                gi = q * (diff - value[:, None]) * (c / temp)
+            gb = gi if gb is None else gb + gi
+        sums.append(value.sum() * factor)
+    if not grad:
+        return None, torch.stack(sums), None
+    k = ids.shape[1]
+    g = torch.zeros_like(logq1) if ce_full is None else ce_full
+    g_ids = torch.zeros_like(lq_ids) if ce_ids is None else ce_ids
+    if gb is not None:
+        big_g = gb.sum(-1, keepdim=True)
+        g_tail = gb[:, k:]
+        # q_j * g_tail / Q_tail as exp(log q_j - log Q_tail) <= 1 off the ids: no overflow
+        # when Q_tail is tiny. The ids get 0 here and their exact value scattered later.
+        share = torch.where(member, 0.0, (logq1 - log_tail).exp())
+        g = g + g_tail * share - big_g * logq1.exp()
+        g_ids = g_ids + gb[:, :k] - big_g * lq_ids.exp()
+    dz = (g * _cap_grad(upcast(z), s_cap)).to(dz_dtype)
+    dz_ids = g_ids * _cap_grad(upcast(z.gather(1, ids)), s_cap)
+    return dz, torch.stack(sums), dz_ids
+
+
+def _body_for(cfg: _FastCfg):
+    """The chunk function of `cfg` with its static arguments bound (plain Python constants,
+    which dynamo specialises on)."""
+    if cfg.teacher == "topk":
+        def topk_chunk(z, ids, t_logprobs, t_tail, labels, coef):
+            return _topk_body(z, ids, t_logprobs, t_tail, labels, coef, terms=cfg.terms,
+                              s_cap=cfg.s_cap, grad=cfg.grad, dz_dtype=cfg.dz_dtype)
+        return topk_chunk
+
+    def dense_chunk(z, t, labels, coef):
+        return _dense_body(z, t, labels, coef, terms=cfg.terms, s_cap=cfg.s_cap,
+                           t_cap=cfg.t_cap, grad=cfg.grad, dz_dtype=cfg.dz_dtype)
+    return dense_chunk
+
+
+def _compile_wanted(device: torch.device) -> bool:
+    return (device.type == "cuda" and not _COMPILE_BROKEN
+            and os.environ.get("WATTKD_COMPILE", "0") == "1")
+
+
+def _compiled(cfg: _FastCfg, backend: str = "inductor"):
+    key = (cfg, backend)
+    if key not in _COMPILED:
+        # One graph for every chunk length: the row dim is marked dynamic at each call.
+        _COMPILED[key] = torch.compile(_body_for(cfg), backend=backend, fullgraph=True)
+    return _COMPILED[key]
+
+
+def _fast_chunk(cfg: _FastCfg, args: tuple, compile_backend: str | None
+                ) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """Run one fast chunk, compiled when asked (falling back to eager, once, on failure)."""
+    rows = args[0].shape[0]
+    if compile_backend is not None and rows >= _MIN_COMPILED_ROWS and not _COMPILE_BROKEN:
+        try:
+            for a in args:
+                if isinstance(a, Tensor) and a.dim() >= 1 and a.shape[0] == rows:
+                    torch._dynamo.maybe_mark_dynamic(a, 0)
+            out = _compiled(cfg, compile_backend)(*args)
+            return out if cfg.teacher == "topk" else (*out, None)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: eager is still right
+            _COMPILE_BROKEN.append(f"{type(exc).__name__}: {exc}")
+            log.warning("torch.compile of the fused logit loss failed; using the eager fast "
+                        "path from now on (unset WATTKD_COMPILE to skip compiling): %s",
+                        _COMPILE_BROKEN[-1][:2000])
+    out = _body_for(cfg)(*args)
+    return out if cfg.teacher == "topk" else (*out, None)
+
+
+def _run(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool, bool, bool],
+         *, fast: bool = True, compile_backend: str | None = "auto"
          ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Loop over chunks: (loss, per-term sums, grad_h, grad_w, grad_b)."""
+    """Loop over chunks: (loss, per-term sums, grad_h, grad_w, grad_b).
+
+    `fast`/`compile_backend` are for tests and the self-check ("auto": inductor on CUDA when
+    WATTKD_COMPILE=1 — opt-in until its GPU speed and kernels are measured — eager elsewhere;
+    None: eager). Nothing in the loop syncs with the host."""
     need_h, need_w, need_b = need
     track = need_h or need_w or need_b
     dev = h.device
@@ -233,6 +546,11 @@ def _run(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool, 
     gb = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
     sums = torch.zeros(len(plan.terms), dtype=torch.float32, device=dev)
     total = torch.zeros((), dtype=torch.float32, device=dev)
+    # The bias gradient sums dz over rows: keep dz in fp32 then, as the generic path does.
+    cfg = _fast_cfg(plan, track, torch.float32 if need_b else mm) if fast else None
+    if compile_backend == "auto":
+        compile_backend = "inductor" if _compile_wanted(dev) else None
+    coef = torch.tensor(plan.coef, dtype=torch.float32, device=dev)
 
     with torch.autocast(dev.type, enabled=False):
         for start in range(0, plan.num_rows, plan.chunk):
@@ -240,31 +558,53 @@ def _run(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool, 
             rows = slice(start, end) if plan.rows is None else plan.rows[start:end]
             h_c = h[rows].detach().to(mm)
             labels_c = plan.labels[rows]
-            teacher_c = plan.teacher.take(rows) if plan.teacher is not None else None
             with torch.no_grad():
-                z = upcast(F.linear(h_c, w_mm, b_mm))
-            z.requires_grad_(track)
-            with torch.set_grad_enabled(track):
-                zz = torch.tanh(z / plan.softcap) * plan.softcap if plan.softcap else z
-                logits = LogitChunk(zz)
-                chunk_loss = torch.zeros((), dtype=torch.float32, device=dev)
-                for i, (spec, _, params) in enumerate(plan.terms):
-                    s = spec.fn(logits, teacher_c, labels_c, **params).sum()
-                    sums[i] += s.detach()
-                    chunk_loss = chunk_loss + plan.coef[i] * s
-            total += chunk_loss.detach()
+                z = F.linear(h_c, w_mm, b_mm)
+            if cfg is None:
+                teacher_c = plan.teacher.take(rows) if plan.teacher is not None else None
+                s, dz = _generic_chunk(plan, z, teacher_c, labels_c, track)
+                del teacher_c
+            else:
+                with torch.no_grad():
+                    dz, s = _fast_chunk_inputs(cfg, plan, rows, z, labels_c, coef,
+                                               compile_backend)
+            del z
+            sums += s
+            total += (coef * s).sum()
             if not track:
                 continue
-            (dz,) = torch.autograd.grad(chunk_loss, z)
-            del logits, zz, chunk_loss, teacher_c  # free this chunk's graph before the matmuls
             if need_b:
-                gb += dz.sum(0)
+                gb += dz.float().sum(0)
             dz = dz.to(mm)
             if need_h:
                 gh[rows] = (dz @ w_mm).to(gh.dtype)
             if need_w:
-                gw += _mm_f32(dz.T, h_c)
+                _addmm_f32_(gw, dz.T, h_c)
     return total, sums, gh, gw, gb
+
+
+def _fast_chunk_inputs(cfg: _FastCfg, plan: _Plan, rows: slice | Tensor, z: Tensor,
+                       labels_c: Tensor, coef: Tensor, compile_backend: str | None
+                       ) -> tuple[Tensor | None, Tensor]:
+    """Teacher inputs of one chunk in their stored/matmul dtype (upcast inside the fused
+    computation), the fast chunk, and the exact values scattered over the top-k ids."""
+    teacher = plan.teacher
+    if isinstance(teacher, TopKTeacher):
+        ids = teacher.ids[rows].long()
+        args: tuple = (z, ids, teacher.logprobs[rows], teacher.tail_logprob[rows], labels_c,
+                       coef)
+        dz, s, dz_ids = _fast_chunk(cfg, args, compile_backend)
+        if dz is not None:
+            dz.scatter_(1, ids, dz_ids.to(dz.dtype))
+        return dz, s
+    if isinstance(teacher, TeacherHidden):
+        t = teacher.raw_logits(rows)
+    elif isinstance(teacher, DenseTeacher):
+        t = teacher.logits[rows]
+    else:
+        t = None
+    dz, s, _ = _fast_chunk(cfg, (z, t, labels_c, coef), compile_backend)
+    return dz, s
 
 
 class _FusedLogitLoss(torch.autograd.Function):
@@ -343,3 +683,132 @@ def masked_logit_loss(s_logits: Tensor, teacher: DenseTeacher | TopKTeacher | No
         loss = loss + coef * s
         stats[key] = s.detach() / max(count, 1)
     return loss, {k: float(v) for k, v in stats.items()}
+
+
+# ------------------------------------------------------------------------------- self-check
+def _selfcheck(argv: list[str] | None = None) -> int:
+    """Fast path (eager and compiled) vs the generic autograd path on random data of the
+    benchmark's shapes; prints errors, per-chunk times and peak memory. Exit status: 0 ok,
+    1 mismatch, 2 torch.compile failed (the eager fast path was used; still correct)."""
+    import argparse
+    import math
+    import time
+
+    from wattkd.distill.registry import get_loss
+
+    ap = argparse.ArgumentParser(prog="python -m wattkd.distill.fused")
+    ap.add_argument("--selfcheck", action="store_true", required=True)
+    ap.add_argument("--vocab", type=int, default=None, help="default 262144 (CUDA), 4096 (CPU)")
+    ap.add_argument("--hidden", type=int, default=640)
+    ap.add_argument("--chunk", type=int, default=None, help="default 1024 (CUDA), 64 (CPU)")
+    ap.add_argument("--topk", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--backend", default=None,
+                    help="torch.compile backend of the compiled mode (default: inductor on "
+                         "CUDA; on CPU no compiled mode unless given)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    vocab = args.vocab or (262144 if cuda else 4096)
+    chunk = args.chunk or (1024 if cuda else 64)
+    n, hid = 2 * chunk - 37, args.hidden  # a full chunk and a partial one
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape: int, scale: float = 1.0) -> Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dev)
+
+    h = rnd(n, hid).requires_grad_(True)
+    w = rnd(vocab, hid, scale=2.0 / math.sqrt(hid)).requires_grad_(True)
+    th, tw = rnd(n, hid).bfloat16(), rnd(vocab, hid, scale=3.0 / math.sqrt(hid)).bfloat16()
+    labels = torch.randint(0, vocab, (n,), generator=g).to(dev)
+    labels[::7] = IGNORE_INDEX
+    mask = (torch.rand(n, generator=g) > 0.02).to(dev)
+    with torch.no_grad():
+        logp = F.linear(th, tw).float().log_softmax(-1)
+        lp, ids = logp.topk(args.topk, dim=-1)
+        tail = torch.log1p(-lp.exp().sum(-1).clamp(max=1 - 1e-6))
+        topk = TopKTeacher(ids.int(), lp.half(), tail.half())
+        del logp
+
+    def terms(*items: tuple[str, float, dict]) -> Terms:
+        return [(get_loss(name), wt, params) for name, wt, params in items]
+
+    cases = [
+        ("dense forward_kl T=1 (benchmark)", TeacherHidden(th, tw),
+         terms(("forward_kl", 1.0, {"temperature": 1.0})), None),
+        ("dense fkl T=2 + rkl + ce(ls=0.1), softcaps", TeacherHidden(th, tw, softcap=30.0),
+         terms(("forward_kl", 1.0, {"temperature": 2.0}), ("reverse_kl", 0.5, {}),
+               ("ce", 0.3, {"label_smoothing": 0.1})), 30.0),
+        (f"top-{args.topk} forward_kl T=1 + ce", topk,
+         terms(("forward_kl", 1.0, {}), ("ce", 0.5, {})), None),
+    ]
+    modes = [("generic", False, None), ("fast eager", True, None)]
+    backend = args.backend or ("inductor" if cuda else None)
+    if backend:
+        modes.append(("fast compiled", True, backend))
+    status = 0
+    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__},"
+          f" tokens {n}, chunk {chunk}, vocab {vocab}, hidden {hid}")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    for name, teacher, ts, cap in cases:
+        plan = _prepare(n, vocab, dev, teacher, labels, mask, ts, chunk, cap)
+        chunks = math.ceil(plan.num_rows / chunk)
+        results = {}
+        print(f"\n== {name}")
+        for mode, fast, backend in modes:
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                _run(plan, h, w, None, (True, True, False), fast=fast,
+                     compile_backend=backend)  # warm-up (compiles)
+                sync()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                for _ in range(args.reps):
+                    out = _run(plan, h, w, None, (True, True, False), fast=fast,
+                               compile_backend=backend)
+                sync()
+            ms = (time.perf_counter() - t0) * 1e3 / (args.reps * chunks)
+            peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
+            results[mode] = out
+            print(f"  {mode:14s} {ms:9.2f} ms/chunk (incl. matmuls)  peak {peak:6.2f} GB")
+        ref = results["generic"]
+        for mode, got in results.items():
+            if mode == "generic":
+                continue
+            for label, a, b_, tol in (("loss", got[0], ref[0], 1e-4), ("sums", got[1], ref[1], 1e-4),
+                                      ("grad_h", got[2], ref[2], 1e-2),
+                                      ("grad_w", got[3], ref[3], 1e-2)):
+                a, b_ = a.double(), b_.double()
+                max_abs = (a - b_).abs().max().item()
+                rel = ((a - b_).norm() / b_.norm().clamp(min=1e-300)).item()
+                ok = rel <= tol and bool(torch.isfinite(a).all())
+                status = status or (0 if ok else 1)
+                print(f"  {mode:14s} vs generic {label:7s} max abs {max_abs:.3e}  "
+                      f"rel (norm) {rel:.3e}  {'ok' if ok else 'MISMATCH'}")
+    if cuda:  # in-place fp32 accumulation of grad_W
+        a, b_ = rnd(chunk, 64).bfloat16(), rnd(chunk, hid).bfloat16()
+        acc = rnd(64, hid)
+        want = acc + a.float().T @ b_.float()
+        _addmm_f32_(acc, a.T, b_)
+        rel = ((acc - want).norm() / want.norm()).item()
+        print(f"\naddmm fp32 accumulate: rel err {rel:.2e} (out_dtype path "
+              f"{'on' if _ADDMM_OUT_DTYPE_OK else 'off'})")
+        status = status or (0 if rel < 1e-5 else 1)
+    if _COMPILE_BROKEN:
+        print(f"\ntorch.compile FAILED (eager fast path used): {_COMPILE_BROKEN[0][:2000]}")
+        status = status or 2
+    print("\nselfcheck", "OK" if status == 0 else f"FAILED (exit {status})")
+    return status
+
+
+if __name__ == "__main__":
+    import sys
+
+    from wattkd.distill import fused as _canonical  # noqa: PLW0406 - one copy of the classes
+
+    sys.exit(_canonical._selfcheck())

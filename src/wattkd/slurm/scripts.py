@@ -18,9 +18,10 @@ import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 from wattkd.config import ExperimentConfig, SlurmConfig
-from wattkd.slurm.graph import STAGES, SlurmError, StageJob, resolve_resources
+from wattkd.slurm.graph import RANK_STAGES, STAGES, SlurmError, StageJob, resolve_resources
 
 PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -72,7 +73,7 @@ def assign_array(name: str, values: list[str | Path], what: str) -> str:
 class Target:
     """What differs between a pipeline script and a plain wrapper."""
 
-    mode: str                    # "pipeline" | "wrapper"
+    mode: Literal["pipeline", "wrapper"]
     log_dir: Path | None = None  # pipeline: absolute log folder
     workdir: Path | None = None  # pipeline: --chdir
     config: Path | None = None   # pipeline: the frozen config copy
@@ -146,6 +147,11 @@ def wrapper_usage(job: StageJob) -> str:
 def var_lines(job: StageJob, cfg: ExperimentConfig, target: Target) -> list[str]:
     gpus = job.resources.gpus_per_node or 0
     common = [f"GPUS_PER_NODE={gpus}", f"REQUEUE_ON_PREEMPT={int(cfg.slurm.requeue)}"]
+    if job.stage in RANK_STAGES:
+        tel = cfg.telemetry
+        common += [f"NODE_SAMPLERS={int(tel.enabled)}   # telemetry.enabled",
+                   (f"MONITOR_ARGS=(--interval {tel.interval_s:g} "
+                    f"--slow-interval {tel.slow_interval_s:g})")]
     takes_method = job.stage in ("train", "eval", "ept")
     if target.mode == "pipeline":
         assert target.config is not None and target.out_dir is not None

@@ -174,6 +174,15 @@ def _run_note(out_dir: Path, job: dict[str, Any], task: str) -> str:
     return f"run {run.get('status', '?')}{step}"
 
 
+def _log_path(job: dict[str, Any], task: str) -> str | None:
+    """The log file of one job or array task (jobs.json keeps sbatch's %j/%A/%a pattern)."""
+    log = job.get("log")
+    if not log:
+        return None
+    log = log.replace("%A", job["job_id"]).replace("%j", job["job_id"])
+    return log.replace("%a", task) if task != NO_TASK else log
+
+
 def collect_status(run_dir: Path) -> list[dict[str, Any]]:
     """One row per job, or per array task: key, stage, job id, task, state, exit code, ..."""
     record = load_jobs(run_dir / "slurm" / "jobs.json")
@@ -193,7 +202,7 @@ def collect_status(run_dir: Path) -> list[dict[str, Any]]:
                 "restarts": st.restarts if st else None,
                 "reason": st.reason if st else "no record (purged and no accounting)",
                 "source": st.source if st else None,
-                "run": _run_note(run_dir, job, task), "log": job.get("log")})
+                "run": _run_note(run_dir, job, task), "log": _log_path(job, task)})
     return rows
 
 

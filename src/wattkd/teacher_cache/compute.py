@@ -2,8 +2,8 @@
 
 Logits are formed exactly as the online path forms them (`fused.TeacherHidden.take`): the
 final hidden state in the head's dtype through the head rows of the compared vocabulary,
-upcast to fp32, soft-capped where the model does, then log-softmax over that vocabulary. They
-are formed in chunks of tokens, so a 262k vocabulary never needs [tokens x vocab] at once.
+upcast to fp32, soft-capped where the model does, normalised over that vocabulary. They are
+formed in chunks of tokens, so a 262k vocabulary never needs [tokens x vocab] at once.
 """
 
 from __future__ import annotations
@@ -56,14 +56,15 @@ def topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         z = F.linear(h, weight, bias).float()
         if softcap:
             z = torch.tanh(z / softcap) * softcap
-        logp = torch.log_softmax(z, dim=-1)
-        del z
-        val, idx = logp.topk(k, dim=-1)
-        logp.scatter_(-1, idx, float("-inf"))
+        # log-probs are z - logsumexp(z): three passes over the chunk's logits (logsumexp, topk,
+        # logsumexp of the rest) and no [chunk x vocab] log-softmax copy.
+        lse = torch.logsumexp(z, dim=-1)
+        val, idx = z.topk(k, dim=-1)
+        z.scatter_(-1, idx, float("-inf"))
         ids[s:e] = idx.to(ids.device)
-        lps[s:e] = val.to(lps.device)
-        tail[s:e] = torch.logsumexp(logp, dim=-1).to(tail.device)
-        del logp
+        lps[s:e] = (val - lse[:, None]).to(lps.device)
+        tail[s:e] = (torch.logsumexp(z, dim=-1) - lse).to(tail.device)
+        del z
     return ids, lps, tail
 
 

@@ -2,8 +2,14 @@
 
 A cache folder holds `manifest.json` (written last, only when every part is complete),
 `part-NNNNN.parquet` (part i holds the signals of shard part i, same rows, same order),
+`id_order.bin` (packed top-k only: the candidate order, uint32 little-endian [vocab]),
 `build-state.json` while a build is unfinished, plus the build's energy ledger
 (`phases.jsonl`, `telemetry/`) and `users.jsonl` (runs that trained from the cache).
+
+Part columns, one row per shard row: `row` int64 (global shard row), `input_crc32` uint32
+(crc32 of the row's int32 token ids), then one large_binary cell per row for each of
+`topk_ids`, `topk_logprobs`, `topk_tail`, `hidden_L{i}`, `pooled_{mean|last}` that the cache
+holds (layouts in encoding.py and in the manifest's `columns`). Row groups of ~1 MB.
 
 manifest.json:
     format, version      "wattkd-teacher-cache", 1
@@ -32,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +181,3 @@ def _sample_offsets(size: int) -> list[int]:
         return list(range(0, size, _SAMPLE_BYTES))
     last = size - _SAMPLE_BYTES
     return sorted({round(i * last / (_SAMPLES - 1)) for i in range(_SAMPLES)})
-
-
-def same_file_system_tmp(final: Path) -> Path:
-    """A hidden temp name beside `final` (as wattkd.atomic uses), for streamed writes."""
-    return final.with_name(f".{final.name}.tmp-{os.urandom(4).hex()}")

@@ -7,15 +7,20 @@ Every row's input_ids are compared with the crc32 recorded at build time: a cach
 does not belong to the batch row is an error, never a silently wrong loss.
 
 Reads are by row group (the build keeps them ~1 MB); decompressed row groups are kept in a
-small LRU so neighbouring rows of a shuffle window are not decompressed twice.
+small LRU so neighbouring rows of a shuffle window are not decompressed twice. The compact
+cells go to the training device as bytes and are unpacked there (a few small kernels on a
+GPU). `prefetch(stream)` reads the next batches' rows in a background thread, so reading and
+decompression overlap the training step.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import zlib
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +133,24 @@ class CacheReader:
         parts = self.manifest["parts"]
         self._starts = np.array([p["row_start"] for p in parts] + [self.manifest["rows"]],
                                 dtype=np.int64)
-        self._files: dict[int, Any] = {}
+        self._files = threading.local()  # pyarrow ParquetFile is not thread-safe: one per thread
         self._lru: OrderedDict[tuple[int, int], Any] = OrderedDict()
         self._lru_bytes = 0
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cache-reader")
+        self.id_order = self._id_order()
+
+    def _id_order(self) -> np.ndarray | None:
+        """Candidate rank -> token id of a packed cache (None: ids are stored as they are)."""
+        from wattkd.teacher_cache.manifest import file_sha256
+
+        info = self.columns.get("topk_ids", {}).get("id_order")
+        if not info:
+            return None
+        path = self.root / info["file"]
+        if not path.is_file() or file_sha256(path) != info["sha256"]:
+            raise CacheError(f"{path}: the cache's candidate order is missing or altered "
+                             "(its sha256 differs from the manifest); rebuild the cache")
+        return np.frombuffer(path.read_bytes(), "<u4").astype(np.int64)
 
     @property
     def num_rows(self) -> int:
@@ -140,7 +159,8 @@ class CacheReader:
     def _file(self, part: int) -> Any:
         import pyarrow.parquet as pq
 
-        f = self._files.get(part)
+        files = self._files.__dict__.setdefault("open", {})
+        f = files.get(part)
         if f is None:
             path = self.root / self.manifest["parts"][part]["file"]
             try:
@@ -148,14 +168,11 @@ class CacheReader:
             except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
                 raise CacheError(f"{path}: cannot open cache part ({type(exc).__name__}: "
                                  f"{exc})") from None
-            self._files[part] = f
+            files[part] = f
         return f
 
     def _group(self, key: tuple[int, int], columns: tuple[str, ...]) -> Any:
-        hit = self._lru.get(key)
-        if hit is not None and all(c in hit.column_names for c in columns):
-            self._lru.move_to_end(key)
-            return hit
+        """Read one row group (runs in the reader's threads; touches no shared state)."""
         part, group = key
         try:
             table = self._file(part).read_row_group(group, columns=list(columns))
@@ -191,9 +208,18 @@ class CacheReader:
             key = (p, local // g_rows)
             keys.setdefault(key, []).append(i)
             offsets.append(local % g_rows)
-        loaded = dict(zip(keys, self._pool.map(lambda k: self._group(k, want), keys)))
-        for k, t in loaded.items():
-            self._remember(k, t)
+        loaded: dict[tuple[int, int], Any] = {}
+        misses = []
+        for key in keys:
+            hit = self._lru.get(key)
+            if hit is not None and all(c in hit.column_names for c in want):
+                self._lru.move_to_end(key)
+                loaded[key] = hit
+            else:
+                misses.append(key)
+        for key, table in zip(misses, self._pool.map(lambda k: self._group(k, want), misses)):
+            self._remember(key, table)
+            loaded[key] = table
         out: dict[str, list[Any]] = {c: [None] * len(rows) for c in want}
         for key, idxs in keys.items():
             table = loaded[key]
@@ -209,7 +235,7 @@ class CacheReader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
-        self._files.clear()
+        self._files = threading.local()
         self._lru.clear()
 
 
@@ -235,36 +261,66 @@ class CachedTeacher:
         if request.pooled:
             cols.append(f"pooled_{request.pooled}")
         self._columns = tuple(cols)
+        order = self.reader.id_order
+        self._id_order = None if order is None else torch.from_numpy(order).to(self.device)
+        self._lock = threading.Lock()
+        self._ahead: dict[int, Future[dict[str, list[Any]]]] = {}
+        self._prefetcher: ThreadPoolExecutor | None = None
         log.info("teacher signals from cache %s (%s, %s encoding), rank %d/%d", cfg.cache_dir,
                  manifest["signals"]["spec"], manifest["encoding"], rank, world_size)
 
-    def signals(self, batch: dict[str, torch.Tensor]) -> TeacherSignals:
+    # ------------------------------------------------------------------ reading
+    def _read(self, batch: dict[str, torch.Tensor]) -> dict[str, list[Any]]:
+        """Cells of the batch's rows, checked against its input_ids (CPU work only)."""
         rows = batch.get("row")
         if rows is None:
             raise CacheError("the cached teacher needs each batch's shard row indices "
                              "(batch['row'], yielded by ShardDataset); this batch has none")
         rows_np = rows.detach().cpu().numpy().astype(np.int64).reshape(-1)
-        cells = self.reader.cells(rows_np, self._columns)
+        with self._lock:
+            cells = self.reader.cells(rows_np, self._columns)
         if self.check_rows:
             _check_crc(batch["input_ids"], cells["input_crc32"], rows_np, self.reader.root)
+        return cells
+
+    def prefetch(self, stream: Iterator[dict[str, torch.Tensor]], depth: int = 2
+                 ) -> Iterator[dict[str, torch.Tensor]]:
+        """Wrap the training batch stream: the cache rows of the next `depth` batches are read
+        and decompressed in a background thread while the current step runs (same batches,
+        same order; `signals` then only decodes). Optional: `signals` reads on demand."""
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="cache-prefetch")
+        pending: deque[tuple[dict[str, torch.Tensor], Future[dict[str, list[Any]]]]] = deque()
+        for batch in stream:
+            pending.append((batch, self._prefetcher.submit(self._read, batch)))
+            if len(pending) > depth:
+                b, fut = pending.popleft()
+                self._ahead[id(b)] = fut
+                yield b
+        while pending:
+            b, fut = pending.popleft()
+            self._ahead[id(b)] = fut
+            yield b
+
+    # ------------------------------------------------------------------ signals
+    def signals(self, batch: dict[str, torch.Tensor]) -> TeacherSignals:
+        fut = self._ahead.pop(id(batch), None)
+        cells = fut.result() if fut is not None else self._read(batch)
         sig = TeacherSignals()
         dev = self.device
+        cols = self.reader.columns
         if self.request.logits:
-            t = enc.decode_topk(self.reader.encoding, self.reader.columns,
+            t = enc.decode_topk(self.reader.encoding, cols,
                                 {k: cells[k] for k in ("topk_ids", "topk_logprobs",
-                                                       "topk_tail")})
-            sig.topk = TopK(ids=_to(torch.from_numpy(t.ids), dev),
-                            logprobs=_to(torch.from_numpy(t.logprobs), dev),
-                            tail_logprob=_to(torch.from_numpy(t.tail), dev))
+                                                       "topk_tail")}, self._id_order, dev)
+            sig.topk = TopK(ids=t.ids, logprobs=t.logprobs, tail_logprob=t.tail)
         for i in self.request.hidden_layers:
-            c = self.reader.columns[f"hidden_L{i}"]
-            h = enc.decode_hidden(self.reader.encoding, cells[f"hidden_L{i}"], c["shape"],
-                                  c["values"])
-            sig.hidden[i] = _to(h, dev)
+            c = cols[f"hidden_L{i}"]
+            sig.hidden[i] = enc.decode_hidden(self.reader.encoding, cells[f"hidden_L{i}"],
+                                              c["shape"], c["values"], dev)
         if self.request.pooled:
             name = f"pooled_{self.request.pooled}"
-            p = enc.decode_f32(cells[name], int(self.reader.columns[name]["shape"][0]))
-            sig.pooled = _to(torch.from_numpy(p), dev)
+            sig.pooled = enc.decode_f32(cells[name], int(cols[name]["shape"][0]), dev)
         return sig
 
 
@@ -284,9 +340,3 @@ def _default_device(cfg: ExperimentConfig) -> torch.device:
     if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return dev
-
-
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)

@@ -146,8 +146,11 @@ def default_spec(cfg: ExperimentConfig, encoding: str = DEFAULT_ENCODING) -> Cac
 
 def resolve_spec(cfg: ExperimentConfig, signals: str | None,
                  encoding: str | None = None) -> CacheSpec:
-    """`--signals` when given, else the config's defaults; refuses an empty request."""
-    enc = encoding or DEFAULT_ENCODING
+    """`--signals` when given, else the config's defaults; refuses an empty request.
+
+    Encoding: the argument, else `distill.cache_encoding` where the config has it, else packed.
+    """
+    enc = encoding or getattr(cfg.distill, "cache_encoding", None) or DEFAULT_ENCODING
     if signals is None:
         spec = default_spec(cfg, enc)
         if spec.empty:

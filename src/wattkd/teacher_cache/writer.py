@@ -23,6 +23,7 @@ import logging
 import os
 import time
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -31,10 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from wattkd.atomic import atomic_write_json
+from wattkd.atomic import atomic_write_bytes, atomic_write_json
 from wattkd.config import ExperimentConfig
 from wattkd.teacher_cache import encoding as enc
-from wattkd.teacher_cache.compute import TeacherBatch, hidden_positions, teacher_batch
+from wattkd.teacher_cache.compute import TeacherBatch, teacher_batch
 from wattkd.teacher_cache.manifest import (
     FORMAT,
     MANIFEST,
@@ -44,175 +45,19 @@ from wattkd.teacher_cache.manifest import (
     file_sha256,
     part_name,
     read_cache_manifest,
-    teacher_fingerprint,
     write_cache_manifest,
 )
-from wattkd.teacher_cache.spec import CacheSpec, resolve_spec
+from wattkd.teacher_cache.plan import CachePlan, plan_cache
+from wattkd.teacher_cache.spec import CacheSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ROW_GROUP_BYTES", "ZSTD_LEVEL", "CachePlan", "build_cache", "plan_cache"]
+__all__ = ["ZSTD_LEVEL", "CachePlan", "build_cache", "plan_cache"]
 
-ZSTD_LEVEL = 3                # measured: higher levels gain < 2% on top-k columns, cost time
-ROW_GROUP_BYTES = 1 << 20     # target encoded bytes per row group: cheap random reads
-MAX_ROW_GROUP_ROWS = 1024
-
-
-class CachePlan:
-    """Everything a build needs, checked before the teacher is loaded."""
-
-    def __init__(self, cfg: ExperimentConfig, signals: str | None, encoding: str | None,
-                 batch_size: int | None) -> None:
-        from wattkd.data.manifest import read_manifest, sha256_file, verify_parts
-        from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
-        from wattkd.models import check_tokenizer_match, resolve_device, resolve_dtype
-        from wattkd.train import teacher_path
-
-        self.cfg = cfg
-        self.shards = cfg.shards_dir / "train"
-        if not (self.shards / "manifest.json").is_file():
-            raise CacheError(f"no shards at {self.shards}: run `wattkd data build` first")
-        self.shard_manifest = read_manifest(self.shards)
-        verify_parts(self.shards, self.shard_manifest, "size")
-        self.shards_sha = sha256_file(self.shards / "manifest.json")
-        self.spec: CacheSpec = resolve_spec(cfg, signals, encoding)
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        tok_sha = tokenizer_sha256(self.tokenizer)
-        if self.shard_manifest["tokenizer"]["sha256"] != tok_sha:
-            raise CacheError(f"stale shards: {self.shards} were built with a different "
-                             f"tokenizer than data.tokenizer={cfg.data.tokenizer!r}; rebuild "
-                             "them (`wattkd data build --overwrite`)")
-        self.vocab = len(self.tokenizer)
-        self.teacher_path = teacher_path(cfg)
-        if self.teacher_path and cfg.teacher.pretrain is not None and \
-                not Path(self.teacher_path).exists():
-            raise CacheError(f"teacher {self.teacher_path} not found: run `wattkd teacher "
-                             "pretrain` first")
-        check_tokenizer_match(self.teacher_path, self.tokenizer)
-        self.teacher_config = _teacher_config(cfg, self.teacher_path, self.vocab)
-        self._check_spec()
-        self.device = resolve_device(cfg.train.device)
-        self.dtype = resolve_dtype(cfg.teacher.dtype, self.device)
-        self.dtype_name = str(self.dtype).replace("torch.", "")
-        hidden_dtype = self.spec.hidden_dtype
-        if self.spec.hidden_layers and hidden_dtype is None:
-            hidden_dtype = "bfloat16" if self.dtype == torch.bfloat16 else "float16"
-        self.hidden_dtype = hidden_dtype
-        self.fingerprint = teacher_fingerprint(cfg, self.teacher_path, self.vocab)
-        self.seq_len = int(self.shard_manifest["seq_len"])
-        self.batch_size = batch_size or cfg.train.micro_batch_size
-        if self.batch_size < 1:
-            raise CacheError(f"batch_size must be >= 1, got {self.batch_size}")
-        self.identity = {"shards_sha256": self.shards_sha, "tokenizer_sha256": tok_sha,
-                         "teacher_fingerprint": self.fingerprint["fingerprint"],
-                         "teacher_dtype": self.dtype_name,
-                         "signals": self._canonical(), "encoding": self.spec.encoding}
-        self.columns = self._columns()
-        self.row_group_rows = max(1, min(MAX_ROW_GROUP_ROWS,
-                                         ROW_GROUP_BYTES // max(self._row_bytes(), 1)))
-
-    # ------------------------------------------------------------------ checks
-    def _check_spec(self) -> None:
-        tc, spec = self.teacher_config, self.spec
-        n_layers = int(tc.num_hidden_layers)
-        bad = [i for i in spec.hidden_layers if not 0 <= i <= n_layers]
-        if bad:
-            raise CacheError(f"hidden layers {bad} out of range: the teacher has {n_layers} "
-                             f"layers, so its hidden-state indices are 0..{n_layers}")
-        if spec.topk is not None and spec.topk > self.vocab:
-            raise CacheError(f"topk k={spec.topk} exceeds the vocabulary ({self.vocab} tokens)")
-        if spec.hidden_stride > int(self.shard_manifest["seq_len"]):
-            raise CacheError(f"hidden stride {spec.hidden_stride} exceeds seq_len "
-                             f"{self.shard_manifest['seq_len']}")
-
-    def _canonical(self) -> str:
-        s = self.spec
-        if s.hidden_layers:
-            s = CacheSpec(s.topk, s.hidden_layers, self.hidden_dtype, s.hidden_stride, s.pooled,
-                          s.encoding)
-        return s.canonical()
-
-    # ------------------------------------------------------------------ layout
-    @property
-    def positions(self) -> int:
-        return len(hidden_positions(self.seq_len, self.spec.hidden_stride))
-
-    def _columns(self) -> dict[str, dict[str, Any]]:
-        spec, seq = self.spec, self.seq_len
-        cols: dict[str, dict[str, Any]] = {}
-        if spec.topk is not None:
-            cols.update(enc.topk_columns(spec.encoding, seq, spec.topk, self.vocab))
-        hsz = int(self.teacher_config.hidden_size)
-        codec = "le" if spec.encoding == "raw" else "planes"
-        for i in spec.hidden_layers:
-            cols[f"hidden_L{i}"] = {"values": self.hidden_dtype, "shape": [self.positions, hsz],
-                                    "codec": codec, "bytes": 2,
-                                    "stride": spec.hidden_stride}
-        for how in spec.pooled:
-            cols[f"pooled_{how}"] = {"values": "float32", "shape": [hsz], "codec": "le",
-                                     "pooling": how}
-        return cols
-
-    def _row_bytes(self) -> int:
-        total = 0
-        for c in self.columns.values():
-            count = int(np.prod(c["shape"]))
-            width = c.get("bytes") or {"int32": 4, "float32": 4, "float16": 2}.get(c["values"], 4)
-            total += count * width
-        return total + 12
-
-    # ------------------------------------------------------------------ description
-    def describe(self) -> dict[str, Any]:
-        tc = self.teacher_config
-        spec = self.spec
-        return {
-            "shards": {"path": str(self.shards), "manifest_sha256": self.shards_sha,
-                       "rows": self.shard_manifest["rows"], "seq_len": self.seq_len,
-                       "parts": len(self.shard_manifest["parts"])},
-            "tokenizer": {k: self.shard_manifest["tokenizer"].get(k)
-                          for k in ("name", "sha256", "vocab_size")},
-            "teacher": {**self.fingerprint, "dtype": self.dtype_name,
-                        "num_layers": int(tc.num_hidden_layers),
-                        "hidden_size": int(tc.hidden_size), "vocab": self.vocab,
-                        "softcap": getattr(tc, "final_logit_softcapping", None)},
-            "signals": {"spec": self.identity["signals"],
-                        "topk": None if spec.topk is None else {"k": spec.topk},
-                        "hidden": None if not spec.hidden_layers else {
-                            "layers": list(spec.hidden_layers), "dtype": self.hidden_dtype,
-                            "stride": spec.hidden_stride, "positions": self.positions},
-                        "pooled": list(spec.pooled)},
-            "encoding": spec.encoding,
-            "columns": self.columns,
-        }
-
-
-def plan_cache(cfg: ExperimentConfig, signals: str | None = None, *,
-               encoding: str | None = None, batch_size: int | None = None) -> CachePlan:
-    """Validate a build (shards, tokenizer, teacher config, signals) without loading weights."""
-    return CachePlan(cfg, signals, encoding, batch_size)
-
-
-def _teacher_config(cfg: ExperimentConfig, path: str | None, vocab: int) -> Any:
-    from transformers import AutoConfig
-
-    t = cfg.teacher
-    try:
-        if path is None:
-            kwargs = dict(t.build or {})
-            model_type = kwargs.pop("model_type", None)
-            if model_type is None:
-                raise CacheError("teacher.build needs `model_type`")
-            kwargs.setdefault("vocab_size", vocab)
-            conf = AutoConfig.for_model(model_type, **kwargs)
-        else:
-            conf = AutoConfig.from_pretrained(path, revision=t.revision,
-                                              trust_remote_code=t.trust_remote_code)
-    except CacheError:
-        raise
-    except Exception as exc:
-        raise CacheError(f"cannot read the teacher's config ({path or 'teacher.build'}): "
-                         f"{type(exc).__name__}: {exc}") from exc
-    return conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+ZSTD_LEVEL = 3                # measured: level 9 gains ~2% on top-k columns, costs CPU time
+MAX_IN_FLIGHT = 3             # encoded batches waiting for the writer thread
+CALIBRATION_TOKENS = 1 << 15  # teacher tokens whose top-k sets fix the candidate order
+ID_ORDER = "id_order.bin"
 
 
 # ------------------------------------------------------------------------------- build state
@@ -239,7 +84,7 @@ def _clear(root: Path) -> None:
     """Remove a previous cache's files (only files a cache build writes)."""
     for f in list(root.glob("part-*.parquet")) + list(root.glob(".part-*.parquet.tmp-*")):
         f.unlink()
-    for name in (MANIFEST, STATE):
+    for name in (MANIFEST, STATE, ID_ORDER):
         with contextlib.suppress(FileNotFoundError):
             (root / name).unlink()
 
@@ -338,34 +183,74 @@ def _build(plan: CachePlan, root: Path, state: dict[str, Any], done: dict[int, d
         meter = make_meter(cfg.telemetry, root)
         session: dict[str, Any] = {"host": os.uname().nodename.split(".")[0], "parts": [],
                                    "tokens": 0}
+        window = None
         with meter, _progress(progress) as bar:
             task = bar.add_task("teacher cache", total=total_tokens, completed=done_tokens)
-            with meter.phase("teacher_cache", tokens=0, signals=plan.identity["signals"],
-                             encoding=plan.spec.encoding) as window:
-                session.update(session=getattr(meter, "session", ""),
-                               start_wall=round(time.time(), 4), record=None)
-                state["sessions"].append(session)
-                atomic_write_json(root / STATE, state)
-                for i in todo:
-                    rec = _write_part(plan, teacher, root, i, int(starts[i]),
-                                      lambda n: bar.update(task, advance=n))
-                    done[i] = rec
-                    tokens = rec["rows"] * plan.seq_len
-                    window.add_tokens(tokens)
-                    session["parts"].append(i)
-                    session["tokens"] += tokens
-                    state["parts"][str(i)] = rec
+            try:
+                with meter.phase("teacher_cache", tokens=0, signals=plan.identity["signals"],
+                                 encoding=plan.spec.encoding) as window:
+                    session.update(session=getattr(meter, "session", ""),
+                                   start_wall=round(time.time(), 4), record=None)
+                    state["sessions"].append(session)
                     atomic_write_json(root / STATE, state)
-            session["record"] = window.record
-            session["end_wall"] = round(time.time(), 4)
-            atomic_write_json(root / STATE, state)
+                    id_rank = _id_rank(plan, teacher, root, state)
+                    for i in todo:
+                        rec = _write_part(plan, teacher, root, i, int(starts[i]), id_rank,
+                                          lambda n: bar.update(task, advance=n))
+                        done[i] = rec
+                        tokens = rec["rows"] * plan.seq_len
+                        window.add_tokens(tokens)
+                        session["parts"].append(i)
+                        session["tokens"] += tokens
+                        state["parts"][str(i)] = rec
+                        atomic_write_json(root / STATE, state)
+            finally:  # an error still closes the window: keep its energy for the next session
+                if window is not None and session in state["sessions"]:
+                    session["record"] = window.record
+                    session["end_wall"] = round(time.time(), 4)
+                    atomic_write_json(root / STATE, state)
         del teacher
     seconds = time.perf_counter() - t0
     _finish(plan, root, state, done, seconds)
 
 
+def _id_rank(plan: CachePlan, teacher: Any, root: Path, state: dict[str, Any]
+             ) -> torch.Tensor | None:
+    """The packed encoding's candidate rank of every token id, on the teacher's device.
+
+    Made once per cache from the teacher's top-k on the first rows of shard part 0 (about
+    CALIBRATION_TOKENS tokens), written to id_order.bin before the first part, and reused by a
+    resumed build, so every part is encoded with the same order.
+    """
+    if plan.spec.topk is None or plan.spec.encoding != "packed":
+        return None
+    path = root / ID_ORDER
+    info = state.get("id_order")
+    if info and path.is_file() and file_sha256(path) == info["sha256"]:
+        order = np.frombuffer(path.read_bytes(), "<u4").astype(np.int64)
+    else:
+        part = plan.shard_manifest["parts"][0]
+        rows = min(part["rows"], max(1, -(-CALIBRATION_TOKENS // plan.seq_len)))
+        ids = _read_shard_part(plan.shards / part["file"], part["rows"], plan.seq_len)[:rows]
+        spec = CacheSpec(topk=plan.spec.topk, encoding=plan.spec.encoding)
+        seen = []
+        for b0 in range(0, rows, plan.batch_size):
+            x = torch.from_numpy(ids[b0:b0 + plan.batch_size].astype(np.int64)).to(plan.device)
+            out = teacher_batch(teacher, x, spec, plan.vocab,
+                                plan.cfg.distill.logit_chunk_tokens, None)
+            seen.append(out.topk_ids.cpu())
+        order = enc.candidate_order(torch.cat(seen), plan.vocab)
+        atomic_write_bytes(path, order.astype("<u4").tobytes())
+        state["id_order"] = {"file": ID_ORDER, "sha256": file_sha256(path),
+                             "calibration_rows": rows, "calibration_tokens": rows * plan.seq_len}
+        atomic_write_json(root / STATE, state)
+    rank = torch.empty(plan.vocab, dtype=torch.long)
+    rank[torch.from_numpy(order)] = torch.arange(plan.vocab)
+    return rank.to(plan.device)
+
+
 def _write_part(plan: CachePlan, teacher: Any, root: Path, index: int, row_start: int,
-                advance: Any) -> dict[str, Any]:
+                id_rank: torch.Tensor | None, advance: Any) -> dict[str, Any]:
     """Stream one part to a temp file, row group by row group, then rename it into place."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -380,17 +265,23 @@ def _write_part(plan: CachePlan, teacher: Any, root: Path, index: int, row_start
                               compression_level=None if compression == "none" else ZSTD_LEVEL,
                               use_dictionary=False, write_statistics=False)
     pending: dict[str, list[Any]] = {name: [] for name in schema.names}
+    # One writer thread cuts staged arrays into cells and writes row groups, in order, while
+    # the main thread runs the teacher on the next batch; at most MAX_IN_FLIGHT batches wait.
     pool = ThreadPoolExecutor(1, thread_name_prefix="cache-writer")
-    futures: list[Future[None]] = []
+    futures: deque[Future[None]] = deque()
     g = plan.row_group_rows
 
-    def flush(rows: int) -> None:
-        chunk = {k: v[:rows] for k, v in pending.items()}
-        for v in pending.values():
-            del v[:rows]
-        table = pa.table({k: pa.array(v, schema.field(k).type) for k, v in chunk.items()},
-                         schema=schema)
-        futures.append(pool.submit(writer.write_table, table, row_group_size=rows))
+    def consume(staged: dict[str, Any], final: bool) -> None:
+        for k, v in staged.items():
+            pending[k].extend(v.cells() if isinstance(v, enc.Staged) else v)
+        while len(pending["row"]) >= g or (final and pending["row"]):
+            rows = min(g, len(pending["row"]))
+            chunk = {k: v[:rows] for k, v in pending.items()}
+            for v in pending.values():
+                del v[:rows]
+            table = pa.table({k: pa.array(v, schema.field(k).type) for k, v in chunk.items()},
+                             schema=schema)
+            writer.write_table(table, row_group_size=rows)
 
     try:
         for b0 in range(0, info["rows"], plan.batch_size):
@@ -399,15 +290,13 @@ def _write_part(plan: CachePlan, teacher: Any, root: Path, index: int, row_start
             out = teacher_batch(teacher, x, plan.spec, plan.vocab,
                                 plan.cfg.distill.logit_chunk_tokens,
                                 getattr(torch, plan.hidden_dtype) if plan.hidden_dtype else None)
-            for k, v in _encode(plan, out, ids[b0:b1], row_start + b0).items():
-                pending[k].extend(v)
-            while len(pending["row"]) >= g:
-                flush(g)
+            staged = _encode(plan, out, ids[b0:b1], row_start + b0, id_rank)
+            while len(futures) >= MAX_IN_FLIGHT:
+                futures.popleft().result()
+            futures.append(pool.submit(consume, staged, b1 == info["rows"]))
             advance((b1 - b0) * plan.seq_len)
-        if pending["row"]:
-            flush(len(pending["row"]))
-        for f in futures:
-            f.result()
+        while futures:
+            futures.popleft().result()
         writer.close()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -418,6 +307,7 @@ def _write_part(plan: CachePlan, teacher: Any, root: Path, index: int, row_start
     except BaseException:
         for f in futures:
             f.cancel()
+        pool.shutdown(wait=True)  # the writer thread must be done before the file is closed
         with contextlib.suppress(Exception):
             writer.close()
         with contextlib.suppress(FileNotFoundError):
@@ -458,18 +348,19 @@ def row_crc32(ids: np.ndarray) -> list[int]:
     return [zlib.crc32(r.tobytes()) for r in a]
 
 
-def _encode(plan: CachePlan, out: TeacherBatch, ids: np.ndarray, row0: int
-            ) -> dict[str, list[Any]]:
+def _encode(plan: CachePlan, out: TeacherBatch, ids: np.ndarray, row0: int,
+            id_rank: torch.Tensor | None = None) -> dict[str, Any]:
+    """Device side of encoding one batch: host arrays (enc.Staged) per column."""
     n = ids.shape[0]
-    cells: dict[str, list[Any]] = {"row": list(range(row0, row0 + n)),
-                                   "input_crc32": row_crc32(ids)}
+    cells: dict[str, Any] = {"row": list(range(row0, row0 + n)),
+                             "input_crc32": row_crc32(ids)}
     if out.topk_ids is not None:
-        cells.update(enc.encode_topk(plan.spec.encoding, out.topk_ids, out.topk_logprobs,
-                                     out.tail, plan.vocab))
+        cells.update(enc.stage_topk(plan.spec.encoding, out.topk_ids, out.topk_logprobs,
+                                    out.tail, plan.vocab, id_rank=id_rank))
     for i, h in out.hidden.items():
-        cells[f"hidden_L{i}"] = enc.encode_hidden(plan.spec.encoding, h)
+        cells[f"hidden_L{i}"] = enc.stage_hidden(plan.spec.encoding, h)
     for how, p in out.pooled.items():
-        cells[f"pooled_{how}"] = enc.encode_f32(p)
+        cells[f"pooled_{how}"] = enc.stage_f32(p)
     return cells
 
 
@@ -526,6 +417,8 @@ def _finish(plan: CachePlan, root: Path, state: dict[str, Any],
                                "transformers": _version("transformers"),
                                "pyarrow": _version("pyarrow")}},
     }
+    if state.get("id_order"):
+        manifest["columns"]["topk_ids"]["id_order"] = state["id_order"]
     write_cache_manifest(root, manifest)
     with contextlib.suppress(FileNotFoundError):
         (root / STATE).unlink()

@@ -1,0 +1,183 @@
+"""What a cache build will do, checked before any weights are loaded.
+
+`plan_cache(cfg, signals)` validates the shards (present, sizes, tokenizer hash against
+data.tokenizer), the signals against the teacher's config (layer indices, k <= vocabulary),
+identifies the teacher (manifest.teacher_fingerprint) and fixes the cache layout: columns,
+dtypes, row-group size. Its `identity` is what must match to reuse or resume a cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wattkd.config import ExperimentConfig
+from wattkd.teacher_cache import encoding as enc
+from wattkd.teacher_cache.compute import hidden_positions
+from wattkd.teacher_cache.manifest import CacheError, teacher_fingerprint
+from wattkd.teacher_cache.spec import CacheSpec, resolve_spec
+
+__all__ = ["MAX_ROW_GROUP_ROWS", "ROW_GROUP_BYTES", "CachePlan", "plan_cache"]
+
+ROW_GROUP_BYTES = 1 << 20     # target encoded bytes per row group: cheap random reads
+MAX_ROW_GROUP_ROWS = 1024
+
+
+class CachePlan:
+    """Everything a build needs, checked before the teacher is loaded."""
+
+    def __init__(self, cfg: ExperimentConfig, signals: str | None, encoding: str | None,
+                 batch_size: int | None) -> None:
+        from wattkd.data.manifest import read_manifest, sha256_file, verify_parts
+        from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
+        from wattkd.models import check_tokenizer_match, resolve_device, resolve_dtype
+        from wattkd.train import teacher_path
+
+        self.cfg = cfg
+        self.shards = cfg.shards_dir / "train"
+        if not (self.shards / "manifest.json").is_file():
+            raise CacheError(f"no shards at {self.shards}: run `wattkd data build` first")
+        self.shard_manifest = read_manifest(self.shards)
+        verify_parts(self.shards, self.shard_manifest, "size")
+        self.shards_sha = sha256_file(self.shards / "manifest.json")
+        self.spec: CacheSpec = resolve_spec(cfg, signals, encoding)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        tok_sha = tokenizer_sha256(self.tokenizer)
+        if self.shard_manifest["tokenizer"]["sha256"] != tok_sha:
+            raise CacheError(f"stale shards: {self.shards} were built with a different "
+                             f"tokenizer than data.tokenizer={cfg.data.tokenizer!r}; rebuild "
+                             "them (`wattkd data build --overwrite`)")
+        self.vocab = len(self.tokenizer)
+        self.teacher_path = teacher_path(cfg)
+        if self.teacher_path and cfg.teacher.pretrain is not None and \
+                not Path(self.teacher_path).exists():
+            raise CacheError(f"teacher {self.teacher_path} not found: run `wattkd teacher "
+                             "pretrain` first")
+        check_tokenizer_match(self.teacher_path, self.tokenizer)
+        self.teacher_config = _teacher_config(cfg, self.teacher_path, self.vocab)
+        self._check_spec()
+        self.device = resolve_device(cfg.train.device)
+        self.dtype = resolve_dtype(cfg.teacher.dtype, self.device)
+        self.dtype_name = str(self.dtype).replace("torch.", "")
+        hidden_dtype = self.spec.hidden_dtype
+        if self.spec.hidden_layers and hidden_dtype is None:
+            hidden_dtype = "bfloat16" if self.dtype == torch.bfloat16 else "float16"
+        self.hidden_dtype = hidden_dtype
+        self.fingerprint = teacher_fingerprint(cfg, self.teacher_path, self.vocab)
+        self.seq_len = int(self.shard_manifest["seq_len"])
+        self.batch_size = batch_size or cfg.train.micro_batch_size
+        if self.batch_size < 1:
+            raise CacheError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.identity = {"shards_sha256": self.shards_sha, "tokenizer_sha256": tok_sha,
+                         "teacher_fingerprint": self.fingerprint["fingerprint"],
+                         "teacher_dtype": self.dtype_name,
+                         "signals": self._canonical(), "encoding": self.spec.encoding}
+        self.columns = self._columns()
+        self.row_group_rows = max(1, min(MAX_ROW_GROUP_ROWS,
+                                         ROW_GROUP_BYTES // max(self._row_bytes(), 1)))
+
+    # ------------------------------------------------------------------ checks
+    def _check_spec(self) -> None:
+        tc, spec = self.teacher_config, self.spec
+        n_layers = int(tc.num_hidden_layers)
+        bad = [i for i in spec.hidden_layers if not 0 <= i <= n_layers]
+        if bad:
+            raise CacheError(f"hidden layers {bad} out of range: the teacher has {n_layers} "
+                             f"layers, so its hidden-state indices are 0..{n_layers}")
+        if spec.topk is not None and spec.topk > self.vocab:
+            raise CacheError(f"topk k={spec.topk} exceeds the vocabulary ({self.vocab} tokens)")
+        if spec.hidden_stride > int(self.shard_manifest["seq_len"]):
+            raise CacheError(f"hidden stride {spec.hidden_stride} exceeds seq_len "
+                             f"{self.shard_manifest['seq_len']}")
+
+    def _canonical(self) -> str:
+        s = self.spec
+        if s.hidden_layers:
+            s = CacheSpec(s.topk, s.hidden_layers, self.hidden_dtype, s.hidden_stride, s.pooled,
+                          s.encoding)
+        return s.canonical()
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def positions(self) -> int:
+        return len(hidden_positions(self.seq_len, self.spec.hidden_stride))
+
+    def _columns(self) -> dict[str, dict[str, Any]]:
+        spec, seq = self.spec, self.seq_len
+        cols: dict[str, dict[str, Any]] = {}
+        if spec.topk is not None:
+            cols.update(enc.topk_columns(spec.encoding, seq, spec.topk, self.vocab))
+        hsz = int(self.teacher_config.hidden_size)
+        codec = "le" if spec.encoding == "raw" else "planes"
+        for i in spec.hidden_layers:
+            cols[f"hidden_L{i}"] = {"values": self.hidden_dtype, "shape": [self.positions, hsz],
+                                    "codec": codec, "bytes": 2,
+                                    "stride": spec.hidden_stride}
+        for how in spec.pooled:
+            cols[f"pooled_{how}"] = {"values": "float32", "shape": [hsz], "codec": "le",
+                                     "pooling": how}
+        return cols
+
+    def _row_bytes(self) -> int:
+        total = 0
+        for c in self.columns.values():
+            count = int(np.prod(c["shape"]))
+            width = c.get("bytes") or {"int32": 4, "float32": 4, "float16": 2}.get(c["values"], 4)
+            total += count * width
+        return total + 12
+
+    # ------------------------------------------------------------------ description
+    def describe(self) -> dict[str, Any]:
+        tc = self.teacher_config
+        spec = self.spec
+        return {
+            "shards": {"path": str(self.shards), "manifest_sha256": self.shards_sha,
+                       "rows": self.shard_manifest["rows"], "seq_len": self.seq_len,
+                       "parts": len(self.shard_manifest["parts"])},
+            "tokenizer": {k: self.shard_manifest["tokenizer"].get(k)
+                          for k in ("name", "sha256", "vocab_size")},
+            "teacher": {**self.fingerprint, "dtype": self.dtype_name,
+                        "num_layers": int(tc.num_hidden_layers),
+                        "hidden_size": int(tc.hidden_size), "vocab": self.vocab,
+                        "softcap": getattr(tc, "final_logit_softcapping", None)},
+            "signals": {"spec": self.identity["signals"],
+                        "topk": None if spec.topk is None else {"k": spec.topk},
+                        "hidden": None if not spec.hidden_layers else {
+                            "layers": list(spec.hidden_layers), "dtype": self.hidden_dtype,
+                            "stride": spec.hidden_stride, "positions": self.positions},
+                        "pooled": list(spec.pooled)},
+            "encoding": spec.encoding,
+            "columns": self.columns,
+        }
+
+
+def plan_cache(cfg: ExperimentConfig, signals: str | None = None, *,
+               encoding: str | None = None, batch_size: int | None = None) -> CachePlan:
+    """Validate a build (shards, tokenizer, teacher config, signals) without loading weights."""
+    return CachePlan(cfg, signals, encoding, batch_size)
+
+
+def _teacher_config(cfg: ExperimentConfig, path: str | None, vocab: int) -> Any:
+    from transformers import AutoConfig
+
+    t = cfg.teacher
+    try:
+        if path is None:
+            kwargs = dict(t.build or {})
+            model_type = kwargs.pop("model_type", None)
+            if model_type is None:
+                raise CacheError("teacher.build needs `model_type`")
+            kwargs.setdefault("vocab_size", vocab)
+            conf = AutoConfig.for_model(model_type, **kwargs)
+        else:
+            conf = AutoConfig.from_pretrained(path, revision=t.revision,
+                                              trust_remote_code=t.trust_remote_code)
+    except CacheError:
+        raise
+    except Exception as exc:
+        raise CacheError(f"cannot read the teacher's config ({path or 'teacher.build'}): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    return conf.get_text_config() if hasattr(conf, "get_text_config") else conf
