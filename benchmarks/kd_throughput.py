@@ -80,12 +80,13 @@ def flops_per_token(arch: dict, n_student_layers: int, seq: int) -> dict[str, fl
 def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None):
     from wattkd.config import LossTerm, MethodConfig
     from wattkd.distill.modes import make_mode
+    from wattkd.models import hidden_size, num_layers
     from wattkd.distill.objective import DistillObjective, StepInputs
     from wattkd.distill.teacher import OnlineTeacher, TeacherSignals, TopK
 
     method = MethodConfig(name="response", mode="response",
                           losses=[LossTerm(name="forward_kl", params={"temperature": 1.0})])
-    mode = make_mode(method, student, teacher)
+    mode = make_mode(method, student, (num_layers(teacher), hidden_size(teacher)))
     obj = DistillObjective(student, mode, method, vocab=GEMMA_VOCAB[0], chunk_tokens=CHUNK[0])
     opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-5,
                             fused=ids.is_cuda)

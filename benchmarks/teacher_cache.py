@@ -158,11 +158,12 @@ def make_student(cfg: Any, teacher: Any, device: torch.device):
 def objective_for(cfg: Any, student: Any, teacher: Any, device: torch.device):
     """The response-KD objective over the compared vocabulary (the tokenizer's, as cached)."""
     from wattkd.distill.modes import make_mode
+    from wattkd.models import teacher_dims
     from wattkd.distill.objective import DistillObjective
     from wattkd.teacher_cache import read_cache_manifest
 
     m = cfg.method("response")
-    mode = make_mode(m, student, teacher)
+    mode = make_mode(m, student, teacher_dims(None, model=teacher))
     vocab = read_cache_manifest(cfg.cache_dir)["teacher"]["vocab"]
     return DistillObjective(student, mode, m, vocab=vocab,
                             chunk_tokens=cfg.distill.logit_chunk_tokens).to(device)
@@ -337,7 +338,7 @@ def main() -> None:
     ap.add_argument("--rows-per-part", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=1024, help="logit chunk tokens")
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=200, help="timed steps (>= 10 s windows)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--loss-batches", type=int, default=8)
     ap.add_argument("--idle-seconds", type=float, default=2.0)

@@ -78,6 +78,22 @@ def test_two_builds_byte_identical_and_independent_of_workers(tmp_path):
         .row_group(0).column(0).compression == "ZSTD"
 
 
+def test_output_does_not_depend_on_tokenization_batches(tmp_path, monkeypatch):
+    import wattkd.data.shards as shards_mod
+
+    local = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts(3000, seed=3)])
+    # total_tokens sets the mixing slack (100 tokens): several short documents per take, so
+    # batch ends fall inside takes.
+    cfg = DataConfig(sources=[SourceConfig(path=local, weight=2),
+                              SourceConfig(path="bundled:austen", weight=1, max_tokens=30_000)],
+                     seq_len=32, heldout_fraction=0.15, total_tokens=200_000)
+    build_shards(cfg, tmp_path / "a", progress=False)
+    monkeypatch.setattr(shards_mod, "FIRST_BATCH_CHARS", 700)  # a few documents a batch
+    monkeypatch.setattr(shards_mod, "BATCH_CHARS", 1500)
+    build_shards(cfg, tmp_path / "b", progress=False)
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+
+
 def test_packing_preserves_every_token_with_eos_between_documents(tmp_path, tok):
     docs = texts(120, seed=1)
     cfg = DataConfig(sources=[SourceConfig(path=write_jsonl(tmp_path / "d.jsonl",

@@ -168,6 +168,7 @@ def test_training_from_cache_follows_online_trajectory(ws: dict, method: str) ->
     online teacher's within the encoding's tolerance."""
     from wattkd.data.loader import epoch_permutation
     from wattkd.distill.modes import make_mode
+    from wattkd.models import teacher_dims
     from wattkd.distill.objective import DistillObjective, StepInputs
     from wattkd.models import build_student
 
@@ -185,7 +186,7 @@ def test_training_from_cache_follows_online_trajectory(ws: dict, method: str) ->
     runs = {}
     for kind in ("online", "cache"):
         student = build_student(cfg.student, teacher=teacher, vocab_size=VOCAB, seed=1)
-        mode = make_mode(m, student, teacher)
+        mode = make_mode(m, student, teacher_dims(None, model=teacher))
         torch.manual_seed(0)
         obj = DistillObjective(student, mode, m, vocab=VOCAB, chunk_tokens=128)
         provider = (OnlineTeacher(teacher, mode.request) if kind == "online" else

@@ -203,3 +203,38 @@ def test_divergence_guard_stops_with_message() -> None:
         guard.update(value, step)
     with pytest.raises(DivergenceError, match="diverged at step 6"):
         guard.update(5.0, 6)
+
+
+def test_training_from_teacher_cache_matches_online(workspace: Path) -> None:
+    """Teacher farm end to end through `train()`: cache the pretrained teacher once, train
+    response and feature students from it; the response run tracks the online run's losses
+    (top-k + tail vs full logits; exact equality with k = vocab is tested in
+    test_teacher_cache.py), and the cache's use is recorded for amortisation."""
+    from wattkd.teacher_cache import amortisation, build_cache
+
+    results = {}
+    for signals in ("online", "cache"):
+        data = experiment(workspace / "exp", max_steps=8, log_every=1)
+        data["distill"]["teacher_signals"] = signals
+        data["distill"]["cache_top_k"] = 256
+        data["distill"]["cache_encoding"] = "raw"
+        data["distill"]["cache_dir"] = str(workspace / "cache")
+        cfg = validate(data)
+        if signals == "cache":
+            build_cache(cfg, progress=False)
+        for method in ("response", "feature"):
+            job = student_job(cfg, method)
+            job.run_dir = workspace / f"{signals}-{method}"
+            assert train(job, progress=False).status == "completed"
+            results[(signals, method)] = losses(job.run_dir)
+    online, cached = results[("online", "response")], results[("cache", "response")]
+    # Same weights and batch at step 1: KL over the top-k + tail buckets is the full KL with
+    # the tail merged, so it can only be lower (data-processing inequality), and close.
+    assert cached[1] <= online[1] + 1e-4
+    for step in range(1, 9):
+        assert abs(online[step] - cached[step]) <= 0.10 * abs(online[step]), step
+    run = json.loads((workspace / "cache-response" / "run.json").read_text())
+    assert run["teacher_cache"]["path"] == str(workspace / "cache")
+    users = amortisation(workspace / "cache")["users"]
+    assert {str(workspace / "cache-response"), str(workspace / "cache-feature")} <= {
+        str(Path(u)) for u in users}

@@ -119,13 +119,22 @@ def teacher_pretrain(config: ConfigArg, set_: SetOpt = None,
 @teacher_app.command("cache")
 def teacher_cache(config: ConfigArg, set_: SetOpt = None,
                   signals: Annotated[Optional[str], typer.Option(
-                      help="topk,hidden:L[:L...],pooled (default: from the config)")] = None,
+                      help="topk[:K],hidden:L[:L...],pooled (default: from the config)")] = None,
+                  encoding: Annotated[Optional[str], typer.Option(
+                      help="packed | fp16 | raw (default: distill.cache_encoding)")] = None,
+                  batch_size: Annotated[Optional[int], typer.Option(help="teacher batch")] = None,
+                  overwrite: Annotated[bool, typer.Option(
+                      help="replace a cache built for other shards/teacher")] = False,
                   ) -> None:
     """Run the teacher once over the shards and store its signals for many students."""
-    from wattkd.teacher_cache import build_cache
+    from wattkd.teacher_cache import CacheError, SpecError, build_cache
 
     cfg = _load(config, set_)
-    out = build_cache(cfg, signals=signals)
+    try:
+        out = build_cache(cfg, signals=signals, encoding=encoding, overwrite=overwrite,
+                          batch_size=batch_size)
+    except (CacheError, SpecError) as exc:
+        _fail(str(exc))
     typer.echo(f"teacher cache: {out}")
 
 

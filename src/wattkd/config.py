@@ -196,6 +196,9 @@ class DistillConfig(Strict):
     cache_top_k: int = Field(default=64, gt=0)
     cache_hidden_layers: list[int] = Field(default_factory=list)
     cache_pooled: bool = False
+    cache_encoding: Literal["packed", "fp16", "raw"] = Field(
+        default="packed", description="packed: gap-coded ids + log-probs on a 1/64-nat grid "
+                                      "(~250 B/token at k=128); fp16; raw (int32 + fp32)")
     logit_chunk_tokens: int = Field(default=1024, gt=0,
                                     description="tokens per chunk of the fused logit losses")
 

@@ -116,6 +116,22 @@ def build_student(cfg: StudentConfig, *, teacher: PreTrainedModel | None, vocab_
     return model
 
 
+def teacher_dims(cfg: TeacherConfig, path_override: str | None = None,
+                 model: nn.Module | None = None) -> tuple[int, int]:
+    """(layers, hidden size) of the teacher, from the model if loaded, else from its config
+    alone (cached signals: the weights are never loaded)."""
+    if model is not None:
+        return num_layers(model), hidden_size(model)
+    if path_override is not None or cfg.model is not None:
+        config = AutoConfig.from_pretrained(path_override or cfg.model, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+    else:
+        kwargs = dict(cfg.build or {})
+        config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    config = getattr(config, "text_config", config)
+    return int(config.num_hidden_layers), int(config.hidden_size)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder block list of an HF causal LM (model.model.layers and friends)."""
     base = unwrap(model)

@@ -223,7 +223,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     from wattkd.distill.teacher import OnlineTeacher
     from wattkd.energy.ledger import make_meter
     from wattkd.models import (build_student, check_tokenizer_match, check_vocab, load_teacher,
-                               parameter_count, resolve_device)
+                               parameter_count, resolve_device, teacher_dims)
 
     cfg, method, tc, run_dir = job.cfg, job.method, job.train, job.run_dir
 
@@ -270,6 +270,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                                    seed=cfg.train.seed, path_override=job.teacher_path)
     student = build_student(job.student, teacher=teacher, vocab_size=len(tokenizer),
                             seed=job.seed)
+    dims = teacher_dims(cfg.teacher, job.teacher_path, teacher) if needs_teacher else None
     if teacher is not None and (not needs_teacher or cfg.distill.teacher_signals == "cache"):
         teacher = None  # only needed to initialise the student (baseline / cached signals)
         if device.type == "cuda":
@@ -283,17 +284,21 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     vocab = check_vocab(teacher, student, len(tokenizer))
-    mode = make_mode(method, student, teacher)
+    mode = make_mode(method, student, dims)
     objective = DistillObjective(student, mode, method, vocab=vocab,
                                  chunk_tokens=cfg.distill.logit_chunk_tokens)
     provider = None
+    cache_use = None
     if needs_teacher and not mode.request.empty:
         if teacher is not None:
             provider = OnlineTeacher(teacher, mode.request)
         else:
-            from wattkd.teacher_cache import CachedTeacher
+            from wattkd.teacher_cache import CachedTeacher, record_cache_use
 
-            provider = CachedTeacher(cfg, mode.request, rank=rank, world_size=world)
+            provider = CachedTeacher(cfg, mode.request, rank=rank, world_size=world,
+                                     device=device)
+            if accelerator.is_main_process:
+                cache_use = record_cache_use(cfg.cache_dir, run_dir)
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas,
                                   weight_decay=tc.weight_decay)
@@ -323,11 +328,13 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                        if needs_teacher else None, shards=str(shards),
                        shards_sha256=_sha256(shards / "manifest.json"), parameters=parameter_count(student),
                        precision="bf16" if bf16 else "fp32", world_size=world,
-                       resumed_from=str(ckpt) if ckpt else None)
+                       resumed_from=str(ckpt) if ckpt else None, teacher_cache=cache_use)
 
     data = ShardDataset(shards, rank=rank, world_size=world, seed=job.seed, shuffle=True,
                         start=samples, loop=True, verify="size")
     stream = batches(data, tc.micro_batch_size)
+    if provider is not None and hasattr(provider, "prefetch"):
+        stream = provider.prefetch(stream)  # cache rows read ahead, same batches, same order
     guard = None
     has_ce = any(t.name == "ce" and t.weight > 0 for t in method.losses)
     if method.mode in ("feature", "relation") and method.guard.enabled and not has_ce:

@@ -164,7 +164,8 @@ class ShardDataset(IterableDataset):
         ids_t = torch.from_numpy(ids[i].astype(np.int64))
         mask_t = torch.ones(self.seq_len, dtype=torch.long) if mask is None else \
             torch.from_numpy(mask[i].astype(np.int64))
-        return {"input_ids": ids_t, "loss_mask": mask_t}
+        # "row": the global row index, so a teacher cache aligned with the shards finds it.
+        return {"input_ids": ids_t, "loss_mask": mask_t, "row": torch.tensor(index)}
 
     def global_index(self, k: int) -> int:
         """The global sample number of this rank's k-th sample."""

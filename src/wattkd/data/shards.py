@@ -6,13 +6,13 @@ only when some source is instruction data (a reader treats a missing mask as all
 
 Algorithm, in stream order:
 1. Each source yields documents in a fixed order (`sources.py`). Documents are tokenized in
-   batches (32K characters at first, doubling to 1M) by the Rust tokenizer with no special
-   tokens added, and EOS is appended to each document (EOS is trained on; prompt tokens of
-   instruction data are not). num_workers=1 tokenizes in a background thread (the tokenizer
-   uses its own threads); num_workers > 1 uses a pool of spawned processes with one
-   single-threaded tokenizer each (`encode.py`). Results are consumed in submission order,
-   and batch boundaries depend only on the documents, so the output never depends on the
-   worker count.
+   batches (32K characters at first, doubling to 1M, or to 256K with worker processes) by
+   the Rust tokenizer with no special tokens added, and EOS is appended to each document
+   (EOS is trained on; prompt tokens of instruction data are not). num_workers=1 tokenizes
+   in a background thread (the tokenizer uses its own threads); num_workers > 1 uses a pool
+   of worker processes with one single-threaded tokenizer each (`encode.py`). Results are
+   consumed in submission order and no decision below looks at batch boundaries, so the
+   output never depends on the worker count.
 2. Held-out split by document: document i of source s is held out when
    splitmix64(seed, hash(s), i) / 2^64 < heldout_fraction. It depends only on the seed, the
    source name and the document's position, not on batching or mixing.
@@ -26,8 +26,9 @@ Algorithm, in stream order:
    is cut to fit) or when every source is done. Shares therefore hold to within
    (longest document + slack) / total_tokens, with slack = min(65536, total_tokens / 2000).
    Without `total_tokens`, every document is used and the weights only set the interleaving.
-   Held-out documents met while reading are routed to the held-out set; they do not count
-   against quotas or the budget (held-out size ~ heldout_fraction of the documents read).
+   Held-out documents met on the way (up to the last train document taken) go to the
+   held-out set; they do not count against quotas or the budget (held-out size is about
+   heldout_fraction of the documents read).
 4. Packing: the mixed token stream is cut into rows of seq_len; the final partial row is
    dropped (recorded as `dropped_tokens`). Rows are written `rows_per_part` per Parquet file,
    zstd level 3, no dictionary, no statistics, one row group: same input => same bytes.
@@ -76,8 +77,11 @@ __all__ = ["BUILDER_VERSION", "ShardBuildError", "build_shards", "config_hash"]
 BUILDER_VERSION = 1
 # Tokenization batches start small (a small budget should not tokenize megabytes it never
 # uses) and double up to the cap (fewer, larger encode_batch calls: each has a fixed cost).
+# In worker processes (single-threaded tokenizers) smaller batches balance the workers better
+# at the end of the input; IPC per batch is small either way.
 FIRST_BATCH_CHARS = 1 << 15
 BATCH_CHARS = 1 << 20
+POOL_BATCH_CHARS = 1 << 18
 BATCH_DOCS = 1024
 SPLITS = ("train", "heldout")
 
@@ -136,8 +140,10 @@ class SourceStream:
         self._fraction = fraction
         self._exhausted_input = False
         self._batch_chars = FIRST_BATCH_CHARS
+        self._max_batch_chars = BATCH_CHARS if pool.workers == 1 else POOL_BATCH_CHARS
         self._batch: TokBatch | None = None
-        self._held = self._lens = self._tcum = self._next_train = np.zeros(0, np.int64)
+        self._held = self._lens = self._tcum = self._next_train = self._train_end = \
+            np.zeros(0, np.int64)
         self._pos = 0
         self._doc_index = 0
         self.done = False
@@ -165,7 +171,7 @@ class SourceStream:
             self._exhausted_input = True
         if not texts:
             return None
-        self._batch_chars = min(2 * self._batch_chars, BATCH_CHARS)
+        self._batch_chars = min(2 * self._batch_chars, self._max_batch_chars)
         return ("instr", prompts, texts) if self.instruct else ("text", texts)
 
     def _fill(self) -> None:
@@ -184,32 +190,67 @@ class SourceStream:
         n = len(batch.offs) - 1
         held = heldout_flags(self._seed, self.name, self._doc_index, n, self._fraction)
         lens = np.diff(batch.offs)
-        # tcum[i] = train tokens in documents < i; next_train[i] = first train doc >= i.
+        # tcum[i] = train tokens in documents < i; next_train[i] = first train doc >= i (n if
+        # none).
         self._tcum = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.where(held, 0, lens), out=self._tcum[1:])
         idx = np.where(held, n, np.arange(n))
         self._next_train = np.minimum.accumulate(idx[::-1])[::-1]
+        # train_end[i] = 1 + index of the last train doc before i (0 if none).
+        self._train_end = np.zeros(n + 1, dtype=np.int64)
+        np.maximum.accumulate(np.where(held, 0, np.arange(1, n + 1)), out=self._train_end[1:])
         self._batch, self._held, self._lens = batch, held, lens
         self._doc_index += n
         self._pos = 0
         return True
 
     def take(self, soft: float, hard: float, heldout: Callable[[Chunk], None]) -> Chunk | None:
-        """Take train documents up to `soft` tokens (at least one document) from the current
-        batch, cutting at `hard` tokens; held-out documents passed over go to `heldout`.
-        Returns None when nothing was taken; sets `done` once the source has run dry."""
-        while self._batch is None or self._pos >= len(self._batch.offs) - 1:
-            if not self._load_batch():
+        """Take train documents in order while their tokens fit in `soft` (and at least one),
+        cutting the one that crosses `hard`. Held-out documents before the last one taken go
+        to `heldout`. Decisions depend on the document sequence only, never on where batches
+        end, so the output does not depend on batching or on the worker count.
+        Returns None when no train token was taken; sets `done` once the source is dry."""
+        ids_parts: list[np.ndarray] = []
+        mask_parts: list[np.ndarray] = []
+        got = docs = 0
+        while got < hard:
+            exhausted = self._batch is None or self._pos >= len(self._batch.offs) - 1
+            if exhausted and not self._load_batch():
                 self.done = True
-                return None
+                break
+            ids, mask, n_docs, more = self._take_in_batch(soft - got, hard - got, docs == 0,
+                                                          heldout)
+            if len(ids):
+                ids_parts.append(ids)
+                if mask is not None:
+                    mask_parts.append(mask)
+            got += len(ids)
+            docs += n_docs
+            if not more:
+                break
+        self.documents += docs
+        if not got:
+            return None
+        ids = ids_parts[0] if len(ids_parts) == 1 else np.concatenate(ids_parts)
+        mask = None if not mask_parts else (mask_parts[0] if len(mask_parts) == 1
+                                            else np.concatenate(mask_parts))
+        return Chunk(ids, mask, docs)
+
+    def _take_in_batch(self, soft: float, hard: float, need_one: bool,
+                       heldout: Callable[[Chunk], None]
+                       ) -> tuple[np.ndarray, np.ndarray | None, int, bool]:
+        """One batch's share of `take`: (ids, mask, train docs, whether to go on)."""
         b, k, tcum = self._batch, self._pos, self._tcum
+        assert b is not None
         n = len(b.offs) - 1
         base = tcum[k]
-        # Consume documents k..j-1: all that fit in `soft`, and at least one train document.
-        j = int(np.searchsorted(tcum, base + soft, side="right")) - 1
-        j = min(max(j, int(self._next_train[k]) + 1), n)
+        # The end j (exclusive) of what is consumed: after the last train doc that fits.
+        j = max(int(np.searchsorted(tcum, base + soft, side="right")) - 1, k)
+        j = max(int(self._train_end[j]), k)
+        if need_one:
+            j = min(max(j, int(self._next_train[k]) + 1), n)
         cut = None
-        if tcum[j] - base > hard:  # the hard limit falls inside: stop at the crossing doc
+        if tcum[j] - base > hard:  # the hard limit falls inside: end at the crossing doc
             j = int(np.searchsorted(tcum, base + hard, side="left"))
             cut = int(hard)
         lo, hi = b.offs[k], b.offs[j]
@@ -217,10 +258,9 @@ class SourceStream:
         n_held = int(held.sum())
         if n_held:
             tok_held = np.repeat(held, self._lens[k:j])
-            hchunk = Chunk(b.ids[lo:hi][tok_held],
-                           None if b.mask is None else b.mask[lo:hi][tok_held], n_held)
             self.heldout_documents += n_held
-            heldout(hchunk)
+            heldout(Chunk(b.ids[lo:hi][tok_held],
+                          None if b.mask is None else b.mask[lo:hi][tok_held], n_held))
             keep = ~tok_held
             ids = b.ids[lo:hi][keep]
             mask = None if b.mask is None else b.mask[lo:hi][keep]
@@ -235,9 +275,7 @@ class SourceStream:
                 mask = mask[:cut].copy()
                 mask[-1] = 1
         self._pos = j
-        docs = (j - k) - n_held
-        self.documents += docs
-        return Chunk(ids, mask, docs) if len(ids) else None
+        return ids, mask, (j - k) - n_held, cut is None and j == n
 
     def close(self) -> None:
         close = getattr(self._docs, "close", None)

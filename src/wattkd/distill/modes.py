@@ -8,18 +8,22 @@ from wattkd.config import MethodConfig
 from wattkd.models import hidden_size, num_layers
 
 
-def make_mode(method: MethodConfig, student: nn.Module, teacher: nn.Module | None) -> nn.Module:
+def make_mode(method: MethodConfig, student: nn.Module,
+              teacher_dims: tuple[int, int] | None) -> nn.Module:
+    """`teacher_dims` = (number of layers, hidden size) of the teacher, None without one (the
+    cached-signal path has no teacher model in memory, only its config)."""
     from wattkd.distill.feature import FeatureMode, check_layer_map
     from wattkd.distill.relation import RelationMode
     from wattkd.distill.response import NoKDMode, ResponseMode
 
     if method.mode == "none":
         return NoKDMode(method)
-    if teacher is None:
+    if teacher_dims is None:
         raise ValueError(f"method {method.name!r} ({method.mode}) needs a teacher")
     if method.mode == "response":
         return ResponseMode(method)
     if method.mode == "feature":
-        check_layer_map(method.layer_map or [], num_layers(student), num_layers(teacher))
-        return FeatureMode(method, hidden_size(student), hidden_size(teacher))
+        t_layers, t_hidden = teacher_dims
+        check_layer_map(method.layer_map or [], num_layers(student), t_layers)
+        return FeatureMode(method, hidden_size(student), t_hidden)
     return RelationMode(method)
