@@ -25,3 +25,11 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} not present (the shared data folder beside the repo)")
     return SHARED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _wattkd_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One cache (bundled tokenizer, ...) per test session, never the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WATTKD_CACHE", str(tmp_path_factory.getbasetemp() / "wattkd-cache"))
+        yield

@@ -84,7 +84,8 @@ def test_output_does_not_depend_on_tokenization_batches(tmp_path, monkeypatch):
     local = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts(3000, seed=3)])
     # total_tokens sets the mixing slack (100 tokens): several short documents per take, so
     # batch ends fall inside takes.
-    cfg = DataConfig(sources=[SourceConfig(path=local, weight=2),
+    # A fixed name: the held-out split hashes the source name (here not the tmp path).
+    cfg = DataConfig(sources=[SourceConfig(path=local, name="local", weight=2),
                               SourceConfig(path="bundled:austen", weight=1, max_tokens=30_000)],
                      seq_len=32, heldout_fraction=0.15, total_tokens=200_000)
     build_shards(cfg, tmp_path / "a", progress=False)

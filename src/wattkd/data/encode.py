@@ -38,8 +38,9 @@ class TokBatch:
 
 
 def _encode(tok: Any, texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(e.ids, dtype=np.int32) for e in
-            tok.encode_batch(texts, add_special_tokens=False)]
+    # encode_batch_fast skips character offsets (same ids; ~15% faster single-threaded).
+    encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
+    return [np.asarray(e.ids, dtype=np.int32) for e in encode(texts, add_special_tokens=False)]
 
 
 def tokenize_job(tok: Any, job: tuple[Any, ...], eos: int) -> TokBatch:

@@ -42,7 +42,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,8 +142,7 @@ class SourceStream:
         self._batch_chars = FIRST_BATCH_CHARS
         self._max_batch_chars = BATCH_CHARS if pool.workers == 1 else POOL_BATCH_CHARS
         self._batch: TokBatch | None = None
-        self._held = self._lens = self._tcum = self._next_train = self._train_end = \
-            np.zeros(0, np.int64)
+        self._held = self._lens = self._tcum = self._next_train = np.zeros(0, np.int64)
         self._pos = 0
         self._doc_index = 0
         self.done = False
@@ -196,9 +195,6 @@ class SourceStream:
         np.cumsum(np.where(held, 0, lens), out=self._tcum[1:])
         idx = np.where(held, n, np.arange(n))
         self._next_train = np.minimum.accumulate(idx[::-1])[::-1]
-        # train_end[i] = 1 + index of the last train doc before i (0 if none).
-        self._train_end = np.zeros(n + 1, dtype=np.int64)
-        np.maximum.accumulate(np.where(held, 0, np.arange(1, n + 1)), out=self._train_end[1:])
         self._batch, self._held, self._lens = batch, held, lens
         self._doc_index += n
         self._pos = 0
@@ -206,9 +202,9 @@ class SourceStream:
 
     def take(self, soft: float, hard: float, heldout: Callable[[Chunk], None]) -> Chunk | None:
         """Take train documents in order while their tokens fit in `soft` (and at least one),
-        cutting the one that crosses `hard`. Held-out documents before the last one taken go
-        to `heldout`. Decisions depend on the document sequence only, never on where batches
-        end, so the output does not depend on batching or on the worker count.
+        cutting the one that crosses `hard`; held-out documents passed over go to `heldout`.
+        Decisions depend on the document sequence only, never on where batches end, so the
+        output does not depend on batching or on the worker count.
         Returns None when no train token was taken; sets `done` once the source is dry."""
         ids_parts: list[np.ndarray] = []
         mask_parts: list[np.ndarray] = []
@@ -244,13 +240,15 @@ class SourceStream:
         assert b is not None
         n = len(b.offs) - 1
         base = tcum[k]
-        # The end j (exclusive) of what is consumed: after the last train doc that fits.
+        # Consume documents k..j-1. j stops at the first train doc that does not fit in
+        # `soft` (held-out docs before it are consumed), or right after the doc that reaches
+        # `hard`. Stopping this way, the result of a take is the same whether the documents
+        # come in one batch or several.
         j = max(int(np.searchsorted(tcum, base + soft, side="right")) - 1, k)
-        j = max(int(self._train_end[j]), k)
         if need_one:
             j = min(max(j, int(self._next_train[k]) + 1), n)
         cut = None
-        if tcum[j] - base > hard:  # the hard limit falls inside: end at the crossing doc
+        if tcum[j] - base >= hard:  # the hard limit is reached: end at that doc
             j = int(np.searchsorted(tcum, base + hard, side="left"))
             cut = int(hard)
         lo, hi = b.offs[k], b.offs[j]
@@ -600,13 +598,3 @@ def _manifest(split: str, chash: str, header: dict[str, Any], cfg: DataConfig,
         "dropped_tokens": int(packer.dropped.sum()),
         "parts": packer.writer.parts,
     }
-
-
-def iter_rows(shard_dir: Path) -> Iterator[np.ndarray]:
-    """All input_ids rows of a shard set in stored order (for tests and inspection)."""
-    import pyarrow.parquet as pq
-
-    m = read_manifest(shard_dir)
-    for part in m["parts"]:
-        col = pq.read_table(Path(shard_dir) / part["file"], columns=["input_ids"])["input_ids"]
-        yield from np.asarray(col.combine_chunks().flatten()).reshape(-1, m["seq_len"])
