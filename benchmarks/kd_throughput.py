@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import platform
 import sys
 import time
@@ -80,9 +79,9 @@ def flops_per_token(arch: dict, n_student_layers: int, seq: int) -> dict[str, fl
 def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None):
     from wattkd.config import LossTerm, MethodConfig
     from wattkd.distill.modes import make_mode
-    from wattkd.models import hidden_size, num_layers
     from wattkd.distill.objective import DistillObjective, StepInputs
     from wattkd.distill.teacher import OnlineTeacher, TeacherSignals, TopK
+    from wattkd.models import hidden_size, num_layers
 
     method = MethodConfig(name="response", mode="response",
                           losses=[LossTerm(name="forward_kl", params={"temperature": 1.0})])
@@ -241,7 +240,7 @@ def versions() -> dict:
 
             pynvml.nvmlInit()
             out["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001, S110 - the driver version is optional
             pass
     return out
 
@@ -303,7 +302,7 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - one failure must not lose the others
                 rec["status"] = f"error: {type(exc).__name__}: {exc}"[:500]
             finally:
-                teacher = student = ids = None  # noqa: F841
+                teacher = student = ids = None
             print(json.dumps(rec), flush=True)
             records.append(rec)
             if rec["status"] != "ok":

@@ -158,8 +158,8 @@ def make_student(cfg: Any, teacher: Any, device: torch.device):
 def objective_for(cfg: Any, student: Any, teacher: Any, device: torch.device):
     """The response-KD objective over the compared vocabulary (the tokenizer's, as cached)."""
     from wattkd.distill.modes import make_mode
-    from wattkd.models import teacher_dims
     from wattkd.distill.objective import DistillObjective
+    from wattkd.models import teacher_dims
     from wattkd.teacher_cache import read_cache_manifest
 
     m = cfg.method("response")

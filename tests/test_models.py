@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from wattkd.config import LoraConfig, StudentConfig, TeacherConfig
-from wattkd.models import (ModelError, build_from_config, build_student, check_vocab,
-                           init_from_teacher_layers, load_pretrained, load_teacher, num_layers)
+from wattkd.models import (
+    ModelError,
+    build_from_config,
+    build_student,
+    check_vocab,
+    init_from_teacher_layers,
+    load_pretrained,
+    load_teacher,
+    num_layers,
+)
 
 LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
          "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -168,9 +168,8 @@ def test_training_from_cache_follows_online_trajectory(ws: dict, method: str) ->
     online teacher's within the encoding's tolerance."""
     from wattkd.data.loader import epoch_permutation
     from wattkd.distill.modes import make_mode
-    from wattkd.models import teacher_dims
     from wattkd.distill.objective import DistillObjective, StepInputs
-    from wattkd.models import build_student
+    from wattkd.models import build_student, teacher_dims
 
     root, base = ws["root"], ws["cfg"]
     cfg = base

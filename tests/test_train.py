@@ -92,9 +92,8 @@ def test_each_mode_trains_and_loss_falls(workspace: Path, method: str) -> None:
 def test_response_kd_beats_no_kd_baseline(workspace: Path) -> None:
     """Same student, steps, data and seed: distilling from the trained teacher generalises
     better than CE alone on the held-out shards."""
-    from transformers import AutoModelForCausalLM
-
     import torch
+    from transformers import AutoModelForCausalLM
 
     results = {}
     for method in ("response", "baseline"):

@@ -144,7 +144,7 @@ class PreemptionSignal:
         self.received = signal.Signals(signum).name
         log.warning("received %s: will checkpoint and exit after this step", self.received)
 
-    def __enter__(self) -> PreemptionSignal:
+    def __enter__(self) -> PreemptionSignal:  # noqa: PYI034
         for sig in self.SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)

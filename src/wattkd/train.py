@@ -24,6 +24,7 @@ import torch
 from wattkd import checkpoint
 from wattkd.atomic import atomic_dir
 from wattkd.config import ExperimentConfig, MethodConfig, StudentConfig, TrainConfig, dump
+from wattkd.progress import NoBar
 from wattkd.runinfo import write_run_json
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,11 @@ def batches(dataset: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int | None):
-    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
-                              get_linear_schedule_with_warmup)
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
 
     if train.schedule == "constant":
         return get_constant_schedule_with_warmup(optimizer, train.warmup_steps)
@@ -222,8 +226,15 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     from wattkd.distill.objective import DistillObjective, StepInputs
     from wattkd.distill.teacher import OnlineTeacher
     from wattkd.energy.ledger import make_meter
-    from wattkd.models import (build_student, check_tokenizer_match, check_vocab, load_teacher,
-                               parameter_count, resolve_device, teacher_dims)
+    from wattkd.models import (
+        build_student,
+        check_tokenizer_match,
+        check_vocab,
+        load_teacher,
+        parameter_count,
+        resolve_device,
+        teacher_dims,
+    )
 
     cfg, method, tc, run_dir = job.cfg, job.method, job.train, job.run_dir
 
@@ -493,24 +504,17 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def add_task(self, *a: Any, **k: Any) -> int:
-        return 0
-
-    def update(self, *a: Any, **k: Any) -> None:
-        pass
-
 
 def _progress(enabled: bool, total: int | None, name: str) -> Any:
     if not enabled:
-        return _NoBar()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        return NoBar()
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]:.4f}"),

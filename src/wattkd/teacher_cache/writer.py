@@ -34,6 +34,7 @@ import torch
 
 from wattkd.atomic import atomic_write_bytes, atomic_write_json
 from wattkd.config import ExperimentConfig
+from wattkd.progress import NoBar
 from wattkd.teacher_cache import encoding as enc
 from wattkd.teacher_cache.compute import TeacherBatch, teacher_batch
 from wattkd.teacher_cache.manifest import (
@@ -438,23 +439,10 @@ def _version(name: str) -> str | None:
         return None
 
 
-class _NoBar:
-    def __enter__(self) -> _NoBar:  # noqa: PYI034
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def add_task(self, *a: Any, **k: Any) -> int:
-        return 0
-
-    def update(self, *a: Any, **k: Any) -> None:
-        pass
-
 
 def _progress(enabled: bool) -> Any:
     if not enabled:
-        return _NoBar()
+        return NoBar()
     from rich.progress import (
         BarColumn,
         Progress,
