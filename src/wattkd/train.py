@@ -377,6 +377,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                         accelerator.backward(loss / tc.grad_accum)
                     for k, v in parts.items():
                         parts_acc[k] = parts_acc.get(k, 0.0) + v / tc.grad_accum
+                parts_acc = _mean_over_ranks(accelerator, parts_acc)
                 grad_norm = None
                 if tc.max_grad_norm is not None:
                     grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
@@ -452,6 +453,17 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                        final=str(final_dir) if final_dir else None)
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, status, step, tokens, final_dir)
+
+
+def _mean_over_ranks(accelerator: Any, parts: dict[str, float]) -> dict[str, float]:
+    """Logged losses are the global batch's (mean over ranks, equal token counts per rank),
+    so a DDP run's log is comparable with a single-process run of the same global batch."""
+    if accelerator.num_processes == 1:
+        return parts
+    keys = sorted(parts)
+    t = torch.tensor([parts[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    t = accelerator.reduce(t, reduction="mean")
+    return dict(zip(keys, t.tolist()))
 
 
 def _any_rank(accelerator: Any, flag: bool) -> bool:
