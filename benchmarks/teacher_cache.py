@@ -45,12 +45,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-GEMMA_270M = {"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640,
-              "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4,
-              "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 32768,
-              "sliding_window": 512, "query_pre_attn_scalar": 256, "rope_theta": 1e6,
-              "tie_word_embeddings": True}
-STUDENT_LAYERS = [0, 3, 6, 9, 12, 17]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pair import GEMMA_270M, STUDENT_LAYERS
+
 TINY = {"model_type": "llama", "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 256, "tie_word_embeddings": True, "initializer_range": 0.5}
