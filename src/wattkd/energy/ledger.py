@@ -146,6 +146,11 @@ class _MeterBase:
         self._checked_tail = False
 
     # ---- public
+    @property
+    def started(self) -> bool:
+        """True between start() and stop() (a NullMeter counts as always started)."""
+        return bool(getattr(self, "_started", True))
+
     def phase(self, name: str, tokens: int = 0, **meta: Any) -> PhaseWindow:
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"phase name must be a non-empty string, got {name!r}")

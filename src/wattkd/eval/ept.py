@@ -190,8 +190,7 @@ def _meter_or_null(meter: Any) -> tuple[Any, bool]:
         from wattkd.energy.ledger import NullMeter
 
         return NullMeter(reason="no-meter"), False
-    started = getattr(meter, "_started", True)
-    return meter, started is False
+    return meter, not getattr(meter, "started", True)
 
 
 def _min_window(meter: Any, override: float | None) -> float:
