@@ -54,8 +54,13 @@ def scaled(name: str, root: Path) -> dict:
         data["student"]["from_teacher_layers"] = picks
         s_layers = len(picks)
     else:
-        data["student"]["model"] = None
-        data["student"]["build"] = student
+        # The real config loads a pretrained student: save a tiny one and load it the same way.
+        from wattkd.models import build_from_config
+
+        base = root / f"{name}-student"
+        if not base.exists():
+            build_from_config(student, 4096, seed=0).save_pretrained(base)
+        data["student"]["model"] = str(base)
         s_layers = student["num_hidden_layers"]
     for method in data["distill"]["methods"]:
         if method["layer_map"]:

@@ -126,7 +126,9 @@ def load(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, sch
                                          weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rngs = torch.load(path / "rng.pt", weights_only=False)
-    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    if rank >= len(rngs):
+        raise CheckpointError(f"{path} holds RNG states of {len(rngs)} ranks; this is rank {rank}")
+    set_rng_state(rngs[rank])
     log.info("resumed from %s (step %d)", path, meta["step"])
     return meta
 

@@ -136,6 +136,10 @@ class StudentConfig(Strict):
                              "student.from_teacher_layers")
         if self.from_teacher_layers is not None and not self.from_teacher_layers:
             raise ValueError("student.from_teacher_layers must not be empty")
+        if self.lora is not None and not self.lora.merge_on_save and self.model is None:
+            raise ValueError("student.lora.merge_on_save: false saves only an adapter, which "
+                             "needs a loadable base (student.model); merge it for students "
+                             "built from config or from teacher layers")
         return self
 
 

@@ -38,8 +38,9 @@ def _run_status(run_dir: Path) -> str | None:
 
 
 def training_done(run_dir: Path) -> bool:
-    return _run_status(run_dir) in ("completed", "budget") and \
-        (run_dir / "final" / "config.json").exists()
+    final = run_dir / "final"
+    return _run_status(run_dir) in ("completed", "budget") and (
+        (final / "config.json").exists() or (final / "adapter_config.json").exists())
 
 
 def stages(cfg: ExperimentConfig) -> list[Stage]:
@@ -58,7 +59,7 @@ def stages(cfg: ExperimentConfig) -> list[Stage]:
     teacher_dir = cfg.out / "teacher"
     if cfg.teacher.pretrain is not None:
         out.append(Stage("teacher pretrain", lambda: training_done(teacher_dir),
-                         lambda: train(teacher_pretrain_job(cfg))))
+                         lambda: _train_or_fail(train, teacher_pretrain_job(cfg))))
     if cfg.distill.teacher_signals == "cache" and any(
             m.mode != "none" for m in cfg.distill.methods):
         def cache() -> None:
@@ -75,7 +76,11 @@ def stages(cfg: ExperimentConfig) -> list[Stage]:
             out.append(Stage(f"train {method.name} rep{rep}",
                              lambda d=job.run_dir: training_done(d),
                              lambda j=job: _train_or_fail(train, j)))
-    for run_dir in [teacher_dir] + runs:
+    from wattkd.train import teacher_path
+
+    # A random-init teacher (benchmarks) has no weights to evaluate: no reference row then.
+    evaluated = ([teacher_dir] if teacher_path(cfg) is not None else []) + runs
+    for run_dir in evaluated:
         out.append(Stage(f"eval {run_dir.relative_to(cfg.out)}",
                          lambda d=run_dir: (d / "eval" / "perplexity.json").exists(),
                          lambda d=run_dir: _evaluate(cfg, d)))
@@ -93,10 +98,13 @@ def stages(cfg: ExperimentConfig) -> list[Stage]:
 
 
 def _train_or_fail(train: Callable[..., Any], job: Any) -> None:
+    from wattkd.checkpoint import PREEMPTED_EXIT_CODE
+
     result = train(job, resume="auto")
     if result.status == "preempted":
-        raise SystemExit(f"training {job.method.name} was interrupted; rerun the pipeline "
-                         "to resume")
+        console.print(f"training {job.method.name} was interrupted and checkpointed; rerun "
+                      "the pipeline to resume")
+        raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
 def _evaluate(cfg: ExperimentConfig, run_dir: Path) -> None:

@@ -155,6 +155,12 @@ class MetricsLog:
                 if isinstance(v, int | float) and k != "step":
                     self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
 
+    def __enter__(self) -> MetricsLog:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # also when the loop raises: no open handles or writer threads left
+
     def close(self) -> None:
         if self.file:
             self.file.close()
@@ -263,8 +269,17 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
 
     # ---- 2. accelerator, models, objective
     bf16 = use_bf16(tc, device)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # Without a logit term the LM head (and layers past the last mapped one) get no gradient:
+    # DDP must be told, or it fails at the second step.
+    from wattkd.distill.registry import get_loss
+
+    has_logit_term = any(get_loss(t.name).kind == "logit" and t.weight > 0
+                         for t in method.losses)
+    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=not has_logit_term)
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no",
-                              cpu=device.type == "cpu")
+                              cpu=device.type == "cpu", kwargs_handlers=[ddp_kwargs])
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(job.seed)
@@ -295,7 +310,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     vocab = check_vocab(teacher, student, len(tokenizer))
-    mode = make_mode(method, student, dims)
+    mode = make_mode(method, student, dims, batch_size=tc.micro_batch_size)
     objective = DistillObjective(student, mode, method, vocab=vocab,
                                  chunk_tokens=cfg.distill.logit_chunk_tokens)
     provider = None
@@ -324,6 +339,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
 
     # ---- 3. resume
     step, samples, tokens, prior_energy = 0, 0, 0, 0.0
+    resumed_guard = None
     ckpt = (checkpoint.latest(run_dir) if resume == "auto"
             else None if resume == "never" else Path(resume))
     if ckpt is not None:
@@ -331,6 +347,11 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                                rank=rank)
         step, samples, tokens = meta["step"], meta["samples"], meta["tokens"]
         prior_energy = meta.get("energy_j") or 0.0
+        if meta.get("world_size", world) != world:
+            raise checkpoint.CheckpointError(
+                f"{ckpt} was written by {meta['world_size']} ranks, this run has {world}: "
+                "the data position is per rank, so resume with the same number of processes")
+        resumed_guard = meta.get("guard")
     full_weights = job.student.lora is None
     if accelerator.is_main_process:
         write_run_json(run_dir, status="running", method=method.name, mode=method.mode,
@@ -350,6 +371,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     has_ce = any(t.name == "ce" and t.weight > 0 for t in method.losses)
     if method.mode in ("feature", "relation") and method.guard.enabled and not has_ce:
         guard = DivergenceGuard(method.guard.window, method.guard.max_ratio)
+        guard.values = list(resumed_guard or [])
     metrics = MetricsLog(run_dir, tc.tensorboard, accelerator.is_main_process)
     heldout = cfg.shards_dir / "heldout"
     status = "completed"
@@ -359,7 +381,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     meter = make_meter(cfg.telemetry, run_dir if accelerator.is_local_main_process else None)
     bar = _progress(progress and accelerator.is_main_process, total_steps, method.name)
     objective.train()
-    with meter, checkpoint.PreemptionSignal() as preempt, bar:
+    with meter, checkpoint.PreemptionSignal() as preempt, bar, metrics:
         task = bar.add_task(f"train {method.name}", total=total_steps, start_step=step)
         with meter.phase("train", method=method.name, repeat=job.repeat,
                          start_step=step) as window:
@@ -401,7 +423,9 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                               "energy_j": None if energy is None else prior_energy + energy}
                     if guard is not None:
                         with accelerator.autocast():
-                            record["lm_loss"] = core.lm_loss(inputs)
+                            lm = core.lm_loss(inputs)
+                        # every rank sees the same value, so all stop at the same step
+                        record["lm_loss"] = _mean_over_ranks(accelerator, {"lm": lm})["lm"]
                         guard.update(record["lm_loss"], step)
                     metrics.write(record)
                     t_last, tok_last = now, tokens
@@ -426,13 +450,15 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                                                prior_energy + energy >= tc.energy_budget_j)
                 stop_signal = _any_rank(accelerator, preempt.received is not None)
                 progress_rec = {"samples": samples, "tokens": tokens,
-                                "energy_j": prior_energy + (meter.energy_j() or 0.0)}
+                                "energy_j": prior_energy + (meter.energy_j() or 0.0),
+                                "guard": guard.values if guard is not None else None,
+                                "world_size": world}
                 wants_ckpt = tc.checkpoint_every and step % tc.checkpoint_every == 0
                 if wants_ckpt or stop_signal:
                     checkpoint.save(run_dir, step, module=core, optimizer=optimizer,
                                     scheduler=scheduler, progress=progress_rec,
                                     full_weights=full_weights, keep_last=tc.keep_last,
-                                    rank=rank)
+                                    rank=rank, rng_by_rank=_rng_by_rank(accelerator))
                 if stop_signal:
                     status = "preempted"
                     break
@@ -442,7 +468,6 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                     status = "budget"
                     log.info("energy budget %.1f J reached at step %d", tc.energy_budget_j, step)
                     break
-    metrics.close()
 
     # ---- 5. finish
     final_dir = None
@@ -453,6 +478,16 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                        final=str(final_dir) if final_dir else None)
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, status, step, tokens, final_dir)
+
+
+def _rng_by_rank(accelerator: Any) -> list[dict[str, Any]]:
+    """Every rank's RNG states (a collective: all ranks call it at the same step)."""
+    state = checkpoint.rng_state()
+    if accelerator.num_processes == 1:
+        return [state]
+    from accelerate.utils import gather_object
+
+    return gather_object([state])
 
 
 def _mean_over_ranks(accelerator: Any, parts: dict[str, float]) -> dict[str, float]:
@@ -483,11 +518,7 @@ def save_final(run_dir: Path, objective: Any, tokenizer: Any, job: TrainJob, *, 
     final = run_dir / "final"
     student = objective.student
     lora = job.student.lora
-    if final.exists():
-        import shutil
-
-        shutil.rmtree(final)
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:  # replaces an older final/ only once the new one is whole
         if isinstance(student, PeftModel):
             if lora is not None and lora.merge_on_save:
                 import copy

@@ -9,7 +9,8 @@ from wattkd.models import hidden_size, num_layers
 
 
 def make_mode(method: MethodConfig, student: nn.Module,
-              teacher_dims: tuple[int, int] | None) -> nn.Module:
+              teacher_dims: tuple[int, int] | None, *, batch_size: int | None = None
+              ) -> nn.Module:
     """`teacher_dims` = (number of layers, hidden size) of the teacher, None without one (the
     cached-signal path has no teacher model in memory, only its config)."""
     from wattkd.distill.feature import FeatureMode, check_layer_map
@@ -26,4 +27,11 @@ def make_mode(method: MethodConfig, student: nn.Module,
         t_layers, t_hidden = teacher_dims
         check_layer_map(method.layer_map or [], num_layers(student), t_layers)
         return FeatureMode(method, hidden_size(student), t_hidden)
+    need = max((3 if t.name == "rkd_angle" else 2) for t in method.losses
+               if t.name.startswith("rkd_")) if any(t.name.startswith("rkd_")
+                                                    for t in method.losses) else 0
+    if batch_size is not None and batch_size < need:
+        raise ValueError(f"method {method.name!r}: relation losses compare sequences within a "
+                         f"micro-batch and need train.micro_batch_size >= {need}, got "
+                         f"{batch_size}")
     return RelationMode(method)

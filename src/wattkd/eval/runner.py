@@ -23,7 +23,7 @@ class TargetError(ValueError):
 def resolve_target(target: str, cfg: ExperimentConfig | None) -> tuple[str, Path | None]:
     """(model to load, run directory to write results into, or None)."""
     p = Path(target)
-    if (p / "final" / "config.json").exists():
+    if (p / "final" / "config.json").exists() or (p / "final" / "adapter_config.json").exists():
         return str(p / "final"), p
     if (p / "config.json").exists() or (p / "adapter_config.json").exists():
         return str(p), None
