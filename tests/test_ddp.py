@@ -91,3 +91,18 @@ def test_ddp_resume_across_ranks(cfg: Path) -> None:
                                                             rel=1e-6)
     run = json.loads((out / "response" / "rep0" / "run.json").read_text())
     assert run["resumed_from"].endswith("step_0000003")
+
+
+def test_ddp_feature_method_without_logit_terms(cfg: Path) -> None:
+    """No CE/KL term: the LM head gets no gradient, which DDP must be told about (it failed
+    at the second step before)."""
+    data = yaml.safe_load(cfg.read_text())
+    data["distill"]["methods"] = [{"name": "response", "mode": "feature",
+                                   "layer_map": [[1, 1]], "losses": [{"name": "hidden_mse"}],
+                                   "guard": {"enabled": True, "window": 2}}]
+    data["student"]["build"]["tie_word_embeddings"] = False
+    path = cfg.parent / "feature.yaml"
+    path.write_text(yaml.safe_dump(data))
+    losses = train(path, cfg.parent / "feature", "train.micro_batch_size=4",
+                   "train.max_steps=4", procs=2)
+    assert sorted(losses) == [1, 2, 3, 4]
