@@ -339,7 +339,8 @@ def open_sources(*, cpu: bool = True, nvml_lib: Any = None,
     rapl = RaplSource(rapl_root or os.environ.get("WATTKD_POWERCAP_ROOT",
                                                   "/sys/class/powercap")).open()
     cpu_src = CpuSource() if cpu else None
-    log.info("energy sources: GPU %s; CPU %s",
+    log.info("energy counters: GPU %s; CPU %s (without RAPL, CPU energy is `estimated` "
+             "from CPU time only if telemetry.cpu_watts_per_core is set)",
              f"{len(nvml.gpus)} x NVML" if nvml.available else f"unavailable ({nvml.reason})",
              f"RAPL {[z.name for z in rapl.zones]}" if rapl.available
              else f"unavailable ({rapl.reason})")
