@@ -49,7 +49,11 @@ def trainable_state(module: nn.Module, full: bool) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    # Plain lists/ints/tensors only, so checkpoints load with torch.load(weights_only=True):
+    # resuming from a checkpoint folder never unpickles arbitrary objects.
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -57,8 +61,10 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -123,9 +129,9 @@ def load(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, sch
                               f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}); was the "
                               "config changed since it was written?")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu",
-                                         weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rngs = torch.load(path / "rng.pt", weights_only=False)
+                                         weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rngs = torch.load(path / "rng.pt", weights_only=True)
     if rank >= len(rngs):
         raise CheckpointError(f"{path} holds RNG states of {len(rngs)} ranks; this is rank {rank}")
     set_rng_state(rngs[rank])
