@@ -122,3 +122,11 @@ def test_config_show_error_is_one_clear_message(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
 def test_shipped_configs_validate(path: Path) -> None:
     load(path)
+
+
+@pytest.mark.parametrize("name", ["report", "teacher", "shards"])
+def test_method_names_of_stage_folders_refused(tmp_path: Path, name: str) -> None:
+    data = {**MINIMAL, "distill": {"methods": [
+        {"name": name, "mode": "none", "losses": [{"name": "ce"}]}]}}
+    with pytest.raises(ConfigError, match="reserved"):
+        load(write(tmp_path, data))

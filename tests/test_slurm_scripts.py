@@ -188,9 +188,10 @@ def test_bad_slurm_settings_are_one_clear_error(change, match) -> None:
 
 
 def test_method_named_like_an_output_folder_is_refused() -> None:
+    """Refused when the config is loaded, before any script is written."""
     methods = [{"name": "report", "mode": "none", "losses": [{"name": "ce"}]}]
-    with pytest.raises(SlurmError, match=r"\['report'\] collide"):
-        build_graph(config(**{"distill.methods": methods, "slurm.stages": {}}))
+    with pytest.raises(ConfigError, match="reserved"):
+        config(**{"distill.methods": methods, "slurm.stages": {}})
 
 
 def test_plain_wrappers_are_generated_from_the_templates() -> None:

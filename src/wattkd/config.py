@@ -36,6 +36,17 @@ def _safe_name(value: str, what: str) -> str:
     return value
 
 
+# Folders of the experiment's output directory that stages own: a method can't be named so.
+RESERVED_METHOD_NAMES = {"shards", "teacher", "teacher_cache", "report", "slurm"}
+
+
+def _reserved(value: str) -> str:
+    if value in RESERVED_METHOD_NAMES:
+        raise ValueError(f"method name {value!r} is reserved for a stage's output folder "
+                         f"({', '.join(sorted(RESERVED_METHOD_NAMES))})")
+    return value
+
+
 # --------------------------------------------------------------------------------------- data
 class SourceConfig(Strict):
     """One input of the shard builder. `kind` is inferred from `path` when omitted."""
@@ -173,7 +184,7 @@ class MethodConfig(Strict):
     pooling: Literal["mean", "last"] = "mean"
     guard: DivergenceGuard = Field(default_factory=DivergenceGuard)
 
-    _name = field_validator("name")(lambda v: _safe_name(v, "method name"))
+    _name = field_validator("name")(lambda v: _reserved(_safe_name(v, "method name")))
 
     @model_validator(mode="after")
     def _mode_needs(self) -> MethodConfig:

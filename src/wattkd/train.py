@@ -78,12 +78,16 @@ def student_job(cfg: ExperimentConfig, method: str, repeat: int = 0) -> TrainJob
 
 def teacher_pretrain_job(cfg: ExperimentConfig) -> TrainJob:
     """The demo's tiny teacher is trained here first, with the same loop (CE only)."""
+    from wattkd.config import DivergenceGuard as DivergenceGuardConfig
     from wattkd.config import LossTerm
 
     pre = cfg.teacher.pretrain
     if pre is None:
         raise ValueError("teacher.pretrain is not set in this config")
-    method = MethodConfig(name="teacher", mode="none", losses=[LossTerm(name="ce")])
+    # "teacher" is reserved for user methods (it is this run's folder), so build it unvalidated.
+    method = MethodConfig.model_construct(
+        name="teacher", mode="none", losses=[LossTerm(name="ce")], layer_map=None,
+        token_subsample=1.0, pooling="mean", guard=DivergenceGuardConfig())
     train = cfg.train.model_copy(update={"max_steps": pre.max_steps, "lr": pre.lr,
                                          "micro_batch_size": pre.micro_batch_size,
                                          "max_tokens": None, "energy_budget_j": None,
