@@ -103,13 +103,18 @@ def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None):
         signals = cached if cached is not None else provider.signals(batch)
         with torch.autocast(ids.device.type, dtype=torch.bfloat16):
             loss, _ = obj(inputs, signals)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return update(loss, student, opt)
 
     return timed(step, steps, warmup)
+
+
+def update(loss, student, opt):
+    """The optimizer step every implementation shares (backward, clip at 1.0, AdamW)."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
 
 
 def run_naive(teacher, student, ids, steps, warmup, topk=None):
@@ -122,11 +127,7 @@ def run_naive(teacher, student, ids, steps, warmup, topk=None):
         s_logits = student(ids).logits.float()
         loss = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1),
                         log_target=True, reduction="batchmean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return update(loss, student, opt)
 
     return timed(step, steps, warmup)
 

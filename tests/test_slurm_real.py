@@ -8,7 +8,6 @@ resume, and a two-rank launch through srun.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -126,13 +125,6 @@ def tmp(work, request) -> Path:
     return path
 
 
-def _pipeline_missing() -> str | None:
-    need = {"wattkd.eval.runner": "`wattkd eval`/`wattkd ept` runner",
-            "wattkd.report": "`wattkd report`"}
-    missing = [what for mod, what in need.items() if importlib.util.find_spec(mod) is None]
-    return f"not implemented yet: {', '.join(missing)}" if missing else None
-
-
 @pytest.fixture(scope="module")
 def broken(slurm_cluster, work) -> Path:
     """A pipeline whose shards job fails (its source does not exist); submitted first so it
@@ -149,19 +141,16 @@ def broken(slurm_cluster, work) -> Path:
 @pytest.fixture(scope="module")
 def chain(slurm_cluster, work, broken) -> dict[str, Any]:
     """The whole tiny pipeline (training: an array of 2 repeats; the teacher pretrained with
-    two ranks), submitted for real and run to the end; without eval/report while those stages
-    are missing."""
+    two ranks), submitted for real and run to the end."""
     tmp = work / "chain"
     tmp.mkdir()
     venv = fake_venv(tmp)
     out = tmp / "runs" / "chain"
-    missing = _pipeline_missing()
     data = tiny("chain", out, **{"slurm.venv": str(venv),
                                  "slurm.stages": {"teacher_pretrain": {"gpus_per_node": 2}}})
-    result = submit(tmp, data, only={"shards", "teacher_pretrain", "train"} if missing else None)
+    result = submit(tmp, data, None)
     rows = wait_done(out, 600, slurm_cluster)
-    return {"tmp": tmp, "out": out, "rows": rows, "result": result, "venv": venv,
-            "missing": missing}
+    return {"tmp": tmp, "out": out, "rows": rows, "result": result, "venv": venv}
 
 
 def test_pipeline_with_array_of_repeats_runs(chain, monkeypatch) -> None:
@@ -195,9 +184,6 @@ def test_pipeline_with_array_of_repeats_runs(chain, monkeypatch) -> None:
 
 
 def test_full_tiny_pipeline_produces_report(chain) -> None:
-    if chain["missing"]:
-        pytest.skip(f"full pipeline under Slurm needs the eval/EPT/report stages "
-                    f"({chain['missing']})")
     out, rows = chain["out"], chain["rows"]
     assert {r["key"] for r in rows} == {
         "shards", "teacher_pretrain", "train-baseline", "eval-baseline", "ept-baseline",

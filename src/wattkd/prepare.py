@@ -24,7 +24,7 @@ GEMMA_PROBE = ("In the beginning", [2, 902, 506, 6534])
 
 
 class PrepareError(RuntimeError):
-    pass
+    """A packaged model cannot be prepared (missing package, bad tokenizer conversion)."""
 
 
 def prepare_model(name: str, out: Path, *, tokenizer_from: Path | None = None) -> Path:

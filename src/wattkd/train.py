@@ -453,12 +453,12 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                     done_by_energy = _any_rank(accelerator, energy is not None and
                                                prior_energy + energy >= tc.energy_budget_j)
                 stop_signal = _any_rank(accelerator, preempt.received is not None)
-                progress_rec = {"samples": samples, "tokens": tokens,
-                                "energy_j": prior_energy + (meter.energy_j() or 0.0),
-                                "guard": guard.values if guard is not None else None,
-                                "world_size": world}
                 wants_ckpt = tc.checkpoint_every and step % tc.checkpoint_every == 0
                 if wants_ckpt or stop_signal:
+                    progress_rec = {"samples": samples, "tokens": tokens,
+                                    "energy_j": prior_energy + (meter.energy_j() or 0.0),
+                                    "guard": guard.values if guard is not None else None,
+                                    "world_size": world}
                     checkpoint.save(run_dir, step, module=core, optimizer=optimizer,
                                     scheduler=scheduler, progress=progress_rec,
                                     full_weights=full_weights, keep_last=tc.keep_last,

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 class TargetError(ValueError):
-    pass
+    """The target is neither a model folder, a hub id nor a run directory with weights."""
 
 
 def resolve_target(target: str, cfg: ExperimentConfig | None) -> tuple[str, Path | None]:
