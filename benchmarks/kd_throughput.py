@@ -9,9 +9,11 @@ All implementations get the same random token ids already on the GPU, so data lo
 excluded for every one of them equally.
 
   wattkd       wattkd's DistillObjective + OnlineTeacher (what `wattkd train` runs): fused,
-               chunked logit loss; student fp32 master weights under bf16 autocast.
+               chunked logit loss (closed-form fast path); fp32 master weights, bf16 autocast.
+  wattkd_compile  the same with WATTKD_COMPILE=1 (torch.compile of the fused loss chunk).
+  wattkd_generic  the same with WATTKD_FAST_LOSS=0 (the generic autograd chunk path).
   wattkd_topk  the same student step fed by top-k teacher tensors (k=64) as the teacher cache
-               provides them (cache read excluded; no teacher forward).
+               provides them (cache read excluded; no teacher forward); _compile as above.
   trl          TRL GKDTrainer as plain off-policy forward KL (beta=0, lmbda=0, no generation).
   naive        full [tokens x vocab] fp32 logits for teacher and student (the original code).
 
@@ -73,7 +75,14 @@ def flops_per_token(arch: dict, n_student_layers: int, seq: int) -> dict[str, fl
 
 
 # ------------------------------------------------------------------------------ implementations
-def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None):
+def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None = None,
+               fast: bool = True, compile: bool = False):
+    """`fast`: closed-form fused loss (the default in `wattkd train`); False: the generic
+    autograd path. `compile`: WATTKD_COMPILE=1 (torch.compile of the fused chunk)."""
+    import os
+
+    os.environ["WATTKD_FAST_LOSS"] = "1" if fast else "0"
+    os.environ["WATTKD_COMPILE"] = "1" if compile else "0"
     from wattkd.config import LossTerm, MethodConfig
     from wattkd.distill.modes import make_mode
     from wattkd.distill.objective import DistillObjective, StepInputs
@@ -117,7 +126,7 @@ def update(loss, student, opt):
     return loss
 
 
-def run_naive(teacher, student, ids, steps, warmup, topk=None):
+def run_naive(teacher, student, ids, steps, warmup):
     student = student.to(torch.bfloat16)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=ids.is_cuda)
 
@@ -132,7 +141,7 @@ def run_naive(teacher, student, ids, steps, warmup, topk=None):
     return timed(step, steps, warmup)
 
 
-def run_trl(teacher, student, ids, steps, warmup, topk=None):
+def run_trl(teacher, student, ids, steps, warmup):
     from datasets import Dataset
     from transformers import PreTrainedTokenizerFast, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -245,8 +254,31 @@ def versions() -> dict:
 
 GEMMA_VOCAB = [GEMMA_270M["vocab_size"]]
 CHUNK = [1024]
-IMPLS = {"wattkd": (run_wattkd, None), "wattkd_topk": (run_wattkd, 64), "naive": (run_naive, None),
-         "trl": (run_trl, None)}
+IMPLS = {"wattkd": (run_wattkd, {}),
+         "wattkd_compile": (run_wattkd, {"compile": True}),
+         "wattkd_generic": (run_wattkd, {"fast": False}),
+         "wattkd_topk": (run_wattkd, {"topk": 64}),
+         "wattkd_topk_compile": (run_wattkd, {"topk": 64, "compile": True}),
+         "naive": (run_naive, {}),
+         "trl": (run_trl, {})}
+
+
+def profile(impl: str, batch: int, arch: dict, seq: int, device: torch.device, out: Path) -> None:
+    """Where one implementation's step time goes: torch.profiler over 3 steps, top CUDA ops."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn, kwargs = IMPLS[impl]
+    teacher, student = make_pair(arch, device)
+    ids = torch.randint(0, arch["vocab_size"], (batch, seq), device=device)
+    fn(teacher, student, ids, 1, 2, **kwargs)   # warm-up (and compile) outside the trace
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        fn(teacher, student, ids, 3, 0, **kwargs)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30)
+    (out / f"profile_{impl}_b{batch}.txt").write_text(table)
+    print(table)
 
 
 def main() -> None:
@@ -260,6 +292,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=1024, help="wattkd logit chunk tokens")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny pair")
+    ap.add_argument("--profile", default=None, metavar="IMPL=BATCH",
+                    help="also write a torch.profiler table of one implementation")
     args = ap.parse_args()
     arch = TINY if args.tiny else GEMMA_270M
     GEMMA_VOCAB[0], CHUNK[0] = arch["vocab_size"], args.chunk
@@ -273,7 +307,7 @@ def main() -> None:
     per_impl = dict(item.split("=") for item in args.batches.split(";")) \
         if "=" in args.batches else {}
     for impl in args.impls.split(","):
-        fn, topk = IMPLS[impl]
+        fn, kwargs = IMPLS[impl]
         sizes = per_impl.get(impl, args.batches if not per_impl else "8")
         for batch in [int(b) for b in sizes.split(",")]:
             gc.collect()
@@ -283,7 +317,7 @@ def main() -> None:
                 teacher, student = make_pair(arch, device)
                 g = torch.Generator().manual_seed(batch)
                 ids = torch.randint(0, arch["vocab_size"], (batch, seq), generator=g).to(device)
-                res = fn(teacher, student, ids, args.steps, args.warmup, topk)
+                res = fn(teacher, student, ids, args.steps, args.warmup, **kwargs)
                 tokens = batch * seq * res["steps"]
                 tps = tokens / res["seconds"]
                 rec.update(tokens_per_s=round(tps, 1), seconds=round(res["seconds"], 3),
@@ -321,6 +355,9 @@ def main() -> None:
                                 "forward + 3 x student forward",
               "records": records, "best": best}
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        impl, batch = args.profile.split("=")
+        profile(impl, int(batch), arch, seq, device, args.out)
     (args.out / "kd_throughput.json").write_text(json.dumps(result, indent=2))
     print(markdown(result))
 

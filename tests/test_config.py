@@ -130,3 +130,18 @@ def test_method_names_of_stage_folders_refused(tmp_path: Path, name: str) -> Non
         {"name": name, "mode": "none", "losses": [{"name": "ce"}]}]}}
     with pytest.raises(ConfigError, match="reserved"):
         load(write(tmp_path, data))
+
+
+def test_fsdp_settings_checked_at_load(tmp_path: Path) -> None:
+    fsdp = {**MINIMAL, "train": {"strategy": "fsdp"}}
+    assert load(write(tmp_path, fsdp)).train.fsdp.shard_teacher is True
+    with pytest.raises(ConfigError, match="train.strategy"):
+        load(write(tmp_path, {**MINIMAL, "train": {"strategy": "zero3"}}))
+    lora = {**fsdp, "student": {"model": "meta-llama/Llama-3.1-8B", "lora": {"r": 4}}}
+    with pytest.raises(ConfigError, match="merge_on_save: false"):
+        load(write(tmp_path, lora))
+    lora["student"]["lora"]["merge_on_save"] = False
+    assert load(write(tmp_path, lora)).student.lora.merge_on_save is False
+    mapped = {**fsdp, "teacher": {**MINIMAL["teacher"], "device_map": "auto"}}
+    with pytest.raises(ConfigError, match="remove teacher.device_map"):
+        load(write(tmp_path, mapped))

@@ -93,16 +93,96 @@ def test_ddp_resume_across_ranks(cfg: Path) -> None:
     assert run["resumed_from"].endswith("step_0000003")
 
 
-def test_ddp_feature_method_without_logit_terms(cfg: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_feature_method_without_logit_terms(cfg: Path, strategy: str) -> None:
     """No CE/KL term: the LM head gets no gradient, which DDP must be told about (it failed
-    at the second step before)."""
+    at the second step before); FSDP must reduce-scatter around the unused parameters."""
     data = yaml.safe_load(cfg.read_text())
     data["distill"]["methods"] = [{"name": "response", "mode": "feature",
                                    "layer_map": [[1, 1]], "losses": [{"name": "hidden_mse"}],
                                    "guard": {"enabled": True, "window": 2}}]
     data["student"]["build"]["tie_word_embeddings"] = False
-    path = cfg.parent / "feature.yaml"
+    path = cfg.parent / f"feature-{strategy}.yaml"
     path.write_text(yaml.safe_dump(data))
-    losses = train(path, cfg.parent / "feature", "train.micro_batch_size=4",
-                   "train.max_steps=4", procs=2)
+    out = cfg.parent / f"feature-{strategy}"
+    losses = train(path, out, "train.micro_batch_size=4", "train.max_steps=4",
+                   f"train.strategy={strategy}", procs=2)
     assert sorted(losses) == [1, 2, 3, 4]
+    assert losses[4] < losses[1]  # the projector and student layers do learn
+    assert (out / "response" / "rep0" / "final" / "projector.pt").exists()
+
+
+# ------------------------------------------------------------------------------------- FSDP
+def _final_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "response" / "rep0" / "final" / "model.safetensors"))
+
+
+def test_fsdp_matches_single_process_and_writes_a_whole_final_folder(cfg: Path) -> None:
+    """FSDP2 over 2 ranks (student sharded, online teacher's layers sharded): the same losses
+    as one process with the same global batch, and rank 0's final/ holds the whole student."""
+    root = cfg.parent
+    single = train(cfg, root / "single_f")
+    fsdp = train(cfg, root / "fsdp", "train.micro_batch_size=4", "train.strategy=fsdp",
+                 procs=2)
+    for step in single:
+        assert fsdp[step] == pytest.approx(single[step], rel=1e-5), step
+    a, b = _final_weights(root / "single_f"), _final_weights(root / "fsdp")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert b[name].shape == a[name].shape, name
+        assert (b[name] - a[name]).abs().max() <= 1e-4 * (1 + a[name].abs().max()), name
+    log = (root / "fsdp" / "response" / "rep0" / "metrics.jsonl").read_text()
+    assert all(json.loads(x).get("grad_norm", 1.0) is not None for x in log.splitlines())
+
+
+def test_fsdp_resume_across_ranks_and_strategy_is_checked(cfg: Path) -> None:
+    root = cfg.parent
+    fsdp = ("train.micro_batch_size=4", "train.strategy=fsdp")
+    straight = train(cfg, root / "fsdp_straight", *fsdp, procs=2)
+    out = root / "fsdp_resumed"
+    train(cfg, out, *fsdp, "train.max_steps=3", "train.checkpoint_every=3", procs=2)
+    shutil.rmtree(out / "response" / "rep0" / "final")
+    resumed = train(cfg, out, *fsdp, procs=2)
+    assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)],
+                                                            rel=1e-6)
+    # the same checkpoint under DDP: refused by name, before any step
+    from wattkd.checkpoint import CheckpointError, load
+
+    ckpt = out / "response" / "rep0" / "checkpoints" / "step_0000003"
+    with pytest.raises(CheckpointError, match="train.strategy fsdp, this run uses ddp"):
+        load(ckpt, module=None, optimizer=None, scheduler=None)  # type: ignore[arg-type]
+
+
+def test_fsdp_lora_student_matches_single_process_and_saves_its_adapter(cfg: Path) -> None:
+    """LoRA under FSDP: frozen base and trainable adapters share units; rank 0 saves the
+    adapter (whole, from the gathered state) as peft would on one process."""
+    from safetensors.torch import load_file
+
+    from wattkd.models import build_from_config
+
+    root = cfg.parent
+    base = root / "lora_base"
+    build_from_config(MODEL, 4096, seed=3).save_pretrained(base)
+    data = yaml.safe_load(cfg.read_text())
+    data["student"] = {"model": str(base), "lora": {"r": 4, "alpha": 8, "dropout": 0.0,
+                                                    "merge_on_save": False}}
+    data["train"]["max_steps"] = 4
+    path = root / "lora.yaml"
+    path.write_text(yaml.safe_dump(data))
+    single = train(path, root / "lora_single")
+    fsdp = train(path, root / "lora_fsdp", "train.micro_batch_size=4", "train.strategy=fsdp",
+                 procs=2)
+    assert [fsdp[s] for s in sorted(single)] == pytest.approx([single[s] for s in
+                                                               sorted(single)], rel=1e-5)
+    files = {}
+    for name in ("lora_single", "lora_fsdp"):
+        final = root / name / "response" / "rep0" / "final"
+        assert (final / "adapter_config.json").exists()
+        files[name] = load_file(str(final / "adapter_model.safetensors"))
+    a, b = files["lora_single"], files["lora_fsdp"]
+    assert sorted(a) == sorted(b) and any("lora_A" in k for k in a)
+    for k in a:
+        assert b[k].shape == a[k].shape
+        assert (b[k] - a[k]).abs().max() <= 1e-4 * (1 + a[k].abs().max()), k

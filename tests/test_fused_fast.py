@@ -199,12 +199,21 @@ def test_env_switches(monkeypatch):
     assert _fast_cfg(plan, True, torch.float32) is None
     monkeypatch.delenv("WATTKD_FAST_LOSS")
     monkeypatch.delenv("WATTKD_COMPILE", raising=False)
-    assert not fused._compile_wanted(torch.device("cuda"))  # opt-in until measured on GPU
-    monkeypatch.setenv("WATTKD_COMPILE", "1")
-    assert fused._compile_wanted(torch.device("cuda"))
-    assert not fused._compile_wanted(torch.device("cpu"))  # CPU (CI): eager, never compiled
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fused._auto_path(cuda) == (True, "inductor")  # default on GPUs: compiled fast path
+    assert fused._auto_path(cpu) == (True, None)         # CPU (CI): eager fast, never compiled
     monkeypatch.setenv("WATTKD_COMPILE", "0")
-    assert not fused._compile_wanted(torch.device("cuda"))
+    # the eager fast path is slower than the generic one on a GPU: generic without the compiler
+    assert fused._auto_path(cuda) == (False, None)
+    monkeypatch.setenv("WATTKD_COMPILE", "1")
+    assert fused._auto_path(cuda) == (True, "inductor")
+
+
+def test_same_device():
+    assert fused.same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not fused.same_device(torch.device("cpu"), torch.device("cuda:0"))
+    assert fused.same_device(torch.device("cuda:1"), torch.device("cuda:1"))
+    assert not fused.same_device(torch.device("cuda:0"), torch.device("cuda:1"))
 
 
 # ---------------------------------------------------------------------------- torch.compile

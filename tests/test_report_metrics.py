@@ -346,3 +346,19 @@ def test_cache_share_from_the_cache_folder(tmp_path: Path):
     r0.run.info["teacher_cache"] = record_cache_use(cache2, dirs[0])
     q, _ = cache_share(r0.run, "gpu")
     assert q.value == 600.0 and q.unc is None and "lower bound" in q.note
+
+
+def test_student_scoring_zero_on_a_task_keeps_its_quality(tmp_path):
+    """A student with no correct answers on a task (found on Gemma 3 270M students: object
+    counting 0/100) has ratio 0 with the student's stderr over the teacher's as uncertainty."""
+    make_run(tmp_path, "teacher", info={"method": "teacher", "mode": "none", "repeat": 0},
+             evals={"offline": eval_doc({"taskA": (0.8, 0.02), "taskB": (0.5, 0.01)})})
+    make_run(tmp_path, "response/rep0",
+             info={"method": "response", "mode": "response", "repeat": 0},
+             evals={"offline": eval_doc({"taskA": (0.0, 0.0), "taskB": (0.4, 0.01)})})
+    students, teacher = collect([tmp_path], tmp_path / "teacher")
+    q = analyze(students, teacher).students[0]
+    assert q.quality.value == approx((0.0 + 0.4 / 0.5) / 2)
+    assert q.task_ratios["taskA"].value == 0.0 and q.task_ratios["taskA"].unc == 0.0
+    ub = 0.8 * math.hypot(0.01 / 0.4, 0.01 / 0.5)
+    assert q.quality.unc == approx(ub / 2)

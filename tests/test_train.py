@@ -237,3 +237,18 @@ def test_training_from_teacher_cache_matches_online(workspace: Path) -> None:
     users = amortisation(workspace / "cache")["users"]
     assert {str(workspace / "cache-response"), str(workspace / "cache-feature")} <= {
         str(Path(u)) for u in users}
+
+
+def test_rerun_of_a_finished_run_does_not_train_again(workspace: Path) -> None:
+    """`checkpoint_every: 0` leaves no checkpoint, so before this a second `wattkd train` of a
+    finished run trained it again from step 0; now it reports the finished run, and only
+    `--resume never` retrains."""
+    cfg = validate(experiment(workspace / "rerun", max_steps=4, checkpoint_every=0))
+    first = train(student_job(cfg, "baseline"), progress=False)
+    log = first.run_dir / "metrics.jsonl"
+    before = log.read_text()
+    again = train(student_job(cfg, "baseline"), progress=False)
+    assert (again.status, again.step, again.tokens) == ("completed", 4, first.tokens)
+    assert again.final_dir == first.final_dir and log.read_text() == before
+    fresh = train(student_job(cfg, "baseline"), resume="never", progress=False)
+    assert fresh.step == 4 and len(log.read_text()) > len(before)

@@ -40,12 +40,15 @@ def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def trainable_state(module: nn.Module, full: bool) -> dict[str, torch.Tensor]:
-    """Full state, or only trainable tensors (LoRA: the frozen base is rebuilt from its source)."""
+def trainable_state(module: nn.Module, full: bool,
+                    state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Full state, or only trainable tensors (LoRA: the frozen base is rebuilt from its source).
+    `state`: the module's state dict when already gathered (FSDP)."""
+    state = module.state_dict() if state is None else state
     if full:
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
     names = {n for n, p in module.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k in names}
+    return {k: v.detach().cpu().clone() for k, v in state.items() if k in names}
 
 
 def rng_state() -> dict[str, Any]:
@@ -72,8 +75,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(run_dir: Path, step: int, *, module: nn.Module, optimizer: torch.optim.Optimizer,
          scheduler: Any, progress: dict[str, Any], full_weights: bool, keep_last: int,
-         rank: int = 0, rng_by_rank: list[dict[str, Any]] | None = None) -> Path:
-    """Write checkpoint `step` atomically (rank 0), then prune to the newest `keep_last`."""
+         rank: int = 0, rng_by_rank: list[dict[str, Any]] | None = None,
+         states: tuple[dict[str, Any], dict[str, Any]] | None = None) -> Path:
+    """Write checkpoint `step` atomically (rank 0), then prune to the newest `keep_last`.
+    `states`: (model, optimizer) state dicts gathered beforehand on every rank (FSDP)."""
     final = checkpoint_root(run_dir) / f"step_{step:07d}"
     if rank != 0:
         return final
@@ -81,8 +86,10 @@ def save(run_dir: Path, step: int, *, module: nn.Module, optimizer: torch.optim.
     if final.exists():
         shutil.rmtree(final)
     with atomic_dir(final) as tmp:
-        torch.save(trainable_state(module, full_weights), tmp / "model.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        model_state, optim_state = states if states is not None else (None,
+                                                                       optimizer.state_dict())
+        torch.save(trainable_state(module, full_weights, model_state), tmp / "model.pt")
+        torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_by_rank or [rng_state()], tmp / "rng.pt")
         meta = {"format": "wattkd-checkpoint", "version": FORMAT_VERSION, "step": step,
@@ -113,8 +120,9 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def load(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-         rank: int = 0) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this rank's RNG; return the progress record."""
+         rank: int = 0, sharded: bool = False) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this rank's RNG; return the progress record.
+    `sharded`: `module` is FSDP-sharded; the full states are loaded into its shards."""
     state_file = path / "state.json"
     if not state_file.exists():
         raise CheckpointError(f"{path} is not a complete checkpoint (no state.json)")
@@ -122,14 +130,23 @@ def load(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, sch
     if meta.get("format") != "wattkd-checkpoint" or meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} v"
                               f"{meta.get('version')} is not wattkd-checkpoint v{FORMAT_VERSION}")
+    written, running = meta.get("strategy", "ddp"), "fsdp" if sharded else "ddp"
+    if written != running:  # the optimizer state formats differ (ids vs parameter names)
+        raise CheckpointError(f"{path} was written under train.strategy {written}, this run "
+                              f"uses {running}: resume with the strategy that wrote it")
     weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    missing, unexpected = module.load_state_dict(weights, strict=False)
+    optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    if sharded:
+        from wattkd.sharding import load_full_states
+
+        missing, unexpected = load_full_states(module, optimizer, weights, optim, strict=False)
+    else:
+        missing, unexpected = module.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(optim)
     if unexpected or (meta.get("full_weights") and missing):
         raise CheckpointError(f"{path}: checkpoint does not fit this model (missing "
                               f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}); was the "
                               "config changed since it was written?")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu",
-                                         weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rngs = torch.load(path / "rng.pt", weights_only=True)
     if rank >= len(rngs):

@@ -227,6 +227,17 @@ class DistillConfig(Strict):
 
 
 # -------------------------------------------------------------------------------------- train
+class FsdpConfig(Strict):
+    """FSDP2 settings, used when train.strategy is fsdp and more than one process runs."""
+
+    reshard_after_forward: bool = Field(
+        default=True, description="True: full shard (parameters freed after forward and "
+        "all-gathered again for backward); False: kept from forward to backward (faster, "
+        "more memory)")
+    shard_teacher: bool = Field(default=True, description="shard the online teacher's decoder "
+                                "layers over the ranks too (False: a full copy on every rank)")
+
+
 class TrainConfig(Strict):
     seed: int = 0
     repeats: int = Field(default=1, ge=1)
@@ -252,6 +263,10 @@ class TrainConfig(Strict):
     eval_tokens: int = Field(default=8192, gt=0)
     tensorboard: bool = True
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="several processes (torchrun / accelerate / srun): ddp "
+        "replicates the student; fsdp shards its weights, gradients and optimizer state")
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
 
     @model_validator(mode="after")
     def _budget(self) -> TrainConfig:
@@ -352,6 +367,20 @@ class ExperimentConfig(Strict):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     _name = field_validator("name")(lambda v: _safe_name(v, "experiment name"))
+
+    @model_validator(mode="after")
+    def _fsdp_fits(self) -> ExperimentConfig:
+        if self.train.strategy != "fsdp":
+            return self
+        lora = self.student.lora
+        if lora is not None and lora.merge_on_save:
+            raise ValueError("train.strategy fsdp saves LoRA students as adapters: set "
+                             "student.lora.merge_on_save: false (merge afterwards with peft's "
+                             "merge_and_unload on one process)")
+        if self.teacher.device_map is not None:
+            raise ValueError("train.strategy fsdp shards the teacher itself "
+                             "(train.fsdp.shard_teacher); remove teacher.device_map")
+        return self
 
     # Resolved paths: "{name}" and "{output_dir}" placeholders are expanded once, here.
     @property

@@ -30,22 +30,9 @@ class Stage:
     run: Callable[[], Any]
 
 
-def _run_status(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / "run.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
-
-
-def training_done(run_dir: Path) -> bool:
-    final = run_dir / "final"
-    return _run_status(run_dir) in ("completed", "budget") and (
-        (final / "config.json").exists() or (final / "adapter_config.json").exists())
-
-
 def stages(cfg: ExperimentConfig) -> list[Stage]:
     """The experiment's stage list; what each needs is made by an earlier one."""
-    from wattkd.train import student_job, teacher_pretrain_job, train
+    from wattkd.train import student_job, teacher_pretrain_job, train, training_done
 
     out: list[Stage] = []
     shards = cfg.shards_dir

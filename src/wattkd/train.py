@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from wattkd import checkpoint
+from wattkd import checkpoint, sharding
 from wattkd.atomic import atomic_dir
 from wattkd.config import ExperimentConfig, MethodConfig, StudentConfig, TrainConfig, dump
 from wattkd.progress import NoBar
@@ -98,6 +98,21 @@ def teacher_pretrain_job(cfg: ExperimentConfig) -> TrainJob:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def finished_run(run_dir: Path) -> dict[str, Any] | None:
+    """run.json of a run that ended (completed or energy budget) and wrote final/, else None."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    final = run_dir / "final"
+    whole = (final / "config.json").exists() or (final / "adapter_config.json").exists()
+    return info if info.get("status") in ("completed", "budget") and whole else None
+
+
+def training_done(run_dir: Path) -> bool:
+    return finished_run(run_dir) is not None
+
+
 def batches(dataset: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Stack consecutive samples; the dataset's order (seeded, rank-aware) is the data order."""
     buf: list[dict[str, torch.Tensor]] = []
@@ -247,6 +262,12 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     )
 
     cfg, method, tc, run_dir = job.cfg, job.method, job.train, job.run_dir
+    done = finished_run(run_dir) if resume == "auto" else None
+    if done is not None:  # a rerun (by hand or a requeued job) must not train it again
+        log.info("%s is already trained (%s, final/ written): nothing to do; --resume never "
+                 "trains it again from scratch", run_dir, done["status"])
+        return TrainResult(run_dir, done["status"], done.get("step", 0), done.get("tokens", 0),
+                           run_dir / "final")
 
     # ---- 1. validate inputs before anything expensive
     shards = cfg.shards_dir / "train"
@@ -286,6 +307,8 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                               cpu=device.type == "cpu", kwargs_handlers=[ddp_kwargs])
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
+    fsdp = tc.strategy == "fsdp" and world > 1
+    shard_teacher = fsdp and tc.fsdp.shard_teacher
     torch.manual_seed(job.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -296,7 +319,9 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     if needs_teacher or init_from_teacher:
         check_tokenizer_match(job.teacher_path, tokenizer)
         if cfg.distill.teacher_signals == "online" or init_from_teacher:
-            teacher = load_teacher(cfg.teacher, device=device, vocab_size=len(tokenizer),
+            # A teacher to be sharded is loaded on the CPU; sharding moves its parts over.
+            teacher = load_teacher(cfg.teacher, device=torch.device("cpu") if shard_teacher
+                                   else device, vocab_size=len(tokenizer),
                                    seed=cfg.train.seed, path_override=job.teacher_path)
     student = build_student(job.student, teacher=teacher, vocab_size=len(tokenizer),
                             seed=job.seed)
@@ -317,6 +342,11 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     mode = make_mode(method, student, dims, batch_size=tc.micro_batch_size)
     objective = DistillObjective(student, mode, method, vocab=vocab,
                                  chunk_tokens=cfg.distill.logit_chunk_tokens)
+    if fsdp:
+        if teacher is not None and shard_teacher:
+            sharding.shard_teacher(teacher)
+        sharding.shard_objective(objective, student, bf16=bf16,
+                                 reshard_after_forward=tc.fsdp.reshard_after_forward)
     provider = None
     cache_use = None
     if needs_teacher and not mode.request.empty:
@@ -338,8 +368,10 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
         by_tokens = math.ceil(tc.max_tokens / tokens_per_step)
         total_steps = by_tokens if total_steps is None else min(total_steps, by_tokens)
     scheduler = make_scheduler(optimizer, tc, total_steps)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
+    if not fsdp:  # FSDP is applied above, by hand; accelerate wraps the rest (DDP or nothing)
+        objective, optimizer = accelerator.prepare(objective, optimizer)
     core = accelerator.unwrap_model(objective)
+    strategy = "fsdp" if fsdp else "ddp"   # the checkpoint format (DDP = single process)
 
     # ---- 3. resume
     step, samples, tokens, prior_energy = 0, 0, 0, 0.0
@@ -348,7 +380,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
             else None if resume == "never" else Path(resume))
     if ckpt is not None:
         meta = checkpoint.load(ckpt, module=core, optimizer=optimizer, scheduler=scheduler,
-                               rank=rank)
+                               rank=rank, sharded=fsdp)
         step, samples, tokens = meta["step"], meta["samples"], meta["tokens"]
         prior_energy = meta.get("energy_j") or 0.0
         if meta.get("world_size", world) != world:
@@ -397,7 +429,11 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                     inputs = StepInputs.from_batch(batch, device)
                     signals = provider.signals(batch) if provider is not None else None
                     sync = micro == tc.grad_accum - 1
-                    ctx = nullcontext() if sync else accelerator.no_sync(objective)
+                    if fsdp:  # reduce-scatter gradients only on the last micro-batch
+                        objective.set_requires_gradient_sync(sync)
+                        ctx = accelerator.autocast()
+                    else:
+                        ctx = nullcontext() if sync else accelerator.no_sync(objective)
                     with ctx:
                         loss, parts = objective(inputs, signals)
                         accelerator.backward(loss / tc.grad_accum)
@@ -406,7 +442,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                 parts_acc = _mean_over_ranks(accelerator, parts_acc)
                 grad_norm = None
                 if tc.max_grad_norm is not None:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
+                    grad_norm = _clip(accelerator, params, tc.max_grad_norm, fsdp)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -458,11 +494,13 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                     progress_rec = {"samples": samples, "tokens": tokens,
                                     "energy_j": prior_energy + (meter.energy_j() or 0.0),
                                     "guard": guard.values if guard is not None else None,
-                                    "world_size": world}
+                                    "world_size": world, "strategy": strategy}
+                    states = sharding.full_states(core, optimizer) if fsdp else None
                     checkpoint.save(run_dir, step, module=core, optimizer=optimizer,
                                     scheduler=scheduler, progress=progress_rec,
                                     full_weights=full_weights, keep_last=tc.keep_last,
-                                    rank=rank, rng_by_rank=_rng_by_rank(accelerator))
+                                    rank=rank, rng_by_rank=_rng_by_rank(accelerator),
+                                    states=states)
                 if stop_signal:
                     status = "preempted"
                     break
@@ -475,13 +513,25 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
 
     # ---- 5. finish
     final_dir = None
+    # FSDP: the whole state is gathered to rank 0 (a collective), which writes final/ from it.
+    gathered = sharding.full_model_state(core) if fsdp and status != "preempted" else None
     if status != "preempted" and accelerator.is_main_process:
-        final_dir = save_final(run_dir, core, tokenizer, job, step=step, tokens=tokens)
+        final_dir = save_final(run_dir, core, tokenizer, job, step=step, tokens=tokens,
+                               state=gathered)
     if accelerator.is_main_process:
         write_run_json(run_dir, status=status, step=step, tokens=tokens,
                        final=str(final_dir) if final_dir else None)
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, status, step, tokens, final_dir)
+
+
+def _clip(accelerator: Any, params: list[torch.Tensor], max_norm: float, fsdp: bool) -> float:
+    """Clip the global gradient norm; under FSDP the norm of sharded gradients is a DTensor
+    whose full value needs a reduction over the ranks."""
+    if not fsdp:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _rng_by_rank(accelerator: Any) -> list[dict[str, Any]]:
@@ -515,15 +565,23 @@ def _any_rank(accelerator: Any, flag: bool) -> bool:
 
 
 def save_final(run_dir: Path, objective: Any, tokenizer: Any, job: TrainJob, *, step: int,
-               tokens: int) -> Path:
-    """final/: an HF folder `from_pretrained` loads, plus projector.pt and wattkd.json."""
+               tokens: int, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """final/: an HF folder `from_pretrained` loads, plus projector.pt and wattkd.json.
+    `state`: the objective's full state dict gathered from FSDP shards (else read here)."""
     from peft import PeftModel
 
     final = run_dir / "final"
     student = objective.student
     lora = job.student.lora
     with atomic_dir(final) as tmp:  # replaces an older final/ only once the new one is whole
-        if isinstance(student, PeftModel):
+        if state is not None:
+            from wattkd.sharding import drop_tied_duplicates
+
+            own = {k.removeprefix("student."): v for k, v in state.items()
+                   if k.startswith("student.")}
+            # PeftModel.save_pretrained keeps the adapter's entries of a full state dict.
+            student.save_pretrained(tmp, state_dict=drop_tied_duplicates(student, own))
+        elif isinstance(student, PeftModel):
             if lora is not None and lora.merge_on_save:
                 import copy
 
@@ -536,8 +594,11 @@ def save_final(run_dir: Path, objective: Any, tokenizer: Any, job: TrainJob, *, 
         tokenizer.save_pretrained(tmp)
         projectors = getattr(objective.mode, "projectors", None)
         if projectors is not None:
-            torch.save({"layer_map": job.method.layer_map,
-                        "state_dict": projectors.state_dict()}, tmp / "projector.pt")
+            proj_state = projectors.state_dict() if state is None else {
+                k.removeprefix("mode.projectors."): v for k, v in state.items()
+                if k.startswith("mode.projectors.")}
+            torch.save({"layer_map": job.method.layer_map, "state_dict": proj_state},
+                       tmp / "projector.pt")
         (tmp / "wattkd.json").write_text(json.dumps({
             "method": job.method.name, "mode": job.method.mode, "repeat": job.repeat,
             "teacher": job.teacher_path or job.cfg.teacher.model, "steps": step,

@@ -72,8 +72,10 @@ def logit_softcap(model: nn.Module) -> float | None:
 
 def decoder_forward(model: nn.Module, input_ids: torch.Tensor,
                     hidden: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-    """Run the decoder stack only (no LM head): final hidden state and optional all layers."""
-    decoder = unwrap(model).get_decoder()
+    """Run the decoder stack only (no LM head): final hidden state and optional all layers.
+    A teacher sharded by `wattkd.sharding` runs it through its FSDP-registered method."""
+    sharded = getattr(model, "wattkd_decoder_forward", None)
+    decoder = sharded if sharded is not None else unwrap(model).get_decoder()
     out = decoder(input_ids=input_ids, output_hidden_states=hidden, use_cache=False)
     return out.last_hidden_state, (out.hidden_states if hidden else None)
 

@@ -391,8 +391,9 @@ def task_quality(run: RunData, teacher: RunData, suite: str
             have_all = False
             ratios[t] = Quantity(r)
             continue
-        rel2 = (ss / s) ** 2 + (st / tv) ** 2 if s else (ss / tv) ** 2 / max(r, 1e-300) ** 2
-        unc = abs(r) * math.sqrt(rel2) if s else ss / tv  # type: ignore[operator]
+        # r = s / tv: relative errors add in quadrature; at s = 0 only the student's counts
+        unc = (abs(r) * math.sqrt((ss / s) ** 2 + (st / tv) ** 2) if s  # type: ignore[operator]
+               else ss / tv)  # type: ignore[operator]
         ratios[t] = Quantity(r, "", unc)
         var += unc ** 2
     unc = math.sqrt(var) / len(t_vals) if have_all else None

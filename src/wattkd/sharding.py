@@ -1,0 +1,138 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for the student objective and the online teacher.
+
+`train.strategy: fsdp` shards the student's parameters, gradients and optimizer state over the
+ranks (each decoder layer is one unit, the rest of the objective - embeddings, LM head, final
+norm, projectors - the root unit). The objective is the FSDP root, so the fused logit loss, which
+reads the student's LM-head weight inside `DistillObjective.forward`, sees it unsharded, and
+`lm_loss` (in-loop evaluation, divergence guard) is registered as a second forward method.
+
+The online teacher is frozen: only its decoder layers are sharded (all-gathered one layer at a
+time during its forward); its embeddings and LM head stay whole on every rank because the fused
+loss multiplies teacher hidden states by the head weight outside the teacher's forward.
+
+Checkpoints hold full (unsharded) state dicts gathered with `torch.distributed.checkpoint`'s
+state-dict helpers, so they load under any rank count that FSDP supports, and rank 0 writes the
+final HF folder from the same gathered state.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class ShardingError(RuntimeError):
+    """A model that cannot be sharded (no decoder layers found)."""
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of an HF model (its `_no_split_modules` classes), innermost
+    first, so nested matches are wrapped before their parents."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ShardingError(f"cannot shard {type(base).__name__}: no module of its "
+                            f"_no_split_modules classes {sorted(names)} found")
+    return list(reversed(layers))
+
+
+def _mp_policy(bf16: bool) -> Any:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    # bf16 compute on all-gathered params, gradients reduced in fp32, fp32 master shards.
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                reduce_dtype=torch.float32)
+
+
+def shard_objective(objective: nn.Module, student: nn.Module, *, bf16: bool,
+                    reshard_after_forward: bool) -> nn.Module:
+    """Shard `objective` in place (student layers, then the objective as root)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mp = _mp_policy(bf16)
+    layers = decoder_layers(student)
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(objective, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    register_fsdp_forward_method(objective, "lm_loss")
+    log.info("FSDP: student sharded in %d layer units + root (reshard_after_forward=%s)",
+             len(layers), reshard_after_forward)
+    return objective
+
+
+def shard_teacher(teacher: nn.Module) -> nn.Module:
+    """Shard a frozen teacher over the ranks: each decoder layer is all-gathered for its
+    forward and freed after it. The teacher is the root unit, which FSDP keeps unsharded after
+    its forward (embeddings, final norm, LM head: whole on every rank from the first forward
+    on), so the fused loss can read the head weight after the teacher's forward."""
+    import types
+
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    layers = decoder_layers(teacher)
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(teacher)
+    # The teacher runs its decoder only (no full-vocabulary logits): make that call an FSDP
+    # forward of the root, so the root's parameters are gathered for it.
+    teacher.wattkd_decoder_forward = types.MethodType(_decoder_only, teacher)
+    register_fsdp_forward_method(teacher, "wattkd_decoder_forward")
+    log.info("FSDP: teacher sharded in %d layer units + root", len(layers))
+    return teacher
+
+
+def _decoder_only(self: nn.Module, **kwargs: Any) -> Any:
+    return self.get_decoder()(**kwargs)
+
+
+def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole unsharded state dict on CPU, on rank 0 (empty elsewhere). A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+
+
+def full_states(module: nn.Module, optimizer: torch.optim.Optimizer
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Unsharded model and optimizer state dicts (optimizer keyed by parameter names) on
+    rank 0. A collective: every rank calls it at the same step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                      cpu_offload=True))
+
+
+def load_full_states(module: nn.Module, optimizer: torch.optim.Optimizer,
+                     model_state: dict[str, Any], optim_state: dict[str, Any], *,
+                     strict: bool) -> tuple[list[str], list[str]]:
+    """Load full state dicts (as `full_states` wrote them) into the sharded module and its
+    optimizer; every rank passes the same dicts. Returns (missing, unexpected) keys."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    keys = set_state_dict(module, optimizer, model_state_dict=model_state,
+                          optim_state_dict=optim_state,
+                          options=StateDictOptions(full_state_dict=True, strict=strict))
+    return list(keys.missing_keys), list(keys.unexpected_keys)
+
+
+def drop_tied_duplicates(model: nn.Module, state: dict[str, torch.Tensor]
+                         ) -> dict[str, torch.Tensor]:
+    """A gathered state dict holds a tied LM head twice; `save_pretrained` wants it once."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    text = getattr(config, "get_text_config", lambda: config)()
+    if not getattr(text, "tie_word_embeddings", False):
+        return state
+    tied = getattr(base, "_tied_weights_keys", None) or []
+    names = list(tied) if isinstance(tied, dict | list | tuple | set) else []
+    prefix = ""
+    if base is not model:  # PeftModel: keys carry the wrapper's prefix
+        prefix = next((k[: -len(n)] for k in state for n in names if k.endswith(n)), "")
+    return {k: v for k, v in state.items() if k not in {prefix + n for n in names}}
