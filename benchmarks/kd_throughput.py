@@ -31,7 +31,6 @@ import platform
 import sys
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -235,12 +234,10 @@ def peak_tflops(name: str) -> float | None:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "accelerate", "trl", "datasets", "nvidia-ml-py"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
+    from wattkd.runinfo import versions as package_versions
+
+    out = package_versions(("torch", "transformers", "accelerate", "trl", "datasets",
+                            "nvidia-ml-py"))
     if torch.cuda.is_available():
         try:
             import pynvml

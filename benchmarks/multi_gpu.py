@@ -26,7 +26,6 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import yaml
@@ -34,7 +33,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pair import GEMMA_270M, STUDENT_LAYERS  # noqa: E402
+import itertools
+
+from pair import GEMMA_270M, STUDENT_LAYERS
 
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -100,7 +101,7 @@ def run_one(cfg: Path, root: Path, gpus: int, strategy: str, tiny: bool,
     rec.update(status="ok", steps=last["step"], tokens=last["tokens"],
                tokens_per_s=round(steady_tokens / sum(
                    (r["tokens"] - p["tokens"]) / r["tokens_per_s"]
-                   for p, r in zip(train, train[1:])), 1),
+                   for p, r in itertools.pairwise(train)), 1),
                tokens_per_s_min=round(min(tps), 1), tokens_per_s_max=round(max(tps), 1),
                final_loss=last["loss"])
     if first.get("energy_j") is not None and last.get("energy_j") is not None:
@@ -178,19 +179,16 @@ def card() -> str:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "accelerate", "nvidia-ml-py"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    from wattkd.runinfo import versions as package_versions
+
+    return package_versions(("torch", "transformers", "accelerate", "nvidia-ml-py"))
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Multi-GPU scaling on {result['card']} ({result['date']})", "",
-             "| GPUs | strategy | tokens/s | scaling eff. | J/token (steady) | train window J "
-             "| status |", "|---|---|---|---|---|---|---|"]
+    head = ("| GPUs | strategy | tokens/s | scaling eff. | J/token (steady) | train window J | "
+            "status |")
+    lines = [f"Multi-GPU scaling on {result['card']} ({result['date']})", "", head,
+             "|---|---|---|---|---|---|---|"]
     for r in result["records"]:
         w = r.get("train_window") or {}
         lines.append(f"| {r['gpus']} | {r['strategy']} | {r.get('tokens_per_s', '—')} | "

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata as im
 import json
 import os
 import platform
@@ -68,13 +67,10 @@ def machine() -> dict:
 
 
 def versions() -> dict:
-    out = {}
-    for pkg in ("wattkd", "tokenizers", "transformers", "datasets", "pyarrow", "numpy"):
-        try:
-            out[pkg] = im.version(pkg)
-        except im.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    from wattkd.runinfo import versions as package_versions
+
+    return package_versions(("wattkd", "tokenizers", "transformers", "datasets", "pyarrow",
+                             "numpy"))
 
 
 def time_wattkd(jsonl: Path, workers: int, work: Path) -> dict:

@@ -36,7 +36,6 @@ import sys
 import time
 from collections import Counter
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -287,13 +286,9 @@ def card() -> str:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "pyarrow", "nvidia-ml-py", "tokenizers"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    from wattkd.runinfo import versions as package_versions
+
+    return package_versions(("torch", "transformers", "pyarrow", "nvidia-ml-py", "tokenizers"))
 
 
 def markdown(r: dict) -> str:
