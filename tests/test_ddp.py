@@ -148,11 +148,27 @@ def test_fsdp_resume_across_ranks_and_strategy_is_checked(cfg: Path) -> None:
     assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)],
                                                             rel=1e-6)
     # the same checkpoint under DDP: refused by name, before any step
+    import torch
+
     from wattkd.checkpoint import CheckpointError, load
 
     ckpt = out / "response" / "rep0" / "checkpoints" / "step_0000003"
     with pytest.raises(CheckpointError, match="train.strategy fsdp, this run uses ddp"):
         load(ckpt, module=None, optimizer=None, scheduler=None)  # type: ignore[arg-type]
+    # a checkpoint that lacks a weight of the model is refused under FSDP too (set_state_dict
+    # alone would keep the live value silently)
+    bad = root / "fsdp_bad" / "response" / "rep0" / "checkpoints"
+    shutil.copytree(ckpt, bad / ckpt.name)
+    weights = torch.load(bad / ckpt.name / "model.pt", weights_only=True)
+    dropped = next(k for k in weights if "layers.1." in k)
+    torch.save({k: v for k, v in weights.items() if k != dropped}, bad / ckpt.name / "model.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "wattkd.cli", "train", str(cfg), "--method", "response",
+           "--set", f"output_dir={root / 'fsdp_bad'}", *[x for f in fsdp for x in ("--set", f)]]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert res.returncode != 0
+    assert "does not fit this model" in res.stderr and dropped in res.stderr
 
 
 def test_fsdp_lora_student_matches_single_process_and_saves_its_adapter(cfg: Path) -> None:

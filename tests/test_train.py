@@ -252,3 +252,5 @@ def test_rerun_of_a_finished_run_does_not_train_again(workspace: Path) -> None:
     assert again.final_dir == first.final_dir and log.read_text() == before
     fresh = train(student_job(cfg, "baseline"), resume="never", progress=False)
     assert fresh.step == 4 and len(log.read_text()) > len(before)
+    longer = validate(experiment(workspace / "rerun", max_steps=6, checkpoint_every=0))
+    assert train(student_job(longer, "baseline"), progress=False).step == 6  # raised budget

@@ -139,7 +139,8 @@ def load(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, sch
     if sharded:
         from wattkd.sharding import load_full_states
 
-        missing, unexpected = load_full_states(module, optimizer, weights, optim, strict=False)
+        missing, unexpected = load_full_states(module, optimizer, weights, optim,
+                                               full=bool(meta.get("full_weights")))
     else:
         missing, unexpected = module.load_state_dict(weights, strict=False)
         optimizer.load_state_dict(optim)

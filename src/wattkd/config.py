@@ -256,7 +256,8 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 on CUDA with bf16 support, else fp32")
     gradient_checkpointing: bool = False
-    checkpoint_every: int = Field(default=0, ge=0, description="steps; 0 = only at the end")
+    checkpoint_every: int = Field(default=0, ge=0, description="steps; 0 = none (preemption "
+                                  "still checkpoints; a finished run is never retrained)")
     keep_last: int = Field(default=2, ge=1)
     log_every: int = Field(default=10, gt=0)
     eval_every: int = Field(default=0, ge=0, description="in-loop held-out perplexity; 0 = off")
@@ -377,9 +378,11 @@ class ExperimentConfig(Strict):
             raise ValueError("train.strategy fsdp saves LoRA students as adapters: set "
                              "student.lora.merge_on_save: false (merge afterwards with peft's "
                              "merge_and_unload on one process)")
-        if self.teacher.device_map is not None:
-            raise ValueError("train.strategy fsdp shards the teacher itself "
-                             "(train.fsdp.shard_teacher); remove teacher.device_map")
+        if self.teacher.device_map is not None and self.distill.teacher_signals == "online":
+            raise ValueError("train.strategy fsdp shards an online teacher itself "
+                             "(train.fsdp.shard_teacher); remove teacher.device_map, or use "
+                             "distill.teacher_signals: cache (device_map then spreads the "
+                             "teacher over the GPUs for the cache build only)")
         return self
 
     # Resolved paths: "{name}" and "{output_dir}" placeholders are expanded once, here.

@@ -82,9 +82,12 @@ def load_pretrained(path: str, *, dtype: torch.dtype, revision: str | None = Non
 
 
 def load_teacher(cfg: TeacherConfig, *, device: torch.device, vocab_size: int, seed: int,
-                 path_override: str | None = None) -> PreTrainedModel:
-    """Frozen teacher in its own dtype; `path_override` points at a teacher trained here."""
-    dtype = resolve_dtype(cfg.dtype, device)
+                 path_override: str | None = None,
+                 compute_device: torch.device | None = None) -> PreTrainedModel:
+    """Frozen teacher in its own dtype; `path_override` points at a teacher trained here.
+    `compute_device`: where it will run when loaded elsewhere first (to be sharded): its
+    `auto` dtype is that device's."""
+    dtype = resolve_dtype(cfg.dtype, compute_device or device)
     if path_override is not None or cfg.model is not None:
         model = load_pretrained(path_override or cfg.model, dtype=dtype, revision=cfg.revision,
                                 device_map=cfg.device_map,

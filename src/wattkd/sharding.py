@@ -11,8 +11,8 @@ time during its forward); its embeddings and LM head stay whole on every rank be
 loss multiplies teacher hidden states by the head weight outside the teacher's forward.
 
 Checkpoints hold full (unsharded) state dicts gathered with `torch.distributed.checkpoint`'s
-state-dict helpers, so they load under any rank count that FSDP supports, and rank 0 writes the
-final HF folder from the same gathered state.
+state-dict helpers and written by rank 0 (every rank reads them back on resume); rank 0 also
+writes the final HF folder from the gathered state.
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(reversed(layers))
 
 
-def _mp_policy(bf16: bool) -> Any:
+def _mp_policy(bf16: bool, *, cast_inputs: bool = True) -> Any:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     # bf16 compute on all-gathered params, gradients reduced in fp32, fp32 master shards.
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                reduce_dtype=torch.float32)
+                                reduce_dtype=torch.float32, cast_forward_inputs=cast_inputs)
 
 
 def shard_objective(objective: nn.Module, student: nn.Module, *, bf16: bool,
@@ -55,11 +55,14 @@ def shard_objective(objective: nn.Module, student: nn.Module, *, bf16: bool,
     """Shard `objective` in place (student layers, then the objective as root)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    mp = _mp_policy(bf16)
     layers = decoder_layers(student)
     for layer in layers:
-        fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(objective, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mp_policy=_mp_policy(bf16),
+                    reshard_after_forward=reshard_after_forward)
+    # The root keeps its parameters (embeddings + LM head) gathered from forward to backward
+    # (FSDP's default for a root), and its inputs - masks, teacher log-probs and hidden
+    # states - are not cast to bf16: autocast sets the compute dtypes, as under DDP.
+    fully_shard(objective, mp_policy=_mp_policy(bf16, cast_inputs=False))
     register_fsdp_forward_method(objective, "lm_loss")
     log.info("FSDP: student sharded in %d layer units + root (reshard_after_forward=%s)",
              len(layers), reshard_after_forward)
@@ -78,6 +81,8 @@ def shard_teacher(teacher: nn.Module) -> nn.Module:
     layers = decoder_layers(teacher)
     for layer in layers:
         fully_shard(layer, reshard_after_forward=True)
+    # No reshard_after_forward here: a root left at FSDP's default stays gathered after its
+    # forward, which the fused loss relies on (a sharded head weight would fail loudly there).
     fully_shard(teacher)
     # The teacher runs its decoder only (no full-vocabulary logits): make that call an FSDP
     # forward of the root, so the root's parameters are gathered for it.
@@ -91,35 +96,51 @@ def _decoder_only(self: nn.Module, **kwargs: Any) -> Any:
     return self.get_decoder()(**kwargs)
 
 
-def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole unsharded state dict on CPU, on rank 0 (empty elsewhere). A collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
-                                                                 cpu_offload=True))
+    return StateDictOptions(full_state_dict=True, **kw)
 
 
-def full_states(module: nn.Module, optimizer: torch.optim.Optimizer
+def full_model_state(module: nn.Module, *, frozen: bool = True) -> dict[str, torch.Tensor]:
+    """The whole unsharded state dict on CPU, on rank 0 (empty elsewhere). A collective.
+    frozen=False leaves frozen parameters out (LoRA: the base is not gathered at all)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_options(cpu_offload=True,
+                                                         ignore_frozen_params=not frozen))
+
+
+def full_states(module: nn.Module, optimizer: torch.optim.Optimizer, *, frozen: bool = True
                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Unsharded model and optimizer state dicts (optimizer keyed by parameter names) on
     rank 0. A collective: every rank calls it at the same step."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    return get_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                      cpu_offload=True))
+    return get_state_dict(module, optimizer, options=_options(
+        cpu_offload=True, ignore_frozen_params=not frozen))
 
 
 def load_full_states(module: nn.Module, optimizer: torch.optim.Optimizer,
                      model_state: dict[str, Any], optim_state: dict[str, Any], *,
-                     strict: bool) -> tuple[list[str], list[str]]:
-    """Load full state dicts (as `full_states` wrote them) into the sharded module and its
-    optimizer; every rank passes the same dicts. Returns (missing, unexpected) keys."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+                     full: bool) -> tuple[list[str], list[str]]:
+    """Load full state dicts (as `full_states` wrote them; every rank passes the same ones)
+    into the sharded module and its optimizer; each rank keeps its own shards.
 
-    keys = set_state_dict(module, optimizer, model_state_dict=model_state,
-                          optim_state_dict=optim_state,
-                          options=StateDictOptions(full_state_dict=True, strict=strict))
-    return list(keys.missing_keys), list(keys.unexpected_keys)
+    Returns (missing, unexpected) keys, checked before anything is loaded (set_state_dict
+    itself fills missing keys with the live values silently). `full`: the checkpoint should
+    hold every key (else only the trainable ones). Every rank reads the whole checkpoint into
+    host memory (rank-0 broadcast, which would avoid that, did not run on gloo here)."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    have = set(module.state_dict())
+    want = have if full else {n for n, p in module.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(want - set(model_state)), sorted(set(model_state) - have)
+    if (full and missing) or unexpected:
+        return missing, unexpected
+    set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=_options(strict=False))
+    return missing, unexpected
 
 
 def drop_tied_duplicates(model: nn.Module, state: dict[str, torch.Tensor]

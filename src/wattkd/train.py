@@ -113,6 +113,16 @@ def training_done(run_dir: Path) -> bool:
     return finished_run(run_dir) is not None
 
 
+def _reached(done: dict[str, Any], tc: TrainConfig) -> bool:
+    """Whether a finished run's record meets this config's budget (an energy-budget stop
+    counts as reached; raised max_steps/max_tokens continue it)."""
+    if done.get("status") == "budget":
+        return True
+    steps_ok = tc.max_steps is None or done.get("step", 0) >= tc.max_steps
+    tokens_ok = tc.max_tokens is None or done.get("tokens", 0) >= tc.max_tokens
+    return steps_ok and tokens_ok
+
+
 def batches(dataset: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Stack consecutive samples; the dataset's order (seeded, rank-aware) is the data order."""
     buf: list[dict[str, torch.Tensor]] = []
@@ -262,12 +272,6 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     )
 
     cfg, method, tc, run_dir = job.cfg, job.method, job.train, job.run_dir
-    done = finished_run(run_dir) if resume == "auto" else None
-    if done is not None:  # a rerun (by hand or a requeued job) must not train it again
-        log.info("%s is already trained (%s, final/ written): nothing to do; --resume never "
-                 "trains it again from scratch", run_dir, done["status"])
-        return TrainResult(run_dir, done["status"], done.get("step", 0), done.get("tokens", 0),
-                           run_dir / "final")
 
     # ---- 1. validate inputs before anything expensive
     shards = cfg.shards_dir / "train"
@@ -309,6 +313,18 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     rank, world = accelerator.process_index, accelerator.num_processes
     fsdp = tc.strategy == "fsdp" and world > 1
     shard_teacher = fsdp and tc.fsdp.shard_teacher
+    done = finished_run(run_dir) if resume == "auto" else None
+    if not _any_rank(accelerator, done is None or not _reached(done, tc)):
+        # A rerun (by hand or a requeued job) of a finished run must not train it again.
+        assert done is not None
+        log.info("%s is already trained (%s at step %d, final/ written): nothing to do; raise "
+                 "train.max_steps/max_tokens to continue it, or --resume never to train it "
+                 "again", run_dir, done["status"], done.get("step", 0))
+        return TrainResult(run_dir, done["status"], done.get("step", 0), done.get("tokens", 0),
+                           run_dir / "final")
+    if done is not None and checkpoint.latest(run_dir) is None:
+        log.warning("%s finished earlier but left no checkpoint (train.checkpoint_every: 0) to "
+                    "continue from: training it again from step 0", run_dir)
     torch.manual_seed(job.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -322,7 +338,8 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
             # A teacher to be sharded is loaded on the CPU; sharding moves its parts over.
             teacher = load_teacher(cfg.teacher, device=torch.device("cpu") if shard_teacher
                                    else device, vocab_size=len(tokenizer),
-                                   seed=cfg.train.seed, path_override=job.teacher_path)
+                                   seed=cfg.train.seed, path_override=job.teacher_path,
+                                   compute_device=device)
     student = build_student(job.student, teacher=teacher, vocab_size=len(tokenizer),
                             seed=job.seed)
     dims = teacher_dims(cfg.teacher, job.teacher_path, teacher) if needs_teacher else None
@@ -495,7 +512,8 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                                     "energy_j": prior_energy + (meter.energy_j() or 0.0),
                                     "guard": guard.values if guard is not None else None,
                                     "world_size": world, "strategy": strategy}
-                    states = sharding.full_states(core, optimizer) if fsdp else None
+                    states = (sharding.full_states(core, optimizer, frozen=full_weights)
+                              if fsdp else None)
                     checkpoint.save(run_dir, step, module=core, optimizer=optimizer,
                                     scheduler=scheduler, progress=progress_rec,
                                     full_weights=full_weights, keep_last=tc.keep_last,
@@ -514,7 +532,8 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     # ---- 5. finish
     final_dir = None
     # FSDP: the whole state is gathered to rank 0 (a collective), which writes final/ from it.
-    gathered = sharding.full_model_state(core) if fsdp and status != "preempted" else None
+    gathered = (sharding.full_model_state(core, frozen=full_weights)
+                if fsdp and status != "preempted" else None)
     if status != "preempted" and accelerator.is_main_process:
         final_dir = save_final(run_dir, core, tokenizer, job, step=step, tokens=tokens,
                                state=gathered)

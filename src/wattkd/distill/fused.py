@@ -539,8 +539,8 @@ def _fast_chunk(cfg: _FastCfg, args: tuple, compile_backend: str | None
             raise
         except Exception as exc:  # noqa: BLE001 - any compiler failure: eager is still right
             _COMPILE_BROKEN.append(f"{type(exc).__name__}: {exc}")
-            log.warning("torch.compile of the fused logit loss failed; using the eager fast "
-                        "path from now on (WATTKD_COMPILE=0 skips compiling): %s",
+            log.warning("torch.compile of the fused logit loss failed; not compiling from now "
+                        "on (uncompiled path; WATTKD_COMPILE=0 skips compiling): %s",
                         _COMPILE_BROKEN[-1][:2000])
     out = _body_for(cfg)(*args)
     return out if cfg.teacher == "topk" else (*out, None)
