@@ -8,9 +8,10 @@ seeded: speed does not depend on weight values) and a 6-layer student copied fro
 All implementations get the same random token ids already on the GPU, so data loading is
 excluded for every one of them equally.
 
-  wattkd       wattkd's DistillObjective + OnlineTeacher (what `wattkd train` runs): fused,
-               chunked logit loss (closed-form fast path); fp32 master weights, bf16 autocast.
-  wattkd_compile  the same with WATTKD_COMPILE=1 (torch.compile of the fused loss chunk).
+  wattkd       wattkd's DistillObjective + OnlineTeacher as `wattkd train` runs them by
+               default: fused, chunked logit loss, closed-form and torch.compiled on CUDA;
+               fp32 master weights, bf16 autocast.
+  wattkd_compile  the same with WATTKD_COMPILE=1 forced (the default on CUDA anyway).
   wattkd_generic  the same with WATTKD_FAST_LOSS=0 (the generic autograd chunk path).
   wattkd_topk  the same student step fed by top-k teacher tensors (k=64) as the teacher cache
                provides them (cache read excluded; no teacher forward); _compile as above.
@@ -75,13 +76,17 @@ def flops_per_token(arch: dict, n_student_layers: int, seq: int) -> dict[str, fl
 
 # ------------------------------------------------------------------------------ implementations
 def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None = None,
-               fast: bool = True, compile: bool = False):
-    """`fast`: closed-form fused loss (the default in `wattkd train`); False: the generic
-    autograd path. `compile`: WATTKD_COMPILE=1 (torch.compile of the fused chunk)."""
+               fast: bool = True, compile: bool | None = None):
+    """`fast`: closed-form fused loss; False: the generic autograd path (WATTKD_FAST_LOSS=0).
+    `compile`: None = what `wattkd train` does by default (compiled on CUDA), True/False =
+    WATTKD_COMPILE=1/0 (without the compiler CUDA takes the generic path)."""
     import os
 
     os.environ["WATTKD_FAST_LOSS"] = "1" if fast else "0"
-    os.environ["WATTKD_COMPILE"] = "1" if compile else "0"
+    if compile is None:
+        os.environ.pop("WATTKD_COMPILE", None)
+    else:
+        os.environ["WATTKD_COMPILE"] = "1" if compile else "0"
     from wattkd.config import LossTerm, MethodConfig
     from wattkd.distill.modes import make_mode
     from wattkd.distill.objective import DistillObjective, StepInputs

@@ -49,7 +49,7 @@ def experiment(root: Path, args: argparse.Namespace) -> Path:
         "name": "multigpu",
         "output_dir": str(root / "runs"),
         "data": {"sources": [{"path": "bundled"}] if tiny else
-                 [{"path": str(Path(args.corpus) / "**" / "*.txt")}],
+                 [{"path": str(Path(args.corpus).resolve())}],
                  "tokenizer": "bundled:bpe-4096" if tiny else args.tokenizer,
                  "seq_len": 64 if tiny else args.seq, "total_tokens": 200_000 if tiny else None,
                  "heldout_fraction": 0.0, "num_workers": 2 if tiny else 8,
