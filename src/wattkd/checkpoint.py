@@ -134,8 +134,11 @@ def load(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, sch
     if written != running:  # the optimizer state formats differ (ids vs parameter names)
         raise CheckpointError(f"{path} was written under train.strategy {written}, this run "
                               f"uses {running}: resume with the strategy that wrote it")
-    weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    read = rank == 0 or not sharded   # FSDP: rank 0 reads and broadcasts
+    weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True) \
+        if read else {}
+    optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) \
+        if read else {}
     if sharded:
         from wattkd.sharding import load_full_states
 

@@ -11,8 +11,8 @@ time during its forward); its embeddings and LM head stay whole on every rank be
 loss multiplies teacher hidden states by the head weight outside the teacher's forward.
 
 Checkpoints hold full (unsharded) state dicts gathered with `torch.distributed.checkpoint`'s
-state-dict helpers and written by rank 0 (every rank reads them back on resume); rank 0 also
-writes the final HF folder from the gathered state.
+state-dict helpers and written by rank 0, which alone reads them back on resume and broadcasts
+them; rank 0 also writes the final HF folder from the gathered state.
 """
 
 from __future__ import annotations
@@ -124,22 +124,33 @@ def full_states(module: nn.Module, optimizer: torch.optim.Optimizer, *, frozen: 
 def load_full_states(module: nn.Module, optimizer: torch.optim.Optimizer,
                      model_state: dict[str, Any], optim_state: dict[str, Any], *,
                      full: bool) -> tuple[list[str], list[str]]:
-    """Load full state dicts (as `full_states` wrote them; every rank passes the same ones)
-    into the sharded module and its optimizer; each rank keeps its own shards.
+    """Load full state dicts (as `full_states` wrote them) into the sharded module and its
+    optimizer. Rank 0 passes them (read from the checkpoint), the other ranks empty dicts:
+    rank 0 broadcasts tensor by tensor and each rank keeps its shards, so only rank 0 holds
+    the whole checkpoint in host memory.
 
-    Returns (missing, unexpected) keys, checked before anything is loaded (set_state_dict
-    itself fills missing keys with the live values silently). `full`: the checkpoint should
-    hold every key (else only the trainable ones). Every rank reads the whole checkpoint into
-    host memory (rank-0 broadcast, which would avoid that, did not run on gloo here)."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    Returns (missing, unexpected) keys, decided on rank 0 before anything is loaded and the
+    same on every rank (set_state_dict itself would fill missing keys with the live values
+    silently). `full`: the checkpoint should hold every key (else only the trainable ones)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
-    have = set(module.state_dict())
-    want = have if full else {n for n, p in module.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(want - set(model_state)), sorted(set(model_state) - have)
+    verdict: list[Any] = [None]
+    if dist.get_rank() == 0:
+        have = set(module.state_dict())
+        want = have if full else {n for n, p in module.named_parameters() if p.requires_grad}
+        verdict = [(sorted(want - set(model_state)), sorted(set(model_state) - have))]
+    dist.broadcast_object_list(verdict, src=0)
+    missing, unexpected = verdict[0]
     if (full and missing) or unexpected:
         return missing, unexpected
-    set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=_options(strict=False))
+    # Two calls: set_state_dict would skip the model on ranks passing an empty model dict.
+    opts = _options(broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(module, model_state, options=opts)
+    set_optimizer_state_dict(module, optimizer, optim_state, options=opts)
     return missing, unexpected
 
 
