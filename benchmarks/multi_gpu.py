@@ -93,8 +93,8 @@ def run_one(cfg: Path, root: Path, gpus: int, strategy: str, tiny: bool,
         rec["status"] = f"error (exit {res.returncode}): {res.stderr[-600:]}"
         return rec
     run = out / "response" / "rep0"
-    train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(x)["kind"] == "train"]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
     first, last = train[0], train[-1]
     steady_tokens = last["tokens"] - first["tokens"]
     tps = [r["tokens_per_s"] for r in train[1:]]

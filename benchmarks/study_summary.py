@@ -45,8 +45,8 @@ def run_row(run: Path, label: str) -> dict:
         row["versions"] = ept.get("versions")
     metrics = run / "metrics.jsonl"
     if metrics.exists():
-        train = [json.loads(x) for x in metrics.read_text().splitlines()
-                 if json.loads(x).get("kind") == "train"]
+        records = [json.loads(x) for x in metrics.read_text().splitlines()]
+        train = [r for r in records if r.get("kind") == "train"]
         if len(train) > 1:  # the first interval holds start-up and compilation
             row["train_tokens_per_s_median"] = statistics.median(r["tokens_per_s"]
                                                                  for r in train[1:])

@@ -156,15 +156,12 @@ def load_full_states(module: nn.Module, optimizer: torch.optim.Optimizer,
 
 def drop_tied_duplicates(model: nn.Module, state: dict[str, torch.Tensor]
                          ) -> dict[str, torch.Tensor]:
-    """A gathered state dict holds a tied LM head twice; `save_pretrained` wants it once."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    text = getattr(config, "get_text_config", lambda: config)()
-    if not getattr(text, "tie_word_embeddings", False):
+    """A gathered state dict holds a tied LM head twice (as separate copies, which
+    `save_pretrained` keeps); drop the tied names. Adapters (peft) carry no tied head."""
+    if hasattr(model, "get_base_model"):
         return state
-    tied = getattr(base, "_tied_weights_keys", None) or []
-    names = list(tied) if isinstance(tied, dict | list | tuple | set) else []
-    prefix = ""
-    if base is not model:  # PeftModel: keys carry the wrapper's prefix
-        prefix = next((k[: -len(n)] for k in state for n in names if k.endswith(n)), "")
-    return {k: v for k, v in state.items() if k not in {prefix + n for n in names}}
+    config = model.config
+    if not getattr(config.get_text_config(), "tie_word_embeddings", False):
+        return state
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    return {k: v for k, v in state.items() if k not in set(tied)}
