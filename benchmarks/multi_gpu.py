@@ -104,6 +104,9 @@ def run_one(cfg: Path, root: Path, gpus: int, strategy: str, tiny: bool,
                    for p, r in itertools.pairwise(train)), 1),
                tokens_per_s_min=round(min(tps), 1), tokens_per_s_max=round(max(tps), 1),
                final_loss=last["loss"])
+    peaks = [r["gpu_mem_peak_gb"] for r in train if r.get("gpu_mem_peak_gb") is not None]
+    if peaks:
+        rec["gpu_mem_peak_gb"] = max(peaks)  # torch peak allocated, largest rank
     if first.get("energy_j") is not None and last.get("energy_j") is not None:
         rec["j_per_token_steady"] = round((last["energy_j"] - first["energy_j"])
                                           / steady_tokens, 6)
@@ -186,14 +189,15 @@ def versions() -> dict:
 
 def markdown(result: dict) -> str:
     head = ("| GPUs | strategy | tokens/s | scaling eff. | J/token (steady) | train window J | "
-            "status |")
+            "peak GB/GPU | status |")
     lines = [f"Multi-GPU scaling on {result['card']} ({result['date']})", "", head,
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["records"]:
         w = r.get("train_window") or {}
         lines.append(f"| {r['gpus']} | {r['strategy']} | {r.get('tokens_per_s', '—')} | "
                      f"{r.get('scaling_efficiency', '—')} | {r.get('j_per_token_steady', '—')} "
-                     f"| {w.get('gpu_j', '—')} | {r['status'][:80]} |")
+                     f"| {w.get('gpu_j', '—')} | {r.get('gpu_mem_peak_gb', '—')} "
+                     f"| {r['status'][:80]} |")
     return "\n".join(lines)
 
 

@@ -478,6 +478,9 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                               "grad_norm": grad_norm,
                               "tokens_per_s": (tokens - tok_last) / max(now - t_last, 1e-9),
                               "energy_j": None if energy is None else prior_energy + energy}
+                    peak = _peak_memory_gb(accelerator)
+                    if peak is not None:
+                        record["gpu_mem_peak_gb"] = peak
                     if guard is not None:
                         with accelerator.autocast():
                             lm = core.lm_loss(inputs)
@@ -572,6 +575,18 @@ def _mean_over_ranks(accelerator: Any, parts: dict[str, float]) -> dict[str, flo
     t = torch.tensor([parts[k] for k in keys], dtype=torch.float64, device=accelerator.device)
     t = accelerator.reduce(t, reduction="mean")
     return dict(zip(keys, t.tolist()))
+
+
+def _peak_memory_gb(accelerator: Any) -> float | None:
+    """Largest peak of allocated GPU memory on any rank since the start (GB), the figure that
+    says whether a model fits; None off CUDA."""
+    device = accelerator.device
+    if device.type != "cuda":
+        return None
+    t = torch.tensor([torch.cuda.max_memory_allocated(device) / 1e9], device=device)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return round(t.item(), 3)
 
 
 def _any_rank(accelerator: Any, flag: bool) -> bool:
