@@ -202,3 +202,26 @@ def test_fsdp_lora_student_matches_single_process_and_saves_its_adapter(cfg: Pat
     for k in a:
         assert b[k].shape == a[k].shape
         assert (b[k] - a[k]).abs().max() <= 1e-4 * (1 + a[k].abs().max()), k
+
+
+def test_bf16_lora_base_changes_no_loss_and_shards_under_fsdp(cfg: Path) -> None:
+    """student.dtype: bfloat16 stores the frozen LoRA base rounded as bf16 autocast would round
+    it for every matmul: the same losses as the fp32 base, on one process and under FSDP."""
+    from wattkd.models import build_from_config
+
+    root = cfg.parent
+    base = root / "bf16_base"
+    build_from_config(MODEL, 4096, seed=4).save_pretrained(base)
+    data = yaml.safe_load(cfg.read_text())
+    data["student"] = {"model": str(base), "lora": {"r": 4, "alpha": 8, "dropout": 0.0,
+                                                    "merge_on_save": False}}
+    data["train"].update(max_steps=4, precision="bf16")
+    path = root / "bf16_lora.yaml"
+    path.write_text(yaml.safe_dump(data))
+    fp32 = train(path, root / "base_fp32", "student.dtype=float32")
+    bf16 = train(path, root / "base_bf16", "student.dtype=bfloat16")
+    steps = sorted(fp32)
+    assert [bf16[s] for s in steps] == pytest.approx([fp32[s] for s in steps], rel=1e-6)
+    fsdp = train(path, root / "base_bf16_fsdp", "student.dtype=bfloat16",
+                 "train.micro_batch_size=4", "train.strategy=fsdp", procs=2)
+    assert [fsdp[s] for s in steps] == pytest.approx([bf16[s] for s in steps], rel=1e-3)

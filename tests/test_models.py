@@ -15,6 +15,7 @@ from wattkd.models import (
     load_pretrained,
     load_teacher,
     num_layers,
+    student_frozen_dtype,
 )
 
 LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
@@ -108,3 +109,27 @@ def test_lora_trains_only_adapters_and_saves(tmp_path) -> None:
 def test_load_pretrained_refuses_non_model_folder(tmp_path) -> None:
     with pytest.raises(ModelError, match="no config.json"):
         load_pretrained(str(tmp_path), dtype=torch.float32)
+
+
+def test_bf16_lora_base_stores_only_frozen_decoder_linears_in_bf16() -> None:
+    teacher = load_teacher(TeacherConfig(build=LLAMA), device=torch.device("cpu"),
+                           vocab_size=64, seed=0)
+    cfg = StudentConfig(from_teacher_layers=[0, 3], lora=LoraConfig(r=4, alpha=8),
+                        dtype="bfloat16")
+    student = build_student(cfg, teacher=teacher, vocab_size=64, seed=0,
+                            frozen_dtype=student_frozen_dtype(cfg, bf16=True))
+    dtypes = {n: p.dtype for n, p in student.named_parameters()}
+    frozen = [n for n, p in student.named_parameters()
+              if not p.requires_grad and "layers." in n and n.endswith("proj.base_layer.weight")]
+    assert frozen and all(dtypes[n] == torch.bfloat16 for n in frozen)
+    others = [n for n in dtypes if n not in frozen]
+    assert any("embed_tokens" in n for n in others) and any("lora_A" in n for n in others)
+    assert all(dtypes[n] == torch.float32 for n in others)
+    # auto follows the training precision; bf16 storage without autocast is refused.
+    auto = StudentConfig(from_teacher_layers=[0], lora=LoraConfig())
+    assert student_frozen_dtype(auto, bf16=True) == torch.bfloat16
+    assert student_frozen_dtype(auto, bf16=False) == torch.float32
+    with pytest.raises(ModelError, match="needs bf16 training"):
+        student_frozen_dtype(cfg, bf16=False)
+    with pytest.raises(ValueError, match="frozen base of a LoRA student"):
+        StudentConfig(from_teacher_layers=[0], dtype="bfloat16")

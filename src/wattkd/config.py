@@ -135,7 +135,9 @@ class StudentConfig(Strict):
     from_teacher_layers: list[int] | None = Field(
         default=None, description="copy embeddings, these decoder layers, norm and head")
     revision: str | None = None
-    dtype: Dtype = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="storage of a LoRA student's frozen decoder weights: auto "
+        "= bfloat16 when training in bf16, else float32; trainable weights are fp32 masters")
     lora: LoraConfig | None = None
     trust_remote_code: bool = False
 
@@ -147,6 +149,10 @@ class StudentConfig(Strict):
                              "student.from_teacher_layers")
         if self.from_teacher_layers is not None and not self.from_teacher_layers:
             raise ValueError("student.from_teacher_layers must not be empty")
+        if self.dtype == "bfloat16" and self.lora is None:
+            raise ValueError("student.dtype: bfloat16 stores the frozen base of a LoRA student; "
+                             "full fine-tuning keeps fp32 master weights (bf16 compute comes "
+                             "from train.precision): remove it or add student.lora")
         if self.lora is not None and not self.lora.merge_on_save and self.model is None:
             raise ValueError("student.lora.merge_on_save: false saves only an adapter, which "
                              "needs a loadable base (student.model); merge it for students "

@@ -93,7 +93,7 @@ def teacher_pretrain_job(cfg: ExperimentConfig) -> TrainJob:
                                          "max_tokens": None, "energy_budget_j": None,
                                          "warmup_steps": min(cfg.train.warmup_steps,
                                                              pre.max_steps // 10)})
-    student = StudentConfig(build=cfg.teacher.build, dtype=cfg.teacher.dtype)
+    student = StudentConfig(build=cfg.teacher.build)
     return TrainJob(cfg, method, cfg.out / "teacher", student, train, 0, None)
 
 
@@ -268,6 +268,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
         load_teacher,
         parameter_count,
         resolve_device,
+        student_frozen_dtype,
         teacher_dims,
     )
 
@@ -298,6 +299,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
 
     # ---- 2. accelerator, models, objective
     bf16 = use_bf16(tc, device)
+    frozen_dtype = student_frozen_dtype(job.student, bf16)
     from accelerate.utils import DistributedDataParallelKwargs
 
     # Without a logit term the LM head (and layers past the last mapped one) get no gradient:
@@ -341,7 +343,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                                    seed=cfg.train.seed, path_override=job.teacher_path,
                                    compute_device=device)
     student = build_student(job.student, teacher=teacher, vocab_size=len(tokenizer),
-                            seed=job.seed)
+                            seed=job.seed, frozen_dtype=frozen_dtype)
     dims = teacher_dims(cfg.teacher, job.teacher_path, teacher) if needs_teacher else None
     if teacher is not None and (not needs_teacher or cfg.distill.teacher_signals == "cache"):
         teacher = None  # only needed to initialise the student (baseline / cached signals)
