@@ -136,9 +136,10 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
     """Frozen Linear weights of the decoder layers in `dtype`; returns how many parameters.
 
     Under bf16 autocast every Linear rounds its fp32 weight to bf16 before the matmul, so a
-    frozen weight stored already rounded gives the same results in half the memory (an 8B
-    LoRA base: ~14 GB instead of ~28 GB). Embeddings, norms and the LM head keep fp32: their
-    ops are not autocast. Trainable weights (the adapters) stay fp32 masters."""
+    frozen weight stored already rounded gives the same results with 4 fewer bytes per
+    parameter at peak: the fp32 weight and autocast's bf16 copy kept for the backward become
+    one bf16 weight (measured in benchmarks/RESULTS.md). Embeddings, norms and the LM head
+    keep fp32: their ops are not autocast. Trainable weights (adapters) stay fp32 masters."""
     count = 0
     for module in decoder_layers(model).modules():
         if isinstance(module, nn.Linear) and not any(p.requires_grad
