@@ -171,22 +171,29 @@ def test_fsdp_resume_across_ranks_and_strategy_is_checked(cfg: Path) -> None:
     assert "does not fit this model" in res.stderr and dropped in res.stderr
 
 
+def lora_config(cfg: Path) -> Path:
+    """The module's experiment with a LoRA student on a saved pretrained base (built once)."""
+    from wattkd.models import build_from_config
+
+    root = cfg.parent
+    path, base = root / "lora.yaml", root / "lora_base"
+    if not path.exists():
+        build_from_config(MODEL, 4096, seed=3).save_pretrained(base)
+        data = yaml.safe_load(cfg.read_text())
+        data["student"] = {"model": str(base), "lora": {"r": 4, "alpha": 8, "dropout": 0.0,
+                                                        "merge_on_save": False}}
+        data["train"]["max_steps"] = 4
+        path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def test_fsdp_lora_student_matches_single_process_and_saves_its_adapter(cfg: Path) -> None:
     """LoRA under FSDP: frozen base and trainable adapters share units; rank 0 saves the
     adapter (whole, from the gathered state) as peft would on one process."""
     from safetensors.torch import load_file
 
-    from wattkd.models import build_from_config
-
     root = cfg.parent
-    base = root / "lora_base"
-    build_from_config(MODEL, 4096, seed=3).save_pretrained(base)
-    data = yaml.safe_load(cfg.read_text())
-    data["student"] = {"model": str(base), "lora": {"r": 4, "alpha": 8, "dropout": 0.0,
-                                                    "merge_on_save": False}}
-    data["train"]["max_steps"] = 4
-    path = root / "lora.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = lora_config(cfg)
     single = train(path, root / "lora_single")
     fsdp = train(path, root / "lora_fsdp", "train.micro_batch_size=4", "train.strategy=fsdp",
                  procs=2)
@@ -207,21 +214,13 @@ def test_fsdp_lora_student_matches_single_process_and_saves_its_adapter(cfg: Pat
 def test_bf16_lora_base_changes_no_loss_and_shards_under_fsdp(cfg: Path) -> None:
     """student.dtype: bfloat16 stores the frozen LoRA base rounded as bf16 autocast would round
     it for every matmul: the same losses as the fp32 base, on one process and under FSDP."""
-    from wattkd.models import build_from_config
-
     root = cfg.parent
-    base = root / "bf16_base"
-    build_from_config(MODEL, 4096, seed=4).save_pretrained(base)
-    data = yaml.safe_load(cfg.read_text())
-    data["student"] = {"model": str(base), "lora": {"r": 4, "alpha": 8, "dropout": 0.0,
-                                                    "merge_on_save": False}}
-    data["train"].update(max_steps=4, precision="bf16")
-    path = root / "bf16_lora.yaml"
-    path.write_text(yaml.safe_dump(data))
-    fp32 = train(path, root / "base_fp32", "student.dtype=float32")
-    bf16 = train(path, root / "base_bf16", "student.dtype=bfloat16")
+    path = lora_config(cfg)
+    bf16_training = "train.precision=bf16"
+    fp32 = train(path, root / "base_fp32", bf16_training, "student.dtype=float32")
+    bf16 = train(path, root / "base_bf16", bf16_training, "student.dtype=bfloat16")
     steps = sorted(fp32)
     assert [bf16[s] for s in steps] == pytest.approx([fp32[s] for s in steps], rel=1e-6)
-    fsdp = train(path, root / "base_bf16_fsdp", "student.dtype=bfloat16",
+    fsdp = train(path, root / "base_bf16_fsdp", bf16_training, "student.dtype=bfloat16",
                  "train.micro_batch_size=4", "train.strategy=fsdp", procs=2)
     assert [fsdp[s] for s in steps] == pytest.approx([bf16[s] for s in steps], rel=1e-3)
