@@ -10,6 +10,7 @@ autocast rounds an fp32 weight to bf16 before every matmul anyway).
 
 Student: Llama-3.2-1B-shaped (16 layers, hidden 2048, MLP 8192, GQA 32/8; random init: memory
 and speed do not depend on weight values) with the vocabulary of --tokenizer.
+--gpus N --strategy fsdp: the same under torchrun (written to lora_base_dtype_fsdpN.json).
 --tiny: a CPU smoke run (small model, bundled tokenizer).
 """
 
@@ -40,18 +41,29 @@ TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
 
 
 def experiment(root: Path, args: argparse.Namespace) -> Path:
+    """The YAML, and the random-init student saved as a pretrained base (LoRA under FSDP saves
+    adapters, which need a loadable base)."""
+    from wattkd.data.tokenizer import load_tokenizer
+    from wattkd.models import build_from_config
+
     model = TINY if args.tiny else LLAMA_1B
+    tokenizer = "bundled:bpe-4096" if args.tiny else args.tokenizer
+    base = root / "student-base"
+    if not (base / "config.json").exists():
+        vocab = len(load_tokenizer(tokenizer))
+        build_from_config(model, vocab, seed=0).save_pretrained(base)
     data = {
         "name": "lora-base",
         "output_dir": str(root / "runs"),
         "data": {"sources": [{"path": "bundled"}] if args.tiny else
                  [{"path": str(Path(args.corpus).resolve())}],
-                 "tokenizer": "bundled:bpe-4096" if args.tiny else args.tokenizer,
+                 "tokenizer": tokenizer,
                  "seq_len": 64 if args.tiny else args.seq,
                  "total_tokens": 100_000 if args.tiny else None, "heldout_fraction": 0.0,
                  "num_workers": 2 if args.tiny else 8, "shards_dir": str(root / "shards")},
         "teacher": {"build": model},  # never loaded: the CE baseline needs no teacher
-        "student": {"build": model, "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
+        "student": {"model": str(base), "lora": {"r": 16, "alpha": 32, "dropout": 0.0,
+                                                 "merge_on_save": False}},
         "distill": {"methods": [{"name": "baseline", "mode": "none",
                                  "losses": [{"name": "ce"}]}]},
         "train": {"max_steps": args.steps, "micro_batch_size": args.batch,
@@ -65,14 +77,18 @@ def experiment(root: Path, args: argparse.Namespace) -> Path:
     return path
 
 
-def run_one(cfg: Path, root: Path, dtype: str, repeat: int, timeout: int) -> dict:
+def run_one(cfg: Path, root: Path, dtype: str, repeat: int, args: argparse.Namespace) -> dict:
     out = root / f"base-{dtype}-{repeat}"
-    cmd = [sys.executable, "-m", "wattkd.cli", "train", str(cfg), "--method", "baseline",
-           "--set", f"output_dir={out}", "--set", f"student.dtype={dtype}"]
-    rec: dict = {"student_dtype": dtype, "repeat": repeat, "command": " ".join(cmd[1:])}
+    launch = ([] if args.gpus == 1 else
+              ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"])
+    cmd = [sys.executable, *launch, "-m", "wattkd.cli", "train", str(cfg), "--method",
+           "baseline", "--set", f"output_dir={out}", "--set", f"student.dtype={dtype}",
+           "--set", f"train.strategy={args.strategy}"]
+    rec: dict = {"student_dtype": dtype, "repeat": repeat, "gpus": args.gpus,
+                 "strategy": args.strategy, "command": " ".join(cmd[1:])}
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "4"}, capture_output=True,
-                         text=True, timeout=timeout, check=False)
+                         text=True, timeout=args.timeout, check=False)
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
     (root / f"base-{dtype}-{repeat}.log").write_text(res.stdout + res.stderr)
     if res.returncode != 0:
@@ -102,6 +118,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--timeout", type=int, default=240, help="per run, seconds")
     ap.add_argument("--repeats", type=int, default=2, help="runs per dtype, alternating")
+    ap.add_argument("--gpus", type=int, default=1, help="processes (torchrun when > 1)")
+    ap.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run")
     args = ap.parse_args()
     if not args.tiny and not args.tokenizer:
@@ -116,7 +134,7 @@ def main() -> None:
     cfg = load(cfg_path)
     build_shards(cfg.data, cfg.shards_dir, progress=False)
     # Alternating order, so drift of the card (clocks, temperature) does not favour one side.
-    records = [run_one(cfg_path, args.work, dtype, rep, args.timeout)
+    records = [run_one(cfg_path, args.work, dtype, rep, args)
                for rep in range(args.repeats) for dtype in ("float32", "bfloat16")]
     ok = [r for r in records if r["status"] == "ok"]
     fp32 = [r for r in ok if r["student_dtype"] == "float32"]
@@ -133,13 +151,15 @@ def main() -> None:
               "setup": {"student": "tiny llama" if args.tiny else
                         "Llama-3.2-1B-shaped (random init), LoRA r16 all linear layers",
                         "vocab": cfg.data.tokenizer, "seq": cfg.data.seq_len,
-                        "micro_batch": args.batch, "steps": args.steps,
+                        "micro_batch": args.batch, "steps": args.steps, "gpus": args.gpus,
+                        "strategy": args.strategy,
                         "method": "CE baseline, train.precision bf16"},
               "max_relative_loss_difference": {"fp32_vs_bf16_base": same,
                                                "fp32_vs_fp32_rerun": noise},
               "records": records}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lora_base_dtype.json").write_text(json.dumps(result, indent=2))
+    name = "lora_base_dtype" + ("" if args.gpus == 1 else f"_{args.strategy}{args.gpus}")
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
     print(f"LoRA frozen base dtype on {result['card']}: max relative loss difference "
           f"{same} (fp32 rerun: {noise})")
     print("| student.dtype | repeat | peak GB | tokens/s | status |\n|---|---|---|---|---|")
