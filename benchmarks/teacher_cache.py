@@ -144,10 +144,12 @@ def cache_figures(cache_dir: Path) -> dict:
 
 
 def make_student(cfg: Any, teacher: Any, device: torch.device):
-    from wattkd.models import build_student
+    from wattkd.models import build_student, student_frozen_dtype
 
+    bf16 = device.type == "cuda"  # the benchmark's autocast
     student = build_student(cfg.student, teacher=teacher,
-                            vocab_size=teacher.config.vocab_size, seed=0)
+                            vocab_size=teacher.config.vocab_size, seed=0,
+                            frozen_dtype=student_frozen_dtype(cfg.student, bf16))
     return student.to(device)
 
 

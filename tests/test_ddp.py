@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 MODEL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
@@ -214,13 +215,28 @@ def test_fsdp_lora_student_matches_single_process_and_saves_its_adapter(cfg: Pat
 def test_bf16_lora_base_changes_no_loss_and_shards_under_fsdp(cfg: Path) -> None:
     """student.dtype: bfloat16 stores the frozen LoRA base rounded as bf16 autocast would round
     it for every matmul: the same losses as the fp32 base, on one process and under FSDP."""
+    from safetensors.torch import load_file
+
     root = cfg.parent
     path = lora_config(cfg)
-    bf16_training = "train.precision=bf16"
-    fp32 = train(path, root / "base_fp32", bf16_training, "student.dtype=float32")
-    bf16 = train(path, root / "base_bf16", bf16_training, "student.dtype=bfloat16")
+    bf16_training, merged = "train.precision=bf16", "student.lora.merge_on_save=true"
+    fp32 = train(path, root / "base_fp32", bf16_training, merged, "student.dtype=float32")
+    bf16 = train(path, root / "base_bf16", bf16_training, merged, "student.dtype=bfloat16")
     steps = sorted(fp32)
     assert [bf16[s] for s in steps] == pytest.approx([fp32[s] for s in steps], rel=1e-6)
     fsdp = train(path, root / "base_bf16_fsdp", bf16_training, "student.dtype=bfloat16",
                  "train.micro_batch_size=4", "train.strategy=fsdp", procs=2)
     assert [fsdp[s] for s in steps] == pytest.approx([bf16[s] for s in steps], rel=1e-3)
+    run = {name: json.loads((root / name / "response" / "rep0" / "run.json").read_text())
+           for name in ("base_fp32", "base_bf16", "base_bf16_fsdp")}
+    assert [run[n]["frozen_base_dtype"] for n in sorted(run)] == ["bfloat16", "bfloat16",
+                                                                  "float32"]
+    # The merge sums in fp32: final/ is fp32 and differs from the fp32 base's only by the
+    # bf16 rounding of the (here fp32-initialised) base weights.
+    finals = [load_file(str(root / n / "response" / "rep0" / "final" / "model.safetensors"))
+              for n in ("base_fp32", "base_bf16")]
+    assert sorted(finals[0]) == sorted(finals[1])
+    for k, a in finals[0].items():
+        b = finals[1][k]
+        assert a.dtype == b.dtype == torch.float32, k
+        assert (a - b).abs().max() <= 2 ** -8 * a.abs().max(), k

@@ -95,7 +95,8 @@ def test_lora_trains_only_adapters_and_saves(tmp_path) -> None:
                            vocab_size=64, seed=0)
     assert not any(p.requires_grad for p in teacher.parameters())
     cfg = StudentConfig(from_teacher_layers=[0, 3], lora=LoraConfig(r=4, alpha=8))
-    student = build_student(cfg, teacher=teacher, vocab_size=64, seed=0)
+    student = build_student(cfg, teacher=teacher, vocab_size=64, seed=0,
+                            frozen_dtype=torch.float32)
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     student.save_pretrained(tmp_path / "adapter")

@@ -184,7 +184,8 @@ def test_training_from_cache_follows_online_trajectory(ws: dict, method: str) ->
                                           .read_text())["parts"]], seed=0, epoch=0)
     runs = {}
     for kind in ("online", "cache"):
-        student = build_student(cfg.student, teacher=teacher, vocab_size=VOCAB, seed=1)
+        student = build_student(cfg.student, teacher=teacher, vocab_size=VOCAB, seed=1,
+                                frozen_dtype=torch.float32)
         mode = make_mode(m, student, teacher_dims(None, model=teacher))
         torch.manual_seed(0)
         obj = DistillObjective(student, mode, m, vocab=VOCAB, chunk_tokens=128)

@@ -113,7 +113,7 @@ def student_frozen_dtype(cfg: StudentConfig, bf16: bool) -> torch.dtype:
 
 
 def build_student(cfg: StudentConfig, *, teacher: PreTrainedModel | None, vocab_size: int,
-                  seed: int, frozen_dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+                  seed: int, frozen_dtype: torch.dtype) -> PreTrainedModel:
     """Student in fp32 master weights (autocast supplies bf16 compute); LoRA applied last,
     then the frozen decoder Linear weights stored in `frozen_dtype`."""
     if cfg.model is not None:
@@ -130,6 +130,14 @@ def build_student(cfg: StudentConfig, *, teacher: PreTrainedModel | None, vocab_
         model = apply_lora(model, cfg.lora)
         store_frozen_linears(model, frozen_dtype)
     return model
+
+
+def frozen_linear_dtype(model: nn.Module) -> str | None:
+    """Dtype the frozen decoder Linear weights are stored in (run.json), None if none is."""
+    for module in decoder_layers(model).modules():
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+            return str(module.weight.dtype).removeprefix("torch.")
+    return None
 
 
 def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:

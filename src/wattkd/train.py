@@ -265,6 +265,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
         build_student,
         check_tokenizer_match,
         check_vocab,
+        frozen_linear_dtype,
         load_teacher,
         parameter_count,
         resolve_device,
@@ -415,6 +416,8 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                        if needs_teacher else None, shards=str(shards),
                        shards_sha256=_sha256(shards / "manifest.json"), parameters=parameter_count(student),
                        precision="bf16" if bf16 else "fp32", world_size=world,
+                       frozen_base_dtype=frozen_linear_dtype(student)
+                       if job.student.lora is not None else None,
                        resumed_from=str(ckpt) if ckpt else None, teacher_cache=cache_use)
 
     data = ShardDataset(shards, rank=rank, world_size=world, seed=job.seed, shuffle=True,
@@ -606,6 +609,8 @@ def save_final(run_dir: Path, objective: Any, tokenizer: Any, job: TrainJob, *, 
     `state`: the objective's full state dict gathered from FSDP shards (else read here)."""
     from peft import PeftModel
 
+    from wattkd.models import store_frozen_linears
+
     final = run_dir / "final"
     student = objective.student
     lora = job.student.lora
@@ -621,8 +626,10 @@ def save_final(run_dir: Path, objective: Any, tokenizer: Any, job: TrainJob, *, 
             if lora is not None and lora.merge_on_save:
                 import copy
 
-                merged = copy.deepcopy(student).merge_and_unload()
-                merged.save_pretrained(tmp)
+                merged = copy.deepcopy(student)
+                # W + delta summed in fp32 even when the frozen base is stored in bf16.
+                store_frozen_linears(merged, torch.float32)
+                merged.merge_and_unload().save_pretrained(tmp)
             else:
                 student.save_pretrained(tmp)
         else:
