@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from multi_gpu import card
+from train_runs import card, peak_memory_gb, run_train
 
 LLAMA_1B = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
             "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -86,23 +84,18 @@ def run_one(cfg: Path, root: Path, dtype: str, repeat: int, args: argparse.Names
            "--set", f"train.strategy={args.strategy}"]
     rec: dict = {"student_dtype": dtype, "repeat": repeat, "gpus": args.gpus,
                  "strategy": args.strategy, "command": " ".join(cmd[1:])}
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "4"}, capture_output=True,
-                         text=True, timeout=args.timeout, check=False)
-    rec["wall_s"] = round(time.perf_counter() - t0, 1)
-    (root / f"base-{dtype}-{repeat}.log").write_text(res.stdout + res.stderr)
-    if res.returncode != 0:
-        rec["status"] = f"error (exit {res.returncode}): {res.stderr[-600:]}"
+    outcome, records = run_train(cmd, {**os.environ, "OMP_NUM_THREADS": "4"},
+                                 out / "baseline" / "rep0",
+                                 root / f"base-{dtype}-{repeat}.log", args.timeout)
+    rec.update(outcome)
+    if not records:
         return rec
-    lines = (out / "baseline" / "rep0" / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(x) for x in lines]
     train = [r for r in records if r["kind"] == "train"]
     steady = train[1:] or train
-    rec.update(status="ok", steps=train[-1]["step"],
+    rec.update(steps=train[-1]["step"],
                tokens_per_s=round(sum(r["tokens_per_s"] for r in steady) / len(steady), 1),
                losses={r["step"]: r["loss"] for r in records if r["kind"] in ("train", "step")})
-    peaks = [r["gpu_mem_peak_gb"] for r in train if r.get("gpu_mem_peak_gb") is not None]
-    rec["gpu_mem_peak_gb"] = max(peaks) if peaks else None
+    rec["gpu_mem_peak_gb"] = peak_memory_gb(train)
     return rec
 
 

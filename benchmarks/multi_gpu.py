@@ -21,10 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 
 from pair import GEMMA_270M, STUDENT_LAYERS
+from train_runs import card, peak_memory_gb, run_train
 
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -84,29 +82,23 @@ def run_one(cfg: Path, root: Path, gpus: int, strategy: str, tiny: bool,
            "--set", f"train.strategy={strategy}"]
     rec: dict = {"gpus": gpus, "strategy": strategy if gpus > 1 else "single process",
                  "command": " ".join(cmd[1:])}
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                         check=False)
-    rec["wall_s"] = round(time.perf_counter() - t0, 1)
-    (root / f"{strategy}-{gpus}gpu.log").write_text(res.stdout + res.stderr)
-    if res.returncode != 0:
-        rec["status"] = f"error (exit {res.returncode}): {res.stderr[-600:]}"
-        return rec
     run = out / "response" / "rep0"
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    outcome, records = run_train(cmd, env, run, root / f"{strategy}-{gpus}gpu.log", timeout)
+    rec.update(outcome)
+    if not records:
+        return rec
     train = [r for r in records if r["kind"] == "train"]
     first, last = train[0], train[-1]
     steady_tokens = last["tokens"] - first["tokens"]
     tps = [r["tokens_per_s"] for r in train[1:]]
-    rec.update(status="ok", steps=last["step"], tokens=last["tokens"],
+    rec.update(steps=last["step"], tokens=last["tokens"],
                tokens_per_s=round(steady_tokens / sum(
                    (r["tokens"] - p["tokens"]) / r["tokens_per_s"]
                    for p, r in itertools.pairwise(train)), 1),
                tokens_per_s_min=round(min(tps), 1), tokens_per_s_max=round(max(tps), 1),
                final_loss=last["loss"])
-    peaks = [r["gpu_mem_peak_gb"] for r in train if r.get("gpu_mem_peak_gb") is not None]
-    if peaks:
-        rec["gpu_mem_peak_gb"] = max(peaks)  # torch peak allocated, largest rank
+    if (peak := peak_memory_gb(train)) is not None:
+        rec["gpu_mem_peak_gb"] = peak
     if first.get("energy_j") is not None and last.get("energy_j") is not None:
         rec["j_per_token_steady"] = round((last["energy_j"] - first["energy_j"])
                                           / steady_tokens, 6)
@@ -169,16 +161,6 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "multi_gpu.json").write_text(json.dumps(result, indent=2))
     print(markdown(result))
-
-
-def card() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
-        names = [x.strip() for x in out.splitlines() if x.strip()]
-        return f"{len(names)} x {names[0]}" if names else platform.processor()
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor() or "cpu"
 
 
 def versions() -> dict:

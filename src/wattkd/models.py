@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,12 +133,18 @@ def build_student(cfg: StudentConfig, *, teacher: PreTrainedModel | None, vocab_
     return model
 
 
+def _frozen_linears(model: nn.Module) -> Iterator[nn.Linear]:
+    """The decoder layers' Linear modules with no trainable parameter (a LoRA base)."""
+    for module in decoder_layers(model).modules():
+        if isinstance(module, nn.Linear) and not any(p.requires_grad
+                                                     for p in module.parameters()):
+            yield module
+
+
 def frozen_linear_dtype(model: nn.Module) -> str | None:
     """Dtype the frozen decoder Linear weights are stored in (run.json), None if none is."""
-    for module in decoder_layers(model).modules():
-        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
-            return str(module.weight.dtype).removeprefix("torch.")
-    return None
+    first = next(_frozen_linears(model), None)
+    return None if first is None else str(first.weight.dtype).removeprefix("torch.")
 
 
 def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
@@ -149,11 +156,9 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
     one bf16 weight (measured in benchmarks/RESULTS.md). Embeddings, norms and the LM head
     keep fp32: their ops are not autocast. Trainable weights (adapters) stay fp32 masters."""
     count = 0
-    for module in decoder_layers(model).modules():
-        if isinstance(module, nn.Linear) and not any(p.requires_grad
-                                                     for p in module.parameters()):
-            module.to(dtype)
-            count += sum(p.numel() for p in module.parameters())
+    for module in list(_frozen_linears(model)):
+        module.to(dtype)
+        count += sum(p.numel() for p in module.parameters())
     return count
 
 

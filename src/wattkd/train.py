@@ -416,8 +416,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                        if needs_teacher else None, shards=str(shards),
                        shards_sha256=_sha256(shards / "manifest.json"), parameters=parameter_count(student),
                        precision="bf16" if bf16 else "fp32", world_size=world,
-                       frozen_base_dtype=frozen_linear_dtype(student)
-                       if job.student.lora is not None else None,
+                       frozen_base_dtype=frozen_linear_dtype(student),
                        resumed_from=str(ckpt) if ckpt else None, teacher_cache=cache_use)
 
     data = ShardDataset(shards, rank=rank, world_size=world, seed=job.seed, shuffle=True,

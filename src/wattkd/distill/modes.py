@@ -27,9 +27,8 @@ def make_mode(method: MethodConfig, student: nn.Module,
         t_layers, t_hidden = teacher_dims
         check_layer_map(method.layer_map or [], num_layers(student), t_layers)
         return FeatureMode(method, hidden_size(student), t_hidden)
-    need = max((3 if t.name == "rkd_angle" else 2) for t in method.losses
-               if t.name.startswith("rkd_")) if any(t.name.startswith("rkd_")
-                                                    for t in method.losses) else 0
+    need = max((3 if t.name == "rkd_angle" else 2 for t in method.losses
+                if t.name.startswith("rkd_")), default=0)
     if batch_size is not None and batch_size < need:
         raise ValueError(f"method {method.name!r}: relation losses compare sequences within a "
                          f"micro-batch and need train.micro_batch_size >= {need}, got "
