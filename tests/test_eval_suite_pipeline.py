@@ -95,3 +95,17 @@ def test_config_suite_through_pipeline_report_and_eval(tmp_path, shared_dir):
                                    "--out", str(again)])
     assert res.exit_code == 0, res.output
     assert json.loads(again.read_text())["protocol_hash"] in hashes
+
+
+def test_pipeline_evaluates_again_when_the_suite_result_is_missing(tmp_path, shared_dir):
+    from wattkd.config import validate
+    from wattkd.pipeline import stages
+
+    cfg = validate(study(tmp_path, shared_dir))
+    run = cfg.out / "baseline" / "rep0" / "eval"
+    run.mkdir(parents=True)
+    (run / "perplexity.json").write_text("{}")
+    stage = next(s for s in stages(cfg) if s.name == "eval baseline/rep0")
+    assert not stage.done()  # eval/mine.json is missing: a suite added later still runs
+    (run / "mine.json").write_text("{}")
+    assert stage.done()

@@ -270,6 +270,11 @@ def resolve_suite(spec: str | SuiteConfig | Suite, ev: EvalConfig) -> Suite:
     return get_suite(spec)
 
 
+def suite_name(spec: str | SuiteConfig | None) -> str | None:
+    """The result name (eval/<name>.json) of eval.suite, without resolving it."""
+    return spec.name if isinstance(spec, SuiteConfig) else spec
+
+
 def check_eval_config(ev: EvalConfig) -> list[str]:
     """Problems of the config's suites (empty: fine). Presets are checked when they run."""
     problems = []
