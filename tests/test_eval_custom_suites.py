@@ -293,7 +293,11 @@ def test_unknown_names_hub_offline_and_shape_are_refused(sources, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _refused({"suite": {"tasks": [{"task": "arc_easy"}]}}, "eval.suite.tasks.0",
              "'arc_easy' comes from lm-eval's registry", "HF_HUB_OFFLINE")
-    _refused({"suite": {"tasks": [{"task": "x", "bigbench": "y"}]}}, "exactly one of")
+    _refused({"suite": {"tasks": [{"task": "x", "bigbench": "y"}]}},
+             "eval.suite.tasks.0: Value error, a suite task sets exactly one of")
+    _refused({"suite": {"tasks": [{"bigbench": "y", "metrc": "acc,none"}]}},
+             "eval.suite.tasks.0.metrc: unknown key; expected one of: bigbench, limit, metric")
+    _refused({"suite": 5}, "eval.suite: Input should be a valid dictionary")
     _refused({"suite": {"name": "offline", "tasks": [{"bigbench": str(sources["mc"])}]}},
              "is a preset's name")
     _refused({"include_path": "/no/such/dir", "suite": {"tasks": [{"task": "my_arith"}]}},

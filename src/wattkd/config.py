@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -353,11 +362,15 @@ class SuiteConfig(Strict):
     _name = field_validator("name")(lambda v: _safe_name(v, "suite name"))
 
 
+# A preset's name or a suite written out; the empty tag keeps error keys `eval.suite.tasks.0`.
+SuiteSpec = Annotated[Annotated[str, Tag("name")] | Annotated[SuiteConfig, Tag("")],
+                      Discriminator(lambda v: "name" if isinstance(v, str) else "")]
+
+
 class EvalConfig(Strict):
-    suite: str | SuiteConfig | None = Field(default="offline", description="a preset suite "
-                                            "name or a suite {name, tasks, ...}; null: "
-                                            "held-out perplexity only")
-    train_suite: str | SuiteConfig | None = Field(
+    suite: SuiteSpec | None = Field(default="offline", description="a preset suite name or a "
+                                    "suite {name, tasks, ...}; null: held-out perplexity only")
+    train_suite: SuiteSpec | None = Field(
         default=None, description="suite run every train.eval_every steps beside held-out loss "
         "(keep it small: few tasks, small limit)")
     include_path: list[str] = Field(default_factory=list, description="folders of lm-eval task "
@@ -475,7 +488,7 @@ class ExperimentConfig(Strict):
 
 # ------------------------------------------------------------------------------------ loading
 def _describe(err: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+    key = ".".join(str(p) for p in err["loc"] if p != "") or "<top level>"
     kind = err["type"]
     if kind == "extra_forbidden":
         return f"{key}: unknown key"
@@ -486,18 +499,25 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{key}: {err['msg']}{got_s}"
 
 
+def _inner_types(ann: Any) -> list[Any]:
+    """Types inside unions, lists and Annotated (eval.suite's tagged union among them)."""
+    out: list[Any] = []
+    for a in getattr(ann, "__args__", ()) or ():
+        out += [a] if isinstance(a, type) else _inner_types(a)
+    return out
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
     """Keys allowed at the parent of `loc`, for "did you mean" messages."""
     cls: Any = model
     for part in loc[:-1]:
-        if isinstance(part, int):
+        if isinstance(part, int) or part == "":
             continue
         field = getattr(cls, "model_fields", {}).get(part)
         if field is None:
             return None
         ann = field.annotation
-        inner = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)]
-        candidates = [ann] + inner
+        candidates = [ann] + _inner_types(ann)
         nxt = next((c for c in candidates
                     if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if nxt is None:

@@ -310,8 +310,10 @@ def list_tasks(ev: EvalConfig | None) -> str:
     local = local_task_manager(include)
     by_source: dict[str, list[str]] = {}
     for name, entry in sorted(local.task_index.items()):
-        src = str(Path(entry.yaml_path).parent) if entry.yaml_path else "inline"
-        if entry.yaml_path and Path(entry.yaml_path).is_relative_to(TASKS_DIR):
+        if entry.yaml_path is None:
+            continue  # a tag: no combined score, so a suite cannot name it
+        src = str(Path(entry.yaml_path).parent)
+        if Path(entry.yaml_path).is_relative_to(TASKS_DIR):
             src = "wattkd"
         by_source.setdefault(src, []).append(name)
     lines.append("wattkd's tasks (task: NAME; data from eval.mmlu_path / eval.bigbench_dir):")
