@@ -338,3 +338,21 @@ def test_cli_prints_one_error_line_and_lists_tasks(sources, tmp_path):
     assert f"{sources['mc']}  (multiple choice, 12 examples)" in out
     assert f"{sources['gen']}  (generative, 12 examples)" in out
     assert "  hellaswag\n" in out and "  mmlu  (group)" in out
+
+
+def test_in_training_suite_is_prepared_before_training_and_refused_with_fsdp(sources):
+    from wattkd.eval.in_training import task_evaluator
+
+    ev = suite_eval(sources).model_copy(update={"train_suite": suite_eval(sources).suite})
+    assert task_evaluator(ev, eval_every=0, strategy="ddp") is None
+    assert task_evaluator(ev.model_copy(update={"train_suite": None}), eval_every=5,
+                          strategy="ddp") is None
+    with pytest.raises(ConfigError, match="eval.train_suite runs lm-eval on one process"):
+        task_evaluator(ev, eval_every=5, strategy="fsdp")
+    evaluator = task_evaluator(ev, eval_every=5, strategy="ddp")
+    tok = build_tokenizer()
+    model = build_model(tok).train()
+    rec = evaluator(model, tok)
+    assert model.training  # the training mode comes back
+    assert rec["suite"] == "mine" and list(rec["tasks"]) == [
+        "why_not", "sorting", "my_arith", "wattkd_bb_sports_understanding"]
