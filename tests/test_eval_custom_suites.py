@@ -298,6 +298,10 @@ def test_unknown_names_hub_offline_and_shape_are_refused(sources, monkeypatch):
     _refused({"suite": {"tasks": [{"bigbench": "y", "metrc": "acc,none"}]}},
              "eval.suite.tasks.0.metrc: unknown key; expected one of: bigbench, limit, metric")
     _refused({"suite": 5}, "eval.suite: Input should be a valid dictionary")
+    one = {"bigbench": str(sources["mc"])}
+    _refused({"suite": {"name": "a", "tasks": [one]},
+              "train_suite": {"name": "a", "limit": 2, "tasks": [one]}},
+             "eval.train_suite.name: 'a' is eval.suite's name")
     _refused({"suite": {"name": "offline", "tasks": [{"bigbench": str(sources["mc"])}]}},
              "is a preset's name")
     _refused({"include_path": "/no/such/dir", "suite": {"tasks": [{"task": "my_arith"}]}},

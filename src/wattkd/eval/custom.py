@@ -291,6 +291,10 @@ def check_eval_config(ev: EvalConfig) -> list[str]:
                 task_metadata(build_suite(spec, ev, key), ev)
             except SuiteError as exc:
                 problems.append(str(exc))
+    if (isinstance(ev.suite, SuiteConfig) and isinstance(ev.train_suite, SuiteConfig)
+            and ev.suite.name == ev.train_suite.name and ev.suite != ev.train_suite):
+        problems.append(f"eval.train_suite.name: {ev.train_suite.name!r} is eval.suite's name "
+                        "but the suites differ; give it its own name")
     if ev.include_path and not any(isinstance(s, SuiteConfig) for s in (ev.suite, ev.train_suite)):
         try:
             _include_paths(ev)
