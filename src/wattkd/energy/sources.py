@@ -28,13 +28,27 @@ _PLAUSIBLE_MAX_W = 1500.0
 
 # ------------------------------------------------------------------------------ counters
 class CounterTracker:
-    """Monotonic energy total (J) from a raw cumulative counter.
+    """Monotonic energy total (J) from a raw cumulative counter, with a plausibility check.
 
     `wrap` (raw units) is the RAPL `max_energy_range_uj`: a decrease is a wrap-around. Without
     `wrap` (NVML) a decrease is a counter reset (driver reload): the post-reset value is counted
     only when it is physically possible within the elapsed interval (<= `max_power_w` x dt),
-    otherwise that interval counts 0 and `resets` records the event. Never negative.
+    otherwise that interval counts 0 and `resets` records the event.
+
+    Glitches (one bad read) are excluded and counted in `glitches`, never as energy:
+      * a negative raw value (dropped at once);
+      * an increase above `max_power_w` x (dt + SLACK_S), more than the device can draw, that
+        the next read undoes (back below it, plausible from the level before);
+      * a drop that the next read undoes (back at or above the level before the drop).
+    Both are counted provisionally (a window edge may need the figure now) and taken back when
+    the next read shows the glitch. A real reset restarts near 0 and keeps rising, so it stays
+    a reset; a step up that later reads confirm is counted and recorded in `jumps`.
+    Never negative.
     """
+
+    # counter update period (NVML ~0.1 s) plus scheduling jitter: an edge read just after an
+    # update may carry a whole period of energy in a tiny dt
+    SLACK_S = 0.5
 
     def __init__(self, scale_j: float, *, wrap: int | None = None,
                  max_power_w: float | None = None) -> None:
@@ -44,16 +58,51 @@ class CounterTracker:
         self.total_j = 0.0
         self.resets = 0
         self.wraps = 0
+        self.glitches = 0
+        self.jumps = 0
         self.last_raw: int | None = None
         self.last_t: float | None = None
+        # a suspicious read, until the next read says what it was:
+        # (kind "drop" | "spike", raw level before it, time of that level, joules it counted)
+        self._suspect: tuple[str, int, float, float] | None = None
+
+    def _plausible(self, joules: float, dt: float) -> bool:
+        return joules <= self.max_power_w * (max(dt, 0.0) + self.SLACK_S)
 
     def update(self, raw: int | None, t: float) -> float:
-        """Feed one read taken at monotonic time `t`; return the energy (J) it added."""
+        """Feed one read taken at monotonic time `t`; return the energy (J) it added (negative
+        only when it takes back what a glitch had counted provisionally)."""
         if raw is None:
+            return 0.0
+        if raw < 0:
+            self.glitches += 1
+            log.warning("energy counter read %d excluded as a glitch (negative; last good %s)",
+                        raw, self.last_raw)
             return 0.0
         if self.last_raw is None:
             self.last_raw, self.last_t = raw, t
             return 0.0
+        suspect, self._suspect = self._suspect, None
+        if suspect is not None:
+            kind, before, t_before, counted = suspect
+            undone = (raw >= before if kind == "drop" else raw < self.last_raw) and \
+                raw >= before and self._plausible((raw - before) * self.scale_j, t - t_before)
+            if undone:
+                if kind == "drop":
+                    self.resets -= 1
+                self.glitches += 1
+                log.warning("energy counter read %d was a glitch (%s; now %d, before %d): "
+                            "excluded", self.last_raw, kind, raw, before)
+                added = (raw - before) * self.scale_j - counted
+                self.total_j += added
+                self.last_raw, self.last_t = raw, t
+                return added
+            if kind == "spike":
+                self.jumps += 1
+                log.warning("energy counter stepped up by more than %g W allows and stayed "
+                            "there (now %d): counted", self.max_power_w, raw)
+        dt = max(t - self.last_t, 0.0) if self.last_t is not None else 0.0
+        before, t_before = self.last_raw, self.last_t if self.last_t is not None else t
         diff = raw - self.last_raw
         if diff < 0:
             if self.wrap:
@@ -61,11 +110,13 @@ class CounterTracker:
                 self.wraps += 1
             else:
                 self.resets += 1
-                dt = max(t - self.last_t, 0.0) if self.last_t is not None else 0.0
                 diff = raw if raw * self.scale_j <= self.max_power_w * dt else 0
                 log.warning("energy counter decreased (%d -> %d): counter reset; %s", self.last_raw,
                             raw, "counting the post-reset value" if diff else
                             "the interval is not counted")
+                self._suspect = ("drop", before, t_before, diff * self.scale_j)
+        elif not self._plausible(diff * self.scale_j, dt):
+            self._suspect = ("spike", before, t_before, diff * self.scale_j)
         self.last_raw, self.last_t = raw, t
         added = max(diff, 0) * self.scale_j
         self.total_j += added
