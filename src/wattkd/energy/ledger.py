@@ -413,7 +413,7 @@ class EnergyMeter(_MeterBase):
         while not self._progress_stop.wait(self.cfg.progress_every_s):
             try:
                 self._write_progress("timer", fresh=False)
-            except Exception:  # noqa: BLE001 - a ledger timer must never take the job down
+            except Exception:
                 log.exception("energy ledger progress record failed")
 
     def _open_windows(self) -> list[tuple[str, str, int, Snapshot | None, float, int]]:
@@ -485,7 +485,7 @@ class EnergyMeter(_MeterBase):
     @property
     def sources(self) -> dict[str, str]:
         """Component -> source label ("nvml-counter", "rapl", "estimated-cpu-time", ...)."""
-        return dict(self._sources)  # type: ignore[attr-defined]
+        return dict(self._sources)
 
     # ------------------------------------------------------------------ energy
     def _energies(self, a: Snapshot, b: Snapshot, duration: float) -> dict[str, Any]:

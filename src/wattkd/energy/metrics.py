@@ -78,14 +78,16 @@ def _session_of(line: str) -> str | None:
     return m.group(1) if m else None
 
 
-def read_jsonl_lines(path: Path, what: str, *, schemas: set[int] | None = None
+def read_jsonl_lines(path: Path, what: str, *, schemas: set[int] | None = None,
+                     check_schema: bool = True, anywhere: bool = False
                      ) -> tuple[list[dict[str, Any]], list[int], list[tuple[int, str]]]:
     """(objects, their 1-based line numbers, skipped (line, why)) of a JSONL file.
 
     A cut line (a writer killed mid-append) is skipped, and named in `skipped`, wherever a crash
     can leave one: the last line, or a line after which another session writes (a new header or
     begin record, a recovered window, or a record of a different session than the cut one).
-    Any other unreadable line is corruption and raises, naming file and line.
+    Any other unreadable line is corruption and raises, naming file and line. `anywhere`:
+    files without sessions (metrics.jsonl, re-logged after a resume) skip a cut line anywhere.
     """
     known = KNOWN_SCHEMAS if schemas is None else schemas
     raw = path.read_text(encoding="utf-8", errors="replace").split("\n")
@@ -103,7 +105,8 @@ def read_jsonl_lines(path: Path, what: str, *, schemas: set[int] | None = None
             if not isinstance(obj, dict):
                 raise json.JSONDecodeError("not an object", line, 0)
         except json.JSONDecodeError:
-            why = _cut_line_ok(raw, i, _session_of(line) or prev_session)
+            why = ("a writer died mid-line" if anywhere else
+                   _cut_line_ok(raw, i, _session_of(line) or prev_session))
             if why is None:
                 raise ValueError(f"{path}:{i + 1}: not a valid {what} line: {line[:80]!r}"
                                  ) from None
@@ -111,7 +114,7 @@ def read_jsonl_lines(path: Path, what: str, *, schemas: set[int] | None = None
             skipped.append((i + 1, f"truncated line skipped ({why})"))
             continue
         schema = obj.get("schema")
-        if schema not in known:
+        if check_schema and schema not in known:
             raise ValueError(f"{path}:{i + 1}: {what} schema {schema!r} is not supported by this "
                              f"wattkd (it reads schema {sorted(known)})")
         prev_session = obj.get("session", prev_session)

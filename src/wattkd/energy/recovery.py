@@ -196,9 +196,9 @@ def recover_window(begin: dict[str, Any], progress: Sequence[dict[str, Any]],
     estimated = sources.get("cpu") == "estimated-cpu-time" and energy["cpu"] is not None
     flags = [*begin.get("flags", []), "recovered"] + (["estimated-cpu"] if estimated else [])
     notes = [*begin.get("notes", []),
-             f"session {sid} ended without closing this window (killed?): closed at its last "
-             f"{closed_at}; {secs:.3g} s after that are not measured and are inside the "
-             "uncertainty"]
+             (f"session {sid} ended without closing this window (killed?): closed at its last "
+              f"{closed_at}; {secs:.3g} s after that are not measured and are inside the "
+              "uncertainty")]
     if estimated:
         notes.append("estimated CPU energy ends at the last progress record")
     return {"schema": begin.get("schema", 2), "kind": begin.get("window", "phase"),
