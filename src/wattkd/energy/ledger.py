@@ -160,6 +160,9 @@ class _MeterBase:
         self._base_flags: list[str] = []
         self._base_notes: list[str] = []
         self._checked_tail = False
+        self._pending: list[bytes] = []          # records a failed write still holds
+        self._write_error: str | None = None
+        self._append_lock = threading.Lock()
 
     # ---- public
     @property
@@ -293,19 +296,46 @@ class _MeterBase:
     def _append(self, rec: dict[str, Any]) -> None:
         if not self._write_records or self.run_dir is None:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "phases.jsonl"
-        if not self._checked_tail:
-            ensure_trailing_newline(path)
-            self._checked_tail = True
-        line = (json.dumps(rec, separators=(",", ":"), allow_nan=False) + "\n").encode()
-        # One write() on an O_APPEND descriptor: records from several processes or hosts do not
-        # interleave, and a crash leaves at most one truncated last line.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self._checked_tail:
+                ensure_trailing_newline(path)
+                self._checked_tail = True
+        except OSError:
+            pass  # the write below fails too, and says so
+        line = (json.dumps(rec, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        with self._append_lock:  # the progress timer appends from its own thread
+            self._pending.append(line)
+            self._flush_pending(path)
+
+    def _flush_pending(self, path: Path) -> None:
+        data = b"".join(self._pending)
+        # One write() on an O_APPEND descriptor: records from several processes or hosts do not
+        # interleave, and a crash leaves at most one truncated last line. A full or read-only
+        # disk must not stop the job: records wait in memory and go out with the next append.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                written = os.write(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if self._write_error is None:
+                log.error("energy ledger %s: write failed (%s); keeping records in memory and "
+                          "retrying with the next one", path, exc)
+            self._write_error = str(exc)
+            return
+        if written != len(data):  # a short write (disk full mid-record): end the cut line;
+            ensure_trailing_newline(path)  # the records go out again whole (readers skip it)
+            log.error("energy ledger %s: short write; the records are written again", path)
+            self._write_error = "short write"
+            return
+        if self._write_error is not None:
+            log.warning("energy ledger %s: writes work again; %d held records written", path,
+                        len(self._pending))
+            self._write_error = None
+        self._pending = []
 
     @property
     def idle_power_w(self) -> dict[str, Any]:
@@ -445,6 +475,10 @@ class EnergyMeter(_MeterBase):
         rec = self._record("run", "run", self._run_start, end, self._run_t0,
                            (end.t_mono, end.t_wall), top, {}, [])
         self._append(rec)
+        if self._pending:
+            log.error("energy ledger: %d records could not be written (%s); this session's "
+                      "windows are missing from %s", len(self._pending), self._write_error,
+                      self.run_dir)
         self._sampler.stop()
         if self._nvml is not None:
             self._nvml.close()

@@ -128,6 +128,8 @@ def _cut_line_ok(raw: list[str], i: int, session: str | None) -> str | None:
     nxt = next((ln for ln in raw[i + 1:] if ln.strip()), None)
     if nxt is None:
         return "a writer stopped mid-line at the end of the file"
+    if nxt.startswith(raw[i]):
+        return "a short write (disk full?); the record follows whole"
     try:
         obj = json.loads(nxt)
     except json.JSONDecodeError:

@@ -127,9 +127,14 @@ class Sampler:
         if self._thread is not None:
             return
         if self.output is not None:
-            self.output.parent.mkdir(parents=True, exist_ok=True)
-            ensure_trailing_newline(self.output)
-            self._fh = open(self.output, "a", encoding="utf-8")  # noqa: SIM115 (stream)
+            try:
+                self.output.parent.mkdir(parents=True, exist_ok=True)
+                ensure_trailing_newline(self.output)
+                self._fh = open(self.output, "a", encoding="utf-8")  # noqa: SIM115 (stream)
+            except OSError as exc:  # full / read-only disk: meter in memory, say so once
+                self.write_error = str(exc)
+                log.error("telemetry file %s: cannot open (%s); samples are not written",
+                          self.output, exc)
             self._write(self._header())
         self.read_now()  # first reference point for every counter
         self._thread = threading.Thread(target=self._run, name="wattkd-sampler", daemon=True)
