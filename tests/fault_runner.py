@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_energy_fakes import FakeGpu, FakeNvml  # noqa: E402
+from test_energy_fakes import FakeGpu, FakeNvml
 
 BASE_MJ = 8_000_000
 UUID = "GPU-faul7000-1111-2222-3333-444444444444"
@@ -56,13 +56,13 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     gpu = WallGpu(spec["epoch"], spec["watts"],
                   {int(k): int(v) for k, v in (spec.get("bad_reads") or {}).items()})
-    import wattkd.energy.sources as sources
+    from wattkd.energy import sources
 
     sources._nvml_lib = lambda: FakeNvml([gpu])
     kill = spec.get("kill") or {}
     where, n = kill.get("where"), int(kill.get("n", 0))
     calls = [0]
-    import wattkd.energy.ledger as ledger
+    from wattkd.energy import ledger
 
     orig_flush = ledger._MeterBase._flush_pending
     full = (spec.get("disk_full") or {}).get("ledger")

@@ -85,7 +85,7 @@ class CounterTracker:
         spike, self._spike = self._spike, None
         if drop is not None and not self.wrap and raw >= drop[0] \
                 and self._plausible((raw - drop[0]) * self.scale_j, t - drop[1]):
-            before, t_before, counted = drop   # the drop was one bad read: undo its reset
+            before, _, counted = drop   # the drop was one bad read: undo its reset
             self.resets -= 1
             self.glitches += 1
             log.warning("energy counter read %d was a glitch (back to %d): excluded",
