@@ -23,7 +23,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -52,18 +54,22 @@ class WallGpu(FakeGpu):
         return int(BASE_MJ + steps * 0.1 * self.rate * 1000)
 
 
-def main() -> None:
-    spec = json.loads(sys.argv[1])
+def install(spec: dict[str, Any]) -> Callable[[], None]:
+    """Put the simulated GPU and the spec's faults in place; returns the undo (for callers
+    that run a session in their own process)."""
+    from wattkd import checkpoint as ckpt
+    from wattkd.energy import ledger, sources
+    from wattkd.teacher_cache import writer
+
+    saved = [(sources, "_nvml_lib", sources._nvml_lib),
+             (ledger._MeterBase, "_flush_pending", ledger._MeterBase._flush_pending),
+             (ckpt.torch, "save", ckpt.torch.save), (writer, "_encode", writer._encode)]
     gpu = WallGpu(spec["epoch"], spec["watts"],
                   {int(k): int(v) for k, v in (spec.get("bad_reads") or {}).items()})
-    from wattkd.energy import sources
-
     sources._nvml_lib = lambda: FakeNvml([gpu])
     kill = spec.get("kill") or {}
     where, n = kill.get("where"), int(kill.get("n", 0))
     calls = [0]
-    from wattkd.energy import ledger
-
     orig_flush = ledger._MeterBase._flush_pending
     full = (spec.get("disk_full") or {}).get("ledger")
 
@@ -89,8 +95,6 @@ def main() -> None:
 
     ledger._MeterBase._flush_pending = flush
     if where == "checkpoint-write":
-        import wattkd.checkpoint as ckpt
-
         real_save = ckpt.torch.save
         saves = [0]
 
@@ -103,26 +107,46 @@ def main() -> None:
             real_save(obj, f, *a, **k)
 
         ckpt.torch.save = save
+    if where == "cache-encode":
+        orig = writer._encode
+        encodes = [0]
+
+        def encode(*a: object, **k: object) -> object:
+            encodes[0] += 1
+            if encodes[0] == n:               # mid-part: earlier parts complete
+                _die()
+            return orig(*a, **k)
+
+        writer._encode = encode
+
+    def undo() -> None:
+        for obj, attr, value in saved:
+            setattr(obj, attr, value)
+
+    return undo
+
+
+def run(spec: dict[str, Any]) -> int:
+    """Run the spec's command: `wattkd train ...` through the CLI, or a teacher-cache build."""
     if spec["cmd"][0] == "cache":
-        import wattkd.teacher_cache.writer as w
-        from wattkd.config import load as load_config
+        from wattkd.config import load
+        from wattkd.teacher_cache import writer
 
-        if where == "cache-encode":
-            orig = w._encode
-
-            def encode(*a: object, **k: object) -> object:
-                encode.n += 1  # type: ignore[attr-defined]
-                if encode.n == n:  # type: ignore[attr-defined]
-                    _die()
-                return orig(*a, **k)
-
-            encode.n = 0  # type: ignore[attr-defined]
-            w._encode = encode
-        w.build_cache(load_config(spec["cmd"][1]), spec["cmd"][2], progress=False)
-        return
+        writer.build_cache(load(spec["cmd"][1]), spec["cmd"][2], progress=False)
+        return 0
     from wattkd.cli import app
 
-    app(spec["cmd"], standalone_mode=True)
+    try:
+        app(spec["cmd"])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    install(spec)
+    sys.exit(run(spec))
 
 
 if __name__ == "__main__":
