@@ -224,19 +224,21 @@ class _MeterBase:
     def progress(self, reason: str = "checkpoint") -> None:
         """Write a progress record for every open window (the train loop calls this at each
         checkpoint): if the process dies now, the ledger still holds the energy so far."""
-        self._write_progress(reason, fresh=True)
+        self._write_progress(reason)
 
     def _open_windows(self) -> list[tuple[str, str, int, Snapshot | None, float, int]]:
         """(window, name, seq, start snapshot, start wall, tokens so far) of every open window."""
         return [("phase", w.name, w.seq, w._start, w._t0[1], w.tokens) for w in list(self._stack)]
 
-    def _write_progress(self, reason: str, *, fresh: bool) -> None:
+    def _write_progress(self, reason: str) -> None:
+        """Progress records from a fresh read (the sampler's latest snapshot can hold a counter
+        value older than its time stamp: energy is read at the slow cadence)."""
         if not self._write_records:
             return
         windows = self._open_windows()
         if not windows:
             return
-        now = self._read() if fresh else self._snapshot()
+        now = self._read()
         t_wall = now.t_wall if now is not None else time.time()
         for window, name, seq, start, start_wall, tokens in windows:
             rec = self._record("progress", name, start, now, (0.0, start_wall),
@@ -248,9 +250,6 @@ class _MeterBase:
                           "t_wall": round(t_wall, 4), "duration_s": duration, "tokens": tokens,
                           "reason": reason, "energy_j": rec["energy_j"], "source": rec["source"],
                           "estimated": rec["estimated"], "uncertainty_j": rec["uncertainty_j"]})
-
-    def _snapshot(self) -> Snapshot | None:
-        return None
 
     def _close_window(self, w: PhaseWindow, exc_type: Any) -> None:
         _cuda_sync()
@@ -442,7 +441,7 @@ class EnergyMeter(_MeterBase):
         """At least every telemetry.progress_every_s, a progress record per open window."""
         while not self._progress_stop.wait(self.cfg.progress_every_s):
             try:
-                self._write_progress("timer", fresh=False)
+                self._write_progress("timer")
             except Exception:
                 log.exception("energy ledger progress record failed")
 
@@ -453,9 +452,6 @@ class EnergyMeter(_MeterBase):
             out.append(("run", "run", 0, self._run_start, self._run_t0[1],
                         self._session_tokens + open_top))
         return out
-
-    def _snapshot(self) -> Snapshot | None:
-        return self._sampler.snapshot() if self._sampler is not None else None
 
     def stop(self) -> None:
         if not self._started or self._stopped:
