@@ -494,7 +494,13 @@ class EnergyMeter(_MeterBase):
 
     # ------------------------------------------------------------------ reads
     def _read(self) -> Snapshot | None:
-        return self._sampler.read_now() if self._sampler is not None else None
+        if self._sampler is None:
+            return None
+        snap = self._sampler.read_now()
+        if snap.suspect:  # a drop or spike: one more read says whether it was a glitch
+            time.sleep(0.01)
+            snap = self._sampler.read_now()
+        return snap
 
     def energy_j(self) -> float | None:
         """Energy (J) since start() (after the idle window), measured + estimated components.

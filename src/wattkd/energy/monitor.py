@@ -74,6 +74,7 @@ class Snapshot:
     gpu_power_samples: dict[str, int] = field(default_factory=dict)
     gpu_resets: dict[str, int] = field(default_factory=dict)
     gpu_glitches: dict[str, int] = field(default_factory=dict)
+    suspect: bool = False        # a counter's last read awaits the next one's judgement
     rapl_j: dict[str, float | None] = field(default_factory=dict)
     cpu_s: float | None = None
 
@@ -188,6 +189,7 @@ class Sampler:
             s.gpu_j[g.uuid] = tr.total_j if g.energy and tr.last_raw is not None else None
             s.gpu_resets[g.uuid] = tr.resets
             s.gpu_glitches[g.uuid] = tr.glitches
+            s.suspect = s.suspect or tr.suspect
             s.gpu_power_w[g.uuid] = self._gpu_power[g.uuid]
             integ = self._gpu_integrators[g.uuid]
             s.gpu_int_j[g.uuid] = integ.joules if integ.samples else None

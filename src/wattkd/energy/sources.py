@@ -67,6 +67,11 @@ class CounterTracker:
         self._drop: tuple[int, float, float] | None = None
         self._spike: tuple[int, float] | None = None     # an implausible high read, raw and t
 
+    @property
+    def suspect(self) -> bool:
+        """The last read is a drop or a spike the next read will judge (read again to know)."""
+        return self._drop is not None or self._spike is not None
+
     def _plausible(self, joules: float, dt: float) -> bool:
         return joules <= self.max_power_w * (max(dt, 0.0) + self.SLACK_S)
 
