@@ -103,7 +103,8 @@ def run_one(cfg: Path, root: Path, gpus: int, strategy: str, tiny: bool,
         rec["j_per_token_steady"] = round((last["energy_j"] - first["energy_j"])
                                           / steady_tokens, 6)
     phases = [json.loads(x) for x in (run / "phases.jsonl").read_text().splitlines()]
-    window = next((p for p in phases if p.get("phase") == "train"), None)
+    window = next((p for p in phases if p.get("kind") == "phase" and p.get("phase") == "train"),
+                  None)
     if window:
         rec["train_window"] = {"duration_s": window["duration_s"], "tokens": window["tokens"],
                                "gpu_j": window["energy_j"]["gpu"],

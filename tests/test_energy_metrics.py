@@ -11,6 +11,7 @@ from wattkd.energy.metrics import (
     EnergyFigure,
     average_power,
     e_avg,
+    e_metered,
     e_run,
     ept,
     ept_train,
@@ -52,7 +53,7 @@ PHASES = [
 
 def test_e_run_and_ept_hand_computed(tmp_path: Path) -> None:
     phases = read_phases(_write(tmp_path / "phases.jsonl", PHASES))
-    run = e_run(phases)
+    run = e_metered(phases)
     assert run.value == pytest.approx(641.000, abs=1e-3)
     assert (run.source, run.estimated, run.records) == ("nvml-counter", False, 2)
     train = e_run(phases, "train")
@@ -65,7 +66,7 @@ def test_e_run_and_ept_hand_computed(tmp_path: Path) -> None:
 
 
 def test_e_run_without_run_record_sums_top_level_phases_only() -> None:
-    fig = e_run([r for r in PHASES if r["kind"] == "phase"])
+    fig = e_metered([r for r in PHASES if r["kind"] == "phase"])
     assert fig.value == pytest.approx(50 + 350.75 + 120.125, abs=1e-3)   # "step" is nested
     assert any(f.startswith("no-run-record") for f in fig.flags)
 

@@ -204,3 +204,64 @@ def test_cpu_source_is_non_blocking_and_counts_cpu_time() -> None:
     for i in range(2_000_000):
         x += i
     assert cpu.process_cpu_seconds() > before
+
+
+# ------------------------------------------------------------- plausibility (issue #16)
+def _feed(reads: list[int | None], dt: float = 1.0, **kw) -> CounterTracker:
+    tr = CounterTracker(1e-3, max_power_w=1400, **kw)
+    for i, raw in enumerate(reads):
+        tr.update(raw, i * dt)
+    return tr
+
+
+# 600 W for 14 s from a counter at 1000 J: 8400 J spent
+GOOD = [1_000_000 + 600_000 * i for i in range(15)]
+
+
+@pytest.mark.parametrize("bad", [0, -5, 3])
+def test_one_bad_counter_read_is_a_glitch_not_a_reset(bad: int) -> None:
+    """A single 0 / negative / near-0 read between good ones: excluded (before: a reset, then
+    the whole counter counted again: 8400 + 3400 J)."""
+    reads = list(GOOD)
+    reads[5] = bad
+    tr = _feed(reads)
+    assert tr.total_j == pytest.approx(8400.0)
+    assert tr.glitches == 1 and tr.resets == 0
+
+
+def test_implausible_spike_and_bad_first_read_are_never_counted() -> None:
+    reads = list(GOOD)
+    reads[7] = 90_000_000                        # +85 kJ in 1 s: above 1400 W
+    tr = _feed(reads)
+    assert tr.total_j == pytest.approx(8400.0) and tr.glitches == 1
+    big = [10**9 + r for r in GOOD]               # a counter at 1 MJ (since driver load)
+    tr = _feed([0, *big[1:]])                    # the first read was the bad one
+    assert tr.total_j == pytest.approx(8400.0 - 600.0) and tr.glitches == 1
+
+
+def test_real_reset_restarts_near_zero_and_keeps_rising() -> None:
+    reads = GOOD[:6] + [400_000 + 600_000 * i for i in range(9)]   # driver reload after 5 s
+    tr = _feed(reads)
+    assert tr.resets == 1 and tr.glitches == 0
+    # 5 s before the reload + the 400 J the new counter holds + 8 s after it
+    assert tr.total_j == pytest.approx(3000.0 + 400.0 + 4800.0)
+
+
+def test_telemetry_with_one_bad_read_gives_the_true_energy(tmp_path: pathlib.Path) -> None:
+    """The issue's case through the telemetry reader (the live meter uses the same tracker)."""
+    import json
+
+    from wattkd.energy.metrics import read_telemetry, telemetry_energy
+
+    uuid = "GPU-aaaaaaaa-1111-2222-3333-444444444444"
+    lines = [{"schema": 1, "type": "header", "host": "h", "session": "s", "t_wall": 0.0,
+              "t_mono": 0.0, "gpus": [{"uuid": uuid, "power_limit_w": 700}], "rapl": []}]
+    for i, raw in enumerate(GOOD):
+        lines.append({"schema": 1, "type": "sample", "host": "h", "session": "s",
+                      "t_wall": 100.0 + i, "t_mono": float(i), "slow": True,
+                      "gpu": {uuid: {"power_w": 600.0, "energy_mj": 0 if i == 9 else raw}},
+                      "rapl": {}})
+    path = tmp_path / "h.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    got = telemetry_energy(read_telemetry(path))
+    assert got["energy_j"] == pytest.approx(8400.0) and got["glitches"] == 1

@@ -109,7 +109,7 @@ def test_run_ept_with_estimated_cpu_energy_is_labelled_and_consistent(model_dir,
     assert cpu["ept_out_j"] * run["output_tokens"] == pytest.approx(cpu["energy_j"])
     assert res["idle_power_w"]["cpu"] == cpu["idle_power_w"] is not None
     records = [json.loads(ln) for ln in (tmp_path / "phases.jsonl").read_text().splitlines()]
-    ept_rec = [r for r in records if r["phase"] == "ept"]
+    ept_rec = [r for r in records if r["kind"] == "phase" and r["phase"] == "ept"]
     assert len(ept_rec) == 1 and ept_rec[0]["tokens"] == run["total_tokens"] == 64
     assert ept_rec[0]["meta"]["batch_size"] == 2
     assert cpu["energy_j"] == ept_rec[0]["energy_j"]["cpu"]

@@ -305,6 +305,8 @@ class TelemetryConfig(Strict):
     gpu_gain_error: float = Field(default=0.05, ge=0, description="relative sensor error used "
                                   "in the uncertainty")
     min_window_s: float = Field(default=10.0, ge=0, description="shorter phases are flagged")
+    progress_every_s: float = Field(default=30.0, gt=0, description="open energy windows write "
+                                    "a progress record at least this often (crash recovery)")
 
 
 # --------------------------------------------------------------------------------------- eval

@@ -24,6 +24,7 @@ import torch
 from wattkd import checkpoint, sharding
 from wattkd.atomic import atomic_dir
 from wattkd.config import ExperimentConfig, MethodConfig, StudentConfig, TrainConfig, dump
+from wattkd.energy.monitor import ensure_trailing_newline
 from wattkd.eval.in_training import task_evaluator
 from wattkd.progress import NoBar
 from wattkd.runinfo import write_run_json
@@ -163,6 +164,8 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool) -> None:
         self.enabled = enabled
+        if enabled:  # a kill mid-line left a cut line: end it so the next record stays whole
+            ensure_trailing_newline(run_dir / "metrics.jsonl")
         self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
         self.tb = None
         if enabled and tensorboard:
@@ -531,6 +534,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                                     full_weights=full_weights, keep_last=tc.keep_last,
                                     rank=rank, rng_by_rank=_rng_by_rank(accelerator),
                                     states=states)
+                    meter.progress("checkpoint")  # the ledger holds the energy up to here
                 if stop_signal:
                     status = "preempted"
                     break

@@ -378,15 +378,21 @@ def rkd_distance(s: Tensor, t: Tensor, mask: Tensor | None = None, *,
     return F.smooth_l1_loss(ds, dt, beta=delta)
 
 
-def _angles(e: Tensor) -> Tensor:
+def _angles(e: Tensor) -> tuple[Tensor, Tensor]:
     """[B,B,B] cosines of the angle at vertex j between e_i - e_j and e_k - e_j, from the Gram
-    matrix (no [B,B,D] tensor): <e_i-e_j, e_k-e_j> = G_ik - G_ij - G_jk + G_jj."""
+    matrix (no [B,B,D] tensor): <e_i-e_j, e_k-e_j> = G_ik - G_ij - G_jk + G_jj; and the [B,B]
+    mask of (near-)coincident pairs, where the angle is undefined. The Gram form loses about
+    sqrt(eps) of the largest distance to rounding, so pairs closer than that are coincident:
+    their "cosine" would be rounding noise (values up to 3 were seen)."""
     e = e - e.mean(0, keepdim=True)
     g = e @ e.T
     diag = g.diagonal()
-    d = (diag[:, None] + diag[None, :] - 2.0 * g).clamp(min=1e-12).sqrt()  # d[i, j]
+    d2 = diag[:, None] + diag[None, :] - 2.0 * g
+    d = d2.clamp(min=1e-12).sqrt()  # d[i, j]
+    tol = 16.0 * math.sqrt(torch.finfo(e.dtype).eps) * d.max().detach()
+    close = d.detach() <= tol
     inner = g[:, None, :] - g[:, :, None] - g.T[None, :, :] + diag[None, :, None]
-    return inner / (d[:, :, None] * d.T[None, :, :])
+    return inner / (d[:, :, None] * d.T[None, :, :]), close
 
 
 @register_loss("rkd_angle", kind="relation", checks={"delta": POSITIVE})
@@ -404,4 +410,11 @@ def rkd_angle(s: Tensor, t: Tensor, mask: Tensor | None = None, *, delta: float 
     ar = torch.arange(b, device=s2.device)
     i, j, k = ar[:, None, None], ar[None, :, None], ar[None, None, :]
     distinct = (i != j) & (k != j) & (i != k)
-    return F.smooth_l1_loss(_angles(s2)[distinct], _angles(t2)[distinct], beta=delta)
+    a_s, close_s = _angles(s2)
+    a_t, close_t = _angles(t2)
+    # an angle at j needs e_i and e_k apart from e_j, in the student and in the teacher
+    close = close_s | close_t
+    keep = distinct & ~close[:, :, None] & ~close.T[None, :, :]   # close[i,j], close[j,k]
+    if not bool(keep.any()):
+        return (s2.sum() + t2.sum()) * 0.0   # every row coincides: no angle is defined
+    return F.smooth_l1_loss(a_s[keep], a_t[keep], beta=delta)

@@ -14,8 +14,21 @@ One meter per node: in a multi-process job only local rank 0 (LOCAL_RANK / SLURM
 the hardware, for every GPU visible to it; other local ranks get records flagged
 `not-metered-here` and `energy_j()` returns None there (broadcast rank 0's value if needed).
 
-phases.jsonl (schema 1): one JSON object per line, appended with a single write.
-  {"schema": 1, "kind": "phase" | "run" | "idle", "phase": name, "seq": n (per meter session),
+phases.jsonl (schema 2): one JSON object per line, appended with a single write. A window is
+on disk from the moment it opens: a `begin` record, `progress` records while it is open (every
+telemetry.progress_every_s from a timer thread, and whenever the caller says so with
+`meter.progress("checkpoint")`), then its end record (kinds below). A window whose session died
+has no end record: `energy.recovery` closes it at its last progress record or telemetry sample
+(`status: recovered`, the unmeasured tail inside its uncertainty), on read and when the next
+session on the host starts. Schema-1 ledgers (end records only) still read.
+  begin     {"schema": 2, "kind": "begin", "window": "phase" | "run", "phase", "seq", "depth",
+             "parent", "host", "session", "pid", "start_wall", "tokens", "source",
+             "progress_every_s", "interval_s", "slow_interval_s", "counter_period_s", "flags",
+             "notes", "meta"}
+  progress  {"schema": 2, "kind": "progress", "window", "phase", "seq", "host", "session",
+             "t_wall", "duration_s", "tokens" (so far), "reason": "timer" | "checkpoint" | ...,
+             "energy_j", "source", "estimated", "uncertainty_j"}  (cumulative since begin)
+  end       {"schema": 2, "kind": "phase" | "run" | "idle", "phase": name, "seq": n (per meter session),
    "depth": 0 for top level, "parent": name | null, "host", "session", "start_wall", "end_wall",
    "duration_s", "tokens", "status": "ok" | "error",
    "energy_j":      {"gpu": J|null, "cpu": J|null, "dram": J|null},
@@ -34,7 +47,7 @@ phases.jsonl (schema 1): one JSON object per line, appended with a single write.
 GPU uncertainty = sum over GPUs of counter_period x (power at start + power at end)
 + gpu_gain_error x energy. CPU energy is `estimated-cpu-time` = this process tree's CPU seconds
 x telemetry.cpu_watts_per_core, and only where no RAPL counter exists and the user enabled it.
-Flags: short-window, high-uncertainty, counter-reset, partial-gpu, mig-shared-counter,
+Flags: short-window, high-uncertainty, counter-reset, counter-glitch, partial-gpu, mig-shared-counter,
 estimated-cpu, counter-power-mismatch, no-power-samples, error:<Exception>, not-metered-here,
 telemetry-disabled.
 """
@@ -47,7 +60,9 @@ import logging
 import os
 import statistics
 import sys
+import threading
 import time
+import uuid as _uuid
 from itertools import pairwise
 from pathlib import Path
 from types import TracebackType
@@ -61,11 +76,12 @@ from wattkd.energy.monitor import (
     host_name,
     open_sources,
 )
+from wattkd.energy.recovery import close_dead_windows
 from wattkd.energy.sources import NvmlSource
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
+SCHEMA = 2
 # Published/observed NVML counter update period (DESIGN.md: ~100 ms on H200); used when the
 # idle window is too short to measure it.
 DEFAULT_COUNTER_PERIOD_S = 0.1
@@ -137,13 +153,16 @@ class _MeterBase:
         self.cfg = cfg or TelemetryConfig()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.host = host or host_name()
-        self.session = ""
+        self.session = _uuid.uuid4().hex[:12]
         self._stack: list[PhaseWindow] = []
         self._seq = 0
         self._write_records = self.run_dir is not None
         self._base_flags: list[str] = []
         self._base_notes: list[str] = []
         self._checked_tail = False
+        self._pending: list[bytes] = []          # records a failed write still holds
+        self._write_error: str | None = None
+        self._append_lock = threading.Lock()
 
     # ---- public
     @property
@@ -182,6 +201,55 @@ class _MeterBase:
         self._seq += 1
         w.seq = self._seq
         self._stack.append(w)
+        self._append(self._begin_record("phase", w.name, w.seq, w.depth, w.parent, w._t0[1],
+                                        w.tokens, w.meta))
+
+    def _begin_record(self, window: str, name: str, seq: int, depth: int, parent: str | None,
+                      start_wall: float, tokens: int, meta: dict[str, Any]) -> dict[str, Any]:
+        """The record that puts an opening window on disk (what recovery needs to close it)."""
+        return {"schema": SCHEMA, "kind": "begin", "window": window, "phase": name, "seq": seq,
+                "depth": depth, "parent": parent, "host": self.host, "session": self.session,
+                "pid": os.getpid(), "start_wall": round(start_wall, 4), "tokens": tokens,
+                "source": self.sources, "progress_every_s": self.cfg.progress_every_s,
+                "interval_s": self.cfg.interval_s, "slow_interval_s": self.cfg.slow_interval_s,
+                "counter_period_s": getattr(self, "counter_period_s", None),
+                "flags": list(self._base_flags), "notes": list(self._base_notes),
+                "meta": _jsonable(meta)}
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Component -> source label ("nvml-counter", "rapl", "estimated-cpu-time", ...)."""
+        return dict.fromkeys(COMPONENTS, "unavailable")
+
+    def progress(self, reason: str = "checkpoint") -> None:
+        """Write a progress record for every open window (the train loop calls this at each
+        checkpoint): if the process dies now, the ledger still holds the energy so far."""
+        self._write_progress(reason)
+
+    def _open_windows(self) -> list[tuple[str, str, int, Snapshot | None, float, int]]:
+        """(window, name, seq, start snapshot, start wall, tokens so far) of every open window."""
+        return [("phase", w.name, w.seq, w._start, w._t0[1], w.tokens) for w in list(self._stack)]
+
+    def _write_progress(self, reason: str) -> None:
+        """Progress records from a fresh read (the sampler's latest snapshot can hold a counter
+        value older than its time stamp: energy is read at the slow cadence)."""
+        if not self._write_records:
+            return
+        windows = self._open_windows()
+        if not windows:
+            return
+        now = self._read()
+        t_wall = now.t_wall if now is not None else time.time()
+        for window, name, seq, start, start_wall, tokens in windows:
+            rec = self._record("progress", name, start, now, (0.0, start_wall),
+                               (0.0, t_wall), tokens, {}, [])
+            duration = rec["duration_s"] if start is not None and now is not None else round(
+                max(t_wall - start_wall, 0.0), 6)
+            self._append({"schema": SCHEMA, "kind": "progress", "window": window, "phase": name,
+                          "seq": seq, "host": self.host, "session": self.session,
+                          "t_wall": round(t_wall, 4), "duration_s": duration, "tokens": tokens,
+                          "reason": reason, "energy_j": rec["energy_j"], "source": rec["source"],
+                          "estimated": rec["estimated"], "uncertainty_j": rec["uncertainty_j"]})
 
     def _close_window(self, w: PhaseWindow, exc_type: Any) -> None:
         _cuda_sync()
@@ -227,19 +295,46 @@ class _MeterBase:
     def _append(self, rec: dict[str, Any]) -> None:
         if not self._write_records or self.run_dir is None:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "phases.jsonl"
-        if not self._checked_tail:
-            ensure_trailing_newline(path)
-            self._checked_tail = True
-        line = (json.dumps(rec, separators=(",", ":"), allow_nan=False) + "\n").encode()
-        # One write() on an O_APPEND descriptor: records from several processes or hosts do not
-        # interleave, and a crash leaves at most one truncated last line.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self._checked_tail:
+                ensure_trailing_newline(path)
+                self._checked_tail = True
+        except OSError:
+            pass  # the write below fails too, and says so
+        line = (json.dumps(rec, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        with self._append_lock:  # the progress timer appends from its own thread
+            self._pending.append(line)
+            self._flush_pending(path)
+
+    def _flush_pending(self, path: Path) -> None:
+        data = b"".join(self._pending)
+        # One write() on an O_APPEND descriptor: records from several processes or hosts do not
+        # interleave, and a crash leaves at most one truncated last line. A full or read-only
+        # disk must not stop the job: records wait in memory and go out with the next append.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                written = os.write(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if self._write_error is None:
+                log.error("energy ledger %s: write failed (%s); keeping records in memory and "
+                          "retrying with the next one", path, exc)
+            self._write_error = str(exc)
+            return
+        if written != len(data):  # a short write (disk full mid-record): end the cut line;
+            ensure_trailing_newline(path)  # the records go out again whole (readers skip it)
+            log.error("energy ledger %s: short write; the records are written again", path)
+            self._write_error = "short write"
+            return
+        if self._write_error is not None:
+            log.warning("energy ledger %s: writes work again; %d held records written", path,
+                        len(self._pending))
+            self._write_error = None
+        self._pending = []
 
     @property
     def idle_power_w(self) -> dict[str, Any]:
@@ -329,9 +424,34 @@ class EnergyMeter(_MeterBase):
                                     "telemetry.cpu_watts_per_core for an estimate")
         self._sampler.start()
         atexit.register(self.stop)
+        if self._write_records and self.run_dir is not None:
+            close_dead_windows(self.run_dir, self.host, self.session)
         self._measure_idle()
         self._run_start = self._sampler.read_now()
         self._run_t0 = (self._run_start.t_mono, self._run_start.t_wall)
+        self._append(self._begin_record("run", "run", 0, 0, None, self._run_t0[1], 0, {}))
+        self._progress_stop = threading.Event()
+        self._progress_thread = threading.Thread(target=self._progress_loop,
+                                                 name="wattkd-ledger-progress", daemon=True)
+        self._progress_thread.start()
+
+    _progress_thread: threading.Thread | None = None
+
+    def _progress_loop(self) -> None:
+        """At least every telemetry.progress_every_s, a progress record per open window."""
+        while not self._progress_stop.wait(self.cfg.progress_every_s):
+            try:
+                self._write_progress("timer")
+            except Exception:
+                log.exception("energy ledger progress record failed")
+
+    def _open_windows(self) -> list[tuple[str, str, int, Snapshot | None, float, int]]:
+        out = super()._open_windows()
+        if self._run_start is not None and not self._stopped:
+            open_top = sum(w.tokens for w in list(self._stack) if w.depth == 0)
+            out.append(("run", "run", 0, self._run_start, self._run_t0[1],
+                        self._session_tokens + open_top))
+        return out
 
     def stop(self) -> None:
         if not self._started or self._stopped:
@@ -340,6 +460,9 @@ class EnergyMeter(_MeterBase):
         if self._sampler is None:
             return
         atexit.unregister(self.stop)
+        if self._progress_thread is not None:
+            self._progress_stop.set()
+            self._progress_thread.join(timeout=10)
         for w in list(self._stack):
             log.warning("energy meter stopped with phase %r still open", w.name)
         _cuda_sync()
@@ -348,6 +471,10 @@ class EnergyMeter(_MeterBase):
         rec = self._record("run", "run", self._run_start, end, self._run_t0,
                            (end.t_mono, end.t_wall), top, {}, [])
         self._append(rec)
+        if self._pending:
+            log.error("energy ledger: %d records could not be written (%s); this session's "
+                      "windows are missing from %s", len(self._pending), self._write_error,
+                      self.run_dir)
         self._sampler.stop()
         if self._nvml is not None:
             self._nvml.close()
@@ -367,7 +494,13 @@ class EnergyMeter(_MeterBase):
 
     # ------------------------------------------------------------------ reads
     def _read(self) -> Snapshot | None:
-        return self._sampler.read_now() if self._sampler is not None else None
+        if self._sampler is None:
+            return None
+        snap = self._sampler.read_now()
+        if snap.suspect:  # a drop or spike: one more read says whether it was a glitch
+            time.sleep(0.01)
+            snap = self._sampler.read_now()
+        return snap
 
     def energy_j(self) -> float | None:
         """Energy (J) since start() (after the idle window), measured + estimated components.
@@ -411,7 +544,8 @@ class EnergyMeter(_MeterBase):
                           "integrated_power_j": _r(integ),
                           "power_samples": b.gpu_power_samples.get(u, 0)
                           - a.gpu_power_samples.get(u, 0),
-                          "resets": b.gpu_resets.get(u, 0) - a.gpu_resets.get(u, 0)}
+                          "resets": b.gpu_resets.get(u, 0) - a.gpu_resets.get(u, 0),
+                          "glitches": b.gpu_glitches.get(u, 0) - a.gpu_glitches.get(u, 0)}
         out: dict[str, Any] = {"per_gpu": per_gpu}
         gpu_vals = [p["energy_j"] for p in per_gpu.values() if p["energy_j"] is not None]
         out["gpu"] = sum(gpu_vals) if gpu_vals else None
@@ -466,6 +600,10 @@ class EnergyMeter(_MeterBase):
                 flags.append("counter-reset")
                 notes.append("an NVML counter decreased (driver reload) inside this window; the "
                              "sampling interval containing the reset may be missing")
+            if any(p.get("glitches") for p in e["per_gpu"].values()):
+                flags.append("counter-glitch")
+                notes.append("implausible NVML counter reads (above the power limit, or a drop "
+                             "the next read undid) were excluded inside this window")
             ip = rec["integrated_power_j"]
             srcs = {g.power_source for g in self._nvml.gpus} if self._nvml else set()
             ip["power_source"] = "+".join(sorted(s for s in srcs if s)) or None

@@ -1,9 +1,12 @@
 """Energy metrics as pure functions on the ledger (phases.jsonl) and telemetry files.
 
-Definitions (DESIGN.md):
-  E_run      sum over devices of (counter at end - counter at start) over the run, J. The GPU is
-             the headline component; CPU (RAPL or an `estimated` figure) is reported beside it,
-             never silently added or dropped.
+Definitions (DESIGN.md; the one meaning of E_run in code, docs and report):
+  E_run      energy of a run's `train` windows: sum over devices of (counter at end - counter
+             at start), summed over hosts and sessions (resumed and recovered ones), J. The GPU
+             is the headline component; CPU (RAPL or an `estimated` figure) is reported beside
+             it, never silently added or dropped. `e_run(phases, "name")` is the same sum over
+             the windows of another phase; `e_metered` is everything a meter saw (its `run`
+             records: training plus evaluation, EPT, ... in the same folder), which is not E_run.
   E_avg      mean E_run over the repeats of one configuration, with its sample std and n.
   EPT_train  E_train / tokens trained (J/token).
   P_avg      energy over a wall-clock window / its duration, devices summed.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +29,9 @@ from wattkd.energy.sources import CounterTracker, PowerIntegrator
 
 log = logging.getLogger(__name__)
 
-KNOWN_SCHEMAS = {1}
+KNOWN_SCHEMAS = {1, 2}
 COMPONENTS = ("gpu", "cpu", "dram")
+E_RUN_PHASE = "train"       # E_run is the energy of these windows
 
 
 @dataclass(frozen=True)
@@ -65,13 +70,33 @@ class PowerFigure:
 
 
 # ------------------------------------------------------------------------------ reading
-def _read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
-    """Objects of a JSONL file. A truncated line is tolerated where a crash can leave one: the
-    last line, or the line before a new session's header (a resumed writer)."""
+_SESSION = re.compile(r'"session"\s*:\s*"([^"]*)"')
+
+
+def _session_of(line: str) -> str | None:
+    m = _SESSION.search(line)
+    return m.group(1) if m else None
+
+
+def read_jsonl_lines(path: Path, what: str, *, schemas: set[int] | None = None,
+                     check_schema: bool = True, anywhere: bool = False
+                     ) -> tuple[list[dict[str, Any]], list[int], list[tuple[int, str]]]:
+    """(objects, their 1-based line numbers, skipped (line, why)) of a JSONL file.
+
+    A cut line (a writer killed mid-append) is skipped, and named in `skipped`, wherever a crash
+    can leave one: the last line, or a line after which another session writes (a new header or
+    begin record, a recovered window, or a record of a different session than the cut one).
+    Any other unreadable line is corruption and raises, naming file and line. `anywhere`:
+    files without sessions (metrics.jsonl, re-logged after a resume) skip a cut line anywhere.
+    """
+    known = KNOWN_SCHEMAS if schemas is None else schemas
     raw = path.read_text(encoding="utf-8", errors="replace").split("\n")
     if raw and raw[-1] == "":
         raw.pop()
     out: list[dict[str, Any]] = []
+    lines: list[int] = []
+    skipped: list[tuple[int, str]] = []
+    prev_session: str | None = None
     for i, line in enumerate(raw):
         if not line.strip():
             continue
@@ -80,28 +105,66 @@ def _read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
             if not isinstance(obj, dict):
                 raise json.JSONDecodeError("not an object", line, 0)
         except json.JSONDecodeError:
-            nxt = raw[i + 1] if i + 1 < len(raw) else None
-            if nxt is None or '"type":"header"' in nxt.replace(" ", ""):
-                log.warning("%s: skipping truncated line %d (a writer stopped mid-line)", path,
-                            i + 1)
-                continue
-            raise ValueError(f"{path}:{i + 1}: not a valid {what} line: {line[:80]!r}") from None
+            why = ("a writer died mid-line" if anywhere else
+                   _cut_line_ok(raw, i, _session_of(line) or prev_session))
+            if why is None:
+                raise ValueError(f"{path}:{i + 1}: not a valid {what} line: {line[:80]!r}"
+                                 ) from None
+            log.warning("%s: skipping truncated line %d (%s)", path, i + 1, why)
+            skipped.append((i + 1, f"truncated line skipped ({why})"))
+            continue
         schema = obj.get("schema")
-        if schema not in KNOWN_SCHEMAS:
+        if check_schema and schema not in known:
             raise ValueError(f"{path}:{i + 1}: {what} schema {schema!r} is not supported by this "
-                             f"wattkd (it reads schema {sorted(KNOWN_SCHEMAS)})")
+                             f"wattkd (it reads schema {sorted(known)})")
+        prev_session = obj.get("session", prev_session)
         out.append(obj)
-    return out
+        lines.append(i + 1)
+    return out, lines, skipped
 
 
-def read_phases(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a phases.jsonl file (or of a run directory's phases.jsonl)."""
+def _cut_line_ok(raw: list[str], i: int, session: str | None) -> str | None:
+    """Why the unreadable line i is what a crash leaves, or None (it is corruption)."""
+    nxt = next((ln for ln in raw[i + 1:] if ln.strip()), None)
+    if nxt is None:
+        return "a writer stopped mid-line at the end of the file"
+    if nxt.startswith(raw[i]):
+        return "a short write (disk full?); the record follows whole"
+    try:
+        obj = json.loads(nxt)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if obj.get("type") == "header" or obj.get("kind") == "begin" \
+            or obj.get("status") == "recovered":
+        return "a writer died mid-line; the next line starts a new session"
+    if session is not None and obj.get("session") not in (None, session):
+        return f"session {session} died mid-line; another session writes after it"
+    return None
+
+
+def _read_jsonl(path: Path, what: str, skipped: list[str] | None = None
+                ) -> list[dict[str, Any]]:
+    """Objects of a JSONL file; cut lines a crash can leave are skipped (named in `skipped`)."""
+    objs, _, cut = read_jsonl_lines(path, what)
+    if skipped is not None:
+        skipped.extend(f"{path.name}:{n}: {why}" for n, why in cut)
+    return objs
+
+
+def read_phases(path: str | Path, telemetry: Telemetry | None = None) -> list[dict[str, Any]]:
+    """One record per window of a phases.jsonl file (or of a run directory's phases.jsonl):
+    windows of dead sessions recovered, negative ones refused, cut lines skipped; the returned
+    `recovery.Ledger` names each of those (`.labels()`)."""
+    from wattkd.energy.recovery import read_ledger  # recovery reads telemetry through here
+
     p = Path(path)
     if p.is_dir():
         p = p / "phases.jsonl"
     if not p.is_file():
         raise FileNotFoundError(f"no energy ledger at {p} (expected a phases.jsonl file)")
-    return _read_jsonl(p, "phase record")
+    return read_ledger(p, telemetry)
 
 
 class Telemetry(list):
@@ -117,6 +180,7 @@ class Telemetry(list):
         self.notes: list[dict[str, Any]] = []
         self.files: list[Path] = []
         self.dropped: list[str] = []
+        self.skipped: list[str] = []
 
 
 def _telemetry_files(paths_or_dir: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -147,7 +211,7 @@ def read_telemetry(paths_or_dir: str | Path | Sequence[str | Path]) -> Telemetry
     samples: list[dict[str, Any]] = []
     for f in _telemetry_files(paths_or_dir):
         tel.files.append(f)
-        for obj in _read_jsonl(f, "telemetry"):
+        for obj in _read_jsonl(f, "telemetry", tel.skipped):
             kind = obj.get("type")
             if kind == "sample":
                 samples.append(obj)
@@ -218,13 +282,28 @@ def _select(phases: Sequence[dict[str, Any]], phase: str | None) -> tuple[list[d
     return recs, flags
 
 
-def e_run(phases: Sequence[dict[str, Any]], phase: str | None = None,
+def e_run(phases: Sequence[dict[str, Any]], phase: str = E_RUN_PHASE,
           component: str = "gpu") -> EnergyFigure:
-    """Energy of the run (phase=None: its `run` records) or of every window named `phase`.
+    """E_run: the energy of every `train` window (or of every window named `phase`).
 
-    Records of several hosts and resumed sessions are summed. If any record lacks the
-    component, the figure is unavailable (flagged `partial`), never a silent partial sum.
+    Records of several hosts and sessions (resumed, recovered) are summed. If any record lacks
+    the component, the figure is unavailable (flagged `partial`), never a silent partial sum.
     """
+    if phase is None:
+        raise ValueError("e_run needs a phase name (E_run is the `train` windows); use "
+                         "e_metered() for everything the meters saw")
+    return _energy(phases, phase, component)
+
+
+def e_metered(phases: Sequence[dict[str, Any]], component: str = "gpu") -> EnergyFigure:
+    """Everything the meters saw: the sum of `run` records (start() to stop() of each meter
+    session, all hosts) or, without any, of top-level windows. Not E_run: it includes
+    evaluation, EPT and other stages metered into the same folder."""
+    return _energy(phases, None, component)
+
+
+def _energy(phases: Sequence[dict[str, Any]], phase: str | None, component: str
+            ) -> EnergyFigure:
     if component not in COMPONENTS:
         raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
     recs, flags = _select(phases, phase)
@@ -324,6 +403,7 @@ def telemetry_energy(samples: Sequence[dict[str, Any]], start_wall: float | None
                 wrap = ranges.get(key) or None
                 trackers.setdefault(key, CounterTracker(1e-6, wrap=wrap)).update(v, t)
     devices: dict[str, float] = {k: tr.total_j for k, tr in trackers.items()}
+    glitches = sum(tr.glitches for tr in trackers.values())
     labels = {"nvml-counter" if component == "gpu" else "rapl"} if devices else set()
     for k, integ in integrators.items():
         if k not in devices and integ.samples >= 2:
@@ -333,7 +413,7 @@ def telemetry_energy(samples: Sequence[dict[str, Any]], start_wall: float | None
     t1 = max((s["t_wall"] for s in window), default=None)
     return {"energy_j": sum(devices.values()) if devices else None,
             "source": "+".join(sorted(labels)) or "unavailable", "devices": devices,
-            "samples": len(window), "t0": t0, "t1": t1}
+            "samples": len(window), "t0": t0, "t1": t1, "glitches": glitches}
 
 
 def average_power(telemetry_samples: Sequence[dict[str, Any]], start_wall: float | None = None,

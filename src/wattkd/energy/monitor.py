@@ -73,6 +73,8 @@ class Snapshot:
     gpu_int_j: dict[str, float | None] = field(default_factory=dict)
     gpu_power_samples: dict[str, int] = field(default_factory=dict)
     gpu_resets: dict[str, int] = field(default_factory=dict)
+    gpu_glitches: dict[str, int] = field(default_factory=dict)
+    suspect: bool = False        # a counter's last read awaits the next one's judgement
     rapl_j: dict[str, float | None] = field(default_factory=dict)
     cpu_s: float | None = None
 
@@ -126,9 +128,14 @@ class Sampler:
         if self._thread is not None:
             return
         if self.output is not None:
-            self.output.parent.mkdir(parents=True, exist_ok=True)
-            ensure_trailing_newline(self.output)
-            self._fh = open(self.output, "a", encoding="utf-8")  # noqa: SIM115 (stream)
+            try:
+                self.output.parent.mkdir(parents=True, exist_ok=True)
+                ensure_trailing_newline(self.output)
+                self._fh = open(self.output, "a", encoding="utf-8")  # noqa: SIM115 (stream)
+            except OSError as exc:  # full / read-only disk: meter in memory, say so once
+                self.write_error = str(exc)
+                log.error("telemetry file %s: cannot open (%s); samples are not written",
+                          self.output, exc)
             self._write(self._header())
         self.read_now()  # first reference point for every counter
         self._thread = threading.Thread(target=self._run, name="wattkd-sampler", daemon=True)
@@ -181,6 +188,8 @@ class Sampler:
             tr = self._gpu_trackers[g.uuid]
             s.gpu_j[g.uuid] = tr.total_j if g.energy and tr.last_raw is not None else None
             s.gpu_resets[g.uuid] = tr.resets
+            s.gpu_glitches[g.uuid] = tr.glitches
+            s.suspect = s.suspect or tr.suspect
             s.gpu_power_w[g.uuid] = self._gpu_power[g.uuid]
             integ = self._gpu_integrators[g.uuid]
             s.gpu_int_j[g.uuid] = integ.joules if integ.samples else None

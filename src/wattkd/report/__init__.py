@@ -84,7 +84,10 @@ def build_report(runs: list[Path], *, teacher: Path, out: Path,
                            if a.missing_inputs(r)},
         "tables": [table_json(tb) for tb in tables],
         "plots": [{"name": p.name, "title": p.title, "caption": p.caption, "gap": p.gap,
-                   "omitted": p.omitted} for p in plots],
+                   "omitted": p.omitted, "notes": p.notes} for p in plots],
+        # every ledger window recovered or refused and every cut line skipped, per run
+        "read_notes": {r.label: r.run.read_notes for r in [*a.students, a.teacher]
+                       if r.run.read_notes},
     }
     atomic_write_text(out / "report.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / "report.ipynb", json.dumps(notebook_json(), indent=1) + "\n")

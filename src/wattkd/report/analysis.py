@@ -52,7 +52,13 @@ FLAG_NOTES = {
     "counter-power-mismatch": "integrated power and counter disagree by more than 20%",
     "partial-gpu": "some GPUs have no energy counter; the figure sums the others",
     "mig-shared-counter": "MIG: the counter covers every instance on the GPU",
+    "counter-glitch": "implausible NVML counter reads were excluded",
+    "recovered": "includes windows of sessions that died (closed at their last progress record "
+                 "or telemetry sample; the unmeasured tail is inside ±)",
 }
+# notes about the GPU counter: never shown on a CPU or DRAM figure
+GPU_FLAGS = {"short-window", "high-uncertainty", "counter-reset", "counter-power-mismatch",
+             "partial-gpu", "mig-shared-counter", "counter-glitch"}
 
 
 # ------------------------------------------------------------------------------- results
@@ -145,7 +151,8 @@ class Analysis:
 
     @property
     def basis_label(self) -> str:
-        est = any(r.e_run[self.basis].estimated for r in self.students if r.e_run[self.basis].ok)
+        ok = [r for r in self.students if r.e_run[self.basis].ok]
+        est = bool(ok) and all(r.e_run[self.basis].estimated for r in ok)
         return COMP_LABEL[self.basis] + (", estimated" if est else "")
 
     def missing_inputs(self, r: RunResult) -> dict[str, str]:
@@ -181,12 +188,17 @@ def phase_energy(run: RunData, phase: str | None, comp: str) -> tuple[Quantity, 
         return Quantity.missing(f"no {phase or 'run'} energy window: {exc}", "J"), None
     if fig.value is None:
         recs = [r for r in run.phases if phase is None or r.get("phase") == phase]
+        refused = [n for r in recs for n in r.get("notes") or []
+                   if "refused" in n and f" {comp} energy" in n]
         partial = [f for f in fig.flags if f.startswith("partial")]
-        reason = partial[0] if partial else _unavailable_reason(recs, comp)
+        reason = (refused[0] if refused else partial[0] if partial
+                  else _unavailable_reason(recs, comp))
         return Quantity.missing(reason, "J"), fig
     q = Quantity(fig.value, "J", fig.uncertainty, fig.source, fig.estimated)
     notes = [FLAG_NOTES[f] for f in fig.flags if f in FLAG_NOTES
-             and (comp == "gpu" or f not in ("short-window", "high-uncertainty"))]
+             and (comp == "gpu" or f not in GPU_FLAGS)]
+    if phase == "train":  # cut lines and refusals elsewhere in the ledger still concern E_run
+        notes += [n for n in run.energy_notes if "`train`" in n or "truncated line" in n]
     if comp != "gpu" and fig.estimated:
         notes.append("CPU energy estimated from CPU time × telemetry.cpu_watts_per_core; its "
                      "uncertainty is not characterised")
@@ -227,7 +239,8 @@ def phase_rows(run: RunData, comps: Sequence[str]) -> list[PhaseRow]:
 
 
 def _only(run: RunData, recs: list[dict[str, Any]]) -> RunData:
-    return RunData(run.path, run.label, run.info, phases=recs, gaps=run.gaps)
+    return RunData(run.path, run.label, run.info, phases=recs, gaps=run.gaps,
+                   energy_notes=run.energy_notes)
 
 
 def _tokens(recs: Sequence[dict[str, Any]]) -> int:
@@ -455,9 +468,11 @@ def ept_points(run: RunData, comp: str) -> list[EptPoint]:
         src = e.get("source") or "unavailable"
         est = bool(e.get("estimated")) or is_estimated_source(src)
         unc = e.get("uncertainty_j")
+        flag_note = "; ".join(f"{f}: {FLAG_NOTES[f]}" for f in r.get("flags") or []
+                              if f in FLAG_NOTES and (comp == "gpu" or f not in GPU_FLAGS))
 
         def q(key: str, tokens_key: str, e: dict[str, Any] = e, src: str = src, est: bool = est,
-              unc: Any = unc, r: dict[str, Any] = r) -> Quantity:
+              unc: Any = unc, r: dict[str, Any] = r, note: str = flag_note) -> Quantity:
             v = e.get(key)
             if v is None:
                 why = ("idle power not measured" if key.startswith("dynamic") and
@@ -466,7 +481,7 @@ def ept_points(run: RunData, comp: str) -> list[EptPoint]:
                 return Quantity.missing(why, "J/token")
             tokens = r.get(tokens_key) or 0
             u = unc / tokens if unc is not None and tokens else None
-            return Quantity(float(v), "J/token", u, src, est)
+            return Quantity(float(v), "J/token", u, src, est, note=note or None)
 
         pts.append(EptPoint(int(r["batch_size"]), q("ept_in_j", "input_tokens"),
                             q("ept_out_j", "output_tokens"), q("ept_total_j", "total_tokens"),
@@ -631,6 +646,8 @@ def analyze(students: Sequence[RunData], teacher: RunData, *, ept_batch: int | N
     methods = [_method(name, rs, tres, basis) for name, rs in _group(results, lambda r: r.run.method)]
     methods.sort(key=lambda m: (KIND_ORDER.get(m.kind, 5), m.method))
     for r in [*students, teacher]:
+        warnings.extend(f"{r.label}: {n}" for n in r.read_notes)
+    for r in [*students, teacher]:
         if r.status not in ("completed", "budget", "unknown") and r.kind != "teacher":
             warnings.append(f"{r.label}: status {r.status!r} (figures are from an unfinished run)")
     return Analysis(results, tres, configs, methods, basis, qbasis, suite, tasks, ept_batch,
@@ -705,6 +722,9 @@ def _method(name: str, rs: Sequence[RunResult], teacher: RunResult, basis: str) 
                     for t, r in zip(terms, usable, strict=True)]
             unc = None if None in uncs else math.fsum(uncs) / len(uncs)  # type: ignore[arg-type]
             eff = Quantity(v, "", unc, _merge(terms), any(t.estimated for t in terms))
+            for n in dict.fromkeys(x.note for x in [t_ept, *(r.ept_at for r in usable)]
+                                   if x.note):
+                eff = eff.with_note(f"EPT {n}")
             left = [r.label for r in rs if r not in usable]
             if left:
                 eff = eff.with_note(f"K = {len(usable)} of {len(rs)}; left out: "
@@ -745,8 +765,10 @@ def definitions(a: Analysis) -> list[tuple[str, str]]:
     out = [
         ("E_run", ("Energy of a run's `train` windows in the energy ledger (phases.jsonl): the "
                    "sum over devices of counter end − start, summed over resumed sessions and "
-                   "hosts, in J. GPU (NVML counter) and CPU (RAPL, or `estimated` from CPU time) "
-                   "are reported side by side and never added.")),
+                   "hosts, in J; windows of sessions that died are included, recovered at their "
+                   "last progress record or telemetry sample (labelled). GPU (NVML counter) and "
+                   "CPU (RAPL, or `estimated` from CPU time) are reported side by side and never "
+                   "added.")),
         ("E_avg", ("Mean E_run over the repeats of one configuration (or over a method's runs). "
                    "Spread: sample standard deviation (n − 1) and min–max. ± is the mean "
                    "measurement uncertainty. Refused (—) when any repeat has no energy.")),

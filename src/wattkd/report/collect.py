@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wattkd.energy.metrics import read_jsonl_lines
+from wattkd.energy.metrics import read_phases as ledger_read_phases
+
 log = logging.getLogger(__name__)
 
-PHASES_SCHEMA = 1
 TELEMETRY_SCHEMA = 1
 KINDS = {"response": "response", "feature": "feature", "relation": "relation",
          "none": "baseline", "baseline": "baseline"}
@@ -48,6 +50,9 @@ class RunData:
     perplexity: dict[str, Any] | None = None
     ept: dict[str, Any] | None = None
     gaps: dict[str, str] = field(default_factory=dict)               # input -> reason
+    # every ledger window recovered or refused and every cut line skipped, one sentence each
+    read_notes: list[str] = field(default_factory=list)
+    energy_notes: list[str] = field(default_factory=list)  # the subset that affects E_run
 
     @property
     def method(self) -> str:
@@ -125,43 +130,24 @@ def _json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Records of a JSON-lines file; a truncated last line (crash mid-write) is skipped."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    out, bad = [], 0
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            if i == len(lines) - 1:
-                bad += 1
-                continue
-            raise ValueError(f"{path}:{i + 1} is not valid JSON") from None
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out, bad
+def _jsonl(path: Path, skipped: list[str] | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Records of a JSON-lines file; a cut line a crash can leave is skipped and named in
+    `skipped` (metrics.jsonl has no sessions: a resumed run re-logs, so anywhere)."""
+    lenient = path.name == "metrics.jsonl"
+    recs, _, cut = read_jsonl_lines(path, path.stem, check_schema=False, anywhere=lenient)
+    if skipped is not None:
+        skipped.extend(f"{path.parent.name}/{path.name}:{n}: {why}" for n, why in cut)
+    return [r for r in recs if isinstance(r, dict)], len(cut)
 
 
 def read_phases(path: Path) -> list[dict[str, Any]]:
-    """phases.jsonl records (schema 1); an unknown schema is refused with a clear error."""
-    try:
-        from wattkd.energy.metrics import read_phases as ledger_read  # the ledger's own reader
-    except ImportError:
-        ledger_read = None
-    if ledger_read is not None:
-        return list(ledger_read(path))
-    recs, _ = _jsonl(path)
-    for r in recs:
-        if r.get("schema") != PHASES_SCHEMA:
-            raise ValueError(f"{path}: phase record schema {r.get('schema')!r} is not supported "
-                             f"(this wattkd reads schema {PHASES_SCHEMA})")
-    return recs
+    """phases.jsonl windows through the energy layer's reader (schemas 1 and 2, recovered and
+    refused windows and skipped lines named in `.labels()`); an unknown schema is refused."""
+    return ledger_read_phases(path)
 
 
-def read_telemetry(path: Path) -> Telemetry:
-    recs, _ = _jsonl(path)
+def read_telemetry(path: Path, skipped: list[str] | None = None) -> Telemetry:
+    recs, _ = _jsonl(path, skipped)
     tel = Telemetry(host=path.stem)
     for r in recs:
         if r.get("schema") != TELEMETRY_SCHEMA:
@@ -199,6 +185,9 @@ def load_run(path: Path, label: str | None = None) -> RunData:
     if ph.is_file():
         try:
             run.phases = read_phases(ph)
+            labels = run.phases.labels() if hasattr(run.phases, "labels") else []
+            run.read_notes.extend(labels)
+            run.energy_notes.extend(labels)
         except ValueError as exc:
             gaps["phases"] = f"phases.jsonl unreadable: {exc}"
     else:
@@ -208,7 +197,7 @@ def load_run(path: Path, label: str | None = None) -> RunData:
     files = sorted(tdir.glob("*.jsonl")) if tdir.is_dir() else []
     for f in files:
         try:
-            run.telemetry.append(read_telemetry(f))
+            run.telemetry.append(read_telemetry(f, run.read_notes))
         except ValueError as exc:
             gaps[f"telemetry/{f.name}"] = str(exc)
     if not files:
@@ -219,7 +208,7 @@ def load_run(path: Path, label: str | None = None) -> RunData:
     mf = path / "metrics.jsonl"
     if mf.is_file():
         try:
-            run.metrics, _ = _jsonl(mf)
+            run.metrics, _ = _jsonl(mf, run.read_notes)
         except ValueError as exc:
             gaps["metrics"] = str(exc)
     else:

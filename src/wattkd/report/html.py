@@ -105,6 +105,8 @@ def figure_html(p: Plot) -> str:
     omitted = ""
     if p.omitted:
         omitted = " Not shown: " + "; ".join(_e(o) for o in p.omitted) + "."
+    if p.notes:
+        omitted += " Notes: " + "; ".join(_e(n) for n in p.notes) + "."
     if p.gap:
         return (f'<figure id="fig-{p.name}" class="gap"><div class="gapbox">— {_e(p.title)}: '
                 f"not drawn ({_e(p.gap)})</div><figcaption>{_e(p.caption)}{omitted}"

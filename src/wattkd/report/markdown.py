@@ -38,6 +38,8 @@ def table_md(t: Table) -> str:
 
 def figure_md(p: Plot) -> str:
     omitted = (" Not shown: " + "; ".join(p.omitted) + ".") if p.omitted else ""
+    if p.notes:
+        omitted += " Notes: " + "; ".join(p.notes) + "."
     if p.gap:
         return f"**{p.title}** — not drawn ({p.gap}). {p.caption}{omitted}\n"
     return (f"![{p.title}](plots/{p.name}.png)\n\n*{p.title}.* {p.caption}{omitted} "

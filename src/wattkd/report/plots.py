@@ -36,6 +36,7 @@ class Plot:
     svg: bytes = b""
     gap: str | None = None         # why it was not drawn
     omitted: list[str] = field(default_factory=list)   # "run: reason" left out of the figure
+    notes: list[str] = field(default_factory=list)     # caveats of figures it shows (footnotes)
 
 
 def _plt() -> Any:
@@ -382,7 +383,28 @@ def build_plots(a: Analysis, *, progress: bool = True) -> list[Plot]:
     jobs: list[Any] = [energy_vs_quality, phase_bars, ept_vs_batch, loss_vs_energy]
     jobs += [lambda a, r=r: _power_trace(r) for r in [*a.students, a.teacher]]
     if not progress:
-        return [job(a) for job in jobs]
+        return [plot_notes(a, job(a)) for job in jobs]
     from rich.progress import track
 
-    return [job(a) for job in track(jobs, description="report figures", transient=True)]
+    return [plot_notes(a, job(a)) for job in track(jobs, description="report figures",
+                                                   transient=True)]
+
+
+def plot_notes(a: Analysis, plot: Plot) -> Plot:
+    """Footnotes of a figure: the caveats (recovered, refused, skipped, flagged) of the
+    figures it draws, named by run."""
+    runs = [*a.students, a.teacher]
+    if plot.name == "ept_vs_batch":
+        qs = [(r, p.ept_total) for r in runs for p in r.ept.values()]
+    elif plot.name in ("energy_vs_quality", "loss_vs_energy"):
+        qs = [(r, r.e_total) for r in a.students]
+    elif plot.name == "phase_energy":
+        qs = [(r, p.energy[a.basis]) for r in runs for p in r.phases]
+    else:
+        qs = []
+    for r, q in qs:
+        if q.ok and q.note:
+            for n in q.note.split("; "):
+                if f"{r.label}: {n}" not in plot.notes:
+                    plot.notes.append(f"{r.label}: {n}")
+    return plot

@@ -172,7 +172,10 @@ def _comps(a: Analysis) -> list[str]:
 
 
 def _est(a: Analysis, comp: str) -> bool:
-    return any(r.e_run[comp].estimated for r in [*a.students, a.teacher] if r.e_run[comp].ok)
+    """The column header says `estimated` only when every figure in it is (cells say it per
+    run otherwise)."""
+    ok = [r for r in [*a.students, a.teacher] if r.e_run[comp].ok]
+    return bool(ok) and all(r.e_run[comp].estimated for r in ok)
 
 
 def runs_table(a: Analysis) -> Table:

@@ -44,6 +44,13 @@ def session_energy(cache_dir: Path, session: dict[str, Any],
                    end_wall: float | None) -> dict[str, Any]:
     """Energy of one build session: its phase record, else recovered from telemetry."""
     rec = session.get("record")
+    if rec is None:  # killed: the ledger closes its window at its last progress / sample
+        rec = _recovered_record(cache_dir, session)
+        if rec is not None:
+            return {"status": "recovered", "energy_j": dict(rec["energy_j"]),
+                    "source": dict(rec["source"]), "estimated": bool(rec.get("estimated")),
+                    "uncertainty_j": rec.get("uncertainty_j", {}).get("gpu"),
+                    "duration_s": rec.get("duration_s"), "flags": rec.get("flags", [])}
     if rec is not None:
         return {"status": "metered", "energy_j": dict(rec["energy_j"]),
                 "source": dict(rec["source"]), "estimated": bool(rec.get("estimated")),
@@ -75,6 +82,23 @@ def session_energy(cache_dir: Path, session: dict[str, Any],
         out["source"]["gpu"] = got["source"]
         out["flags"].append("ends-at-last-telemetry-sample")
     return out
+
+
+def _recovered_record(cache_dir: Path, session: dict[str, Any]) -> dict[str, Any] | None:
+    """The energy ledger's recovered `teacher_cache` window of a killed build session."""
+    from wattkd.energy.metrics import read_phases
+
+    if not session.get("session") or not (cache_dir / "phases.jsonl").is_file():
+        return None
+    try:
+        recs = read_phases(cache_dir)
+    except (OSError, ValueError) as exc:
+        log.warning("%s: ledger unreadable, recovering from telemetry instead (%s)", cache_dir,
+                    exc)
+        return None
+    return next((r for r in recs if r.get("status") == "recovered" and r.get("kind") == "phase"
+                 and r.get("phase") == "teacher_cache"
+                 and r.get("session") == session["session"]), None)
 
 
 def summarize_energy(cache_dir: Path, sessions: list[dict[str, Any]], tokens: int
@@ -112,6 +136,10 @@ def summarize_energy(cache_dir: Path, sessions: list[dict[str, Any]], tokens: in
     if recovered:
         notes.append(f"{recovered} interrupted session(s): GPU energy recovered from telemetry "
                      "up to its last sample before the interruption")
+    closed = sum(p["status"] == "recovered" for p in per)
+    if closed:
+        notes.append(f"{closed} killed session(s): energy recovered by the ledger at the last "
+                     "progress record / telemetry sample (unmeasured tail inside ±)")
     return {"energy_j": value, "component": headline,
             "source": sources[headline] if headline else "unavailable",
             "estimated": estimated, "components": totals, "sources": sources,
