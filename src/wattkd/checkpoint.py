@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from wattkd.atomic import atomic_dir
+from wattkd.errors import CheckpointFault
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ STEP_DIR = re.compile(r"^step_(\d{7})$")
 PREEMPTED_EXIT_CODE = 75
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CheckpointFault, RuntimeError):
     pass
 
 

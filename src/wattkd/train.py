@@ -24,13 +24,15 @@ import torch
 from wattkd import checkpoint, sharding
 from wattkd.atomic import atomic_dir
 from wattkd.config import ExperimentConfig, MethodConfig, StudentConfig, TrainConfig, dump
+from wattkd.errors import RunFailure, note_run_dir
+from wattkd.preflight import check_training
 from wattkd.progress import NoBar
 from wattkd.runinfo import write_run_json
 
 log = logging.getLogger(__name__)
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(RunFailure, RuntimeError):
     """A feature/relation-only run whose LM loss climbed past the guard's threshold."""
 
 
@@ -297,6 +299,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     device = resolve_device(tc.device)
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
+    check_training(job, len(tokenizer), resume)  # configs, layers, vocab, disk: nothing loaded
 
     # ---- 2. accelerator, models, objective
     bf16 = use_bf16(tc, device)
@@ -418,6 +421,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                        precision="bf16" if bf16 else "fp32", world_size=world,
                        frozen_base_dtype=frozen_linear_dtype(student),
                        resumed_from=str(ckpt) if ckpt else None, teacher_cache=cache_use)
+        note_run_dir(run_dir)  # an error reaching the CLI marks this run.json failed
 
     data = ShardDataset(shards, rank=rank, world_size=world, seed=job.seed, shuffle=True,
                         start=samples, loop=True, verify="size")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.config import EvalConfig
+from wattkd.errors import InputError
 from wattkd.eval.protocol import (
     PROTOCOL_FORMAT,
     docs_digest,
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 EVAL_SCHEMA = "wattkd.eval/1"
 
 
-class EvalError(RuntimeError):
+class EvalError(InputError, RuntimeError):
     """The harness ran but its output is not what the suite declares."""
 
 

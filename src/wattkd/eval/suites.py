@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.config import EvalConfig
+from wattkd.errors import InputError
 from wattkd.eval.tasks import TASKS_DIR
 from wattkd.eval.tasks import utils as task_utils
 
 
-class SuiteError(ValueError):
+class SuiteError(InputError, ValueError):
     """Unknown suite, or a suite whose data cannot be found."""
 
 

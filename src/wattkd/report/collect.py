@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wattkd.errors import InputError
+from wattkd.runinfo import effective_status
+
 log = logging.getLogger(__name__)
 
 PHASES_SCHEMA = 1
@@ -22,7 +25,7 @@ KINDS = {"response": "response", "feature": "feature", "relation": "relation",
          "none": "baseline", "baseline": "baseline"}
 
 
-class ReportInputError(ValueError):
+class ReportInputError(InputError, ValueError):
     """A path given to the report is not what it should be (named, with what was expected)."""
 
 
@@ -67,7 +70,7 @@ class RunData:
 
     @property
     def status(self) -> str:
-        return str(self.info.get("status") or "unknown")
+        return effective_status(self.info)  # a dead "running" run reads "crashed"
 
 
 # ----------------------------------------------------------------------------- discovery

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.atomic import atomic_write_json
+from wattkd.errors import DataError
 
 __all__ = [
     "FORMAT",
@@ -68,7 +69,7 @@ _SAMPLES = 64          # chunks hashed per weight file
 _SAMPLE_BYTES = 1 << 16
 
 
-class CacheError(ValueError):
+class CacheError(DataError, ValueError):
     """A teacher cache that is missing, incomplete, of an unknown version or does not match."""
 
 

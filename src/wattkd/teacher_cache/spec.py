@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from wattkd.config import ExperimentConfig
+from wattkd.errors import InputError
 
 __all__ = [
     "DEFAULT_ENCODING",
@@ -39,7 +40,7 @@ GRAMMAR = ("topk[:K], hidden:L[:L...][:fp16|:bf16][:stride=S], pooled[:mean][:la
            "(comma-separated, e.g. 'topk:64,hidden:2:4,pooled')")
 
 
-class SpecError(ValueError):
+class SpecError(InputError, ValueError):
     """A `--signals` string or a cache request that cannot be satisfied."""
 
 

@@ -232,7 +232,7 @@ def _id_rank(plan: CachePlan, teacher: Any, root: Path, state: dict[str, Any]
     else:
         part = plan.shard_manifest["parts"][0]
         rows = min(part["rows"], max(1, -(-CALIBRATION_TOKENS // plan.seq_len)))
-        ids = _read_shard_part(plan.shards / part["file"], part["rows"], plan.seq_len)[:rows]
+        ids = _read_shard_part(plan, 0)[:rows]
         spec = CacheSpec(topk=plan.spec.topk, encoding=plan.spec.encoding)
         seen = []
         for b0 in range(0, rows, plan.batch_size):
@@ -257,7 +257,7 @@ def _write_part(plan: CachePlan, teacher: Any, root: Path, index: int, row_start
     import pyarrow.parquet as pq
 
     info = plan.shard_manifest["parts"][index]
-    ids = _read_shard_part(plan.shards / info["file"], info["rows"], plan.seq_len)
+    ids = _read_shard_part(plan, index)
     final = root / part_name(index)
     tmp = final.with_name(f".{final.name}.tmp-{os.urandom(4).hex()}")
     schema = _schema(plan)
@@ -323,15 +323,13 @@ def _write_part(plan: CachePlan, teacher: Any, root: Path, index: int, row_start
             "sha256": sha, "column_bytes": col_bytes}
 
 
-def _read_shard_part(path: Path, rows: int, seq_len: int) -> np.ndarray:
-    import pyarrow.parquet as pq
+def _read_shard_part(plan: CachePlan, index: int) -> np.ndarray:
+    """Token ids of shard part `index`, checked like training reads them (sha256, rows,
+    vocabulary), so a cache is never built from corrupt shards."""
+    from wattkd.data.loader import ShardDataset
 
-    col = pq.read_table(path, columns=["input_ids"])["input_ids"].combine_chunks()
-    ids = np.asarray(col.flatten(), dtype=np.int32)
-    if ids.size != rows * seq_len:
-        raise CacheError(f"{path}: holds {ids.size} tokens, the shard manifest says {rows} rows "
-                         f"of {seq_len}")
-    return ids.reshape(rows, seq_len)
+    return ShardDataset(plan.shards, shuffle=False, verify="size"
+                        ).part_ids(index)
 
 
 def _schema(plan: CachePlan) -> Any:
