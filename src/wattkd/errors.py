@@ -106,7 +106,9 @@ def describe_os_error(exc: OSError) -> str:
             return str(exc)
         return f"{exc.strerror or os.strerror(exc.errno)}: {where or '(no path given)'}"
     what, todo = hint
-    return f"{what}: {where or '(no path given)'} ({todo})"
+    own = exc.strerror if exc.strerror and exc.strerror != os.strerror(exc.errno or 0) else None
+    detail = f": {own}" if own else ""
+    return f"{what}: {where or '(no path given)'}{detail} ({todo})"
 
 
 # ----------------------------------------------------------------- runs that fail in this process
