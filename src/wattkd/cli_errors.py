@@ -15,9 +15,9 @@ import sys
 import traceback
 from typing import Any
 
-import click
 import typer
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from wattkd.errors import OS_EXIT_CODE, WattkdError, describe_os_error, mark_failed
 
@@ -59,10 +59,10 @@ def report_error(exc: BaseException) -> int:
 class ErrorReportingGroup(TyperGroup):
     """The top-level command group: sub-commands run inside its `invoke`."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, TyperException):  # typer's own (usage errors, exits)
             raise
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one error path
             raise typer.Exit(report_error(exc)) from None
