@@ -95,13 +95,6 @@ def _check_request(m: dict[str, Any], request: SignalRequest, root: Path) -> Non
         raise CacheError(f"teacher cache {root} ({sig.get('spec')}) lacks "
                          f"{', '.join(missing)} that this method needs; rebuild it with "
                          "`wattkd teacher cache CONFIG --signals ...` including them")
-    hidden = sig.get("hidden") or {}
-    if request.hidden_layers and hidden.get("stride", 1) != 1:
-        raise CacheError(f"teacher cache {root} stores hidden states at every "
-                         f"{hidden['stride']}-th position only; feature KD needs every position "
-                         "(the feature mode does not take a position subset yet): rebuild "
-                         "without stride=")
-
 
 def _verify_parts(root: Path, m: dict[str, Any], level: str) -> None:
     from wattkd.teacher_cache.manifest import file_sha256
@@ -357,6 +350,7 @@ class CachedTeacher:
                                 {k: cells[k] for k in ("topk_ids", "topk_logprobs",
                                                        "topk_tail")}, self._id_order, dev)
             sig.topk = TopK(ids=t.ids, logprobs=t.logprobs, tail_logprob=t.tail)
+        sig.hidden_stride = int((self.manifest["signals"].get("hidden") or {}).get("stride", 1))
         for i in self.request.hidden_layers:
             c = cols[f"hidden_L{i}"]
             sig.hidden[i] = enc.decode_hidden(self.reader.encoding, cells[f"hidden_L{i}"],

@@ -141,6 +141,7 @@ def default_spec(cfg: ExperimentConfig, encoding: str = DEFAULT_ENCODING) -> Cac
         pooled = {"mean"}
     return CacheSpec(topk=d.cache_top_k if wants_topk else None,
                      hidden_layers=tuple(sorted(layers)),
+                     hidden_stride=d.cache_hidden_stride if layers else 1,
                      pooled=tuple(sorted(pooled, key=POOLINGS.index)),
                      encoding=_encoding(encoding))
 
