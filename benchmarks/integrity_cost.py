@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        sources = [{"path": "bundled", "weight": 1.0}] * args.copies
+        sources = [{"path": "bundled", "name": f"copy{i}", "weight": 1.0}
+                   for i in range(args.copies)]
         cfg = validate({"name": "ic", "output_dir": str(root / "out"),
                         "data": {"tokenizer": "bundled:bpe-4096", "seq_len": 1024,
                                  "sources": sources, "rows_per_part": 512,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import socket
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.atomic import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("wattkd", "torch", "transformers", "accelerate", "peft", "datasets", "pyarrow",
             "nvidia-ml-py", "lm_eval")
@@ -105,6 +108,9 @@ def write_run_json(run_dir: Path, **fields: Any) -> dict[str, Any]:
     stale = data.get("status") == "running" and data.get("pid") != os.getpid()
     if stale and (data.get("pid_host") != socket.gethostname() or
                   not pid_alive(data.get("pid"))):
+        log.warning("%s said running (pid %s on %s, last update %s) but that process is gone: "
+                    "recorded as a crash in run.json", path, data.get("pid"),
+                    data.get("pid_host"), data.get("updated"))
         data.setdefault("crashes", []).append(
             {"pid": data.get("pid"), "host": data.get("pid_host"), "step": data.get("step"),
              "last_update": data.get("updated"),

@@ -198,6 +198,8 @@ class CacheReader:
         part, group = key
         try:
             table = self._file(part).read_row_group(group, columns=list(columns))
+        except CacheError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise CacheError(f"{self.root / self.manifest['parts'][part]['file']}: cannot read "
                              f"row group {group} ({type(exc).__name__}: {exc}); the part is "
