@@ -147,13 +147,36 @@ def test_config_values_are_quoted_not_executed(tmp_path, monkeypatch) -> None:
     _, scripts = plan(config(**{"slurm.venv": EVIL}))
     text = scripts["train-response"]
     head = text.split("# ---- helpers")[0].replace("module load", ": module load")
-    probe = head + 'printf "%s\\n" "$CONFIG" "$OUT_DIR" "$METHOD" "${WATTKD[0]}"\n'
+    # The failing `source` stops the job (test below); here `exit` is shadowed so the probe
+    # goes on to print the variables.
+    probe = ("exit() { :; }\n" + head +
+             'printf "%s\\n" "$CONFIG" "$OUT_DIR" "$METHOD" "${WATTKD[0]}"\n')
     res = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=tmp_path,
                          check=False)
     assert res.stdout.splitlines() == [f"{tmp_path}/runs/cl/slurm/config.yaml",
                                        f"{tmp_path}/runs/cl", "response", "python"]
     assert f"{EVIL}/bin/activate: No such file" in res.stderr
     assert not list(tmp_path.glob("PWNED*"))
+
+
+def test_a_venv_that_cannot_be_activated_stops_the_job(tmp_path, monkeypatch) -> None:
+    """Generated script and plain wrapper: a failing `source` exits 1 with an error line
+    instead of running on with whatever python is on PATH."""
+    monkeypatch.chdir(tmp_path)
+    _, scripts = plan(config(**{"slurm.venv": str(tmp_path / "no-venv")}))
+    head = scripts["train-response"].split("# ---- helpers")[0].replace("module load",
+                                                                         ": module load")
+    res = subprocess.run(["bash", "-c", head + "echo CARRIED_ON\n"], capture_output=True,
+                         text=True, cwd=tmp_path, check=False)
+    assert res.returncode == 1 and "CARRIED_ON" not in res.stdout
+    assert f"error: cannot activate slurm.venv ({tmp_path}/no-venv/bin/activate)" in res.stderr
+    wrapper = (REPO / "scripts/slurm/train-response.sbatch").read_text()
+    head = wrapper.split("# ---- helpers")[0].replace("module load", ": module load")
+    res = subprocess.run(["bash", "-c", head + "echo CARRIED_ON\n"], capture_output=True,
+                         text=True, cwd=tmp_path, check=False,
+                         env={"PATH": "/usr/bin:/bin", "WATTKD_VENV": str(tmp_path / "nv")})
+    assert res.returncode == 1 and "CARRIED_ON" not in res.stdout
+    assert f"error: cannot activate WATTKD_VENV={tmp_path}/nv" in res.stderr
 
 
 @pytest.mark.parametrize("change, match", [

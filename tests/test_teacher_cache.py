@@ -363,15 +363,40 @@ def test_signals_grammar_and_config_defaults(ws: dict) -> None:
     assert (d.topk, d.hidden_layers, d.pooled, d.encoding) == (16, (1, 2), ("last",), "packed")
 
 
-def test_hidden_token_subset_is_written_and_refused_for_feature_training(ws: dict) -> None:
-    cfg = validate(experiment(ws["root"], "cache_stride"))
-    build_cache(cfg, "hidden:1:stride=4", progress=False)
+def test_hidden_token_subset_is_written_and_read_by_feature_training(ws: dict) -> None:
+    """A strided cache (distill.cache_hidden_stride / hidden:...:stride=S) holds positions
+    0, S, 2S, ...: the cached teacher returns exactly those positions of the full cache, and
+    feature KD aligns the student's hidden states at the same positions."""
+    from wattkd.distill.feature import FeatureMode
+    from wattkd.distill.objective import StepInputs
+
+    data = experiment(ws["root"], "cache_stride")
+    data["distill"]["cache_hidden_stride"] = 4
+    data["distill"]["cache_hidden_layers"] = [1]
+    cfg = validate(data)
+    build_cache(cfg, None, progress=False)
     m = read_cache_manifest(cfg.cache_dir)
     assert m["signals"]["hidden"] == {"layers": [1], "dtype": "float16", "stride": 4,
                                       "positions": 8}
     assert m["columns"]["hidden_L1"]["shape"] == [8, 32]
-    with pytest.raises(CacheError, match="every 4-th position only"):
-        CachedTeacher(cfg, SignalRequest(hidden_layers=(1,)), rank=0, world_size=1)
+    batch = batch_of(cfg, [5, 41, 17])
+    strided = CachedTeacher(cfg, SignalRequest(hidden_layers=(1,)), rank=0, world_size=1,
+                            device="cpu").signals(batch)
+    full = CachedTeacher(ws["cfg"], SignalRequest(hidden_layers=(1,)), rank=0, world_size=1,
+                         device="cpu").signals(batch)
+    assert strided.hidden_stride == 4 and full.hidden_stride == 1
+    assert torch.equal(strided.hidden[1], full.hidden[1][:, ::4])
+    method = cfg.method("feature").model_copy(update={"layer_map": [(1, 1)],
+                                                      "token_subsample": 1.0})
+    mode = FeatureMode(method, 32, 32)
+    student_h = [torch.randn(3, 32, 32) for _ in range(3)]
+    inputs = StepInputs.from_batch(batch, torch.device("cpu"))
+    got, _ = mode(inputs, student_h[-1], student_h, strided)
+    # the same loss computed by hand on positions 0, 4, ..., 28 (all of them count here)
+    proj = mode.projectors[0](student_h[1][:, ::4].reshape(-1, 32)).float()
+    ref = mode.terms[0][0].fn(proj, strided.hidden[1].reshape(-1, 32).float(),
+                              **mode.terms[0][2]) * mode.terms[0][1]
+    assert torch.allclose(got, ref)
 
 
 def test_small_row_groups_threaded_reads_and_prefetch(ws: dict, monkeypatch) -> None:

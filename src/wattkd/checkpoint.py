@@ -8,6 +8,8 @@ position, so a resumed run reproduces the uninterrupted one step for step.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import random
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from wattkd.atomic import atomic_dir
+from wattkd.errors import CheckpointFault
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +33,11 @@ STEP_DIR = re.compile(r"^step_(\d{7})$")
 # Exit status of a run that saved a checkpoint on a preemption signal (sysexits EX_TEMPFAIL):
 # "try again" — the Slurm wrapper requeues on it.
 PREEMPTED_EXIT_CODE = 75
+CHECKPOINT_FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "rng.pt")
+LOW_SPACE = 16 << 20  # bytes free under which a failed write is read as a full disk
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CheckpointFault, RuntimeError):
     pass
 
 
@@ -85,19 +90,101 @@ def save(run_dir: Path, step: int, *, module: nn.Module, optimizer: torch.optim.
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         shutil.rmtree(final)
-    with atomic_dir(final) as tmp:
-        model_state, optim_state = states if states is not None else (None,
-                                                                       optimizer.state_dict())
-        torch.save(trainable_state(module, full_weights, model_state), tmp / "model.pt")
-        torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_by_rank or [rng_state()], tmp / "rng.pt")
-        meta = {"format": "wattkd-checkpoint", "version": FORMAT_VERSION, "step": step,
-                "full_weights": full_weights, **progress}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    try:
+        with atomic_dir(final) as tmp:
+            model_state, optim_state = states if states is not None else (
+                None, optimizer.state_dict())
+            torch.save(trainable_state(module, full_weights, model_state), tmp / "model.pt")
+            torch.save(optim_state, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng_by_rank or [rng_state()], tmp / "rng.pt")
+            # state.json is written last and lists every file's size and sha256: a resume
+            # verifies them and skips a checkpoint whose bytes changed.
+            files = {name: {"bytes": (tmp / name).stat().st_size,
+                            "sha256": _sha256(tmp / name)} for name in CHECKPOINT_FILES}
+            meta = {"format": "wattkd-checkpoint", "version": FORMAT_VERSION, "step": step,
+                    "full_weights": full_weights, **progress, "files": files}
+            (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    except (OSError, RuntimeError) as exc:
+        raise _write_error(exc, final) from exc
     prune(run_dir, keep_last)
     log.info("checkpoint saved: %s", final)
     return final
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_error(exc: BaseException, final: Path) -> OSError:
+    """A failed checkpoint write as the OS error it is. torch's zip writer reports a full disk
+    as `RuntimeError: [enforce fail at inline_container.cc] . unexpected pos ...`; a file write
+    that fails with no space left is told as such, with the checkpoint's path."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return OSError(exc.errno, f"cannot write checkpoint {final.name} ({exc.strerror})",
+                       str(exc.filename or final))
+    try:
+        free = shutil.disk_usage(final.parent).free
+    except OSError:
+        free = None
+    text = str(exc)
+    if free is not None and free < LOW_SPACE or "No space left" in text:
+        return OSError(errno.ENOSPC, f"cannot write checkpoint {final.name}", str(final))
+    if "unexpected pos" in text or "file write failed" in text or "PytorchStreamWriter" in text:
+        return OSError(errno.EIO, f"cannot write checkpoint {final.name}: the file write "
+                       f"failed ({text.splitlines()[0][:200]})", str(final))
+    return exc if isinstance(exc, OSError) else OSError(errno.EIO, text, str(final))
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """The checkpoint's state.json, after checking its files against the sizes and sha256s it
+    lists; CheckpointError naming the file and what to do otherwise."""
+    state_file = path / "state.json"
+    hint = f"delete {path} to resume from the checkpoint before it"
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no state.json); {hint}")
+    try:
+        meta = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{state_file}: not valid JSON ({exc}; truncated or corrupt); "
+                              f"{hint}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "wattkd-checkpoint" or \
+            meta.get("version") != FORMAT_VERSION:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: checkpoint format {got} is not wattkd-checkpoint v"
+                              f"{FORMAT_VERSION}; {hint}")
+    listed = meta.get("files")
+    for name in CHECKPOINT_FILES:
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from the checkpoint; {hint}")
+        if not isinstance(listed, dict):
+            continue  # written before checksums were recorded: checked when loaded
+        want = listed.get(name) or {}
+        size = f.stat().st_size
+        if size != want.get("bytes"):
+            raise CheckpointError(f"{f}: {size} bytes, the checkpoint's state.json says "
+                                  f"{want.get('bytes')} (truncated or replaced); {hint}")
+        if _sha256(f) != want.get("sha256"):
+            raise CheckpointError(f"{f}: sha256 differs from the checkpoint's state.json "
+                                  f"(corrupt); {hint}")
+    return meta
+
+
+def _torch_load(path: Path, name: str) -> Any:
+    """torch.load with a CheckpointError that names the file (torch reports an empty file as
+    EOFError, a truncated one as OSError 22 or a zip error, without the path)."""
+    try:
+        return torch.load(path / name, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad file
+        raise CheckpointError(f"{path / name}: cannot be read ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else 'empty'}); "
+                              f"the checkpoint is corrupt: delete {path} to resume from the "
+                              "one before it") from None
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
@@ -115,30 +202,44 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    """The newest checkpoint that verifies (`verify`); each newer one that does not is named
+    in a warning with the reason. Refuses (CheckpointError) when checkpoints exist but none
+    verifies: starting over silently would throw their steps away."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return None
+    found = sorted((p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)),
+                   key=lambda p: p.name, reverse=True)
+    skipped = []
+    for path in found:
+        try:
+            verify(path)
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint %s: %s", path.name, exc)
+            skipped.append(f"{path.name}: {exc}")
+            continue
+        if skipped:
+            log.warning("resuming from %s, the newest valid checkpoint (skipped %d newer)",
+                        path, len(skipped))
+        return path
+    if skipped:
+        raise CheckpointError(f"no valid checkpoint in {root}: {'; '.join(skipped)}. Delete "
+                              f"{root} to train from step 0, or rerun with --resume never")
+    return None
 
 
 def load(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
          rank: int = 0, sharded: bool = False) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG; return the progress record.
     `sharded`: `module` is FSDP-sharded; the full states are loaded into its shards."""
-    state_file = path / "state.json"
-    if not state_file.exists():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no state.json)")
-    meta = json.loads(state_file.read_text())
-    if meta.get("format") != "wattkd-checkpoint" or meta.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} v"
-                              f"{meta.get('version')} is not wattkd-checkpoint v{FORMAT_VERSION}")
+    meta = verify(path)
     written, running = meta.get("strategy", "ddp"), "fsdp" if sharded else "ddp"
     if written != running:  # the optimizer state formats differ (ids vs parameter names)
         raise CheckpointError(f"{path} was written under train.strategy {written}, this run "
                               f"uses {running}: resume with the strategy that wrote it")
     read = rank == 0 or not sharded   # FSDP: rank 0 reads and broadcasts
-    weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True) \
-        if read else {}
-    optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) \
-        if read else {}
+    weights = _torch_load(path, "model.pt") if read else {}
+    optim = _torch_load(path, "optimizer.pt") if read else {}
     if sharded:
         from wattkd.sharding import load_full_states
 
@@ -151,8 +252,8 @@ def load(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, sch
         raise CheckpointError(f"{path}: checkpoint does not fit this model (missing "
                               f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}); was the "
                               "config changed since it was written?")
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rngs = torch.load(path / "rng.pt", weights_only=True)
+    scheduler.load_state_dict(_torch_load(path, "scheduler.pt"))
+    rngs = _torch_load(path, "rng.pt")
     if rank >= len(rngs):
         raise CheckpointError(f"{path} holds RNG states of {len(rngs)} ranks; this is rank {rank}")
     set_rng_state(rngs[rank])

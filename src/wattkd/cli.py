@@ -12,8 +12,12 @@ from typing import Annotated
 
 import typer
 
+from wattkd.cli_errors import ErrorReportingGroup, set_debug
+
+# Errors leaving any command are reported by ErrorReportingGroup (one `error:` line, exit codes
+# in wattkd.errors and the README).
 app = typer.Typer(help="Energy-aware knowledge distillation of LLMs.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+                  pretty_exceptions_enable=False, cls=ErrorReportingGroup)
 config_app = typer.Typer(help="Inspect experiment configs.", no_args_is_help=True)
 data_app = typer.Typer(help="Token shards.", no_args_is_help=True)
 teacher_app = typer.Typer(help="Teacher: pretrain (demo) and the offline teacher cache.",
@@ -64,8 +68,12 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+         debug: Annotated[bool, typer.Option(
+             "--debug", help="show the traceback of errors (or WATTKD_DEBUG=1)")] = False,
+         ) -> None:
     _setup_logging(verbose)
+    set_debug(debug)
 
 
 # ------------------------------------------------------------------------------------ config

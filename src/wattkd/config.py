@@ -23,10 +23,12 @@ from pydantic import (
     model_validator,
 )
 
+from wattkd.errors import InputError
+
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A configuration problem, reported with the file and key it concerns."""
 
 
@@ -225,6 +227,8 @@ class DistillConfig(Strict):
     cache_dir: str = "{output_dir}/teacher_cache"
     cache_top_k: int = Field(default=64, gt=0)
     cache_hidden_layers: list[int] = Field(default_factory=list)
+    cache_hidden_stride: int = Field(default=1, ge=1, description="cache hidden states at "
+                                     "every S-th position only (feature KD then reads those)")
     cache_pooled: bool = False
     cache_encoding: Literal["packed", "fp16", "raw"] = Field(
         default="packed", description="packed: gap-coded ids + log-probs on a 1/64-nat grid "

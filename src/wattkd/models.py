@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from wattkd.config import LoraConfig, StudentConfig, TeacherConfig
+from wattkd.errors import ModelFault
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ _PER_LAYER_CONFIG_KEYS = ("layer_types",)
 _LAYER_KEY = re.compile(r"^(?P<prefix>.*\.layers\.)(?P<idx>\d+)(?P<rest>\..*)$")
 
 
-class ModelError(ValueError):
+class ModelError(ModelFault, ValueError):
     """A model cannot be used as configured (missing layer, vocab mismatch, ...)."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from wattkd.atomic import atomic_dir
+from wattkd.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 GEMMA_PROBE = ("In the beginning", [2, 902, 506, 6534])
 
 
-class PrepareError(RuntimeError):
+class PrepareError(InputError, RuntimeError):
     """A packaged model cannot be prepared (missing package, bad tokenizer conversion)."""
 
 

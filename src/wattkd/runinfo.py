@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import socket
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.atomic import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("wattkd", "torch", "transformers", "accelerate", "peft", "datasets", "pyarrow",
             "nvidia-ml-py", "lm_eval")
@@ -61,8 +64,37 @@ def slurm_ids() -> dict[str, str]:
     return {k: os.environ[k] for k in SLURM_VARS if k in os.environ}
 
 
+def pid_alive(pid: Any) -> bool:
+    """Whether process `pid` exists on this host (a zombie or another user's counts)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def effective_status(info: dict[str, Any]) -> str:
+    """run.json's status, with a "running" run whose process is gone shown as "crashed".
+
+    A run killed without a chance to write (SIGKILL, OOM killer, node loss) stays "running" in
+    its file; a reader on the same host sees its pid is dead. On another host it cannot tell
+    and the recorded status stands (the next start on any host records the crash)."""
+    status = str(info.get("status") or "unknown")
+    if status != "running":
+        return status
+    host = info.get("pid_host")
+    if host == socket.gethostname() and not pid_alive(info.get("pid")):
+        return "crashed"
+    return status
+
+
 def write_run_json(run_dir: Path, **fields: Any) -> dict[str, Any]:
-    """Create or update run.json; identity fields are refreshed at every (re)start."""
+    """Create or update run.json; identity fields are refreshed at every (re)start. A start
+    that finds the file still "running" from a process that is gone records that crash."""
     path = run_dir / "run.json"
     data: dict[str, Any] = {}
     if path.exists():
@@ -73,8 +105,18 @@ def write_run_json(run_dir: Path, **fields: Any) -> dict[str, Any]:
         except ValueError:
             data = {}
     data.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    stale = data.get("status") == "running" and data.get("pid") != os.getpid()
+    if stale and (data.get("pid_host") != socket.gethostname() or
+                  not pid_alive(data.get("pid"))):
+        log.warning("%s said running (pid %s on %s, last update %s) but that process is gone: "
+                    "recorded as a crash in run.json", path, data.get("pid"),
+                    data.get("pid_host"), data.get("updated"))
+        data.setdefault("crashes", []).append(
+            {"pid": data.get("pid"), "host": data.get("pid_host"), "step": data.get("step"),
+             "last_update": data.get("updated"),
+             "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     data.update({"versions": versions(), "git_sha": git_sha(), "hardware": hardware(),
-                 "slurm": slurm_ids()})
+                 "slurm": slurm_ids(), "pid": os.getpid(), "pid_host": socket.gethostname()})
     data.update(fields)
     data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -23,10 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from wattkd.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
-class ShardingError(RuntimeError):
+class ShardingError(InputError, RuntimeError):
     """A model that cannot be sharded (no decoder layers found)."""
 
 

@@ -26,13 +26,15 @@ from wattkd.atomic import atomic_dir
 from wattkd.config import ExperimentConfig, MethodConfig, StudentConfig, TrainConfig, dump
 from wattkd.energy.monitor import ensure_trailing_newline
 from wattkd.eval.in_training import task_evaluator
+from wattkd.errors import RunFailure, note_run_dir
+from wattkd.preflight import check_training
 from wattkd.progress import NoBar
 from wattkd.runinfo import write_run_json
 
 log = logging.getLogger(__name__)
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(RunFailure, RuntimeError):
     """A feature/relation-only run whose LM loss climbed past the guard's threshold."""
 
 
@@ -303,6 +305,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
     # eval.train_suite: resolved and its tasks loaded now, before any model is built
     task_eval = task_evaluator(cfg.eval, eval_every=tc.eval_every, strategy=tc.strategy)
+    check_training(job, len(tokenizer), resume)  # configs, layers, vocab, disk: nothing loaded
 
     # ---- 2. accelerator, models, objective
     bf16 = use_bf16(tc, device)
@@ -424,6 +427,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                        precision="bf16" if bf16 else "fp32", world_size=world,
                        frozen_base_dtype=frozen_linear_dtype(student),
                        resumed_from=str(ckpt) if ckpt else None, teacher_cache=cache_use)
+        note_run_dir(run_dir)  # an error reaching the CLI marks this run.json failed
 
     data = ShardDataset(shards, rank=rank, world_size=world, seed=job.seed, shuffle=True,
                         start=samples, loop=True, verify="size")

@@ -25,7 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from wattkd.data.manifest import ManifestError, read_manifest, verify_parts
+from wattkd.data.manifest import (
+    REBUILD,
+    ManifestError,
+    read_manifest,
+    read_part_verified,
+    verify_parts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,7 @@ class ShardDataset(IterableDataset):
         self.path = Path(path)
         self.manifest: dict[str, Any] = read_manifest(self.path)
         verify_parts(self.path, self.manifest, verify)
+        self.verify = verify  # "none" skips the sha256 check on opening each part as well
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.start, self.loop = shuffle, start, loop
         self.window_parts = window_parts
@@ -128,31 +135,55 @@ class ShardDataset(IterableDataset):
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         info = self.manifest["parts"][index]
         file = self.path / info["file"]
         seq = self.seq_len
+        where = f"part {index} of {len(self.manifest['parts'])} in {self.path}"
         try:
-            table = pq.read_table(file, columns=self.manifest["columns"])
+            if self.verify == "none":
+                source: Any = file
+            else:  # every open checks the part's sha256 while reading it (the reader reads
+                # the whole part anyway): corrupt bytes never reach training
+                source = pa.BufferReader(read_part_verified(file, info["sha256"], where))
+            table = pq.read_table(source, columns=self.manifest["columns"])
             ids_col = table["input_ids"].combine_chunks()
             ids = np.asarray(ids_col.flatten(), dtype=np.int32)
             mask = None
             if self.has_loss_mask:
                 mask = np.asarray(table["loss_mask"].combine_chunks().flatten(), np.uint8)
+        except ManifestError:
+            raise
+        except FileNotFoundError:
+            raise ManifestError(f"{file}: shard part listed in the manifest is missing "
+                                f"({where}); {REBUILD}") from None
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
             raise ManifestError(f"{file}: cannot read shard part ({type(exc).__name__}: "
-                                f"{exc}); it is corrupt or truncated") from None
+                                f"{exc}); it is corrupt or truncated; {REBUILD}") from None
         rows = info["rows"]
         if table.num_rows != rows or ids.size != rows * seq or \
                 (mask is not None and mask.size != rows * seq):
             raise ManifestError(f"{file}: has {table.num_rows} rows / {ids.size} tokens, "
                                 f"manifest says {rows} rows of {seq} tokens")
-        entry = (ids.reshape(rows, seq), None if mask is None else mask.reshape(rows, seq))
+        ids = ids.reshape(rows, seq)
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            r, c = (int(x[0]) for x in np.nonzero(bad))
+            raise ManifestError(f"{file}: row {r} (global row {int(self._starts[index]) + r}), "
+                                f"position {c} holds token id {int(ids[r, c])}, outside the "
+                                f"tokenizer's vocabulary of {self.vocab_size} ({where}); "
+                                f"{REBUILD}")
+        entry = (ids, None if mask is None else mask.reshape(rows, seq))
         self._cache[index] = entry
         while len(self._cache) > self.window_parts + 1:
             self._cache.popitem(last=False)
         return entry
+
+    def part_ids(self, index: int) -> np.ndarray:
+        """Token ids [rows, seq_len] of part `index`, verified (sha256, vocabulary)."""
+        return self._part(index)[0]
 
     def row(self, index: int) -> dict[str, torch.Tensor]:
         """Row `index` of the stored order, as a sample."""

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.atomic import atomic_write_json
+from wattkd.errors import DataError
 
 __all__ = [
     "FORMAT",
@@ -40,6 +41,7 @@ __all__ = [
     "manifest_sha256",
     "part_name",
     "read_manifest",
+    "read_part_verified",
     "sha256_file",
     "verify_parts",
     "write_manifest",
@@ -55,7 +57,7 @@ REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 
 
-class ManifestError(ValueError):
+class ManifestError(DataError, ValueError):
     """A shard set that is missing, of an unknown version, or does not match its manifest."""
 
 
@@ -127,6 +129,24 @@ def _validate(m: Any, path: Path) -> None:
                             f"not add up with the parts ({rows} rows) and seq_len {m['seq_len']}")
 
 
+REBUILD = "rebuild the shards with `wattkd data build CONFIG --overwrite`"
+
+
+def read_part_verified(path: Path, sha256: str, what: str, chunk: int = 1 << 20) -> bytes:
+    """The bytes of a part, hashed while they are read (one pass, no second read); refuses
+    a part whose sha256 differs from the manifest's. `what` names the part in the error."""
+    h = hashlib.sha256()
+    buf = bytearray()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            buf += block
+    if h.hexdigest() != sha256:
+        raise ManifestError(f"{path}: sha256 differs from the manifest ({what}; the file is "
+                            f"corrupt or was altered after the build); {REBUILD}")
+    return bytes(buf)
+
+
 def verify_parts(shard_dir: str | Path, manifest: dict[str, Any], level: str = "size") -> None:
     """Check the parts against the manifest: "none", "size" (exists, byte size) or "sha256".
 
@@ -146,4 +166,5 @@ def verify_parts(shard_dir: str | Path, manifest: dict[str, Any], level: str = "
             raise ManifestError(f"{path}: shard part is {size} bytes, manifest says "
                                 f"{part['bytes']} (truncated or replaced?)")
         if level == "sha256" and sha256_file(path) != part["sha256"]:
-            raise ManifestError(f"{path}: sha256 differs from the manifest (corrupt part)")
+            raise ManifestError(f"{path}: sha256 differs from the manifest (corrupt part); "
+                                f"{REBUILD}")

@@ -69,6 +69,7 @@ from wattkd.data.sources import (
     source_fingerprint,
     source_name,
 )
+from wattkd.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ BATCH_DOCS = 1024
 SPLITS = ("train", "heldout")
 
 
-class ShardBuildError(ValueError):
+class ShardBuildError(DataError, ValueError):
     """A shard build that cannot proceed (bad config, existing different output, no data)."""
 
 
@@ -416,7 +417,8 @@ def _existing(out_dir: Path, chash: str, overwrite: bool) -> dict[str, Any] | No
     try:
         for split in SPLITS:
             manifests[split] = read_manifest(out_dir / split)
-            verify_parts(out_dir / split, manifests[split], "size")
+            # --overwrite also replaces a build whose parts no longer match their sha256
+            verify_parts(out_dir / split, manifests[split], "sha256" if overwrite else "size")
     except ManifestError as exc:
         if overwrite or not any(out_dir.iterdir()):
             return None

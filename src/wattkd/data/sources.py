@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.config import SourceConfig
+from wattkd.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class Instruction:
 Document = str | Instruction
 
 
-class SourceError(ValueError):
+class SourceError(DataError, ValueError):
     """A data source that cannot be read as configured; the message names the source."""
 
 

@@ -44,17 +44,22 @@ class FeatureMode(nn.Module):
 
     def forward(self, inputs: StepInputs, last: torch.Tensor, all_hidden, signals: TeacherSignals
                 ) -> tuple[torch.Tensor, dict[str, float]]:
-        # Positions that count (loss mask of the token itself), optionally subsampled.
+        # Positions that count (loss mask of the token itself), optionally subsampled. A
+        # strided teacher cache holds every S-th position: those are the candidates, and
+        # token_subsample (a fraction of all positions) picks among them, so the loss sees
+        # as many positions as it would online (all stored ones when S >= 1 / subsample).
+        stride = signals.hidden_stride
         full = torch.ones_like(inputs.input_ids[:, :1], dtype=inputs.mask.dtype)
-        token_mask = torch.cat([full, inputs.mask], dim=1).reshape(-1) > 0
+        token_mask = torch.cat([full, inputs.mask], dim=1)[:, ::stride].reshape(-1) > 0
         idx = token_mask.nonzero().squeeze(1)
-        if self.subsample < 1.0 and idx.numel() > 1:
-            keep = max(1, int(idx.numel() * self.subsample))
+        fraction = min(1.0, self.subsample * stride)
+        if fraction < 1.0 and idx.numel() > 1:
+            keep = max(1, int(idx.numel() * fraction))
             idx = idx[torch.randperm(idx.numel(), device=idx.device)[:keep]].sort().values
         total = last.new_zeros(()).float()
         parts: dict[str, float] = {}
         for (s, t), proj in zip(self.pairs, self.projectors):
-            s_h = all_hidden[s].reshape(-1, all_hidden[s].shape[-1])[idx]
+            s_h = all_hidden[s][:, ::stride].reshape(-1, all_hidden[s].shape[-1])[idx]
             t_h = signals.hidden[t].reshape(-1, signals.hidden[t].shape[-1])[idx]
             s_p = proj(s_h.to(proj.weight.dtype)).float()
             for spec, weight, params in self.terms:

@@ -48,6 +48,7 @@ class TeacherSignals:
     softcap: float | None = None                # final logit soft-capping of the teacher
     topk: TopK | None = None                    # cached alternative to last_hidden + head
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # index -> [B, L, Ht]
+    hidden_stride: int = 1    # a strided cache holds positions 0, S, 2S, ...: [B, ceil(L/S), Ht]
     pooled: torch.Tensor | None = None          # [B, Ht]
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.config import EptConfig
+from wattkd.errors import InputError
 from wattkd.eval.protocol import PROTOCOL_FORMAT, protocol_hash, sha256_text, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ COMPONENTS = ("gpu", "cpu", "dram")
 CHARS_PER_PROMPT_TOKEN = 8  # generous: any sane tokenizer gives >= 1 token per 8 characters
 
 
-class EptError(ValueError):
+class EptError(InputError, ValueError):
     """A benchmark setting that cannot be run (too few prompts for a batch size, ...)."""
 
 

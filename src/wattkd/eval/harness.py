@@ -17,6 +17,7 @@ from typing import Any
 
 from wattkd.config import EvalConfig
 from wattkd.eval.custom import bigbench_task_config, resolve_suite
+from wattkd.errors import InputError
 from wattkd.eval.protocol import (
     PROTOCOL_FORMAT,
     docs_digest,
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 EVAL_SCHEMA = "wattkd.eval/1"
 
 
-class EvalError(RuntimeError):
+class EvalError(InputError, RuntimeError):
     """The harness ran but its output is not what the suite declares."""
 
 

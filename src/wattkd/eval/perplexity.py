@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from wattkd.config import EvalConfig
+from wattkd.errors import DataError
 from wattkd.eval.protocol import PROTOCOL_FORMAT, protocol_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 PERPLEXITY_SCHEMA = "wattkd.perplexity/1"
 
 
-class PerplexityError(ValueError):
+class PerplexityError(DataError, ValueError):
     """Shards that cannot be scored by this model (empty, vocabulary mismatch)."""
 
 

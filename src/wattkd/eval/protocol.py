@@ -18,10 +18,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from wattkd.errors import InputError
+
 PROTOCOL_FORMAT = 1
 
 
-class ProtocolMismatch(ValueError):
+class ProtocolMismatch(InputError, ValueError):
     """Two results were measured under different protocols and must not be compared."""
 
 

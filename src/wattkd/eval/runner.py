@@ -12,11 +12,12 @@ import logging
 from pathlib import Path
 
 from wattkd.config import EvalConfig, ExperimentConfig
+from wattkd.errors import InputError
 
 log = logging.getLogger(__name__)
 
 
-class TargetError(ValueError):
+class TargetError(InputError, ValueError):
     """The target is neither a model folder, a hub id nor a run directory with weights."""
 
 

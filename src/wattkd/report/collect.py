@@ -16,6 +16,8 @@ from typing import Any
 
 from wattkd.energy.metrics import read_jsonl_lines
 from wattkd.energy.metrics import read_phases as ledger_read_phases
+from wattkd.errors import InputError
+from wattkd.runinfo import effective_status
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ KINDS = {"response": "response", "feature": "feature", "relation": "relation",
          "none": "baseline", "baseline": "baseline"}
 
 
-class ReportInputError(ValueError):
+class ReportInputError(InputError, ValueError):
     """A path given to the report is not what it should be (named, with what was expected)."""
 
 
@@ -72,7 +74,7 @@ class RunData:
 
     @property
     def status(self) -> str:
-        return str(self.info.get("status") or "unknown")
+        return effective_status(self.info)  # a dead "running" run reads "crashed"
 
 
 # ----------------------------------------------------------------------------- discovery

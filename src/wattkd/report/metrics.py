@@ -27,10 +27,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from wattkd.errors import DataError
+
 GAP_MARK = "—"
 
 
-class MetricError(ValueError):
+class MetricError(DataError, ValueError):
     """A metric cannot be computed from these inputs; the message says why (becomes a gap)."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from wattkd.config import ExperimentConfig, SlurmConfig, SlurmResources
+from wattkd.errors import InputError
 
 STAGES = ("shards", "teacher_pretrain", "teacher_cache", "train", "eval", "ept", "report")
 # Stages that run one task per GPU and may span nodes; the others run one task on one node.
@@ -26,7 +27,7 @@ PREEMPTIBLE = frozenset({"teacher_pretrain", "train"})
 RESERVED_METHOD_NAMES = frozenset({"shards", "teacher", "teacher_cache", "report", "slurm"})
 
 
-class SlurmError(RuntimeError):
+class SlurmError(InputError, RuntimeError):
     """A Slurm submission or status problem, with what to do about it."""
 
 

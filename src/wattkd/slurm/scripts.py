@@ -118,14 +118,19 @@ def sbatch_lines(job: StageJob, slurm: SlurmConfig, target: Target) -> list[str]
 def env_lines(slurm: SlurmConfig, target: Target) -> list[str]:
     lines = [f"module load {shlex.quote(m)}" for m in slurm.modules]
     if slurm.venv:
-        lines.append(f"source {shlex.quote(check_text(slurm.venv, 'slurm.venv') + '/bin/activate')}")
+        act = shlex.quote(check_text(slurm.venv, 'slurm.venv') + '/bin/activate')
+        # A venv that cannot be activated must stop the job, not run whatever python is on PATH.
+        lines.append(f"source {act} || {{ printf 'error: cannot activate slurm.venv (%s)\\n' "
+                     f"{act} >&2; exit 1; }}")
         lines.append("WATTKD=(python -m wattkd.cli)")
     elif target.mode == "pipeline":
         lines.append("# the interpreter that submitted the pipeline")
         lines.append(f"WATTKD=({shlex.quote(check_text(sys.executable, 'python'))} -m wattkd.cli)")
     else:
         lines += ["# WATTKD_VENV=/path/to/venv sbatch ...  activates that virtualenv first",
-                  'if [ -n "${WATTKD_VENV:-}" ]; then source "$WATTKD_VENV/bin/activate"; fi',
+                  ('if [ -n "${WATTKD_VENV:-}" ]; then source "$WATTKD_VENV/bin/activate" || '
+                   '{ printf "error: cannot activate WATTKD_VENV=%s\\n" "$WATTKD_VENV" >&2; '
+                   'exit 1; }; fi'),
                   "WATTKD=(python3 -m wattkd.cli)"]
     return lines
 

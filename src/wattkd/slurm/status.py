@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wattkd.runinfo import effective_status
 from wattkd.slurm.graph import SlurmError
 
 FIELD = re.compile(r"(\w+)=(\S*)")
@@ -171,7 +172,7 @@ def _run_note(out_dir: Path, job: dict[str, Any], task: str) -> str:
     except (OSError, ValueError):
         return ""
     step = f" step {run['step']}" if run.get("step") is not None else ""
-    return f"run {run.get('status', '?')}{step}"
+    return f"run {effective_status(run)}{step}"
 
 
 def _log_path(job: dict[str, Any], task: str) -> str | None:

@@ -9,7 +9,10 @@ A cache folder holds `manifest.json` (written last, only when every part is comp
 Part columns, one row per shard row: `row` int64 (global shard row), `input_crc32` uint32
 (crc32 of the row's int32 token ids), then one large_binary cell per row for each of
 `topk_ids`, `topk_logprobs`, `topk_tail`, `hidden_L{i}`, `pooled_{mean|last}` that the cache
-holds (layouts in encoding.py and in the manifest's `columns`). Row groups of ~1 MB.
+holds (layouts in encoding.py and in the manifest's `columns`), then `crc_<column>` uint32 per
+signal column (crc32 of that cell: every cached byte of a row is covered; caches written
+before these columns exist are still read, covered by the part sha256). Row groups of ~1 MB.
+Readers check each part's sha256 when they first open it.
 
 manifest.json:
     format, version      "wattkd-teacher-cache", 1
@@ -42,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.atomic import atomic_write_json
+from wattkd.errors import DataError
 
 __all__ = [
     "FORMAT",
@@ -50,6 +54,7 @@ __all__ = [
     "STATE",
     "VERSION",
     "CacheError",
+    "crc_column",
     "file_sha256",
     "manifest_sha256",
     "part_name",
@@ -68,8 +73,13 @@ _SAMPLES = 64          # chunks hashed per weight file
 _SAMPLE_BYTES = 1 << 16
 
 
-class CacheError(ValueError):
+class CacheError(DataError, ValueError):
     """A teacher cache that is missing, incomplete, of an unknown version or does not match."""
+
+
+def crc_column(column: str) -> str:
+    """Name of the per-row crc32 column of a signal column (crc32 of the row's cell bytes)."""
+    return f"crc_{column}"
 
 
 def part_name(index: int) -> str:

@@ -34,6 +34,7 @@ class CachePlan:
         from wattkd.data.manifest import read_manifest, sha256_file, verify_parts
         from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
         from wattkd.models import check_tokenizer_match, resolve_device, resolve_dtype
+        from wattkd.preflight import check_vocab_sizes, model_config
         from wattkd.train import teacher_path
 
         self.cfg = cfg
@@ -56,8 +57,12 @@ class CachePlan:
                 not Path(self.teacher_path).exists():
             raise CacheError(f"teacher {self.teacher_path} not found: run `wattkd teacher "
                              "pretrain` first")
+        if self.teacher_path is not None:  # a missing folder, or config.json vs weights
+            model_config(self.teacher_path, "teacher.model", cfg.teacher.revision,
+                         cfg.teacher.trust_remote_code)
         check_tokenizer_match(self.teacher_path, self.tokenizer)
         self.teacher_config = _teacher_config(cfg, self.teacher_path, self.vocab)
+        check_vocab_sizes(cfg, self.teacher_config, self.teacher_path, self.vocab)
         self._check_spec()
         self.device = resolve_device(cfg.train.device)
         self.dtype = resolve_dtype(cfg.teacher.dtype, self.device)
@@ -120,6 +125,18 @@ class CachePlan:
             cols[f"pooled_{how}"] = {"values": "float32", "shape": [hsz], "codec": "le",
                                      "pooling": how}
         return cols
+
+    def bytes_per_token_by_signal(self) -> dict[str, float]:
+        """Encoded bytes per token of each signal before zstd (the size estimate a build
+        prints and checks against the disk): topk, hidden, pooled, meta (row, crcs)."""
+        out: dict[str, float] = {}
+        for name, c in self.columns.items():
+            count = int(np.prod(c["shape"]))
+            width = c.get("bytes") or {"int32": 4, "float32": 4, "float16": 2}.get(c["values"], 4)
+            kind = name.split("_", 1)[0]
+            out[kind] = out.get(kind, 0.0) + count * width / self.seq_len
+        out["meta"] = (12 + 4 * len(self.columns)) / self.seq_len
+        return out
 
     def _row_bytes(self) -> int:
         total = 0

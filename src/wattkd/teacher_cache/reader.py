@@ -30,13 +30,14 @@ import torch
 from wattkd.config import ExperimentConfig
 from wattkd.distill.teacher import SignalRequest, TeacherSignals, TopK
 from wattkd.teacher_cache import encoding as enc
-from wattkd.teacher_cache.manifest import CacheError, read_cache_manifest
+from wattkd.teacher_cache.manifest import CacheError, crc_column, read_cache_manifest
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CacheReader", "CachedTeacher", "check_cache"]
 
 LRU_BYTES = 256 << 20
+REBUILD = "rebuild the cache with `wattkd teacher cache CONFIG --overwrite`"
 
 
 # --------------------------------------------------------------------------------- checking
@@ -94,13 +95,6 @@ def _check_request(m: dict[str, Any], request: SignalRequest, root: Path) -> Non
         raise CacheError(f"teacher cache {root} ({sig.get('spec')}) lacks "
                          f"{', '.join(missing)} that this method needs; rebuild it with "
                          "`wattkd teacher cache CONFIG --signals ...` including them")
-    hidden = sig.get("hidden") or {}
-    if request.hidden_layers and hidden.get("stride", 1) != 1:
-        raise CacheError(f"teacher cache {root} stores hidden states at every "
-                         f"{hidden['stride']}-th position only; feature KD needs every position "
-                         "(the feature mode does not take a position subset yet): rebuild "
-                         "without stride=")
-
 
 def _verify_parts(root: Path, m: dict[str, Any], level: str) -> None:
     from wattkd.teacher_cache.manifest import file_sha256
@@ -117,7 +111,7 @@ def _verify_parts(root: Path, m: dict[str, Any], level: str) -> None:
             raise CacheError(f"{path}: {path.stat().st_size} bytes, the manifest says "
                              f"{p['bytes']} (truncated or replaced?)")
         if level == "sha256" and file_sha256(path) != p["sha256"]:
-            raise CacheError(f"{path}: sha256 differs from the manifest (corrupt part)")
+            raise CacheError(f"{path}: sha256 differs from the manifest (corrupt part); {REBUILD}")
 
 
 # ----------------------------------------------------------------------------------- reader
@@ -125,7 +119,7 @@ class CacheReader:
     """Random access to the rows of a cache (global shard row indices)."""
 
     def __init__(self, root: str | Path, manifest: dict[str, Any] | None = None,
-                 threads: int = 4) -> None:
+                 threads: int = 4, verify: bool = True) -> None:
         self.root = Path(root)
         self.manifest = manifest or read_cache_manifest(self.root)
         self.columns: dict[str, dict[str, Any]] = self.manifest["columns"]
@@ -134,6 +128,10 @@ class CacheReader:
         self._starts = np.array([p["row_start"] for p in parts] + [self.manifest["rows"]],
                                 dtype=np.int64)
         self._files = threading.local()  # pyarrow ParquetFile is not thread-safe: one per thread
+        self._verified: set[int] = set()     # parts whose sha256 was checked on first open
+        self._verify_lock = threading.Lock()
+        self.verify = verify
+        self._schema_names: frozenset[str] | None = None
         self._lru: OrderedDict[tuple[int, int], Any] = OrderedDict()
         self._lru_bytes = 0
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cache-reader")
@@ -163,6 +161,7 @@ class CacheReader:
         f = files.get(part)
         if f is None:
             path = self.root / self.manifest["parts"][part]["file"]
+            self._check_part(part, path)
             try:
                 f = pq.ParquetFile(path)
             except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
@@ -171,11 +170,36 @@ class CacheReader:
             files[part] = f
         return f
 
+    def _check_part(self, part: int, path: Path) -> None:
+        """sha256 of the whole part against the manifest, once per part (one sequential read;
+        cost measured in benchmarks/RESULTS.md): no altered byte reaches a loss."""
+        from wattkd.teacher_cache.manifest import file_sha256
+
+        if not self.verify:
+            return
+        with self._verify_lock:
+            if part in self._verified:
+                return
+            info = self.manifest["parts"][part]
+            try:
+                digest = file_sha256(path)
+            except FileNotFoundError:
+                raise CacheError(f"{path}: cache part {part} listed in the manifest is missing; "
+                                 f"{REBUILD}") from None
+            if digest != info["sha256"]:
+                raise CacheError(f"{path}: sha256 differs from the teacher-cache manifest "
+                                 f"(part {part}, shard rows {info['row_start']}.."
+                                 f"{info['row_start'] + info['rows'] - 1}; corrupt or altered "
+                                 f"after the build); {REBUILD}")
+            self._verified.add(part)
+
     def _group(self, key: tuple[int, int], columns: tuple[str, ...]) -> Any:
         """Read one row group (runs in the reader's threads; touches no shared state)."""
         part, group = key
         try:
             table = self._file(part).read_row_group(group, columns=list(columns))
+        except CacheError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise CacheError(f"{self.root / self.manifest['parts'][part]['file']}: cannot read "
                              f"row group {group} ({type(exc).__name__}: {exc}); the part is "
@@ -199,7 +223,8 @@ class CacheReader:
             raise CacheError(f"row index out of range [0, {self.num_rows}) for cache "
                              f"{self.root}: {rows.tolist()}")
         parts = np.searchsorted(self._starts, rows, side="right") - 1
-        want = ("row", "input_crc32", *columns)
+        crcs = tuple(crc_column(c) for c in columns if self._has_crc(c))
+        want = ("row", "input_crc32", *columns, *crcs)
         keys: dict[tuple[int, int], list[int]] = {}
         offsets = []
         for i, (r, p) in enumerate(zip(rows.tolist(), parts.tolist())):
@@ -231,7 +256,20 @@ class CacheReader:
             if out["row"][i] != r:
                 raise CacheError(f"cache {self.root}: row {r} read back as row {out['row'][i]}; "
                                  "the part's row groups do not match its manifest")
+            for c in columns:
+                if crc_column(c) in out and zlib.crc32(out[c][i]) != out[crc_column(c)][i]:
+                    part = self.manifest["parts"][int(parts[i])]
+                    raise CacheError(f"{self.root / part['file']}: row {r} (shard row), column "
+                                     f"{c}: the cached bytes differ from their checksum "
+                                     f"(corrupt); {REBUILD}")
         return out
+
+    def _has_crc(self, column: str) -> bool:
+        """Whether the parts carry the per-cell checksum of `column` (caches written before it
+        existed do not; their part sha256 still covers every byte)."""
+        if self._schema_names is None:
+            self._schema_names = frozenset(self._file(0).schema_arrow.names)
+        return crc_column(column) in self._schema_names
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -314,6 +352,7 @@ class CachedTeacher:
                                 {k: cells[k] for k in ("topk_ids", "topk_logprobs",
                                                        "topk_tail")}, self._id_order, dev)
             sig.topk = TopK(ids=t.ids, logprobs=t.logprobs, tail_logprob=t.tail)
+        sig.hidden_stride = int((self.manifest["signals"].get("hidden") or {}).get("stride", 1))
         for i in self.request.hidden_layers:
             c = cols[f"hidden_L{i}"]
             sig.hidden[i] = enc.decode_hidden(self.reader.encoding, cells[f"hidden_L{i}"],

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from wattkd.config import ExperimentConfig
+from wattkd.errors import InputError
 
 __all__ = [
     "DEFAULT_ENCODING",
@@ -39,7 +40,7 @@ GRAMMAR = ("topk[:K], hidden:L[:L...][:fp16|:bf16][:stride=S], pooled[:mean][:la
            "(comma-separated, e.g. 'topk:64,hidden:2:4,pooled')")
 
 
-class SpecError(ValueError):
+class SpecError(InputError, ValueError):
     """A `--signals` string or a cache request that cannot be satisfied."""
 
 
@@ -140,6 +141,7 @@ def default_spec(cfg: ExperimentConfig, encoding: str = DEFAULT_ENCODING) -> Cac
         pooled = {"mean"}
     return CacheSpec(topk=d.cache_top_k if wants_topk else None,
                      hidden_layers=tuple(sorted(layers)),
+                     hidden_stride=d.cache_hidden_stride if layers else 1,
                      pooled=tuple(sorted(pooled, key=POOLINGS.index)),
                      encoding=_encoding(encoding))
 

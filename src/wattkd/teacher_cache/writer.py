@@ -17,6 +17,7 @@ the manifest's `energy` block sums the sessions (see usage.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -43,6 +44,7 @@ from wattkd.teacher_cache.manifest import (
     STATE,
     VERSION,
     CacheError,
+    crc_column,
     file_sha256,
     part_name,
     read_cache_manifest,
@@ -123,14 +125,19 @@ def build_cache(cfg: ExperimentConfig, signals: str | None = None, *, progress: 
                 same = old["identity"] == plan.identity
             except CacheError:
                 same, old = False, {"identity": {}}
-            if same:
+            if same and overwrite and _corrupt_parts(root, old):
+                log.warning("teacher cache %s: parts %s differ from their sha256; rebuilding",
+                            root, _corrupt_parts(root, old))
+                _clear(root)
+            elif same:
                 log.info("teacher cache %s is complete and up to date; nothing to do", root)
                 return root
-            if not overwrite:
+            elif not overwrite:
                 raise CacheError(f"{root} holds another teacher cache ("
                                  f"{_identity_diff(old['identity'], plan.identity)}); delete "
                                  "it, set distill.cache_dir elsewhere, or pass overwrite=True")
-            _clear(root)
+            else:
+                _clear(root)
         state = _read_state(root)
         if state is not None and state["identity"] != plan.identity:
             if not overwrite:
@@ -145,8 +152,45 @@ def build_cache(cfg: ExperimentConfig, signals: str | None = None, *, progress: 
             state = {"format": FORMAT + "-build-state", "version": VERSION,
                      "identity": plan.identity, "parts": {}, "sessions": []}
         done = _verified_parts(root, state)
+        check_cache_room(plan, root, done)
         _build(plan, root, state, done, progress)
     return root
+
+
+def _corrupt_parts(root: Path, manifest: dict[str, Any]) -> list[str]:
+    bad = []
+    for p in manifest["parts"]:
+        path = root / p["file"]
+        if not path.is_file() or file_sha256(path) != p["sha256"]:
+            bad.append(p["file"])
+    return bad
+
+
+def check_cache_room(plan: CachePlan, root: Path, done: dict[int, Any]) -> None:
+    """Say how big the cache will be (bytes per token per signal x tokens) and refuse to start
+    a build the disk cannot hold. The figure is the encoded size before zstd, an upper bound
+    (top-k columns typically compress further; hidden states hardly: measured in RESULTS)."""
+    import shutil
+
+    from wattkd.preflight import human_bytes
+
+    parts = plan.shard_manifest["parts"]
+    todo_rows = sum(p["rows"] for i, p in enumerate(parts) if i not in done)
+    tokens = int(plan.shard_manifest["rows"]) * plan.seq_len
+    per = plan.bytes_per_token_by_signal()
+    total = sum(per.values()) * tokens
+    need = sum(per.values()) * todo_rows * plan.seq_len
+    where = root if root.exists() else next(p for p in root.absolute().parents if p.exists())
+    free = shutil.disk_usage(where).free
+    detail = ", ".join(f"{k} {v:,.1f} B/token" for k, v in per.items())
+    log.info("teacher cache %s: estimated %s for %s tokens (%s; before zstd, an upper bound); "
+             "%s still to write, %s free", root, human_bytes(total), f"{tokens:,}", detail,
+             human_bytes(need), human_bytes(free))
+    if need > free:
+        raise OSError(errno.ENOSPC, f"teacher cache needs about {human_bytes(need)} more "
+                      f"({detail} x {todo_rows * plan.seq_len:,} tokens), {human_bytes(free)} "
+                      "free: point distill.cache_dir at a larger disk, or cache fewer signals "
+                      "(fewer hidden layers, hidden:...:stride=S)", str(where))
 
 
 def _verified_parts(root: Path, state: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -232,7 +276,7 @@ def _id_rank(plan: CachePlan, teacher: Any, root: Path, state: dict[str, Any]
     else:
         part = plan.shard_manifest["parts"][0]
         rows = min(part["rows"], max(1, -(-CALIBRATION_TOKENS // plan.seq_len)))
-        ids = _read_shard_part(plan.shards / part["file"], part["rows"], plan.seq_len)[:rows]
+        ids = _read_shard_part(plan, 0)[:rows]
         spec = CacheSpec(topk=plan.spec.topk, encoding=plan.spec.encoding)
         seen = []
         for b0 in range(0, rows, plan.batch_size):
@@ -257,7 +301,7 @@ def _write_part(plan: CachePlan, teacher: Any, root: Path, index: int, row_start
     import pyarrow.parquet as pq
 
     info = plan.shard_manifest["parts"][index]
-    ids = _read_shard_part(plan.shards / info["file"], info["rows"], plan.seq_len)
+    ids = _read_shard_part(plan, index)
     final = root / part_name(index)
     tmp = final.with_name(f".{final.name}.tmp-{os.urandom(4).hex()}")
     schema = _schema(plan)
@@ -274,7 +318,10 @@ def _write_part(plan: CachePlan, teacher: Any, root: Path, index: int, row_start
 
     def consume(staged: dict[str, Any], final: bool) -> None:
         for k, v in staged.items():
-            pending[k].extend(v.cells() if isinstance(v, enc.Staged) else v)
+            cells = v.cells() if isinstance(v, enc.Staged) else v
+            pending[k].extend(cells)
+            if k in plan.columns:  # every signal cell is covered by its own row checksum
+                pending[crc_column(k)].extend(zlib.crc32(c) for c in cells)
         while len(pending["row"]) >= g or (final and pending["row"]):
             rows = min(g, len(pending["row"]))
             chunk = {k: v[:rows] for k, v in pending.items()}
@@ -323,15 +370,13 @@ def _write_part(plan: CachePlan, teacher: Any, root: Path, index: int, row_start
             "sha256": sha, "column_bytes": col_bytes}
 
 
-def _read_shard_part(path: Path, rows: int, seq_len: int) -> np.ndarray:
-    import pyarrow.parquet as pq
+def _read_shard_part(plan: CachePlan, index: int) -> np.ndarray:
+    """Token ids of shard part `index`, checked like training reads them (sha256, rows,
+    vocabulary), so a cache is never built from corrupt shards."""
+    from wattkd.data.loader import ShardDataset
 
-    col = pq.read_table(path, columns=["input_ids"])["input_ids"].combine_chunks()
-    ids = np.asarray(col.flatten(), dtype=np.int32)
-    if ids.size != rows * seq_len:
-        raise CacheError(f"{path}: holds {ids.size} tokens, the shard manifest says {rows} rows "
-                         f"of {seq_len}")
-    return ids.reshape(rows, seq_len)
+    return ShardDataset(plan.shards, shuffle=False, verify="size"
+                        ).part_ids(index)
 
 
 def _schema(plan: CachePlan) -> Any:
@@ -339,6 +384,7 @@ def _schema(plan: CachePlan) -> Any:
 
     fields = [pa.field("row", pa.int64()), pa.field("input_crc32", pa.uint32())]
     fields += [pa.field(name, pa.large_binary()) for name in plan.columns]
+    fields += [pa.field(crc_column(name), pa.uint32()) for name in plan.columns]
     return pa.schema(fields, metadata={"wattkd": json.dumps({"format": FORMAT,
                                                              "version": VERSION})})
 

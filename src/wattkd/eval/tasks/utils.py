@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from wattkd.errors import DataError
+
 MMLU_PATH_KEY = "wattkd_mmlu_path"
 BIGBENCH_DIR_KEY = "wattkd_bigbench_dir"
 TASK_JSON_KEY = "wattkd_task_json"  # dataset_kwargs of a config suite's BIG-bench folder
@@ -32,7 +34,7 @@ BB_CHOICE_PREFIX = "\n  choice: "
 BB_CHOICE_SEED = 42
 
 
-class TaskDataError(ValueError):
+class TaskDataError(DataError, ValueError):
     """Local evaluation data is missing or not in the expected format."""
 
 

@@ -1,0 +1,356 @@
+"""Checks before expensive work: everything knowable from config.json files, weight-file headers
+and manifests, checked before any model is loaded and before anything is written.
+
+`check_training(job, vocab, resume)` is called once by `train()`: a mistake found here costs
+seconds and leaves no folder behind (no `rep0/config.yaml`, no `rep-1/`), where the same
+mistake found after loading a 70B teacher costs minutes and a half-made run directory.
+
+What it checks:
+  * the repeat index (>= 0) and the method's micro-batch (relation losses need >= 2 / 3);
+  * teacher and student sources: a local path that does not exist is named as such (not as a
+    malformed hub id); a folder's config.json is readable and agrees with its weights
+    (vocab_size against the embedding rows in the safetensors header);
+  * layer counts: layer_map and from_teacher_layers against num_hidden_layers;
+  * vocabularies: heads smaller than the tokenizer are refused; a teacher head larger than the
+    tokenizer only when the extra rows are provably padding (`padding_evidence`);
+  * output folders: the run folder and checkpoints/ writable, with room for one checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from wattkd.config import ConfigError
+from wattkd.models import ModelError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "check_training",
+    "check_writable",
+    "checkpoint_bytes",
+    "model_config",
+    "padding_evidence",
+]
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+HEADROOM = 1.1  # a checkpoint is written next to the one it replaces; margin for metadata
+
+
+# ------------------------------------------------------------------------------- sources
+def looks_local(source: str) -> bool:
+    """A path the user means as a folder: absolute, relative with ./ ../ ~, or more than one
+    slash (a hub id is `name` or `org/name`)."""
+    return (source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
+            or not HUB_ID.match(source))
+
+
+def check_source(source: str, key: str) -> Path | None:
+    """The local folder behind `source` (None: a hub id); refuses a missing local path."""
+    p = Path(source).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelError(f"{key}: {p} is a file; expected a Hugging Face model folder "
+                             "(config.json + weights) or a hub id")
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise ModelError(f"{key}: {p} is not a Hugging Face model folder (no config.json)")
+        return p
+    if looks_local(source):
+        raise ModelError(f"{key}: no such folder {p} (fix the path, or give a hub id as "
+                         "org/name)")
+    return None
+
+
+def model_config(source: str, key: str, revision: str | None = None,
+                 trust_remote_code: bool = False) -> Any | None:
+    """The HF config of a folder or hub id (text config of multimodal ones); None when a hub
+    id cannot be resolved here (offline): the load will report it."""
+    from transformers import AutoConfig
+
+    folder = check_source(source, key)
+    if folder is not None and not (folder / "config.json").is_file():
+        return None  # an adapter folder: its base is checked when it is loaded
+    try:
+        conf = AutoConfig.from_pretrained(str(folder or source), revision=revision,
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if folder is not None:
+            raise ModelError(f"{key}: cannot read {folder / 'config.json'} "
+                             f"({type(exc).__name__}: {exc}); restore the file or point "
+                             f"{key} at a complete model folder") from None
+        log.debug("%s: config of %s not resolvable here (%s)", key, source, exc)
+        return None
+    if folder is not None:
+        _check_weights_match(folder, conf, key)
+    return conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+
+
+def _embedding_rows(folder: Path) -> tuple[str, str, int] | None:
+    """(file, tensor, rows) of the input embedding in a folder's safetensors headers."""
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 0 < n < 1 << 28:
+                    continue
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError):
+            continue
+        for name, info in header.items():
+            if name.endswith(("embed_tokens.weight", "wte.weight")):
+                return f.name, name, int(info["shape"][0])
+    return None
+
+
+def _check_weights_match(folder: Path, conf: Any, key: str) -> None:
+    text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+    vocab = getattr(text, "vocab_size", None)
+    found = _embedding_rows(folder)
+    if vocab is None or found is None:
+        return
+    file, tensor, rows = found
+    if rows != int(vocab):
+        raise ModelError(f"{key}: {folder / 'config.json'} says vocab_size {vocab} but the "
+                         f"weights ({file}: {tensor}) have {rows} rows; config.json was edited "
+                         "or belongs to other weights: restore the folder's own config.json")
+
+
+# ------------------------------------------------------------------------------ vocabulary
+def padding_evidence(cfg: Any, teacher_source: str | None, tokenizer_size: int) -> str | None:
+    """Why rows past the tokenizer in a teacher head are padding, or None if nothing shows it.
+
+    Evidence: the teacher folder carries a tokenizer of exactly the data tokenizer's size (the
+    folder's tokenizer is compared token by token with the data one before training:
+    `check_tokenizer_match`), or the data tokenizer is the teacher's own hub repository."""
+    if teacher_source is None:
+        return "teacher built from config with the tokenizer's size"
+    folder = Path(teacher_source).expanduser()
+    if folder.is_dir():
+        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file():
+            from transformers import AutoTokenizer
+
+            try:
+                theirs = AutoTokenizer.from_pretrained(str(folder))
+            except (OSError, ValueError):
+                return None
+            if len(theirs) == tokenizer_size:
+                return f"the teacher folder's own tokenizer has {tokenizer_size} tokens"
+        return None
+    if str(cfg.data.tokenizer) == str(teacher_source):
+        return f"data.tokenizer is the teacher's repository {teacher_source}"
+    from transformers import AutoTokenizer
+
+    try:  # the hub repository's own tokenizer (from the local HF cache when offline)
+        theirs = AutoTokenizer.from_pretrained(str(teacher_source), revision=cfg.teacher.revision)
+    except (OSError, ValueError):
+        return None
+    if len(theirs) == tokenizer_size:
+        return f"the teacher repository's own tokenizer has {tokenizer_size} tokens"
+    return None
+
+
+def check_vocab_sizes(cfg: Any, teacher_conf: Any, teacher_source: str | None,
+                      tokenizer_size: int) -> None:
+    t_vocab = getattr(teacher_conf, "vocab_size", None)
+    if t_vocab is None:
+        return
+    t_vocab = int(t_vocab)
+    where = teacher_source or "teacher.build"
+    if t_vocab < tokenizer_size:
+        raise ModelError(f"teacher {where} has vocab_size {t_vocab} but the shards' tokenizer "
+                         f"({cfg.data.tokenizer}) has {tokenizer_size} tokens: build the shards "
+                         "with the teacher's tokenizer (data.tokenizer)")
+    if t_vocab > tokenizer_size:
+        why = padding_evidence(cfg, teacher_source, tokenizer_size)
+        if why is None:
+            raise ModelError(
+                f"teacher {where} has vocab_size {t_vocab}, the shards' tokenizer "
+                f"({cfg.data.tokenizer}) {tokenizer_size} tokens, and nothing shows the "
+                f"{t_vocab - tokenizer_size} extra rows are padding (no tokenizer of "
+                f"{tokenizer_size} tokens beside the teacher): it may be a different "
+                "vocabulary. Build the shards with the teacher's tokenizer (data.tokenizer: "
+                f"{where}), or put the tokenizer files it was trained with into its folder")
+        log.info("teacher vocab %d is the tokenizer's %d plus padding (%s): logits compared "
+                 "over %d", t_vocab, tokenizer_size, why, tokenizer_size)
+
+
+# ----------------------------------------------------------------------------------- layers
+def check_layers(job: Any, teacher_conf: Any | None, student_conf: Any | None) -> None:
+    from wattkd.distill.feature import check_layer_map
+
+    t_layers = None if teacher_conf is None else int(teacher_conf.num_hidden_layers)
+    layers = job.student.from_teacher_layers
+    if layers is not None and t_layers is not None:
+        bad = [i for i in layers if not 0 <= i < t_layers]
+        if bad:
+            raise ModelError(f"student.from_teacher_layers {bad} out of range: the teacher has "
+                             f"{t_layers} layers (0..{t_layers - 1})")
+    s_layers = None
+    if layers is not None:
+        s_layers = len(layers)
+    elif student_conf is not None:
+        s_layers = int(student_conf.num_hidden_layers)
+    if job.method.mode == "feature" and s_layers is not None and t_layers is not None:
+        try:
+            check_layer_map(job.method.layer_map or [], s_layers, t_layers)
+        except ModelError as exc:
+            raise ModelError(f"method {job.method.name!r}: {exc}") from None
+
+
+def check_batch(job: Any) -> None:
+    method = job.method
+    if method.mode != "relation":
+        return
+    need = max((3 if t.name == "rkd_angle" else 2 for t in method.losses
+                if t.name.startswith("rkd_")), default=0)
+    if job.train.micro_batch_size < need:
+        raise ConfigError(f"train.micro_batch_size: method {method.name!r} compares sequences "
+                          f"within a micro-batch ({', '.join(t.name for t in method.losses)}) "
+                          f"and needs at least {need}, got {job.train.micro_batch_size}")
+
+
+# ------------------------------------------------------------------------------ disk space
+def checkpoint_bytes(student_conf: Any, lora: Any, full_weights: bool) -> int | None:
+    """Estimated bytes of one checkpoint: trainable weights + two AdamW moments (fp32), from
+    the student's config alone (parameters counted on the meta device)."""
+    if student_conf is None:
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(student_conf)
+    except Exception:  # noqa: BLE001 - an estimate only; the real build reports real errors
+        return None
+    if full_weights:
+        params = sum(p.numel() for p in model.parameters())
+        return params * 4 * 3
+    targets = set(lora.target_modules or [])
+    r = int(lora.r)
+    params = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            params += r * (module.in_features + module.out_features)
+    return params * 4 * 3
+
+
+def _existing_parent(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create and delete a file in `folder` (or its nearest existing parent): catches
+    permissions, read-only mounts and full quotas before any step is spent."""
+    target = folder if folder.is_dir() else _existing_parent(folder)
+    probe = target / f".wattkd-write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"x")
+    except OSError as exc:
+        exc.filename = exc.filename or str(target)
+        raise OSError(exc.errno, f"{what} is not writable", str(target)) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def check_room(folder: Path, need: int, what: str) -> None:
+    free = shutil.disk_usage(_existing_parent(folder)).free
+    if free < need * HEADROOM:
+        raise OSError(errno.ENOSPC, f"{what}: needs about {_human(need)}, "
+                      f"{_human(free)} free", str(_existing_parent(folder)))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+human_bytes = _human
+
+
+# ------------------------------------------------------------------------------------ entry
+def check_training(job: Any, tokenizer_size: int, resume: str = "auto") -> None:
+    """All pre-flight checks of one training run (see the module docstring)."""
+    cfg = job.cfg
+    if job.repeat < 0:
+        raise ConfigError(f"--repeat {job.repeat}: the repeat index must be >= 0 (seed = "
+                          "train.seed + repeat; train.repeats says how many a study runs)")
+    check_batch(job)
+    needs_teacher = job.method.mode != "none"
+    uses_teacher = needs_teacher or job.student.from_teacher_layers is not None
+    t_source = job.teacher_path or cfg.teacher.model
+    teacher_conf = None
+    if uses_teacher:
+        if t_source is not None:
+            teacher_conf = model_config(t_source, "teacher.model" if cfg.teacher.model
+                                        else "teacher (pretrained here)",
+                                        cfg.teacher.revision, cfg.teacher.trust_remote_code)
+        elif cfg.teacher.build:
+            teacher_conf = _build_config(cfg.teacher.build, tokenizer_size, "teacher.build")
+        if teacher_conf is not None:
+            check_vocab_sizes(cfg, teacher_conf, t_source, tokenizer_size)
+    student_conf = _student_config(job, teacher_conf, tokenizer_size)
+    if student_conf is not None and getattr(student_conf, "vocab_size", None) is not None \
+            and int(student_conf.vocab_size) < tokenizer_size:
+        raise ModelError(f"student has vocab_size {student_conf.vocab_size} but the shards' "
+                         f"tokenizer has {tokenizer_size} tokens")
+    check_layers(job, teacher_conf, student_conf)
+    run_dir = Path(job.run_dir)
+    check_writable(run_dir, f"run folder {run_dir}")
+    ckpts = run_dir / "checkpoints"
+    if ckpts.exists():
+        check_writable(ckpts, f"checkpoint folder {ckpts}")
+    if job.train.checkpoint_every:
+        need = checkpoint_bytes(student_conf, job.student.lora, job.student.lora is None)
+        if need:
+            check_room(ckpts, need, f"a checkpoint in {ckpts}")
+
+
+def _build_config(kwargs: dict[str, Any], vocab: int, key: str) -> Any:
+    from transformers import AutoConfig
+
+    kw = dict(kwargs)
+    model_type = kw.pop("model_type", None)
+    if model_type is None:
+        raise ModelError(f"{key} needs `model_type` (e.g. llama, gemma3_text)")
+    kw.setdefault("vocab_size", vocab)
+    try:
+        return AutoConfig.for_model(model_type, **kw)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelError(f"cannot build a {model_type!r} config from {key}: {exc}") from None
+
+
+def _student_config(job: Any, teacher_conf: Any | None, vocab: int) -> Any | None:
+    import copy
+
+    s = job.student
+    if s.model is not None:
+        return model_config(s.model, "student.model", s.revision, s.trust_remote_code)
+    if s.build is not None:
+        return _build_config(s.build, vocab, "student.build")
+    if teacher_conf is None:
+        return None
+    conf = copy.deepcopy(teacher_conf)
+    conf.num_hidden_layers = len(s.from_teacher_layers or [])
+    for key in ("layer_types",):
+        value = getattr(conf, key, None)
+        if isinstance(value, list):
+            setattr(conf, key, [value[i] for i in s.from_teacher_layers or []
+                                if i < len(value)])
+    return conf
+
