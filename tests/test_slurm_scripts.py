@@ -200,7 +200,7 @@ def test_plain_wrappers_are_generated_from_the_templates() -> None:
     assert res.returncode == 0, res.stderr
     wrappers = sorted(p.name for p in (REPO / "scripts" / "slurm").glob("*.sbatch"))
     assert wrappers == sorted(["shards.sbatch", "teacher_pretrain.sbatch",
-                               "teacher_cache.sbatch", "train-response.sbatch",
+                               "teacher_finetune.sbatch", "teacher_cache.sbatch", "train-response.sbatch",
                                "train-feature.sbatch", "train-relation.sbatch",
                                "train-baseline.sbatch", "eval.sbatch", "ept.sbatch",
                                "report.sbatch"])

@@ -32,7 +32,13 @@ class Stage:
 
 def stages(cfg: ExperimentConfig) -> list[Stage]:
     """The experiment's stage list; what each needs is made by an earlier one."""
-    from wattkd.train import student_job, teacher_pretrain_job, train, training_done
+    from wattkd.train import (
+        student_job,
+        teacher_finetune_job,
+        teacher_pretrain_job,
+        train,
+        training_done,
+    )
 
     out: list[Stage] = []
     shards = cfg.shards_dir
@@ -47,6 +53,9 @@ def stages(cfg: ExperimentConfig) -> list[Stage]:
     if cfg.teacher.pretrain is not None:
         out.append(Stage("teacher pretrain", lambda: training_done(teacher_dir),
                          lambda: _train_or_fail(train, teacher_pretrain_job(cfg))))
+    if cfg.teacher.finetuned:
+        out.append(Stage("teacher finetune", lambda: training_done(teacher_dir),
+                         lambda: _train_or_fail(train, teacher_finetune_job(cfg))))
     if cfg.distill.teacher_signals == "cache" and any(
             m.mode != "none" for m in cfg.distill.methods):
         def cache() -> None:
