@@ -154,12 +154,12 @@ def statistics(a: Analysis) -> dict[str, Any]:
     for x, y in combinations(others, 2):
         comparisons += _compare(a, x, y, runs, vals, y)
     repeats = max((len(v) for v in runs.values()), default=0)
-    notes = [f"95% intervals; perplexity: paired percentile bootstrap over held-out sequences "
-             f"and repeats ({stats.N_BOOT} draws, seed {stats.SEED}); other figures: t interval "
-             "of the per-repeat differences (repeat k of both methods shares data order and "
-             "seed)",
-             "task accuracy is compared over repeats only: per-example results are not saved "
-             "by the eval stage (lm-eval log_samples off)"]
+    notes = [(f"95% intervals; perplexity: paired percentile bootstrap over held-out "
+              f"sequences and repeats ({stats.N_BOOT} draws, seed {stats.SEED}); other figures: "
+              "t interval of the per-repeat differences (repeat k of both methods shares data "
+              "order and seed)"),
+             ("task accuracy is compared over repeats only: per-example results are not saved "
+              "by the eval stage (lm-eval log_samples off)")]
     if repeats < 2:
         notes.append("one repeat per method: training noise is not measured, so no difference "
                      "can be called (set train.repeats >= 2, better 3 or more)")
