@@ -107,7 +107,8 @@ def _compare(a: Analysis, name_a: str, name_b: str, runs: dict[str, dict[int, Ru
             if iv is None:
                 if note:
                     out.append({"a": name_a, "b": name_b, "figure": key, "title": title,
-                                "verdict": f"not compared: {note}", "how": None})
+                                "verdict": f"not compared: {note}", "how": None,
+                                "note": note})
                 continue
             pct = [math.expm1(x) * 100 for x in (iv.diff, iv.lo, iv.hi)]
             text = f"{title} {_num(pct[0])}% [{_num(pct[1])}%, {_num(pct[2])}%]"
@@ -197,7 +198,8 @@ def statistics_tables(st: dict[str, Any]) -> list[Any]:
         for key, s in figs.items():
             title = FIGURES.get(key, (f"task {key[5:]}",))[0]
             spread.add(method=method, figure=title, n=s["n"], mean=s["mean"],
-                       std=s["std"] if s["std"] is not None else "one repeat",
+                       std=s["std"] if s["std"] is not None else Quantity.missing(
+                           "a single repeat: no spread"),
                        min=s["min"], max=s["max"])
     verdicts = Table("verdicts", "Verdicts: differences with 95% confidence intervals",
                      " ".join(st["notes"]) + ".",
@@ -208,5 +210,6 @@ def statistics_tables(st: dict[str, Any]) -> list[Any]:
                       Column("verdict", "Verdict (difference [95% CI])", numeric=False)])
     for c in st["comparisons"]:
         verdicts.add(a=c["a"], b=c["b"], figure=c["title"], how=c.get("how") or "—",
-                     repeats=c.get("repeats", "—"), verdict=c["verdict"])
+                     repeats=c["repeats"] if "repeats" in c else Quantity.missing(
+                         c.get("note") or "not compared"), verdict=c["verdict"])
     return [verdicts, spread]
