@@ -164,6 +164,11 @@ def test_pipeline_stage_resumes_after_sigkill_and_report_amortises(base: Path,
     assert rows["baseline/rep0"]["finetune_share"] == "n/a"
     assert rows["baseline/rep0"]["e_total"]["value"] == pytest.approx(
         rows["baseline/rep0"]["e_run_cpu"]["value"])
+    # repeat k of every method shares its seed (data order, init): the runs are paired
+    for rep in (0, 1):
+        seeds = {json.loads((out / m / f"rep{rep}" / "run.json").read_text())["seeds"]["data_order"]
+                 for m in ("response", "baseline")}
+        assert seeds == {rep}
     # verdicts: two paired repeats, perplexity over the same held-out sequences
     st = report["statistics"]
     assert st["repeats"] == 2 and st["baseline"] == "baseline"

@@ -46,6 +46,7 @@ def _run_values(a: Analysis, r: RunResult) -> dict[str, float]:
     qs: dict[str, Quantity] = {"quality": r.quality, "e_run": r.e_run[a.basis],
                                "e_total": r.e_total, "ept_train": r.ept_train, "ept": r.ept_at}
     out = {k: float(q.value) for k, q in qs.items() if q.ok}  # type: ignore[arg-type]
+    out.update({f"estimated:{k}": 1.0 for k, q in qs.items() if q.ok and q.estimated})
     doc = r.run.perplexity or {}
     if isinstance(doc.get("perplexity"), int | float) and math.isfinite(doc["perplexity"]):
         out["perplexity"] = float(doc["perplexity"])
@@ -122,6 +123,8 @@ def _compare(a: Analysis, name_a: str, name_b: str, runs: dict[str, dict[int, Ru
             rel = f" ({_num(100 * iv.diff / base)}%)" if base else ""
             text = (f"{title} {_num(iv.diff)}{rel}" if iv.how == "single" else
                     f"{title} {_num(iv.diff)} [{_num(iv.lo)}, {_num(iv.hi)}]{rel}")
+            if any(f"estimated:{key}" in vals(r) for r in [*ra.values(), *rb.values()]):
+                text += " (estimated)"
             unit, diff, lo, hi = "", iv.diff, iv.lo, iv.hi
         out.append({"a": name_a, "b": name_b, "figure": key, "title": title, "unit": unit,
                     "diff": diff, "lo": lo, "hi": hi, "how": iv.how, "repeats": iv.repeats,
@@ -144,7 +147,8 @@ def statistics(a: Analysis) -> dict[str, Any]:
         per: dict[str, list[float]] = {}
         for r in m.runs:
             for k, v in vals(r).items():
-                per.setdefault(k, []).append(v)
+                if not k.startswith("estimated:"):
+                    per.setdefault(k, []).append(v)
         summary[m.method] = {k: stats.summarize(v) for k, v in per.items()}
     baseline = next((m.method for m in a.methods if m.kind == "baseline"), None)
     others = [m.method for m in a.methods if m.method != baseline]
@@ -202,7 +206,7 @@ def statistics_tables(st: dict[str, Any]) -> list[Any]:
                            "a single repeat: no spread"),
                        min=s["min"], max=s["max"])
     verdicts = Table("verdicts", "Verdicts: differences with 95% confidence intervals",
-                     " ".join(st["notes"]) + ".",
+                     ". ".join(st["notes"]) + ".",
                      [Column("a", "Method", numeric=False), Column("b", "Against",
                                                                   numeric=False),
                       Column("figure", "Figure", numeric=False),
