@@ -52,10 +52,11 @@ class CachePlan:
                              "them (`wattkd data build --overwrite`)")
         self.vocab = len(self.tokenizer)
         self.teacher_path = teacher_path(cfg)
-        if self.teacher_path and cfg.teacher.pretrain is not None and \
-                not Path(self.teacher_path).exists():
+        if self.teacher_path and (cfg.teacher.pretrain is not None or cfg.teacher.finetuned) \
+                and not Path(self.teacher_path).exists():
+            stage = "finetune" if cfg.teacher.finetuned else "pretrain"
             raise CacheError(f"teacher {self.teacher_path} not found: run `wattkd teacher "
-                             "pretrain` first")
+                             f"{stage}` first")
         check_tokenizer_match(self.teacher_path, self.tokenizer)
         self.teacher_config = _teacher_config(cfg, self.teacher_path, self.vocab)
         self._check_spec()
