@@ -182,3 +182,17 @@ def test_pipeline_stage_resumes_after_sigkill_and_report_amortises(base: Path,
     ps = doc["per_sequence"]
     assert sum(ps["tokens"]) == doc["tokens"]
     assert sum(ps["nll_sum"]) / doc["tokens"] == pytest.approx(doc["nll"], rel=1e-6)
+
+
+def test_cli_without_the_section_says_what_to_add(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from wattkd.cli import app
+
+    data = experiment(tmp_path / "x", tmp_path / "base")
+    del data["teacher"]["finetune"]
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(app, ["teacher", "finetune", str(config)])
+    assert res.exit_code == 2
+    assert "teacher.finetune is not set" in res.output
