@@ -183,20 +183,35 @@ def _finish_train(result) -> None:
 
 # -------------------------------------------------------------------------------------- eval
 @app.command("eval")
-def eval_cmd(model: Annotated[str, typer.Argument(help="HF folder, hub id, or run directory")],
+def eval_cmd(model: Annotated[str | None, typer.Argument(
+                 help="HF folder, hub id, or run directory")] = None,
              config: Annotated[Path | None, typer.Option(help="experiment YAML for eval "
                                                             "settings and data paths")] = None,
              suite: Annotated[str | None, typer.Option(help="task suite")] = None,
              limit: Annotated[int | None, typer.Option(help="examples per task")] = None,
              out: Annotated[Path | None, typer.Option(help="result JSON")] = None,
              perplexity: Annotated[bool, typer.Option(help="also held-out perplexity")] = False,
+             list_tasks: Annotated[bool, typer.Option(
+                 "--list-tasks", help="list the tasks a suite can name, and exit")] = False,
              set_: SetOpt = None) -> None:
     """Evaluate a model with lm-eval under a locked protocol (and held-out perplexity)."""
+    from wattkd.config import ConfigError
     from wattkd.eval.runner import evaluate_target
+    from wattkd.eval.tasks.utils import TaskDataError
 
     cfg = _load(config, set_) if config else None
-    result = evaluate_target(model, cfg, suite=suite, limit=limit, out=out,
-                             with_perplexity=perplexity)
+    try:
+        if list_tasks:
+            from wattkd.eval.custom import list_tasks as listing
+
+            typer.echo(listing(cfg.eval if cfg else None))
+            return
+        if model is None:
+            _fail("give a MODEL (HF folder, hub id or run directory), or --list-tasks")
+        result = evaluate_target(model, cfg, suite=suite, limit=limit, out=out,
+                                 with_perplexity=perplexity)
+    except (ConfigError, TaskDataError) as exc:
+        _fail(str(exc))
     typer.echo(f"eval results: {result}")
 
 

@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -344,9 +353,68 @@ class EptConfig(Strict):
     warmup_batches: int = Field(default=2, ge=0)
 
 
+class SuiteTaskConfig(Strict):
+    """One task of a suite written in the YAML: exactly one of `task` or `bigbench`."""
+
+    task: str | None = Field(default=None, description="lm-eval task or group name: wattkd's "
+                             "own, from eval.include_path, or lm-eval's registry (hub data)")
+    bigbench: str | None = Field(default=None, description="folder with a BIG-bench task.json "
+                                 "(multiple choice or generative, detected)")
+    name: str | None = Field(default=None, description="result name of a bigbench task "
+                             "(default: the folder's name)")
+    num_fewshot: int = Field(default=0, ge=0)
+    metric: str | None = Field(default=None, description="'<metric>,<filter>' key of lm-eval's "
+                               "results (default: the task's first metric)")
+    limit: int | None = Field(default=None, gt=0, description="examples of this task")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SuiteTaskConfig:
+        if (self.task is None) == (self.bigbench is None):
+            raise ValueError("a suite task sets exactly one of 'task' (an lm-eval task name) "
+                             "or 'bigbench' (a folder with task.json)")
+        if self.name is not None:
+            if self.task is not None:
+                raise ValueError("'name' is for bigbench tasks; an lm-eval task keeps its name")
+            _safe_name(self.name, "task name")
+        if self.metric is not None and not re.match(r"^[\w.-]+,[\w.-]+$", self.metric):
+            raise ValueError(f"metric {self.metric!r} must look like '<metric>,<filter>' "
+                             "(e.g. 'acc,none', 'exact_match,extract')")
+        return self
+
+
+class SuiteConfig(Strict):
+    """A suite written in the experiment YAML (`eval.suite: {name, tasks, ...}`)."""
+
+    name: str = Field(default="custom", description="eval/<name>.json")
+    description: str = ""
+    tasks: list[SuiteTaskConfig] = Field(min_length=1)
+    limit: int | None = Field(default=None, gt=0, description="examples per task")
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
+    system_instruction: str | None = None
+    fewshot_seed: int = 1234
+
+    _name = field_validator("name")(lambda v: _safe_name(v, "suite name"))
+
+
+# A preset's name or a suite written out; the empty tag keeps error keys `eval.suite.tasks.0`.
+SuiteSpec = Annotated[Annotated[str, Tag("name")] | Annotated[SuiteConfig, Tag("")],
+                      Discriminator(lambda v: "name" if isinstance(v, str) else "")]
+
+
 class EvalConfig(Strict):
-    suite: str | None = Field(default="offline", description="lm-eval task suite; null: "
-                              "held-out perplexity only")
+    suite: SuiteSpec | None = Field(default="offline", description="a preset suite name or a "
+                                    "suite {name, tasks, ...}; null: held-out perplexity only")
+    train_suite: SuiteSpec | None = Field(
+        default=None, description="suite run every train.eval_every steps beside held-out loss "
+        "(keep it small: few tasks, small limit)")
+    include_path: list[str] = Field(default_factory=list, description="folders of lm-eval task "
+                                    "YAMLs that suite tasks may name")
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
     limit: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=8, gt=0)
     mmlu_path: str | None = Field(default=None, description="JSONL of {subject, question, "
@@ -455,7 +523,7 @@ class ExperimentConfig(Strict):
 
 # ------------------------------------------------------------------------------------ loading
 def _describe(err: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+    key = ".".join(str(p) for p in err["loc"] if p != "") or "<top level>"
     kind = err["type"]
     if kind == "extra_forbidden":
         return f"{key}: unknown key"
@@ -466,18 +534,25 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{key}: {err['msg']}{got_s}"
 
 
+def _inner_types(ann: Any) -> list[Any]:
+    """Types inside unions, lists and Annotated (eval.suite's tagged union among them)."""
+    out: list[Any] = []
+    for a in getattr(ann, "__args__", ()) or ():
+        out += [a] if isinstance(a, type) else _inner_types(a)
+    return out
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
     """Keys allowed at the parent of `loc`, for "did you mean" messages."""
     cls: Any = model
     for part in loc[:-1]:
-        if isinstance(part, int):
+        if isinstance(part, int) or part == "":
             continue
         field = getattr(cls, "model_fields", {}).get(part)
         if field is None:
             return None
         ann = field.annotation
-        inner = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)]
-        candidates = [ann] + inner
+        candidates = [ann] + _inner_types(ann)
         nxt = next((c for c in candidates
                     if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if nxt is None:
@@ -501,7 +576,17 @@ def validate(data: dict[str, Any], source: str = "<config>") -> ExperimentConfig
             lines.append("  - " + line)
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(lines)) from None
     _check_losses(cfg, source)
+    _check_suites(cfg, source)
     return cfg
+
+
+def _check_suites(cfg: ExperimentConfig, source: str) -> None:
+    """Suites are checked at load time: task names, task.json files, metrics (eval/custom.py)."""
+    from wattkd.eval.custom import check_eval_config
+
+    problems = check_eval_config(cfg.eval)
+    if problems:
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def _check_losses(cfg: ExperimentConfig, source: str) -> None:

@@ -72,13 +72,16 @@ def stages(cfg: ExperimentConfig) -> list[Stage]:
             out.append(Stage(f"train {method.name} rep{rep}",
                              lambda d=job.run_dir: training_done(d),
                              lambda j=job: _train_or_fail(train, j)))
+    from wattkd.eval.custom import suite_name
     from wattkd.train import teacher_path
 
     # A random-init teacher (benchmarks) has no weights to evaluate: no reference row then.
     evaluated = ([teacher_dir] if teacher_path(cfg) is not None else []) + runs
+    wanted = ["perplexity"] + [n for n in [suite_name(cfg.eval.suite)] if n]
     for run_dir in evaluated:
         out.append(Stage(f"eval {run_dir.relative_to(cfg.out)}",
-                         lambda d=run_dir: (d / "eval" / "perplexity.json").exists(),
+                         lambda d=run_dir: all((d / "eval" / f"{n}.json").exists()
+                                               for n in wanted),
                          lambda d=run_dir: _evaluate(cfg, d)))
         out.append(Stage(f"ept {run_dir.relative_to(cfg.out)}",
                          lambda d=run_dir: (d / "ept.json").exists(),

@@ -24,6 +24,7 @@ import torch
 from wattkd import checkpoint, sharding
 from wattkd.atomic import atomic_dir
 from wattkd.config import ExperimentConfig, MethodConfig, StudentConfig, TrainConfig, dump
+from wattkd.eval.in_training import task_evaluator
 from wattkd.progress import NoBar
 from wattkd.runinfo import write_run_json
 
@@ -327,6 +328,8 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     device = resolve_device(tc.device)
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
+    # eval.train_suite: resolved and its tasks loaded now, before any model is built
+    task_eval = task_evaluator(cfg.eval, eval_every=tc.eval_every, strategy=tc.strategy)
 
     # ---- 2. accelerator, models, objective
     bf16 = use_bf16(tc, device)
@@ -537,6 +540,8 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                     ev = heldout_loss(core, heldout, tokens=tc.eval_tokens,
                                       batch_size=tc.micro_batch_size, device=device,
                                       autocast=accelerator.autocast)
+                    if task_eval is not None and accelerator.is_main_process:
+                        ev.update(task_eval(core.student, tokenizer))  # suite, tasks
                     energy = meter.energy_j()
                     metrics.write({"kind": "eval", "step": step, "tokens": tokens, **ev,
                                    "energy_j": None if energy is None else prior_energy + energy})

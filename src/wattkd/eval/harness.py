@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.config import EvalConfig
+from wattkd.eval.custom import bigbench_task_config, resolve_suite
 from wattkd.eval.protocol import (
     PROTOCOL_FORMAT,
     docs_digest,
@@ -25,7 +26,7 @@ from wattkd.eval.protocol import (
     task_config_digest,
     write_json_atomic,
 )
-from wattkd.eval.suites import Suite, SuiteError, get_suite, task_metadata
+from wattkd.eval.suites import Suite, SuiteError, task_metadata
 from wattkd.eval.tasks import TASKS_DIR
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,8 @@ def make_lm(model: Any, tokenizer: Any, cfg: EvalConfig) -> Any:
 def _task_manager(suite: Suite, metadata: dict[str, str]) -> Any:
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=suite.hub,
-                       metadata=metadata)
+    include = [str(TASKS_DIR), *suite.include_paths] if suite.include_paths else str(TASKS_DIR)
+    return TaskManager(include_path=include, include_defaults=suite.hub, metadata=metadata)
 
 
 def load_tasks(suite: Suite, cfg: EvalConfig) -> tuple[Any, list[Any], dict[str, list[Any]]]:
@@ -115,7 +116,7 @@ def load_tasks(suite: Suite, cfg: EvalConfig) -> tuple[Any, list[Any], dict[str,
     objs: list[Any] = []
     leaves: dict[str, list[Any]] = {}
     for st in suite.tasks:
-        loaded = tm.load([st.name])
+        loaded = tm.load([bigbench_task_config(st) if st.bigbench_json else st.name])
         if st.name in loaded["groups"]:
             obj = loaded["groups"][st.name]
             assert isinstance(obj, Group)
@@ -157,6 +158,10 @@ def build_protocol(suite: Suite, cfg: EvalConfig, leaves: dict[str, list[Any]]) 
             "data_sha256": sha256_text("".join(f"{k}={v};" for k, v in sorted(data.items()))),
             "docs": n_docs,
         }
+        if st.limit is not None:  # config suites only: presets keep their protocol
+            entry["limit"] = suite.task_limit(st, cfg)
+        if st.files:
+            entry["files"] = dict(st.files)
         tasks.append(entry)
     return {
         "format": PROTOCOL_FORMAT,
@@ -185,15 +190,24 @@ def evaluate_lm(lm: Any, suite: str | Suite, cfg: EvalConfig, *,
     """
     import lm_eval
 
-    s = get_suite(suite) if isinstance(suite, str) else suite
+    s = resolve_suite(suite, cfg)
     t0 = time.perf_counter()
     tm, objs, leaves = tasks if tasks is not None else load_tasks(s, cfg)
     protocol = build_protocol(s, cfg, leaves)
     limit = protocol["limit"]
+    samples = None
+    if s.per_task_limits and cfg.limit is None:  # lm-eval's `limit` is one number for all
+        limit = None
+        samples = {}
+        for st in s.tasks:
+            n = s.task_limit(st, cfg)
+            for t in leaves[st.name]:
+                total = len(t.eval_docs)
+                samples[t.task_name] = list(range(total if n is None else min(n, total)))
     log.info("eval suite %s (%s), limit %s, protocol %s", s.name,
              ", ".join(t.name for t in s.tasks), limit, protocol_hash(protocol)[:19])
     res = lm_eval.simple_evaluate(
-        model=lm, tasks=objs, task_manager=tm, num_fewshot=None, limit=limit,
+        model=lm, tasks=objs, task_manager=tm, num_fewshot=None, limit=limit, samples=samples,
         apply_chat_template=s.apply_chat_template,
         fewshot_as_multiturn=s.fewshot_as_multiturn,
         system_instruction=s.system_instruction,
@@ -255,14 +269,15 @@ def _result_path(out_path: Path, name: str) -> Path:
     return p if p.suffix == ".json" else p / "eval" / f"{name}.json"
 
 
-def run_eval(model: str, suite: str, cfg: EvalConfig, out_path: Path, *, device: str = "auto",
+def run_eval(model: str, suite: str | Suite, cfg: EvalConfig, out_path: Path, *,
+             device: str = "auto",
              adapter: str | None = None, device_map: str | None = None) -> dict[str, Any]:
     """Evaluate an HF model folder or hub id on a named suite; write eval/<suite>.json.
 
     `out_path` is the JSON file to write, or a run directory. Data paths are checked and the
     tasks loaded before the model, so bad settings fail in seconds.
     """
-    s = get_suite(suite)
+    s = resolve_suite(suite, cfg)
     tasks = load_tasks(s, cfg)  # data checked and parsed before any weights are loaded
     net, tokenizer = load_model(model, adapter=adapter, device=device, device_map=device_map)
     lm = make_lm(net, tokenizer, cfg)

@@ -64,7 +64,7 @@ def function_fingerprint(fn: Any) -> str:
 
 
 # Config keys that say where things are on this machine, not how the task is measured.
-_MACHINE_KEYS = {"config_source", "wattkd_mmlu_path", "wattkd_bigbench_dir"}
+_MACHINE_KEYS = {"config_source", "wattkd_mmlu_path", "wattkd_bigbench_dir", "wattkd_task_json"}
 
 
 def task_config_digest(config: Mapping[str, Any]) -> str:
@@ -73,6 +73,9 @@ def task_config_digest(config: Mapping[str, Any]) -> str:
     meta = cfg.pop("metadata", None) or {}
     if isinstance(meta, Mapping):
         cfg["metadata"] = {k: v for k, v in meta.items() if k not in _MACHINE_KEYS}
+    kwargs = cfg.get("dataset_kwargs")
+    if isinstance(kwargs, Mapping) and _MACHINE_KEYS & set(kwargs):  # a config suite's file
+        cfg["dataset_kwargs"] = {k: v for k, v in kwargs.items() if k not in _MACHINE_KEYS}
     return sha256_text(canonical_json(cfg))
 
 

@@ -51,17 +51,20 @@ def evaluate_target(target: str, cfg: ExperimentConfig | None, *, suite: str | N
                     limit: int | None = None, out: Path | None = None,
                     with_perplexity: bool = False) -> dict[str, str]:
     """Run the task suite (when it has data) and held-out perplexity; return result paths."""
+    from wattkd.eval.custom import resolve_suite
     from wattkd.eval.harness import run_eval
     from wattkd.eval.perplexity import run_perplexity
 
-    model, run_dir = resolve_target(target, cfg)
     ev = _eval_config(cfg, limit)
+    spec = suite or ev.suite
+    chosen = resolve_suite(spec, ev) if spec else None  # a bad suite fails before the model
+    model, run_dir = resolve_target(target, cfg)
     written: dict[str, str] = {}
     device = cfg.train.device if cfg is not None else "auto"
-    name = suite or ev.suite
-    if name:
+    if chosen is not None:
+        name = chosen.name
         dest = out or (run_dir / "eval" / f"{name}.json" if run_dir else Path(f"eval-{name}.json"))
-        run_eval(model, name, ev, dest, device=device)
+        run_eval(model, chosen, ev, dest, device=device)
         written[name] = str(dest)
     else:
         log.info("eval.suite is not set: no task suite run (quality from perplexity)")

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wattkd.config import EvalConfig
+from wattkd.config import ConfigError, EvalConfig
 from wattkd.eval.tasks import TASKS_DIR
 from wattkd.eval.tasks import utils as task_utils
 
 
-class SuiteError(ValueError):
-    """Unknown suite, or a suite whose data cannot be found."""
+class SuiteError(ConfigError):
+    """Unknown suite, or a suite whose tasks or data cannot be found (a config problem)."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,11 @@ class SuiteTask:
     metric: str        # key in lm-eval's results, "<metric>,<filter>"
     num_fewshot: int = 0
     data: str | None = None  # "mmlu" | "bigbench:<task>" | None (hub data)
+    # Suites written in the config (eval/custom.py) only; presets leave the defaults.
+    limit: int | None = None          # examples of this task (over the suite's limit)
+    bigbench_json: str | None = None  # a local BIG-bench task.json (not a packaged YAML)
+    mode: str | None = None           # its kind: "mc" | "gen"
+    files: tuple[tuple[str, str], ...] = ()  # (file name, sha256) hashed into the protocol
 
 
 @dataclass(frozen=True)
@@ -39,9 +44,20 @@ class Suite:
     hub: bool = False  # tasks from lm-eval's own registry, data from the Hugging Face hub
     fewshot_seed: int = 1234
     extra: dict[str, Any] = field(default_factory=dict)
+    include_paths: tuple[str, ...] = ()  # eval.include_path folders (config suites)
 
     def effective_limit(self, cfg: EvalConfig) -> int | None:
         return cfg.limit if cfg.limit is not None else self.limit
+
+    def task_limit(self, task: SuiteTask, cfg: EvalConfig) -> int | None:
+        """Examples of `task`: eval.limit (--limit) over the task's own over the suite's."""
+        if cfg.limit is not None:
+            return cfg.limit
+        return task.limit if task.limit is not None else self.limit
+
+    @property
+    def per_task_limits(self) -> bool:
+        return any(t.limit is not None for t in self.tasks)
 
 
 def _bb(task: str, mode: str) -> SuiteTask:

@@ -22,6 +22,7 @@ from typing import Any
 
 MMLU_PATH_KEY = "wattkd_mmlu_path"
 BIGBENCH_DIR_KEY = "wattkd_bigbench_dir"
+TASK_JSON_KEY = "wattkd_task_json"  # dataset_kwargs of a config suite's BIG-bench folder
 MMLU_KEYS = ("subject", "question", "choices", "answer")
 
 # BIG-bench json_task defaults, used when a task.json does not set its own.
@@ -120,9 +121,13 @@ def read_bigbench(root: str | Path, task: str, mode: str) -> list[dict[str, Any]
     `gold` (the first of them, used to render few-shot answers).
     mode "gen": each doc has `prompt` and `targets` (any of them is a correct answer).
     """
+    return read_bigbench_file(bigbench_task_path(root, task), mode)
+
+
+def read_bigbench_file(p: Path, mode: str) -> list[dict[str, Any]]:
+    """`read_bigbench` of one task.json file, wherever it is (see read_bigbench)."""
     import numpy as np
 
-    p = bigbench_task_path(root, task)
     try:
         spec = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -197,3 +202,26 @@ def load_bigbench_gen(**kwargs: Any) -> Any:
     """lm-eval `custom_dataset` hook for BIG-bench generation (target)."""
     return _load_bigbench("gen", kwargs)
 
+
+
+def _load_bigbench_file(mode: str, kwargs: dict[str, Any]) -> Any:
+    path = kwargs.get(TASK_JSON_KEY)
+    if not path:
+        raise TaskDataError(f"no task.json given: pass dataset_kwargs {{'{TASK_JSON_KEY}': path}}")
+    p = Path(path)
+    if not p.is_file():
+        raise TaskDataError(f"BIG-bench task file not found: {p}")
+    docs = read_bigbench_file(p, mode)
+    import datasets
+
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
+
+
+def load_bigbench_file_mc(**kwargs: Any) -> Any:
+    """lm-eval `custom_dataset` hook: one BIG-bench folder (multiple choice) of a config suite."""
+    return _load_bigbench_file("mc", kwargs)
+
+
+def load_bigbench_file_gen(**kwargs: Any) -> Any:
+    """lm-eval `custom_dataset` hook: one BIG-bench folder (generation) of a config suite."""
+    return _load_bigbench_file("gen", kwargs)
