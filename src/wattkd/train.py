@@ -66,7 +66,8 @@ class TrainResult:
 
 # ------------------------------------------------------------------------------- job builders
 def teacher_path(cfg: ExperimentConfig) -> str | None:
-    """Where the teacher's weights are: the config's model, or a teacher pretrained here."""
+    """Where the teacher's weights are: a teacher pretrained or fine-tuned here (its final/),
+    else the config's model."""
     if cfg.teacher.finetuned or cfg.teacher.pretrain is not None:
         return str(cfg.out / "teacher" / "final")  # trained here (finetune / pretrain stage)
     if cfg.teacher.model is not None:

@@ -764,9 +764,11 @@ def definitions(a: Analysis) -> list[tuple[str, str]]:
         ("E_total", ("E_run + the run's share of the teacher-cache energy (cache energy / number "
                      "of students sharing the cache, from run.json `teacher_cache`) + its share "
                      "of the teacher fine-tune energy when the teacher was fine-tuned here "
-                     "(the teacher run's E_run / students registered in teacher/users.jsonl). "
+                     "(the teacher run's E_run / students registered in teacher/users.jsonl: "
+                     "every run that reads the adapted teacher, for KD signals or to start "
+                     "from its layers). "
                      "Online "
-                     "teachers are already inside E_run; the baseline has no teacher cost. "
+                     "teachers are already inside E_run; a baseline pays no teacher-cache share. "
                      "Evaluation and EPT phases are listed in the phase table, not in E_total.")),
         ("OM_perf", ("OM_perf(S) = mean over tasks t of s_t(S) / s_t(T), only when S and the "
                      "teacher T share the protocol hash (else refused, naming what differs). "
