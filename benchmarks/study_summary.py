@@ -2,9 +2,11 @@
 
     python benchmarks/study_summary.py STUDY_DIR --name gemma_study --command "..." [--out DIR]
 
-Reads STUDY_DIR/report/report.json (methods: E_avg, OM_perf, Eff_overall) and every run's
-eval/*.json, eval/perplexity.json, ept.json and metrics.jsonl; writes DIR/<name>.json and
-prints the markdown table. Nothing is recomputed here that the report already states.
+Reads STUDY_DIR/report/report.json (methods: E_avg, OM_perf, Eff_overall; runs: E_run, the
+teacher fine-tune share, E_total; statistics: spreads, 95% intervals, verdicts) and every
+run's eval/*.json, eval/perplexity.json, ept.json and metrics.jsonl; writes DIR/<name>.json
+(one row per repeat) and prints the markdown tables. Nothing is recomputed here that the
+report already states.
 """
 
 from __future__ import annotations
@@ -59,13 +61,18 @@ def main() -> None:
     ap.add_argument("--name", default="gemma_study")
     ap.add_argument("--command", default="")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--wall-s", type=float, default=None, help="wall time of the study")
     args = ap.parse_args()
     report = json.loads((args.study / "report" / "report.json").read_text())
     methods = next(t for t in report["tables"] if t["name"] == "methods")["rows"]
+    runs = {r["run"]: r for r in next((t for t in report["tables"] if t["name"] == "runs"),
+                                      {"rows": []})["rows"]}
     rows = [run_row(args.study / "teacher", "teacher")]
+    rows[0].update(_energy(runs.get("teacher")))
     for m in methods:
         for run in sorted((args.study / m["method"]).glob("rep*")):
             row = run_row(run, f"{m['method']}/{run.name}")
+            row.update(_energy(runs.get(f"{m['method']}/{run.name}")))
             row.update(method=m["method"], e_avg_j=m["e_avg"].get("value"),
                        e_avg_unc_j=m["e_avg"].get("unc"),
                        om_perf=m["quality"].get("value"), om_perf_unc=m["quality"].get("unc"),
@@ -77,10 +84,22 @@ def main() -> None:
               "versions": next((r.get("versions") for r in rows if r.get("versions")), None),
               "command": args.command, "energy_basis": report.get("energy_basis_label"),
               "quality": report.get("quality_label"), "ept_batch_for_eff":
-                  report.get("ept_batch_size"), "rows": rows}
+                  report.get("ept_batch_size"), "wall_s": args.wall_s, "rows": rows,
+              "statistics": report.get("statistics")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     print(markdown(result))
+
+
+def _energy(row: dict | None) -> dict:
+    """This run's own energy figures from the report's runs table (value or None)."""
+    def v(key: str) -> float | None:
+        cell = (row or {}).get(key)
+        return cell.get("value") if isinstance(cell, dict) else None
+
+    return {"e_run_gpu_j": v("e_run_gpu"), "e_run_cpu_j": v("e_run_cpu"),
+            "cache_share_j": v("cache_share"), "finetune_share_j": v("finetune_share"),
+            "e_total_j": v("e_total")}
 
 
 def _f(v: float | None, fmt: str) -> str:
@@ -99,8 +118,9 @@ def markdown(result: dict) -> str:
             x = ept.get(b) or ept.get(str(b))
             return "—" if x is None else f"{x['ept_total_j']:.4f}"
 
-        e_run = ("—" if r.get("e_avg_j") is None
-                 else f"{r['e_avg_j']:,.0f} ± {r['e_avg_unc_j']:,.0f}")
+        e_run = _f(r.get("e_run_gpu_j"), ",.0f")
+        if r.get("finetune_share_j") is not None:
+            e_run += f" (+{r['finetune_share_j']:,.0f} fine-tune share)"
         om = ("1 (reference)" if r["run"] == "teacher" else
               f"{_f(r.get('om_perf'), '.3f')} ± {_f(r.get('om_perf_unc'), '.3f')}")
         cells = [r["run"], e_run, _f(r.get("train_tokens_per_s_median"), ",.0f"),
@@ -108,6 +128,18 @@ def markdown(result: dict) -> str:
                  *[_f(r.get("scores", {}).get(t), ".2f") for t in tasks], om,
                  e(1), e(8), e(32), _f(r.get("eff_overall"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
+    st = result.get("statistics") or {}
+    if st.get("summary"):
+        lines += ["", "| method | figure | n | mean | std | min | max |", "|---|---|---|---|---|---|---|"]
+        for method, figs in st["summary"].items():
+            for key, x in figs.items():
+                lines.append(f"| {method} | {key} | {x['n']} | {_f(x['mean'], '.4g')} | "
+                             f"{_f(x['std'], '.3g')} | {_f(x['min'], '.4g')} | "
+                             f"{_f(x['max'], '.4g')} |")
+    if st.get("comparisons"):
+        lines += ["", "Verdicts (95% intervals; " + "; ".join(st.get("notes") or []) + "):", ""]
+        lines += [f"- {c['a']} vs {c['b']}, {c['title']}: {c['verdict']}"
+                  for c in st["comparisons"]]
     return "\n".join(lines)
 
 

@@ -295,3 +295,26 @@ def test_node_sampler_step_runs_beside_the_work_and_stops_cleanly(slurm_cluster,
     lines = [json.loads(x) for x in files[0].read_text().splitlines()]
     assert lines[0]["type"] == "header" and lines[-1]["type"] == "footer", log
     assert any(x["type"] == "sample" for x in lines)
+
+
+def test_teacher_finetune_stage_runs_under_slurm(slurm_cluster, chain, tmp) -> None:
+    """`teacher_finetune` as a real job: a saved 'pretrained' teacher adapted on the chain's
+    shards, its final/ written where the later stages look for the teacher."""
+    from wattkd.data.tokenizer import load_tokenizer
+    from wattkd.models import build_from_config
+
+    base = tmp / "base"
+    tok = load_tokenizer("bundled:bpe-4096")
+    build_from_config(LLAMA, len(tok), seed=0).save_pretrained(base)
+    tok.save_pretrained(base)
+    out = tmp / "runs" / "ft"
+    data = tiny("ft", out, **{"data.shards_dir": str(chain["out"] / "shards"),
+                              "teacher": {"model": str(base),
+                                          "finetune": {"max_steps": 6, "micro_batch_size": 4}}})
+    submit(tmp, data, only={"teacher_finetune"})
+    rows = wait_done(out, 300, slurm_cluster)
+    logs = "".join(p.read_text()[-2000:] for p in (out / "slurm" / "logs").glob("*.out"))
+    assert [r["state"] for r in rows] == ["COMPLETED"], (rows, logs)
+    run = json.loads((out / "teacher" / "run.json").read_text())
+    assert run["role"] == "teacher_finetune" and run["status"] == "completed", logs
+    assert run["step"] == 6 and (out / "teacher" / "final" / "config.json").exists()

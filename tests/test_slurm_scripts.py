@@ -115,6 +115,32 @@ def test_dependency_graph_waits_only_for_what_each_stage_reads() -> None:
         "eval-baseline", "eval-teacher"}
 
 
+def test_teacher_finetune_stage_is_a_preemptible_rank_job_everything_waits_for(
+        tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = config(**{"teacher.finetune": {"max_steps": 50, "lora": {"r": 8}},
+                    "student": {"from_teacher_layers": [0, 1]}})
+    deps = graph_deps(cfg)
+    ready = ["afterok:shards", "afterok:teacher_finetune"]
+    assert deps["teacher_finetune"] == ["afterok:shards"]
+    assert deps["teacher_cache"] == ready                  # the cache of the adapted teacher
+    assert deps["train-response"] == [*ready, "afterok:teacher_cache"]
+    assert deps["train-baseline"] == ready                 # initialised from its layers
+    assert deps["eval-teacher"] == ready
+    _, scripts = plan(cfg)
+    text = scripts["teacher_finetune"]
+    assert "teacher finetune \"$CONFIG\" --resume auto" in text
+    assert 'start_node_samplers "$OUT_DIR/teacher/telemetry"' in text
+    opts = sbatch_opts(text)
+    assert opts["signal"] == "B:USR1@600" and "requeue" in opts
+    assert opts["ntasks-per-node"] == "4" and opts["nodes"] == "2"
+    path = tmp_path / "ft.sbatch"
+    path.write_text(text)
+    assert subprocess.run(["bash", "-n", str(path)], check=False).returncode == 0
+    # without the section there is no such job
+    assert "teacher_finetune" not in graph_deps(config())
+
+
 def test_dry_run_prints_scripts_and_graph_and_touches_nothing(tmp_path, monkeypatch,
                                                               capsys) -> None:
     monkeypatch.chdir(tmp_path)
@@ -223,7 +249,7 @@ def test_plain_wrappers_are_generated_from_the_templates() -> None:
     assert res.returncode == 0, res.stderr
     wrappers = sorted(p.name for p in (REPO / "scripts" / "slurm").glob("*.sbatch"))
     assert wrappers == sorted(["shards.sbatch", "teacher_pretrain.sbatch",
-                               "teacher_cache.sbatch", "train-response.sbatch",
+                               "teacher_finetune.sbatch", "teacher_cache.sbatch", "train-response.sbatch",
                                "train-feature.sbatch", "train-relation.sbatch",
                                "train-baseline.sbatch", "eval.sbatch", "ept.sbatch",
                                "report.sbatch"])

@@ -20,7 +20,7 @@ app = typer.Typer(help="Energy-aware knowledge distillation of LLMs.", no_args_i
                   pretty_exceptions_enable=False, cls=ErrorReportingGroup)
 config_app = typer.Typer(help="Inspect experiment configs.", no_args_is_help=True)
 data_app = typer.Typer(help="Token shards.", no_args_is_help=True)
-teacher_app = typer.Typer(help="Teacher: pretrain (demo) and the offline teacher cache.",
+teacher_app = typer.Typer(help="Teacher: pretrain (demo), finetune, and the offline cache.",
                           no_args_is_help=True)
 models_app = typer.Typer(help="Prepare models for offline use.", no_args_is_help=True)
 slurm_app = typer.Typer(help="Submit and follow the pipeline on a Slurm cluster.",
@@ -122,6 +122,21 @@ def teacher_pretrain(config: ConfigArg, set_: SetOpt = None,
     cfg = _load(config, set_)
     result = train(teacher_pretrain_job(cfg), resume=resume)
     _finish_train(result)
+
+
+@teacher_app.command("finetune")
+def teacher_finetune(config: ConfigArg, set_: SetOpt = None,
+                     resume: Annotated[str, typer.Option(help="auto | never | DIR")] = "auto",
+                     ) -> None:
+    """Fine-tune the pretrained teacher (teacher.model) on the training shards (full or
+    LoRA, teacher.finetune); later stages use OUTPUT_DIR/teacher/final."""
+    from wattkd.train import teacher_finetune_job, train
+
+    cfg = _load(config, set_)
+    if not cfg.teacher.finetuned:
+        _fail(f"{config}: teacher.finetune is not set (or enabled: false); add a "
+              "teacher.finetune section with max_steps or max_tokens")
+    _finish_train(train(teacher_finetune_job(cfg), resume=resume))
 
 
 @teacher_app.command("cache")

@@ -120,11 +120,38 @@ class TeacherPretrainConfig(Strict):
     micro_batch_size: int = Field(default=16, gt=0)
 
 
+class TeacherFinetuneConfig(Strict):
+    """Adapt a pretrained teacher (teacher.model) to the experiment's training shards first
+    (CE, the students' loop); later stages then use <output_dir>/teacher/final."""
+
+    enabled: bool = True
+    max_steps: int | None = Field(default=200, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0)
+    lr: float = Field(default=5e-5, gt=0)
+    micro_batch_size: int | None = Field(default=None, gt=0,
+                                         description="None: train.micro_batch_size")
+    warmup_steps: int = Field(default=0, ge=0)
+    lora: LoraConfig | None = Field(default=None, description="None: full fine-tuning; LoRA "
+                                    "adapters are merged into final/ (merge_on_save: true)")
+
+    @model_validator(mode="after")
+    def _budget(self) -> TeacherFinetuneConfig:
+        if self.max_steps is None and self.max_tokens is None:
+            raise ValueError("teacher.finetune needs max_steps or max_tokens")
+        if self.lora is not None and not self.lora.merge_on_save:
+            raise ValueError("teacher.finetune.lora.merge_on_save must be true: the online "
+                             "teacher and the teacher cache load a whole model folder")
+        return self
+
+
 class TeacherConfig(Strict):
     model: str | None = Field(default=None, description="HF folder or hub id")
     build: dict[str, Any] | None = Field(default=None, description="HF config kwargs for a "
                                          "random-init model (needs `model_type`)")
     pretrain: TeacherPretrainConfig | None = None
+    finetune: TeacherFinetuneConfig | None = Field(
+        default=None, description="fine-tune the pretrained teacher on the training shards "
+        "before distillation (`wattkd teacher finetune`)")
     revision: str | None = None
     dtype: Dtype = "auto"
     device_map: str | None = Field(default=None, description="e.g. 'auto' to spread a large "
@@ -137,7 +164,15 @@ class TeacherConfig(Strict):
             raise ValueError("give exactly one of teacher.model or teacher.build")
         if self.pretrain is not None and self.build is None:
             raise ValueError("teacher.pretrain applies only to a teacher built from config")
+        if self.finetune is not None and self.finetune.enabled and self.model is None:
+            raise ValueError("teacher.finetune adapts a pretrained teacher: it needs "
+                             "teacher.model (a teacher built from config uses teacher.pretrain)")
         return self
+
+    @property
+    def finetuned(self) -> bool:
+        """Whether a `teacher finetune` stage runs (its output replaces teacher.model)."""
+        return self.finetune is not None and self.finetune.enabled
 
 
 class StudentConfig(Strict):

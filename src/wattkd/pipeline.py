@@ -32,7 +32,13 @@ class Stage:
 
 def stages(cfg: ExperimentConfig) -> list[Stage]:
     """The experiment's stage list; what each needs is made by an earlier one."""
-    from wattkd.train import student_job, teacher_pretrain_job, train, training_done
+    from wattkd.train import (
+        student_job,
+        teacher_finetune_job,
+        teacher_pretrain_job,
+        train,
+        training_done,
+    )
 
     out: list[Stage] = []
     shards = cfg.shards_dir
@@ -47,6 +53,9 @@ def stages(cfg: ExperimentConfig) -> list[Stage]:
     if cfg.teacher.pretrain is not None:
         out.append(Stage("teacher pretrain", lambda: training_done(teacher_dir),
                          lambda: _train_or_fail(train, teacher_pretrain_job(cfg))))
+    if cfg.teacher.finetuned:
+        out.append(Stage("teacher finetune", lambda: training_done(teacher_dir),
+                         lambda: _train_or_fail(train, teacher_finetune_job(cfg))))
     if cfg.distill.teacher_signals == "cache" and any(
             m.mode != "none" for m in cfg.distill.methods):
         def cache() -> None:
@@ -129,38 +138,24 @@ def run_pipeline(cfg: ExperimentConfig, *, config_path: Path | None = None) -> P
 
 
 def _summary(cfg: ExperimentConfig, report: Path) -> None:
-    """Where the report is, and three lines a person can act on."""
+    """Where the report is, and the verdict lines a person can act on."""
     console.print(f"report: {report}")
     for line in summary_lines(cfg.out / "report" / "report.json"):
         console.print(line)
 
 
 def summary_lines(report_json: Path) -> list[str]:
+    """The energy/quality basis, then one verdict per method against the baseline (a
+    difference with its 95% interval, or "not distinguishable"), never a bare "best"."""
+    from wattkd.report.verdicts import verdict_lines
+
     if not report_json.exists():
         return ["(no report.json: the report stage did not finish)"]
     rep = json.loads(report_json.read_text())
-    rows = next((t["rows"] for t in rep["tables"] if t["name"] == "methods"), [])
-
-    def val(row: dict, key: str) -> float | None:
-        cell = row.get(key)
-        return cell.get("value") if isinstance(cell, dict) else None
-
-    def fmt(row: dict, key: str, unit: str = "") -> str:
-        cell = row.get(key) or {}
-        v = cell.get("value") if isinstance(cell, dict) else None
-        if v is None:
-            return "—"
-        return f"{v:.4g}{unit}{' (estimated)' if cell.get('estimated') else ''}"
-
     quality, basis = rep.get("quality_label", "quality"), rep.get("energy_basis_label", "?")
-    lines = [f"energy basis: {basis}; quality: {quality}"]
-    ranked = [r for r in rows if val(r, "quality") is not None]
-    if ranked:
-        best = max(ranked, key=lambda r: val(r, "quality"))
-        lines.append(f"best quality: {best['method']} ({fmt(best, 'quality')}), "
-                     f"E_avg {fmt(best, 'e_avg', ' J')}")
-    eff = [r for r in rows if val(r, "eff") is not None]
-    if eff:
-        top = max(eff, key=lambda r: val(r, "eff"))
-        lines.append(f"most efficient: {top['method']} (Eff_overall {fmt(top, 'eff')})")
-    return lines[:3]
+    st = rep.get("statistics") or {}
+    lines = [f"energy basis: {basis}; quality: {quality}; repeats: {st.get('repeats', '?')}"]
+    verdicts = verdict_lines(st)
+    if not verdicts:
+        verdicts = ["no baseline to compare with: see the report's verdicts table"]
+    return lines + verdicts

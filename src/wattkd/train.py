@@ -49,9 +49,12 @@ class TrainJob:
     train: TrainConfig
     repeat: int = 0
     teacher_path: str | None = None   # a teacher trained earlier in this experiment
+    role: str = "student"             # student | teacher_pretrain | teacher_finetune
 
     @property
     def seed(self) -> int:
+        """Repeat k's seed: data order, the student's random init and the new parameters
+        (projectors). Methods of one repeat share it, so their runs are paired."""
         return self.train.seed + self.repeat
 
 
@@ -66,11 +69,12 @@ class TrainResult:
 
 # ------------------------------------------------------------------------------- job builders
 def teacher_path(cfg: ExperimentConfig) -> str | None:
-    """Where the teacher's weights are: the config's model, or a teacher pretrained here."""
+    """Where the teacher's weights are: a teacher pretrained or fine-tuned here (its final/),
+    else the config's model."""
+    if cfg.teacher.finetuned or cfg.teacher.pretrain is not None:
+        return str(cfg.out / "teacher" / "final")  # trained here (finetune / pretrain stage)
     if cfg.teacher.model is not None:
         return cfg.teacher.model
-    if cfg.teacher.pretrain is not None:
-        return str(cfg.out / "teacher" / "final")
     return None  # built from config, random init (benchmarks)
 
 
@@ -98,7 +102,32 @@ def teacher_pretrain_job(cfg: ExperimentConfig) -> TrainJob:
                                          "warmup_steps": min(cfg.train.warmup_steps,
                                                              pre.max_steps // 10)})
     student = StudentConfig(build=cfg.teacher.build)
-    return TrainJob(cfg, method, cfg.out / "teacher", student, train, 0, None)
+    return TrainJob(cfg, method, cfg.out / "teacher", student, train, 0, None,
+                    role="teacher_pretrain")
+
+
+def teacher_finetune_job(cfg: ExperimentConfig) -> TrainJob:
+    """The pretrained teacher adapted to the training shards (CE, full or LoRA) with the same
+    loop as the students; its final/ becomes the teacher of every later stage."""
+    from wattkd.config import DivergenceGuard as DivergenceGuardConfig
+    from wattkd.config import LossTerm
+
+    ft = cfg.teacher.finetune
+    if ft is None or not ft.enabled or cfg.teacher.model is None:
+        raise ValueError("teacher.finetune is not enabled in this config (it needs "
+                         "teacher.model and a teacher.finetune section)")
+    method = MethodConfig.model_construct(
+        name="teacher", mode="none", losses=[LossTerm(name="ce")], layer_map=None,
+        token_subsample=1.0, pooling="mean", guard=DivergenceGuardConfig())
+    steps = ft.max_steps if ft.max_steps is not None else 10 ** 9
+    train = cfg.train.model_copy(update={
+        "max_steps": ft.max_steps, "max_tokens": ft.max_tokens, "lr": ft.lr,
+        "micro_batch_size": ft.micro_batch_size or cfg.train.micro_batch_size,
+        "energy_budget_j": None, "warmup_steps": min(ft.warmup_steps, steps // 10)})
+    student = StudentConfig(model=cfg.teacher.model, revision=cfg.teacher.revision,
+                            lora=ft.lora, trust_remote_code=cfg.teacher.trust_remote_code)
+    return TrainJob(cfg, method, cfg.out / "teacher", student, train, 0, None,
+                    role="teacher_finetune")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -292,10 +321,12 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
         raise ValueError(f"stale shards: {shards} were built with a different tokenizer than "
                          f"data.tokenizer={cfg.data.tokenizer!r}; rebuild them")
     needs_teacher = method.mode != "none"
-    if needs_teacher and job.teacher_path and not Path(job.teacher_path).exists() \
-            and cfg.teacher.pretrain is not None:
+    uses_teacher = needs_teacher or job.student.from_teacher_layers is not None
+    if uses_teacher and job.teacher_path and not Path(job.teacher_path).exists() \
+            and (cfg.teacher.pretrain is not None or cfg.teacher.finetuned):
+        stage = "finetune" if cfg.teacher.finetuned else "pretrain"
         raise FileNotFoundError(f"teacher {job.teacher_path} not found: run `wattkd teacher "
-                                "pretrain` first")
+                                f"{stage}` first")
     if needs_teacher and cfg.distill.teacher_signals == "cache":
         from wattkd.teacher_cache import check_cache
 
@@ -368,6 +399,8 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     vocab = check_vocab(teacher, student, len(tokenizer))
+    # New parameters (projectors) from the repeat's seed alone, whatever was loaded before.
+    torch.manual_seed(job.seed)
     mode = make_mode(method, student, dims, batch_size=tc.micro_batch_size)
     objective = DistillObjective(student, mode, method, vocab=vocab,
                                  chunk_tokens=cfg.distill.logit_chunk_tokens)
@@ -426,7 +459,9 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                        shards_sha256=_sha256(shards / "manifest.json"), parameters=parameter_count(student),
                        precision="bf16" if bf16 else "fp32", world_size=world,
                        frozen_base_dtype=frozen_linear_dtype(student),
-                       resumed_from=str(ckpt) if ckpt else None, teacher_cache=cache_use)
+                       resumed_from=str(ckpt) if ckpt else None, teacher_cache=cache_use,
+                       role=job.role, seeds={"data_order": job.seed, "init": job.seed},
+                       teacher_finetune=_finetune_use(cfg, job, run_dir, uses_teacher))
         note_run_dir(run_dir)  # an error reaching the CLI marks this run.json failed
 
     data = ShardDataset(shards, rank=rank, world_size=world, seed=job.seed, shuffle=True,
@@ -659,6 +694,17 @@ def save_final(run_dir: Path, objective: Any, tokenizer: Any, job: TrainJob, *, 
             "teacher": job.teacher_path or job.cfg.teacher.model, "steps": step,
             "tokens": tokens, "layer_map": job.method.layer_map}, indent=2))
     return final
+
+
+def _finetune_use(cfg: ExperimentConfig, job: TrainJob, run_dir: Path, uses_teacher: bool
+                  ) -> dict[str, Any] | None:
+    """A student that reads a teacher fine-tuned here registers as one of its users (the
+    report amortises the fine-tune energy over them); None otherwise."""
+    if job.role != "student" or not uses_teacher or not cfg.teacher.finetuned:
+        return None
+    from wattkd.teacher_adapt import record_finetune_use
+
+    return record_finetune_use(cfg.out / "teacher", run_dir)
 
 
 def _sha256(path: Path) -> str:

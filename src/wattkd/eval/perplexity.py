@@ -46,8 +46,9 @@ def _model_device(model: Any) -> torch.device:
 @torch.no_grad()
 def perplexity(model: Any, shards_path: Path, *, max_tokens: int, batch_size: int,
                device: str | torch.device | None = None) -> dict[str, Any]:
-    """{"perplexity", "nll", "tokens", "sequences"} of `model` on the first `max_tokens`
-    predicted tokens of a shard set.
+    """{"perplexity", "nll", "tokens", "sequences", "per_sequence"} of `model` on the first
+    `max_tokens` predicted tokens of a shard set (`per_sequence`: each scored row's summed
+    NLL and token count, in shard order, for paired comparisons between models).
 
     Leaves the model in the train/eval mode it came in (the training loop calls this every
     N steps). `device` None or "auto" means the model's own device.
@@ -65,6 +66,8 @@ def perplexity(model: Any, shards_path: Path, *, max_tokens: int, batch_size: in
     nll_sum = 0.0  # python float: float64 accumulation
     counted = 0
     sequences = 0
+    per_seq_nll: list[float] = []   # summed NLL of each scored row, in shard order
+    per_seq_tokens: list[int] = []
     batch_ids: list[torch.Tensor] = []
     batch_mask: list[torch.Tensor] = []
 
@@ -81,6 +84,8 @@ def perplexity(model: Any, shards_path: Path, *, max_tokens: int, batch_size: in
                                   reduction="sum")
             nll_sum += float(nll)
             counted += int(keep.sum())
+            per_seq_nll.append(round(float(nll), 6))
+            per_seq_tokens.append(int(keep.sum()))
         batch_ids.clear()
         batch_mask.clear()
 
@@ -118,7 +123,9 @@ def perplexity(model: Any, shards_path: Path, *, max_tokens: int, batch_size: in
         log.warning("perplexity: shards %s hold only %d scorable tokens (< max_tokens %d)",
                     shards_path, counted, max_tokens)
     return {"perplexity": math.exp(nll) if nll < 700 else math.inf, "nll": nll,
-            "tokens": counted, "sequences": sequences}
+            "tokens": counted, "sequences": sequences,
+            # paired statistics across models (report/stats.py): same rows, same order
+            "per_sequence": {"nll_sum": per_seq_nll, "tokens": per_seq_tokens}}
 
 
 def run_perplexity(model: str, shards_path: Path, cfg: EvalConfig, out_path: Path, *,

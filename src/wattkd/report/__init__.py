@@ -61,7 +61,10 @@ def build_report(runs: list[Path], *, teacher: Path, out: Path,
             missing.setdefault(what.split("/")[0], []).append(r.label)
     for what, labels in sorted(missing.items()):
         log.info("report: %s missing for %s (marked as gaps)", what, ", ".join(labels))
-    tables = build_tables(a)
+    from wattkd.report.verdicts import statistics, statistics_tables
+
+    stats = statistics(a)
+    tables = build_tables(a) + statistics_tables(stats)
     plots = build_plots(a)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -82,6 +85,7 @@ def build_report(runs: list[Path], *, teacher: Path, out: Path,
         "warnings": a.warnings, "definitions": dict(definitions(a)),
         "missing_inputs": {r.label: a.missing_inputs(r) for r in [*a.students, a.teacher]
                            if a.missing_inputs(r)},
+        "statistics": stats,
         "tables": [table_json(tb) for tb in tables],
         "plots": [{"name": p.name, "title": p.title, "caption": p.caption, "gap": p.gap,
                    "omitted": p.omitted, "notes": p.notes} for p in plots],

@@ -39,6 +39,7 @@ from wattkd.report.metrics import (
     ratio,
     total,
 )
+from wattkd.report.teacher_cost import finetune_share
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class RunResult:
     ept: dict[int, EptPoint] = field(default_factory=dict)
     ept_at: Quantity = field(default_factory=lambda: Quantity.missing("not computed"))
     j_per_point: Quantity = field(default_factory=lambda: Quantity.missing("not computed"))
+    finetune_share: Quantity | None = None  # teacher fine-tune share (None: not used)
 
     @property
     def label(self) -> str:
@@ -547,9 +549,14 @@ def _run_result(run: RunData, comps: Sequence[str], basis: str) -> RunResult:
     e_total = e[basis] if share is None else total([e[basis], share], unit="J")
     if share is not None and e_total.ok and share.ok:
         e_total = e_total.with_note("includes the amortised teacher-cache share")
+    ft = finetune_share(run, basis) if run.kind != "teacher" else None
+    if ft is not None:
+        e_total = total([e_total, ft], unit="J")
+        if e_total.ok:
+            e_total = e_total.with_note("includes the amortised teacher fine-tune share")
     return RunResult(run, student_id(run), e, tokens, fig.duration_s if fig else None,
                      ept_train, share, note, e_total, phase_rows(run, comps),
-                     Quantity.missing("not computed"))
+                     Quantity.missing("not computed"), finetune_share=ft)
 
 
 def analyze(students: Sequence[RunData], teacher: RunData, *, ept_batch: int | None = None
@@ -777,8 +784,13 @@ def definitions(a: Analysis) -> list[tuple[str, str]]:
                              "EPT_out = E / output tokens, EPT_total = E / all tokens; dynamic "
                              "EPT = (E − idle power × duration) / tokens.")),
         ("E_total", ("E_run + the run's share of the teacher-cache energy (cache energy / number "
-                     "of students sharing the cache, from run.json `teacher_cache`). Online "
-                     "teachers are already inside E_run; the baseline has no teacher cost. "
+                     "of students sharing the cache, from run.json `teacher_cache`) + its share "
+                     "of the teacher fine-tune energy when the teacher was fine-tuned here "
+                     "(the teacher run's E_run / students registered in teacher/users.jsonl: "
+                     "every run that reads the adapted teacher, for KD signals or to start "
+                     "from its layers). "
+                     "Online "
+                     "teachers are already inside E_run; a baseline pays no teacher-cache share. "
                      "Evaluation and EPT phases are listed in the phase table, not in E_total.")),
         ("OM_perf", ("OM_perf(S) = mean over tasks t of s_t(S) / s_t(T), only when S and the "
                      "teacher T share the protocol hash (else refused, naming what differs). "

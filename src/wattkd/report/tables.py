@@ -189,6 +189,7 @@ def runs_table(a: Analysis) -> Table:
              Column("tokens", "Tokens trained"), Column("ept_train", f"EPT_train ({b})",
                                                         "J/token"),
              Column("cache_share", "Teacher-cache share", "J"),
+             Column("finetune_share", "Teacher fine-tune share", "J"),
              Column("e_total", f"E_total ({b})", "J"), Column("quality", q),
              Column("j_per_point", "Energy per retained point", "J/pt")]
     t = Table("runs", "Runs: training energy",
@@ -207,6 +208,7 @@ def runs_table(a: Analysis) -> Table:
                 r.e_run[a.basis].gap or "no tokens recorded in the train windows"),
             "ept_train": r.ept_train,
             "cache_share": r.cache_share if r.cache_share is not None else r.cache_note,
+            "finetune_share": r.finetune_share if r.finetune_share is not None else "n/a",
             "e_total": r.e_total, "quality": r.quality, "j_per_point": r.j_per_point}
         if r.run.kind == "teacher":
             cells["j_per_point"] = "reference"

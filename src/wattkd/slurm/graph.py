@@ -1,9 +1,9 @@
 """The experiment as a graph of Slurm jobs: which stages, in which order, on what resources.
 
 Mirrors `wattkd.pipeline.stages` (the local runner) so a cluster run and a laptop run do the
-same work: shards -> teacher pretrain (only with teacher.pretrain) -> teacher cache (only with
-teacher_signals: cache) -> one training array per method (task k = repeat k) -> eval and EPT
-per run -> report. A job waits only for what it reads: the baseline needs no teacher, eval task
+same work: shards -> teacher pretrain (only with teacher.pretrain) or finetune (only with
+teacher.finetune) -> teacher cache (only with teacher_signals: cache) -> one training array per
+method (task k = repeat k) -> eval and EPT per run -> report. A job waits only for what it reads: the baseline needs no teacher, eval task
 k waits for training task k alone (`aftercorr`), the report waits for everything (`afterok`).
 """
 
@@ -16,13 +16,14 @@ from typing import Literal
 from wattkd.config import ExperimentConfig, SlurmConfig, SlurmResources
 from wattkd.errors import InputError
 
-STAGES = ("shards", "teacher_pretrain", "teacher_cache", "train", "eval", "ept", "report")
+STAGES = ("shards", "teacher_pretrain", "teacher_finetune", "teacher_cache", "train", "eval",
+          "ept", "report")
 # Stages that run one task per GPU and may span nodes; the others run one task on one node.
-RANK_STAGES = frozenset({"teacher_pretrain", "train"})
+RANK_STAGES = frozenset({"teacher_pretrain", "teacher_finetune", "train"})
 # Stages that never use a GPU: slurm.defaults.gpus_per_node does not apply to them.
 CPU_STAGES = frozenset({"shards", "report"})
 # Stages whose step saves a checkpoint on USR1 and exits 75: they get --signal and a requeue.
-PREEMPTIBLE = frozenset({"teacher_pretrain", "train"})
+PREEMPTIBLE = frozenset({"teacher_pretrain", "teacher_finetune", "train"})
 # Folders of the output directory that a method of the same name would collide with.
 RESERVED_METHOD_NAMES = frozenset({"shards", "teacher", "teacher_cache", "report", "slurm"})
 
@@ -145,6 +146,9 @@ def build_graph(cfg: ExperimentConfig, only: set[str] | None = None) -> list[Sta
     if cfg.teacher.pretrain is not None:
         add("teacher_pretrain", "teacher_pretrain", "pretrain the teacher", shards)
         teacher_ready = shards + [Dep("afterok", "teacher_pretrain")]
+    if cfg.teacher.finetuned:
+        add("teacher_finetune", "teacher_finetune", "fine-tune the teacher on the shards", shards)
+        teacher_ready = shards + [Dep("afterok", "teacher_finetune")]
     kd_ready = teacher_ready
     needs_teacher = [m for m in cfg.distill.methods if m.mode != "none"]
     if cfg.distill.teacher_signals == "cache" and needs_teacher:
@@ -154,7 +158,9 @@ def build_graph(cfg: ExperimentConfig, only: set[str] | None = None) -> list[Sta
     finals: list[Dep] = []
     run_dirs: list[Path] = []
     for method in cfg.distill.methods:
-        deps = kd_ready if method.mode != "none" else shards
+        # a baseline initialised from the teacher's layers waits for the teacher too
+        deps = kd_ready if method.mode != "none" else (
+            teacher_ready if cfg.student.from_teacher_layers is not None else shards)
         train_key = f"train-{method.name}"
         add(train_key, "train", f"train {method.name} ({method.mode}), repeats 0-{repeats - 1}",
             list(deps), method=method.name, array=repeats, resources_method=method.name)

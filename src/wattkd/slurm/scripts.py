@@ -224,6 +224,7 @@ def render(job: StageJob, cfg: ExperimentConfig, target: Target) -> str:
 WRAPPER_TITLES = {
     "shards": "build token shards",
     "teacher_pretrain": "pretrain the teacher (tiny demo teachers built from config)",
+    "teacher_finetune": "fine-tune the pretrained teacher on the training shards",
     "teacher_cache": "cache the teacher's signals for every student",
     "eval": "evaluate a model: lm-eval suite + held-out perplexity",
     "ept": "inference energy per token of a model",

@@ -53,10 +53,11 @@ class CachePlan:
                              "them (`wattkd data build --overwrite`)")
         self.vocab = len(self.tokenizer)
         self.teacher_path = teacher_path(cfg)
-        if self.teacher_path and cfg.teacher.pretrain is not None and \
-                not Path(self.teacher_path).exists():
+        if self.teacher_path and (cfg.teacher.pretrain is not None or cfg.teacher.finetuned) \
+                and not Path(self.teacher_path).exists():
+            stage = "finetune" if cfg.teacher.finetuned else "pretrain"
             raise CacheError(f"teacher {self.teacher_path} not found: run `wattkd teacher "
-                             "pretrain` first")
+                             f"{stage}` first")
         if self.teacher_path is not None:  # a missing folder, or config.json vs weights
             model_config(self.teacher_path, "teacher.model", cfg.teacher.revision,
                          cfg.teacher.trust_remote_code)
