@@ -348,7 +348,7 @@ def run_ept(model: str, cfg: EptConfig, meter: Any, out_path: Path, *, device: s
     stopped_at = None
     try:
         for b in cfg.batch_sizes:
-            run = _measure_batch_size(generate, meter, cfg, b, required=required, model=model,
+            run = measure_batch_size(generate, meter, cfg, b, required=required, model=model,
                                       engine=engine.name)
             prev = runs[-1]["figures"]["output_tokens_per_s"] if runs else None
             run["throughput_growth"] = throughput_growth(
@@ -404,19 +404,21 @@ def run_ept(model: str, cfg: EptConfig, meter: Any, out_path: Path, *, device: s
     return result
 
 
-def _measure_batch_size(generate: Any, meter: Any, cfg: EptConfig, b: int, *,
-                        required: float, model: str, engine: str) -> dict[str, Any]:
-    """Warm-up, then `repeats` x (request window, prefill window) at batch size b."""
+def measure_batch_size(generate: Any, meter: Any, cfg: EptConfig, b: int, *,
+                       required: float, model: str, engine: str,
+                       clock: Any = time.perf_counter) -> dict[str, Any]:
+    """Warm-up, then `repeats` x (request window, prefill window) at batch size b.
+    `generate(lo, hi, new_tokens) -> (input, output tokens)` runs prompts lo..hi."""
     n_batches = cfg.num_prompts // b
     spans = [(i * b, (i + 1) * b) for i in range(n_batches)]
     n_new = cfg.max_new_tokens
     split = cfg.measure_prefill
-    t0 = time.perf_counter()
+    t0 = clock()
     for k in range(cfg.warmup_batches):  # not metered: compilation, graph capture, caches
         generate(*spans[k % n_batches], n_new)
     if split and cfg.warmup_batches:
         generate(*spans[0], 1)
-    warmup_s = time.perf_counter() - t0
+    warmup_s = clock() - t0
     min_batches = n_batches if required == 0 else 1
     meta = {"model": model, "engine": engine, "max_new_tokens": n_new,
             "prompt_tokens": cfg.prompt_tokens}
@@ -431,7 +433,7 @@ def _measure_batch_size(generate: Any, meter: Any, cfg: EptConfig, b: int, *,
             win, ts, ns = measure_point(
                 lambda k, new=new: generate(*spans[k], new), meter, kind=kind,
                 batch_size=b, n_batches=n_batches, repeat=r, required_s=required,
-                min_batches=min_batches, start=cursor[kind], **meta)
+                min_batches=min_batches, start=cursor[kind], clock=clock, **meta)
             cursor[kind] += win.batches
             (requests if kind == "request" else prefills).append(win)
             notes += ns
