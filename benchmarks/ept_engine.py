@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pair import GEMMA_270M  # noqa: E402
+from pair import GEMMA_270M
 
 FIGS = ("j_per_output_token", "j_per_input_token", "j_per_request", "mean_power_w",
         "dynamic_j_per_output_token", "dynamic_j_per_input_token", "dynamic_j_per_request")
@@ -166,8 +166,8 @@ def _versions() -> dict[str, str]:
 
 
 def table(engines: dict[str, Any]) -> str:
-    lines = ["| engine | model | batch | ms/step | J/out-token (decode) | J/in-token (prefill) "
-             "| J/request | out tok/s | W | student/teacher J/out |",
+    lines = [("| engine | model | batch | ms/step | J/out-token (decode) | J/in-token (prefill) "
+              "| J/request | out tok/s | W | student/teacher J/out |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(q: Any, digits: int = 3) -> str:

@@ -42,7 +42,7 @@ class FakeWindow:
     def add_tokens(self, n: int) -> None:
         self.tokens += n
 
-    def __enter__(self) -> FakeWindow:
+    def __enter__(self) -> FakeWindow:  # noqa: PYI034
         self.t0 = self.meter.clock()
         return self
 
@@ -65,9 +65,8 @@ class FakeWindow:
 class FakeMeter:
     """A constant-power GPU energy source on a fake clock, shaped like EnergyMeter."""
 
-    sources = {"gpu": "nvml-counter", "cpu": "unavailable", "dram": "unavailable"}
-
     def __init__(self, clock: FakeClock, watts: float, idle_w: float) -> None:
+        self.sources = {"gpu": "nvml-counter", "cpu": "unavailable", "dram": "unavailable"}
         self.clock, self.watts = clock, watts
         self.idle_power_w = {"gpu": idle_w, "cpu": None, "dram": None}
         self.counter_period_s, self.gain, self.seq, self.records = 0.1, 0.05, 0, []
