@@ -378,7 +378,6 @@ def _logged_components(a: Analysis) -> str:
 def build_plots(a: Analysis, *, progress: bool = True) -> list[Plot]:
     """Every figure of the report, in report order (a rich progress bar: each takes ~1 s)."""
     from wattkd.energy.metrics import read_telemetry  # noqa: F401 - fail early if missing
-
     from wattkd.report.ept_section import decode_vs_batch, energy_vs_latency
 
     jobs: list[Any] = [energy_vs_quality, phase_bars, ept_vs_batch, decode_vs_batch,
