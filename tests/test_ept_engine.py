@@ -301,3 +301,73 @@ def test_cli_ept_on_a_tiny_model(model_dir, tmp_path):
     assert res.exit_code == 2
     assert "error: eval.ept.compile: true needs eval.ept.engine: static" in res.output
     assert "Traceback" not in res.output
+
+
+# ---------------------------------------------------------------------------- report
+def _v2_doc(engine: Engine, watts: float, step_s: float) -> dict:
+    """A wattkd.ept/2 result built by the real measure_batch_size on the fake clock/meter."""
+    doc = _protocol(engine)
+    doc.update({"schema": "wattkd.ept/2", "model": {"id": "m"},
+                "engine": doc["protocol"]["engine"]})
+    for b in (1, 4):
+        clock = FakeClock()
+        meter = FakeMeter(clock, watts=watts, idle_w=50.0)
+
+        def generate(lo: int, hi: int, new: int, clock: FakeClock = clock) -> tuple[int, int]:
+            clock.t += 0.1 + (step_s * 3 if new == 4 else 0.0)   # prefill 0.1 s + 3 steps
+            return (hi - lo) * 12, (hi - lo) * new
+
+        cfg = EptConfig(num_prompts=4, prompt_tokens=12, max_new_tokens=4, batch_sizes=[1, 4],
+                        warmup_batches=0, repeats=2)
+        doc["runs"].append(measure_batch_size(generate, meter, cfg, b, required=1.0,
+                                              model="m", engine=engine.name, clock=clock))
+    return doc
+
+
+def test_report_ept_section_ratios_refusal_and_plots(tmp_path):
+    from report_synth import ept_doc, make_run
+    from wattkd.report.analysis import analyze
+    from wattkd.report.collect import load_run
+    from wattkd.report.ept_section import (
+        decode_vs_batch,
+        energy_vs_latency,
+        ratio_table,
+        steady_table,
+    )
+
+    static = Engine("static-compiled", "static", True, "reduce-overhead", "inductor", "cuda")
+    dynamic = Engine("dynamic-eager", "dynamic", False, None, None, "cuda")
+    info = {"mode": "response", "repeat": 0}
+    t = make_run(tmp_path, "teacher", info={"method": "teacher", "mode": "none", "repeat": 0},
+                 ept=_v2_doc(static, watts=300.0, step_s=0.2))
+    s1 = make_run(tmp_path, "response/rep0", info={"method": "response", **info},
+                  ept=_v2_doc(static, watts=150.0, step_s=0.1))
+    s2 = make_run(tmp_path, "feature/rep0", info={"method": "feature", **info},
+                  ept=_v2_doc(dynamic, watts=150.0, step_s=0.1))
+    old = make_run(tmp_path, "baseline/rep0", info={"method": "baseline", **info},
+                   ept=ept_doc({1: {"gpu": 48.0, "gpu_unc": 1.0}}))  # wattkd.ept/1 still read
+    a = analyze([load_run(s1, "response/rep0"), load_run(s2, "feature/rep0"),
+                 load_run(old, "baseline/rep0")], load_run(t, "teacher"))
+    rows = {(r["run"], r["batch"]): r for r in ratio_table(a).rows}
+    # decode: teacher 300 W x 0.6 s / 3 tokens/seq, student 150 W x 0.3 s: ratio 0.25;
+    # prefill: same 0.1 s at half the power: 0.5; step time 0.5
+    r = rows[("response/rep0", 4)]
+    assert r["j_out"].value == pytest.approx(0.25) and r["j_in"].value == pytest.approx(0.5)
+    assert r["ms_step"].value == pytest.approx(0.5)
+    assert r["j_req"].value == pytest.approx(150 * 0.4 / (300 * 0.7))
+    assert r["j_req"].unc is not None and r["j_out"].unc is not None
+    gap = rows[("feature/rep0", 1)]["j_out"]
+    assert not gap.ok and "engine.cache" in gap.gap
+    assert not any(k[0] == "baseline/rep0" for k in rows)
+    steady = steady_table(a)
+    runs = {(x["run"], x["batch"]): x for x in steady.rows}
+    tr = runs[("teacher", 1)]
+    assert tr["engine"] == "static-compiled" and tr["ms_step"].value == pytest.approx(200.0)
+    assert tr["j_out"].value == pytest.approx(300 * 0.6 / 3) and "n=2" in tr["spread"]
+    assert tr["flags"] == "short-window" and ("baseline/rep0", 1) not in runs
+    assert a.teacher.ept[1].ept_total.ok  # the legacy figure Eff_overall uses is still there
+    base = next(r for r in a.students if r.label == "baseline/rep0")
+    assert base.ept[1].ept_total.ok and not base.ept[1].steady  # /1: read, no steady fields
+    for plot in (decode_vs_batch(a), energy_vs_latency(a)):
+        assert plot.gap is None and plot.png.startswith(b"\x89PNG") and plot.svg
+    assert "Pareto front" in energy_vs_latency(a).svg.decode()

@@ -118,7 +118,8 @@ def pair_figures(req: Window, pre: Window | None, *, batch_size: int, new_tokens
     """The figures of one repeat (request window + its prefill window) for one component."""
     e_req = _per(_energy(req, comp, idle_w, dynamic), req.batches)
     u_req = _per(req.uncertainty_j.get(comp), req.batches)
-    out: dict[str, float | None] = {"j_per_request": _per(e_req, batch_size)}
+    out: dict[str, float | None] = {"j_per_request": _per(e_req, batch_size),
+                                    "j_per_request_uncertainty": _per(u_req, batch_size)}
     if pre is None:  # no split: the whole request over its output tokens
         out["j_per_input_token"] = None
         out["j_per_output_token"] = _per(e_req, batch_size * new_tokens)
