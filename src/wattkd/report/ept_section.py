@@ -200,7 +200,10 @@ def energy_vs_latency(a: Any) -> Any:
         return plot
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    runs = list(dict.fromkeys(p[0] for p in pts))
+    runs: list[Any] = []
+    for p in pts:
+        if not any(p[0] is r for r in runs):
+            runs.append(p[0])
     for i, r in enumerate(runs):
         mine = [p for p in pts if p[0] is r]
         ax.plot([p[2] for p in mine], [p[3] for p in mine], "o", ms=5,
