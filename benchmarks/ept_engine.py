@@ -98,10 +98,12 @@ def run_cli(args: list[str]) -> None:
             raise RuntimeError(f"wattkd {shlex.join(args)} exited {exc.code}") from None
 
 
-def _pick(run: dict[str, Any]) -> dict[str, Any]:
+def _pick(run: dict[str, Any], engine: str) -> dict[str, Any]:
+    """One batch size's figures (each {mean, std, min, max, n, uncertainty}: std/min/max are
+    the spread over repeats)."""
     f = run["figures"]
     gpu = f["energy"].get("gpu") or {}
-    row = {"batch_size": run["batch_size"], "ms_per_step": f["ms_per_step"],
+    row = {"engine": engine, "batch_size": run["batch_size"], "ms_per_step": f["ms_per_step"],
            "tokens_per_s": f["tokens_per_s"], "output_tokens_per_s": f["output_tokens_per_s"],
            "warmup_s": run["warmup_s"], "repeats": f["ms_per_step"]["n"],
            "batches_run": run["batches_run"], "flags": run["flags"],
@@ -121,7 +123,7 @@ def summarise(docs: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
                               "protocol_hash": doc["protocol_hash"],
                               "measurement": doc["measurement"],
                               "idle_power_w": (doc.get("idle_power_w") or {}).get("gpu"),
-                              "runs": [_pick(r) for r in doc["runs"]]}
+                              "runs": [_pick(r, doc["engine"]["name"]) for r in doc["runs"]]}
     for engine, e in engines.items():
         s, t = docs.get((engine, "student")), docs.get((engine, "teacher"))
         if s and t:
@@ -131,6 +133,9 @@ def summarise(docs: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
                             "dynamic_j_per_output_token")}
             e["student_teacher_ratio"]["ms_per_step"] = {
                 str(b): v for b, v in ept_ratios(s, t, key="ms_per_step").items()}
+            for row in e["models"]["student"]["runs"]:
+                row["student_teacher_ratio"] = {k: v.get(str(row["batch_size"]))
+                                                for k, v in e["student_teacher_ratio"].items()}
     return engines
 
 
