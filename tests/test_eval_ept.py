@@ -67,14 +67,15 @@ def model_dir(tmp_path_factory) -> Path:
     return save_model_dir(tmp_path_factory.mktemp("ept") / "model")
 
 
+# One repeat: each window is one pass over the prompts (tests/test_ept_engine.py covers repeats).
 CFG = EptConfig(num_prompts=4, prompt_tokens=12, max_new_tokens=4, batch_sizes=[1, 4],
-                warmup_batches=1)
+                warmup_batches=1, repeats=1)
 
 
 def test_run_ept_without_energy_counts_tokens_and_writes_schema(model_dir, tmp_path):
     res = run_ept(str(model_dir), CFG, None, tmp_path, device="cpu")
     on_disk = json.loads((tmp_path / "ept.json").read_text())
-    assert on_disk["schema"] == "wattkd.ept/1"
+    assert on_disk["schema"] == "wattkd.ept/2"
     assert on_disk["protocol_hash"] == protocol_hash(on_disk["protocol"]) == res["protocol_hash"]
     p = on_disk["protocol"]
     assert (p["decoding"], p["max_new_tokens"], p["min_new_tokens"]) == ("greedy", 4, 4)

@@ -229,10 +229,14 @@ def ept_cmd(model: Annotated[str, typer.Argument(help="HF folder, hub id, or run
             out: Annotated[Path | None, typer.Option(help="result JSON")] = None,
             set_: SetOpt = None) -> None:
     """Inference energy-per-token benchmark (batch sweep, greedy, warm-up excluded)."""
-    from wattkd.eval.runner import ept_target
+    from wattkd.eval.ept import EptError
+    from wattkd.eval.runner import TargetError, ept_target
 
     cfg = _load(config, set_) if config else None
-    typer.echo(f"EPT results: {ept_target(model, cfg, out=out)}")
+    try:
+        typer.echo(f"EPT results: {ept_target(model, cfg, out=out)}")
+    except (EptError, TargetError) as exc:
+        _fail(str(exc))
 
 
 # ------------------------------------------------------------------------------------ report

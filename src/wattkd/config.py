@@ -357,6 +357,31 @@ class EptConfig(Strict):
     max_new_tokens: int = Field(default=64, gt=0)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
     warmup_batches: int = Field(default=2, ge=0)
+    # Engine and steady-state measurement (wattkd.eval.engine, wattkd.eval.ept_window).
+    engine: Literal["auto", "static", "dynamic"] = Field(
+        default="auto", description="auto: static KV cache + compiled decoding on CUDA, "
+        "dynamic cache eager elsewhere; static/dynamic force one")
+    compile: bool | None = Field(default=None, description="compile decoding (CUDA graphs); "
+                                 "None: with the static cache on CUDA")
+    compile_mode: str = Field(default="reduce-overhead", description="torch.compile mode")
+    compile_backend: str = Field(default="inductor", description="torch.compile backend")
+    attn_implementation: str | None = Field(default=None, description="e.g. sdpa, eager; "
+                                            "None: the model's default")
+    dtype: Dtype = Field(default="auto", description="weights/compute dtype for EPT; auto: "
+                         "bf16 on CUDA, fp32 on CPU")
+    repeats: int = Field(default=3, gt=0, description="measured windows per batch size and "
+                         "phase; their spread is reported")
+    min_window_s: float | None = Field(default=None, ge=0, description="each window lasts "
+                                       "at least this; None: telemetry.min_window_s with a GPU "
+                                       "energy counter, one pass over the prompts without")
+    target_rel_uncertainty: float | None = Field(
+        default=None, gt=0, lt=1, description="instead of min_window_s: window long enough "
+        "that the counter's relative uncertainty is at most this")
+    measure_prefill: bool = Field(default=True, description="separate prefill windows: J per "
+                                  "input token, and decode = request - prefill")
+    stop_when_saturated: float | None = Field(
+        default=None, gt=0, description="stop the batch sweep once output tokens/s grows by "
+        "less than this fraction from the previous batch size")
 
 
 class SuiteTaskConfig(Strict):

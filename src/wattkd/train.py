@@ -25,8 +25,8 @@ from wattkd import checkpoint, sharding
 from wattkd.atomic import atomic_dir
 from wattkd.config import ExperimentConfig, MethodConfig, StudentConfig, TrainConfig, dump
 from wattkd.energy.monitor import ensure_trailing_newline
-from wattkd.eval.in_training import task_evaluator
 from wattkd.errors import RunFailure, note_run_dir
+from wattkd.eval.in_training import task_evaluator
 from wattkd.preflight import check_training
 from wattkd.progress import NoBar
 from wattkd.runinfo import write_run_json

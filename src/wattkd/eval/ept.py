@@ -1,12 +1,21 @@
-"""Inference energy-per-token (EPT) benchmark.
+"""Inference energy-per-token (EPT) benchmark, in steady state, on a fast engine.
 
 Fixed workload: `num_prompts` prompts of exactly `prompt_tokens` tokens (from a file, one a
 line, or the bundled corpus), greedy decoding of exactly `max_new_tokens` tokens (EOS
-suppressed until then, so every model does the same amount of work), for each batch size
-in `batch_sizes`. Each batch size runs `warmup_batches` unmetered batches, then one metered
-phase window `ept` over all its batches.
+suppressed until then, so every model does the same amount of work and counts are exact),
+for each batch size in `batch_sizes`, on the engine of `wattkd.eval.engine` (static KV cache
++ compiled decoding on CUDA by default; dynamic eager as an option and on CPU).
 
-Definitions (DESIGN.md), per energy component (gpu, cpu, dram), E = the window's energy:
+Per batch size: `warmup_batches` unmetered request batches (compilation and CUDA-graph
+capture happen there and are excluded), then `repeats` pairs of metered windows: `ept`
+(whole requests) and `ept_prefill` (the same prompts, one new token). Each window runs whole
+batches until it lasts the required length (ept_window.required_window_s); without an energy
+counter it is one pass over the prompts. The prefill/decode split and every figure
+(J per input token, J per output token, J per request, ms per decoding step, tokens/s, mean
+power, total and dynamic) are computed in ept_window.point_figures, with their spread.
+
+Definitions of the legacy per-run `energy` block (all request windows together; DESIGN.md),
+per energy component (gpu, cpu, dram), E = the windows' energy:
   EPT_in = E / input tokens, EPT_out = E / output tokens, EPT_total = E / (input + output);
   dynamic EPT_x = (E - P_idle x duration) / tokens_x, with P_idle the meter's idle power.
 Components are reported side by side and never summed; a missing source gives nulls, and an
@@ -25,11 +34,22 @@ from typing import Any
 
 from wattkd.config import EptConfig
 from wattkd.errors import InputError
-from wattkd.eval.protocol import PROTOCOL_FORMAT, protocol_hash, sha256_text, write_json_atomic
+from wattkd.eval.engine import EngineError, generation_config, resolve_engine, set_attention
+from wattkd.eval.ept_protocol import ept_protocol
+from wattkd.eval.ept_window import (
+    Window,
+    WindowError,
+    point_figures,
+    required_window_s,
+    throughput_growth,
+    window_done,
+    window_from_record,
+)
+from wattkd.eval.protocol import protocol_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-EPT_SCHEMA = "wattkd.ept/1"
+EPT_SCHEMA = "wattkd.ept/2"
 COMPONENTS = ("gpu", "cpu", "dram")
 CHARS_PER_PROMPT_TOKEN = 8  # generous: any sane tokenizer gives >= 1 token per 8 characters
 
@@ -148,24 +168,13 @@ def _check(cfg: EptConfig) -> None:
         raise EptError(f"eval.ept.batch_sizes has repeats: {cfg.batch_sizes}")
 
 
-def ept_protocol(cfg: EptConfig, texts: list[str], source: str, *, dtype: str,
-                 device_name: str) -> dict[str, Any]:
-    """What decides an EPT figure: workload, decoding, precision and the kind of device."""
-    return {
-        "format": PROTOCOL_FORMAT,
-        "kind": "ept",
-        "prompt_source": source,
-        "prompts_sha256": sha256_text("\n\x00".join(texts)),
-        "num_prompts": cfg.num_prompts,
-        "prompt_tokens": cfg.prompt_tokens,
-        "max_new_tokens": cfg.max_new_tokens,
-        "min_new_tokens": cfg.max_new_tokens,
-        "decoding": "greedy",
-        "batch_sizes": list(cfg.batch_sizes),
-        "warmup_batches": cfg.warmup_batches,
-        "dtype": dtype,
-        "device_name": device_name,
-    }
+    if cfg.measure_prefill and cfg.max_new_tokens < 2:
+        raise EptError("eval.ept.measure_prefill needs eval.ept.max_new_tokens >= 2 (decode "
+                       "is request minus prefill); set measure_prefill: false for 1 token")
+
+
+__all__ = ["EPT_SCHEMA", "EptError", "ept_for", "ept_from_record", "ept_metrics",
+           "ept_protocol", "load_prompts", "run_ept"]
 
 
 # ------------------------------------------------------------------------------ running
@@ -194,15 +203,83 @@ def _meter_or_null(meter: Any) -> tuple[Any, bool]:
     return meter, not getattr(meter, "started", True)
 
 
-def _min_window(meter: Any, override: float | None) -> float:
-    """Seconds each metered window must last: the meter's `telemetry.min_window_s` when it
-    reads a GPU energy counter (whose ~100 ms quantisation swamps short windows), else 0."""
+def _has_counter(meter: Any) -> bool:
+    sources = getattr(meter, "sources", None)
+    return isinstance(sources, dict) and sources.get("gpu") == "nvml-counter"
+
+
+def _window_s(meter: Any, cfg: EptConfig, override: float | None) -> float:
+    """Seconds each metered window must last. With a GPU energy counter (whose ~100 ms
+    quantisation swamps short windows): eval.ept.min_window_s (default telemetry.min_window_s)
+    or what eval.ept.target_rel_uncertainty needs; without one: eval.ept.min_window_s or 0
+    (one pass over the prompts)."""
     if override is not None:
         return max(0.0, float(override))
-    sources = getattr(meter, "sources", None)
-    if isinstance(sources, dict) and sources.get("gpu") == "nvml-counter":
-        return float(getattr(getattr(meter, "cfg", None), "min_window_s", 0.0) or 0.0)
-    return 0.0
+    tcfg = getattr(meter, "cfg", None)
+    if not _has_counter(meter):
+        return float(cfg.min_window_s or 0.0)
+    min_w = cfg.min_window_s if cfg.min_window_s is not None else float(
+        getattr(tcfg, "min_window_s", 0.0) or 0.0)
+    return required_window_s(min_window_s=min_w,
+                             target_rel_uncertainty=cfg.target_rel_uncertainty,
+                             counter_period_s=float(getattr(meter, "counter_period_s", 0.1)
+                                                    or 0.1),
+                             gain_error=float(getattr(tcfg, "gpu_gain_error", 0.0) or 0.0))
+
+
+def _label(device_type: str, meter: Any) -> str:
+    """How the energy was obtained, in words (the CPU demo says `estimated`)."""
+    sources = getattr(meter, "sources", None) or {}
+    if sources.get("gpu") == "nvml-counter":
+        return f"{device_type}, GPU energy from the NVML counter"
+    if str(sources.get("cpu", "")).startswith("estimated"):
+        return f"{device_type}, estimated energy (CPU time x telemetry.cpu_watts_per_core)"
+    if sources.get("cpu") == "rapl":
+        return f"{device_type}, CPU energy from RAPL"
+    return f"{device_type}, timings only (no energy counter)"
+
+
+def _merge(windows: list[Window]) -> dict[str, Any]:
+    """One phase-like record over several windows (energies and uncertainties summed)."""
+    rec: dict[str, Any] = {"duration_s": sum(w.duration_s for w in windows),
+                           "energy_j": {}, "uncertainty_j": {}, "source": {}}
+    for comp in ("gpu", "cpu", "dram"):
+        es = [w.energy_j.get(comp) for w in windows]
+        us = [w.uncertainty_j.get(comp) for w in windows]
+        rec["energy_j"][comp] = None if None in es or not es else sum(es)  # type: ignore[arg-type]
+        rec["uncertainty_j"][comp] = None if None in us or not us else sum(us)  # type: ignore[arg-type]
+        srcs = {w.source.get(comp, "unavailable") for w in windows}
+        rec["source"][comp] = srcs.pop() if len(srcs) == 1 else "unavailable"
+    return rec
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def measure_point(run_batch: Any, meter: Any, *, kind: str, batch_size: int,
+                  n_batches: int, repeat: int, required_s: float, min_batches: int,
+                  start: int = 0, clock: Any = time.perf_counter, **meta: Any
+                  ) -> tuple[Window, list[float], list[str]]:
+    """One metered window of whole batches: `run_batch(k) -> (input, output tokens)` runs
+    batch k (k cycles over the prompt set from `start`). Returns the window, each batch's
+    seconds and the window's notes."""
+    phase = "ept" if kind == "request" else "ept_prefill"
+    times: list[float] = []
+    tin = tout = n = 0
+    with meter.phase(phase, tokens=0, batch_size=batch_size, repeat=repeat, **meta) as w:
+        t0 = clock()
+        while not window_done(clock() - t0, n, required_s=required_s, min_batches=min_batches):
+            t = clock()
+            n_in, n_out = run_batch((start + n) % n_batches)
+            times.append(clock() - t)
+            tin, tout, n = tin + n_in, tout + n_out, n + 1
+            w.add_tokens(n_in + n_out)
+        wall = clock() - t0
+    rec = w.record or {}
+    win = window_from_record(kind, rec, duration_s=wall, batches=n, input_tokens=tin,
+                             output_tokens=tout)
+    return win, times, list(rec.get("notes", []))
 
 
 def run_ept(model: str, cfg: EptConfig, meter: Any, out_path: Path, *, device: str = "auto",
@@ -211,21 +288,32 @@ def run_ept(model: str, cfg: EptConfig, meter: Any, out_path: Path, *, device: s
 
     `meter` is an EnergyMeter (started or not; an unstarted one is started here and stopped
     at the end, which measures idle power first) or NullMeter/None (no energy: timings only).
-    Each batch size repeats whole passes over the prompts until its window lasts
-    `min_window_s` (default: see `_min_window`), so short windows do not dominate the error.
-    `out_path` is the JSON file, or a run directory (then <run>/ept.json).
+    `min_window_s` overrides the window length (see `_window_s`). `out_path` is the JSON
+    file, or a run directory (then <run>/ept.json). LoRA adapters are merged first.
     """
     import torch
-    from transformers import GenerationConfig
 
     from wattkd.eval.harness import load_model
+    from wattkd.models import resolve_device
 
     _check(cfg)
     texts, source = load_prompts(cfg)
-    net, tok = load_model(model, adapter=adapter, device=device)
+    try:
+        if cfg.target_rel_uncertainty is not None:  # fail before loading the model
+            required_window_s(min_window_s=0.0, target_rel_uncertainty=cfg.target_rel_uncertainty,
+                              gain_error=float(getattr(getattr(meter, "cfg", None),
+                                                       "gpu_gain_error", 0.0) or 0.0))
+        engine = resolve_engine(cfg, resolve_device(device).type)
+        net, tok = load_model(model, adapter=adapter, device=device, dtype=cfg.dtype)
+        attn = set_attention(net, cfg.attn_implementation)
+    except (EngineError, WindowError) as exc:
+        raise EptError(str(exc)) from None
     dev = next(net.parameters()).device
     dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
-    protocol = ept_protocol(cfg, texts, source, dtype=dtype, device_name=_device_name(dev))
+    engine_rec = engine.record(dtype=dtype, attn_implementation=attn)
+    protocol = ept_protocol(cfg, texts, source, dtype=dtype, device_name=_device_name(dev),
+                            engine=engine_rec)
+    merged = adapter is not None or (Path(model) / "adapter_config.json").is_file()
 
     tok.padding_side = "left"
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -235,77 +323,48 @@ def run_ept(model: str, cfg: EptConfig, meter: Any, out_path: Path, *, device: s
               return_tensors="pt")
     ids, att = enc["input_ids"], enc["attention_mask"]
     short = int((att.sum(1) < cfg.prompt_tokens).sum())
-    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens,
-                               min_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,
-                               eos_token_id=tok.eos_token_id, num_beams=1)
+    gen = {n: generation_config(engine, new_tokens=n, pad_id=pad_id, eos_id=tok.eos_token_id)
+           for n in {cfg.max_new_tokens, 1}}
 
-    def generate(lo: int, hi: int) -> tuple[int, int, float]:
+    def generate(lo: int, hi: int, new: int) -> tuple[int, int]:
         a, m = ids[lo:hi].to(dev), att[lo:hi].to(dev)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = net.generate(input_ids=a, attention_mask=m, generation_config=gen_cfg)
+        with torch.no_grad():
+            out = net.generate(input_ids=a, attention_mask=m, generation_config=gen[new])
         _sync(dev)
-        dt = time.perf_counter() - t0
-        new = out.shape[1] - a.shape[1]
-        if new != cfg.max_new_tokens:
-            raise EptError(f"{model} generated {new} tokens per sequence, expected exactly "
-                           f"{cfg.max_new_tokens} (min_new_tokens = max_new_tokens)")
-        return int(m.sum()), new * a.shape[0], dt
+        got = out.shape[1] - a.shape[1]
+        if got != new:
+            raise EptError(f"{model} generated {got} tokens per sequence, expected exactly "
+                           f"{new} (min_new_tokens = max_new_tokens)")
+        return int(m.sum()), got * a.shape[0]
 
     meter, own = _meter_or_null(meter)
     if own:
         meter.start()
-    min_window = _min_window(meter, min_window_s)
-    runs = []
+    runs: list[dict[str, Any]] = []
     t_all = time.perf_counter()
     try:
+        required = _window_s(meter, cfg, min_window_s)
+    except WindowError as exc:
+        raise EptError(str(exc)) from None
+    stopped_at = None
+    try:
         for b in cfg.batch_sizes:
-            n_batches = cfg.num_prompts // b
-            spans = [(i * b, (i + 1) * b) for i in range(n_batches)]
-            for k in range(cfg.warmup_batches):  # not metered
-                generate(*spans[k % n_batches])
-            times: list[float] = []
-            tin = tout = passes = 0
-            t0 = time.perf_counter()
-            with meter.phase("ept", tokens=0, batch_size=b, model=model,
-                             max_new_tokens=cfg.max_new_tokens,
-                             prompt_tokens=cfg.prompt_tokens) as w:
-                while passes == 0 or time.perf_counter() - t0 < min_window:
-                    for lo, hi in spans:
-                        n_in, n_out, dt = generate(lo, hi)
-                        tin, tout = tin + n_in, tout + n_out
-                        times.append(dt)
-                        w.add_tokens(n_in + n_out)
-                    passes += 1
-            wall = time.perf_counter() - t0
-            rec = w.record or {}
-            duration = float(rec.get("duration_s") or wall)
-            run = {
-                "batch_size": b,
-                "batches": n_batches,
-                "prompts": n_batches * b,
-                "passes": passes,
-                "warmup_batches": cfg.warmup_batches,
-                "duration_s": duration,
-                "input_tokens": tin,
-                "output_tokens": tout,
-                "total_tokens": tin + tout,
-                "tokens_per_s": (tin + tout) / duration if duration > 0 else None,
-                "output_tokens_per_s": tout / duration if duration > 0 else None,
-                "latency": _latency(times, cfg.max_new_tokens),
-                "energy": ept_from_record({**rec, "duration_s": duration},
-                                          input_tokens=tin, output_tokens=tout),
-                "estimated": bool(rec.get("estimated", False)),
-                "flags": list(rec.get("flags", [])),
-                "notes": list(rec.get("notes", [])),
-                "phase_seq": rec.get("seq"),
-            }
+            run = measure_batch_size(generate, meter, cfg, b, required=required, model=model,
+                                      engine=engine.name)
+            prev = runs[-1]["figures"]["output_tokens_per_s"] if runs else None
+            run["throughput_growth"] = throughput_growth(
+                prev["mean"] if prev else None,
+                (run["figures"]["output_tokens_per_s"] or {}).get("mean"))
             runs.append(run)
-            shown = ", ".join(
-                f"{c} {e['ept_total_j']:.4g} J/token{' (estimated)' if e['estimated'] else ''}"
-                for c, e in run["energy"].items() if e["ept_total_j"] is not None)
-            log.info("ept batch %d: %d tokens in %.3g s (%.1f tokens/s); EPT_total: %s", b,
-                     tin + tout, duration, run["tokens_per_s"] or 0, shown or "no energy source")
+            _log_run(run)
+            g = run["throughput_growth"]
+            if cfg.stop_when_saturated is not None and g is not None \
+                    and g < cfg.stop_when_saturated:
+                stopped_at = b
+                log.info("ept: output tokens/s grew %.1f %% from the previous batch size "
+                         "(< eval.ept.stop_when_saturated %.3g): sweep stops at batch %d",
+                         100 * g, cfg.stop_when_saturated, b)
+                break
     finally:
         if own:
             meter.stop()
@@ -313,12 +372,27 @@ def run_ept(model: str, cfg: EptConfig, meter: Any, out_path: Path, *, device: s
     idle = getattr(meter, "idle_power_w", None)
     result = {
         "schema": EPT_SCHEMA,
-        "model": {"id": model, "adapter": adapter, "dtype": dtype, "device": str(dev),
-                  "parameters": sum(p.numel() for p in net.parameters())},
+        "model": {"id": model, "adapter": adapter, "lora_merged": merged, "dtype": dtype,
+                  "device": str(dev), "parameters": sum(p.numel() for p in net.parameters())},
+        "engine": engine_rec,
         "protocol": protocol,
         "protocol_hash": protocol_hash(protocol),
+        "measurement": {
+            "label": _label(dev.type, meter),
+            "required_window_s": required,
+            "window_rule": ("one pass over the prompts" if required == 0 else
+                            f"whole batches until >= {required:.3g} s"),
+            "min_window_s": cfg.min_window_s,
+            "target_rel_uncertainty": cfg.target_rel_uncertainty,
+            "counter_period_s": getattr(meter, "counter_period_s", None),
+            "repeats": cfg.repeats,
+            "prefill_split": cfg.measure_prefill,
+        },
         "idle_power_w": idle if isinstance(idle, dict) else None,
         "short_prompts": short,
+        "sweep": {"requested": list(cfg.batch_sizes),
+                  "measured": [r["batch_size"] for r in runs], "stopped_at": stopped_at,
+                  "stop_when_saturated": cfg.stop_when_saturated},
         "runs": runs,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "duration_s": round(time.perf_counter() - t_all, 3),
@@ -331,12 +405,100 @@ def run_ept(model: str, cfg: EptConfig, meter: Any, out_path: Path, *, device: s
     return result
 
 
+def measure_batch_size(generate: Any, meter: Any, cfg: EptConfig, b: int, *,
+                       required: float, model: str, engine: str,
+                       clock: Any = time.perf_counter) -> dict[str, Any]:
+    """Warm-up, then `repeats` x (request window, prefill window) at batch size b.
+    `generate(lo, hi, new_tokens) -> (input, output tokens)` runs prompts lo..hi."""
+    n_batches = cfg.num_prompts // b
+    spans = [(i * b, (i + 1) * b) for i in range(n_batches)]
+    n_new = cfg.max_new_tokens
+    split = cfg.measure_prefill
+    t0 = clock()
+    for k in range(cfg.warmup_batches):  # not metered: compilation, graph capture, caches
+        generate(*spans[k % n_batches], n_new)
+    if split and cfg.warmup_batches:
+        generate(*spans[0], 1)
+    warmup_s = clock() - t0
+    min_batches = n_batches if required == 0 else 1
+    meta = {"model": model, "engine": engine, "max_new_tokens": n_new,
+            "prompt_tokens": cfg.prompt_tokens}
+    requests: list[Window] = []
+    prefills: list[Window] = []
+    times: list[float] = []
+    notes: list[str] = []
+    cursor = {"request": 0, "prefill": 0}
+    for r in range(cfg.repeats):
+        for kind in (("request", "prefill") if split else ("request",)):
+            new = n_new if kind == "request" else 1
+            win, ts, ns = measure_point(
+                lambda k, new=new: generate(*spans[k], new), meter, kind=kind,
+                batch_size=b, n_batches=n_batches, repeat=r, required_s=required,
+                min_batches=min_batches, start=cursor[kind], clock=clock, **meta)
+            cursor[kind] += win.batches
+            (requests if kind == "request" else prefills).append(win)
+            notes += ns
+            if kind == "request":
+                times += ts
+    idle = getattr(meter, "idle_power_w", None)
+    figures = point_figures(requests, prefills, batch_size=b, new_tokens=n_new,
+                            idle_power_w=idle if isinstance(idle, dict) else None)
+    tin = sum(w.input_tokens for w in requests)
+    tout = sum(w.output_tokens for w in requests)
+    duration = sum(w.duration_s for w in requests)
+    batches_run = sum(w.batches for w in requests)
+    legacy = {**_merge(requests),
+              "idle_power_w": idle if isinstance(idle, dict) else {}}
+    return {
+        "batch_size": b,
+        "batches": n_batches,
+        "prompts": n_batches * b,
+        "passes": batches_run / n_batches,
+        "batches_run": batches_run,
+        "warmup_batches": cfg.warmup_batches,
+        "warmup_s": round(warmup_s, 3),
+        "duration_s": duration,
+        "input_tokens": tin,
+        "output_tokens": tout,
+        "total_tokens": tin + tout,
+        "tokens_per_s": (tin + tout) / duration if duration > 0 else None,
+        "output_tokens_per_s": tout / duration if duration > 0 else None,
+        "latency": _latency(times, n_new),
+        "figures": figures,
+        "energy": ept_from_record(legacy, input_tokens=tin, output_tokens=tout),
+        "windows": [w.as_dict() for w in requests + prefills],
+        "estimated": any(e["estimated"] for e in figures["energy"].values()),
+        "flags": _unique([f for w in requests + prefills for f in w.flags]),
+        "notes": _unique(notes),
+        "phase_seq": [w.seq for w in requests],
+    }
+
+
+def _log_run(run: dict[str, Any]) -> None:
+    f = run["figures"]
+    step = (f.get("ms_per_step") or {}).get("mean")
+    parts = []
+    for c, e in f["energy"].items():
+        out = (e.get("j_per_output_token") or {}).get("mean")
+        if out is not None:
+            parts.append(f"{c} {out:.4g} J/output token"
+                         f"{' (estimated)' if e['estimated'] else ''}")
+    log.info("ept batch %d: %.3g ms per decoding step, %.1f output tokens/s over %d batches "
+             "(%.3g s); %s", run["batch_size"], step or 0, run["output_tokens_per_s"] or 0,
+             run["batches_run"], run["duration_s"], ", ".join(parts) or "no energy source")
+
+
 def ept_for(result: dict[str, Any], batch_size: int, *, component: str = "gpu",
             key: str = "ept_total_j") -> float | None:
-    """One figure from an ept.json result (e.g. EPT_total on GPU at batch 8), None if absent."""
+    """One figure from an ept.json result (e.g. EPT_total on GPU at batch 8), None if absent.
+    wattkd.ept/2 figures (`j_per_output_token`, `ms_per_step`, ...) give their mean."""
+    from wattkd.eval.ept_protocol import figure
+
     for run in result.get("runs", []):
         if run["batch_size"] == batch_size:
-            return (run["energy"].get(component) or {}).get(key)
+            if key in (run.get("energy", {}).get(component) or {}):
+                return run["energy"][component][key]
+            return figure(run, key, component)
     known = [r["batch_size"] for r in result.get("runs", [])]
     raise KeyError(f"no EPT run at batch size {batch_size}; measured: {known}")
 

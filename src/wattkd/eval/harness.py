@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.config import EvalConfig
-from wattkd.eval.custom import bigbench_task_config, resolve_suite
 from wattkd.errors import InputError
+from wattkd.eval.custom import bigbench_task_config, resolve_suite
 from wattkd.eval.protocol import (
     PROTOCOL_FORMAT,
     docs_digest,

@@ -82,6 +82,11 @@ class EptPoint:
     ept_dynamic: Quantity                 # total EPT above idle power
     ept_dynamic_in: Quantity
     ept_dynamic_out: Quantity
+    # wattkd.ept/2 steady-state figures (gaps for wattkd.ept/1 files): report/ept_section.py
+    steady: dict[str, Quantity] = field(default_factory=dict)
+    engine: str = ""
+    spread: dict[str, Any] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -460,7 +465,10 @@ def choose_ept_batch(students: Sequence[RunResult], teacher: RunResult) -> tuple
 
 
 def ept_points(run: RunData, comp: str) -> list[EptPoint]:
-    """EPT figures of ept.json (wattkd.ept/1) for one energy component, per batch size."""
+    """EPT figures of ept.json (wattkd.ept/1 and /2) for one energy component, per batch
+    size; /2 adds the steady-state figures (ms per step, J per output token of decode, ...)."""
+    from wattkd.report.ept_section import steady_fields
+
     doc = run.ept
     if not doc:
         return []
@@ -489,7 +497,8 @@ def ept_points(run: RunData, comp: str) -> list[EptPoint]:
                             q("ept_out_j", "output_tokens"), q("ept_total_j", "total_tokens"),
                             q("dynamic_ept_total_j", "total_tokens"),
                             q("dynamic_ept_in_j", "input_tokens"),
-                            q("dynamic_ept_out_j", "output_tokens")))
+                            q("dynamic_ept_out_j", "output_tokens"),
+                            **steady_fields(doc, r, comp)))
     return sorted(pts, key=lambda p: p.batch_size)
 
 

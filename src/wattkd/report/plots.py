@@ -379,8 +379,10 @@ def _logged_components(a: Analysis) -> str:
 def build_plots(a: Analysis, *, progress: bool = True) -> list[Plot]:
     """Every figure of the report, in report order (a rich progress bar: each takes ~1 s)."""
     from wattkd.energy.metrics import read_telemetry  # noqa: F401 - fail early if missing
+    from wattkd.report.ept_section import decode_vs_batch, energy_vs_latency
 
-    jobs: list[Any] = [energy_vs_quality, phase_bars, ept_vs_batch, loss_vs_energy]
+    jobs: list[Any] = [energy_vs_quality, phase_bars, ept_vs_batch, decode_vs_batch,
+                       energy_vs_latency, loss_vs_energy]
     jobs += [lambda a, r=r: _power_trace(r) for r in [*a.students, a.teacher]]
     if not progress:
         return [plot_notes(a, job(a)) for job in jobs]

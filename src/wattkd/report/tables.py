@@ -122,8 +122,11 @@ def _e_col(comp: str, est: bool, title: str = "E_run") -> Column:
 
 
 def build_tables(a: Analysis) -> list[Table]:
+    from wattkd.report.ept_section import ratio_table, steady_table
+
+    steady = [t for t in (steady_table(a), ratio_table(a)) if t.rows]  # wattkd.ept/2 only
     return [methods_table(a), runs_table(a), configs_table(a), phases_table(a), ept_table(a),
-            quality_table(a)]
+            *steady, quality_table(a)]
 
 
 def methods_table(a: Analysis) -> Table:
