@@ -222,6 +222,10 @@ class DistillConfig(Strict):
                                       "(~250 B/token at k=128); fp16; raw (int32 + fp32)")
     logit_chunk_tokens: int = Field(default=1024, gt=0,
                                     description="tokens per chunk of the fused logit losses")
+    fused_kernel: Literal["auto", "triton", "compiled", "generic"] = Field(
+        default="auto", description="fused logit loss implementation: auto (Triton kernel on "
+                                    "CUDA where it supports the terms, else compiled; eager on "
+                                    "CPU), or force one (env WATTKD_FUSED_KERNEL wins)")
 
     @model_validator(mode="after")
     def _unique(self) -> DistillConfig:

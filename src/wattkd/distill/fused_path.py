@@ -1,0 +1,69 @@
+"""Which implementation computes the fused logit loss: the switch, and the record of what ran.
+
+Paths: `triton` (kernels/lm_head_kd.py: logits never in HBM), `compiled` (fused.py's closed-form
+chunk compiled by inductor), `generic` (autograd on each chunk; any registered term), or `auto`
+(the default): triton on CUDA where the kernel supports the terms and teacher, else compiled on
+CUDA, else the eager closed-form path on CPU. The request comes from `distill.fused_kernel`
+(`wattkd train` calls `set_path`) or the env var WATTKD_FUSED_KERNEL, which wins (benchmarks,
+tests). Each distinct decision is logged once and kept for run.json (`decisions`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+PATHS = ("auto", "triton", "compiled", "generic")
+ENV = "WATTKD_FUSED_KERNEL"
+_REQUESTED = ["auto"]
+_DECISIONS: dict[str, str] = {}
+
+
+def set_path(path: str) -> None:
+    """The configured path (distill.fused_kernel) of a new run; earlier decisions are
+    forgotten."""
+    if path not in PATHS:
+        raise ValueError(f"distill.fused_kernel must be one of {', '.join(PATHS)}; got {path!r}")
+    _REQUESTED[0] = path
+    _DECISIONS.clear()
+
+
+def requested() -> str:
+    env = os.environ.get(ENV)
+    if env is None or env == "":
+        return _REQUESTED[0]
+    if env not in PATHS:
+        raise ValueError(f"{ENV} must be one of {', '.join(PATHS)}; got {env!r}")
+    return env
+
+
+def triton_usable(device_type: str, forced: bool) -> str:
+    """"" when the Triton kernels may run on this device type, else why not. Off CUDA only
+    when forced and under Triton's interpreter (TRITON_INTERPRET=1: tests, slow)."""
+    if device_type != "cuda" and not (forced and os.environ.get("TRITON_INTERPRET") == "1"):
+        return f"device is {device_type} (the kernels need CUDA; TRITON_INTERPRET=1 and " \
+               f"{ENV}=triton run them on CPU, slowly)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return ""
+
+
+def record(path: str, reason: str) -> None:
+    """Remember (and log, the first time) which path a loss call took and why."""
+    if _DECISIONS.get(path) != reason:
+        _DECISIONS[path] = reason
+        log.info("fused logit loss: %s path (%s)", path, reason)
+
+
+def decisions() -> dict[str, object]:
+    """For run.json: what was asked for and every path taken, with its reason."""
+    return {"requested": requested(), "used": dict(_DECISIONS)}
+
+
+def reset() -> None:
+    """Forget the decisions (tests; a new run in the same process)."""
+    _DECISIONS.clear()
