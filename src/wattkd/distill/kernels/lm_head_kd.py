@@ -225,11 +225,10 @@ def kernel_spec(terms: list[tuple[str, dict]], teacher_kind: str, s_cap: float |
                       t_cap if has_teacher else None), ""
 
 
-def _blocks(m: int, v: int, k: int, interpret: bool) -> tuple[int, int, int, int, int]:
-    """(BM, BV, BK, num_warps, num_stages); tiny tiles in the interpreter (numpy per op)."""
-    if interpret:
-        return 16, 32, 16, 1, 1
-    return 128, 128, 64, 8, 3
+# (BM, BV, BK, num_warps, num_stages) per kernel; benchmarks/lm_head_kd_check.py measures
+# candidates on the GPU and may set these. The interpreter uses tiny tiles (numpy per op).
+BLOCKS = {"stats": (128, 128, 64, 8, 3), "grad": (128, 128, 64, 8, 3)}
+_INTERPRET_BLOCKS = (16, 32, 16, 1, 1)
 
 
 def chunk(spec: KernelSpec, coef: list[float], h: Tensor, w: Tensor, b: Tensor | None,
@@ -245,7 +244,7 @@ def chunk(spec: KernelSpec, coef: list[float], h: Tensor, w: Tensor, b: Tensor |
     v = w.shape[0]
     dev = h.device
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    bm, bv, bk, warps, stages = _blocks(m, v, k, interpret)
+    bm, bv, bk, warps, stages = _INTERPRET_BLOCKS if interpret else BLOCKS["stats"]
     prec = "ieee" if h.dtype == torch.float32 else "tf32"
     h, w = h.contiguous(), w.contiguous()
     has_t = spec.has_teacher
@@ -311,6 +310,8 @@ def chunk(spec: KernelSpec, coef: list[float], h: Tensor, w: Tensor, b: Tensor |
     if not grad:
         return None, sums_t
     rowbuf = torch.stack([lse_s, lse_t, lse_1, rkl]).contiguous()
+    bm, bv, bk, warps, stages = _INTERPRET_BLOCKS if interpret else BLOCKS["grad"]
+    n_m = triton.cdiv(m, bm)
     dz = torch.empty((m, v), dtype=dz_dtype, device=dev)
     _grad_kernel[(n_m * triton.cdiv(v, bv),)](
         h, w, b if b is not None else dummy, th, tw, tb if tb is not None else dummy, labels,
