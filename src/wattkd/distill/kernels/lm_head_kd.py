@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 IGNORE_INDEX = -100
+_IGNORE = tl.constexpr(IGNORE_INDEX)   # (kernels may read globals only as constexpr)
 N_STATS = 10  # ms, ls, mt, lt, a, b, m1, l1, zl, zsum
 
 
@@ -77,13 +78,13 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, lab_ptr, out_ptr,
                   M, V, K, KT, shm, swv, sthm, stwv, v_per_split, inv_t, s_cap, t_cap,
                   HAS_T: tl.constexpr, HAS_B: tl.constexpr, HAS_TB: tl.constexpr,
                   S_CAP: tl.constexpr, T_CAP: tl.constexpr, NEED_ONE: tl.constexpr,
-                  BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                  HAS_CE: tl.constexpr, SMOOTH: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
                   UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
     rows = pid_m * BM + tl.arange(0, BM)
-    labels = tl.load(lab_ptr + rows, mask=rows < M, other=IGNORE_INDEX)
+    labels = tl.load(lab_ptr + rows, mask=rows < M, other=_IGNORE)
     neg = float("-inf")
     ms = tl.full((BM,), neg, tl.float32)
     ls = tl.zeros((BM,), tl.float32)
@@ -125,8 +126,10 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, lab_ptr, out_ptr,
             m1_new = tl.maximum(m1, tl.max(z1, 1))
             l1 = l1 * tl.exp(m1 - m1_new) + tl.sum(tl.exp(z1 - m1_new[:, None]), 1)
             m1 = m1_new
-        zl += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
-        zsum += tl.sum(tl.where(valid, z, 0.0), 1)
+        if HAS_CE:
+            zl += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
+        if SMOOTH:
+            zsum += tl.sum(tl.where(valid, z, 0.0), 1)
     base = out_ptr + split * M + rows
     step = n_splits * M
     keep = rows < M
@@ -175,8 +178,8 @@ def _grad_kernel(h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, lab_ptr, row_ptr, 
         g += c_fkl * (q - tl.exp(lp)) + c_rkl * q * (lq - lp - rkl[:, None])
     if HAS_CE:
         lse_1 = tl.load(row_ptr + 2 * M + rows, mask=rmask, other=0.0)
-        labels = tl.load(lab_ptr + rows, mask=rmask, other=IGNORE_INDEX)
-        c_row = tl.where(labels != IGNORE_INDEX, c_ce, 0.0)
+        labels = tl.load(lab_ptr + rows, mask=rmask, other=_IGNORE)
+        c_row = tl.where(labels != _IGNORE, c_ce, 0.0)
         hot = tl.where(cols[None, :] == labels[:, None], 1.0 - eps, 0.0)
         g += c_row[:, None] * (tl.exp(z - lse_1[:, None]) - hot - eps / V)
     if S_CAP:
@@ -229,6 +232,7 @@ def kernel_spec(terms: list[tuple[str, dict]], teacher_kind: str, s_cap: float |
 # candidates on the GPU and may set these. The interpreter uses tiny tiles (numpy per op).
 BLOCKS = {"stats": (128, 128, 64, 8, 3), "grad": (128, 128, 64, 8, 3)}
 _INTERPRET_BLOCKS = (16, 32, 16, 1, 1)
+TILES_PER_PROGRAM = [4]
 
 
 def chunk(spec: KernelSpec, coef: list[float], h: Tensor, w: Tensor, b: Tensor | None,
@@ -257,10 +261,9 @@ def chunk(spec: KernelSpec, coef: list[float], h: Tensor, w: Tensor, b: Tensor |
     need_one = has_ce and spec.temperature != 1.0
     labels = labels.contiguous()
     n_m = triton.cdiv(m, bm)
-    # enough programs for the card: ~4 per SM over row blocks x vocab splits
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
-    splits = max(1, min(triton.cdiv(v, bv), triton.cdiv(4 * sms, n_m)))
-    v_per = triton.cdiv(triton.cdiv(v, splits), bv) * bv
+    # Vocab splits of TILES_PER_PROGRAM tiles: many short programs, so several are resident
+    # per SM and one's softmax arithmetic overlaps another's matmul (measured on an H200).
+    v_per = TILES_PER_PROGRAM[0] * bv
     splits = triton.cdiv(v, v_per)
     part = torch.empty((N_STATS, splits, m), dtype=torch.float32, device=dev)
     dummy = h
@@ -269,7 +272,8 @@ def chunk(spec: KernelSpec, coef: list[float], h: Tensor, w: Tensor, b: Tensor |
         part, m, v, k, th.shape[1], h.stride(0), w.stride(0), th.stride(0), tw.stride(0),
         v_per, inv_t, spec.s_cap or 1.0, spec.t_cap or 1.0,
         HAS_T=has_t, HAS_B=b is not None, HAS_TB=tb is not None, S_CAP=bool(spec.s_cap),
-        T_CAP=bool(spec.t_cap), NEED_ONE=need_one, BM=bm, BV=bv, BK=bk, PREC=prec,
+        T_CAP=bool(spec.t_cap), NEED_ONE=need_one, HAS_CE=has_ce,
+        SMOOTH=any(eps for _, _, eps in spec.terms), BM=bm, BV=bv, BK=bk, PREC=prec,
         UPCAST=interpret,
         num_warps=warps, num_stages=stages)
 
