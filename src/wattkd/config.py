@@ -223,9 +223,10 @@ class DistillConfig(Strict):
     logit_chunk_tokens: int = Field(default=1024, gt=0,
                                     description="tokens per chunk of the fused logit losses")
     fused_kernel: Literal["auto", "triton", "compiled", "generic"] = Field(
-        default="auto", description="fused logit loss implementation: auto (Triton kernel on "
-                                    "CUDA where it supports the terms, else compiled; eager on "
-                                    "CPU), or force one (env WATTKD_FUSED_KERNEL wins)")
+        default="auto", description="fused logit loss implementation: auto (compiled on CUDA, "
+                                    "eager on CPU; see distill/fused_path.py), or force one; "
+                                    "triton: the Triton LM-head kernel (env "
+                                    "WATTKD_FUSED_KERNEL wins)")
 
     @model_validator(mode="after")
     def _unique(self) -> DistillConfig:

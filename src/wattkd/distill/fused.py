@@ -630,7 +630,7 @@ def _kernel_spec(plan: _Plan, dev: torch.device, w: Tensor) -> Any:
     supports the terms/teacher/device, else None (the decision and its reason are recorded;
     a forced `triton` that cannot apply is an error naming why)."""
     want = fused_path.requested()
-    if want not in ("auto", "triton"):
+    if want != "triton" and not (want == "auto" and fused_path.AUTO_USES_TRITON):
         return None
     why = fused_path.triton_usable(dev.type, forced=want == "triton")
     spec = None

@@ -2,8 +2,11 @@
 
 Paths: `triton` (kernels/lm_head_kd.py: logits never in HBM), `compiled` (fused.py's closed-form
 chunk compiled by inductor), `generic` (autograd on each chunk; any registered term), or `auto`
-(the default): triton on CUDA where the kernel supports the terms and teacher, else compiled on
-CUDA, else the eager closed-form path on CPU. The request comes from `distill.fused_kernel`
+(the default): compiled on CUDA, the eager closed-form path on CPU, and the Triton kernel only
+once it measures faster (AUTO_USES_TRITON). Measured on an H200 (benchmarks/RESULTS.md): the
+kernel is correct and holds less memory, but its two vocab sweeps recompute both LM-head
+matmuls, and at these hidden sizes that costs more than the compiled path's logits traffic
+(8,192 rows, vocab 262,144, hidden 640: 39.9 vs 27.1 ms; Llama-8B->1B heads: 71.4 vs 40.0). The request comes from `distill.fused_kernel`
 (`wattkd train` calls `set_path`) or the env var WATTKD_FUSED_KERNEL, which wins (benchmarks,
 tests). Each distinct decision is logged once and kept for run.json (`decisions`).
 """
@@ -16,6 +19,7 @@ import os
 log = logging.getLogger(__name__)
 
 PATHS = ("auto", "triton", "compiled", "generic")
+AUTO_USES_TRITON = False   # flip when the kernel measures faster than compiled
 ENV = "WATTKD_FUSED_KERNEL"
 _REQUESTED = ["auto"]
 _DECISIONS: dict[str, str] = {}
