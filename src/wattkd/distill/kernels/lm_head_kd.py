@@ -230,7 +230,7 @@ def kernel_spec(terms: list[tuple[str, dict]], teacher_kind: str, s_cap: float |
 
 # (BM, BV, BK, num_warps, num_stages) per kernel; benchmarks/lm_head_kd_check.py measures
 # candidates on the GPU and may set these. The interpreter uses tiny tiles (numpy per op).
-BLOCKS = {"stats": (128, 128, 64, 8, 3), "grad": (128, 128, 64, 8, 3)}
+BLOCKS = {"stats": (128, 128, 64, 8, 3), "grad": (128, 128, 64, 8, 4)}
 _INTERPRET_BLOCKS = (16, 32, 16, 1, 1)
 TILES_PER_PROGRAM = [4]
 
