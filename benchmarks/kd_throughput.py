@@ -199,7 +199,7 @@ def run_liger(teacher, student, ids, steps, warmup, kind: str = "chunked"):
             bf = torch.bfloat16
             args = (s_h.reshape(-1, s_h.shape[-1]).to(bf), s_head.weight.to(bf),
                     t_h.reshape(-1, t_h.shape[-1]).to(bf), t_head.weight.to(bf))
-            loss = loss_fn(*args, labels) if kind == "chunked" else loss_fn(*args)
+            loss = loss_fn(*args, labels) if kind == "chunked" else loss_fn(*args, None)
         return update(loss, student, opt)
 
     return timed(step, steps, warmup)
