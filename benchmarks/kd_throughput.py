@@ -15,8 +15,16 @@ excluded for every one of them equally.
   wattkd_generic  the same with WATTKD_FAST_LOSS=0 (the generic autograd chunk path).
   wattkd_topk  the same student step fed by top-k teacher tensors (k=64) as the teacher cache
                provides them (cache read excluded; no teacher forward); _compile as above.
+  wattkd_triton  the same with WATTKD_FUSED_KERNEL=triton (distill/kernels/lm_head_kd.py:
+               LM-head matmuls fused with online softmax and the KD terms, logits never in HBM).
+  liger_chunked  Liger-Kernel `chunked_loss.LigerFusedLinearJSDLoss` (beta=0 = forward KL,
+               hard-loss weight 0, compiled, chunk 1024: what TRL's trainers use with Liger).
+  liger_triton  Liger-Kernel `transformers.LigerFusedLinearJSD` (Triton, jsd_beta=0).
   trl          TRL GKDTrainer as plain off-policy forward KL (beta=0, lmbda=0, no generation).
   naive        full [tokens x vocab] fp32 logits for teacher and student (the original code).
+
+`--pair llama`: a Llama-3.2-1B-shaped student (16 layers, hidden 2048, vocab 128,256) of a
+Llama-3.1-8B-shaped teacher (32 layers, hidden 4096), both random init on the GPU.
 
 For each implementation the batch sizes are tried in order until one runs out of memory.
 Figures per (implementation, batch): tokens/s over the timed steps, peak GPU memory, J/token
@@ -60,15 +68,46 @@ def make_pair(arch: dict, device: torch.device):
     return teacher, student.to(device)
 
 
-def flops_per_token(arch: dict, n_student_layers: int, seq: int) -> dict[str, float]:
-    """Matmul FLOPs per token: teacher forward + student forward and backward (3x forward)."""
-    h, inter, v = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"]
-    q = arch["num_attention_heads"] * arch["head_dim"]
-    kv = arch["num_key_value_heads"] * arch["head_dim"]
-    per_layer = 2 * (h * q + 2 * h * kv + q * h + 3 * h * inter)     # projections + MLP
-    attn = 2 * 2 * q * seq / 2                                      # QK^T and AV, causal half
-    head = 2 * h * v
+LLAMA_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 8192,
+            "rope_theta": 500000.0, "tie_word_embeddings": False}
+LLAMA_1B = {**LLAMA_8B, "hidden_size": 2048, "intermediate_size": 8192,
+            "num_hidden_layers": 16, "head_dim": 64, "tie_word_embeddings": True}
+
+
+def make_llama_pair(device: torch.device):
+    """Llama-3.1-8B-shaped teacher and Llama-3.2-1B-shaped student, random init made on the
+    GPU (an 8B CPU init would take minutes; speed does not depend on weight values)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def build(arch: dict, seed: int):
+        kw = dict(arch)
+        cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(cfg)
+
+    teacher = build(LLAMA_8B, 0).to(torch.bfloat16).eval().requires_grad_(False)
+    return teacher, build(LLAMA_1B, 1)
+
+
+def flops_per_token(arch: dict, n_student_layers: int, seq: int,
+                    student_arch: dict | None = None) -> dict[str, float]:
+    """Matmul FLOPs per token: teacher forward + student forward and backward (3x forward).
+    The student has the teacher's layer shape unless `student_arch` is given."""
+    def per_layer_and_head(a: dict) -> tuple[float, float, float]:
+        h, inter, v = a["hidden_size"], a["intermediate_size"], a["vocab_size"]
+        q = a["num_attention_heads"] * a["head_dim"]
+        kv = a["num_key_value_heads"] * a["head_dim"]
+        per_layer = 2 * (h * q + 2 * h * kv + q * h + 3 * h * inter)   # projections + MLP
+        attn = 2 * 2 * q * seq / 2                                    # QK^T and AV, causal
+        return per_layer, attn, 2 * h * v
+
+    per_layer, attn, head = per_layer_and_head(arch)
     teacher = arch["num_hidden_layers"] * (per_layer + attn) + head
+    if student_arch is not None:
+        per_layer, attn, head = per_layer_and_head(student_arch)
     student_fwd = n_student_layers * (per_layer + attn) + head
     return {"teacher_forward": teacher, "student_forward": student_fwd,
             "student_train": 3 * student_fwd, "total": teacher + 3 * student_fwd}
@@ -76,13 +115,21 @@ def flops_per_token(arch: dict, n_student_layers: int, seq: int) -> dict[str, fl
 
 # ------------------------------------------------------------------------------ implementations
 def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None = None,
-               fast: bool = True, compile: bool | None = None):
+               fast: bool = True, compile: bool | None = None, kernel: str | None = None):
     """`fast`: closed-form fused loss; False: the generic autograd path (WATTKD_FAST_LOSS=0).
     `compile`: None = what `wattkd train` does by default (compiled on CUDA), True/False =
-    WATTKD_COMPILE=1/0 (without the compiler CUDA takes the generic path)."""
+    WATTKD_COMPILE=1/0 (without the compiler CUDA takes the generic path). `kernel`: forces
+    WATTKD_FUSED_KERNEL (None: the product default, auto)."""
     import os
 
+    from wattkd.distill import fused_path
+
     os.environ["WATTKD_FAST_LOSS"] = "1" if fast else "0"
+    if kernel is None:
+        os.environ.pop(fused_path.ENV, None)
+    else:
+        os.environ[fused_path.ENV] = kernel
+    fused_path.reset()
     if compile is None:
         os.environ.pop("WATTKD_COMPILE", None)
     else:
@@ -116,6 +163,43 @@ def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None = None,
         signals = cached if cached is not None else provider.signals(batch)
         with torch.autocast(ids.device.type, dtype=torch.bfloat16):
             loss, _ = obj(inputs, signals)
+        return update(loss, student, opt)
+
+    out = timed(step, steps, warmup)
+    out["fused_path"] = fused_path.decisions()
+    return out
+
+
+def run_liger(teacher, student, ids, steps, warmup, kind: str = "chunked"):
+    """Liger-Kernel's fused linear + forward KL (JSD beta=0) on the final hidden states of
+    student and (no-grad) teacher; the same bf16 autocast, fp32 master weights and update.
+    Both heads are cast to bf16 for the loss (the cast is differentiable)."""
+    from wattkd.distill.teacher import decoder_forward
+
+    if kind == "chunked":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0,
+                                          beta=0.0, temperature=1.0, compiled=True,
+                                          chunk_size=1024)
+    else:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        loss_fn = LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=ids.is_cuda)
+    s_head = student.get_output_embeddings()
+    t_head = teacher.get_output_embeddings()
+    labels = ids.reshape(-1)
+
+    def step():
+        with torch.no_grad():
+            t_h, _ = decoder_forward(teacher, ids, False)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+            s_h, _ = decoder_forward(student, ids, False)
+            bf = torch.bfloat16
+            args = (s_h.reshape(-1, s_h.shape[-1]).to(bf), s_head.weight.to(bf),
+                    t_h.reshape(-1, t_h.shape[-1]).to(bf), t_head.weight.to(bf))
+            loss = loss_fn(*args, labels) if kind == "chunked" else loss_fn(*args, None)
         return update(loss, student, opt)
 
     return timed(step, steps, warmup)
@@ -261,17 +345,21 @@ IMPLS = {"wattkd": (run_wattkd, {}),
          "wattkd_generic": (run_wattkd, {"fast": False}),
          "wattkd_topk": (run_wattkd, {"topk": 64}),
          "wattkd_topk_compile": (run_wattkd, {"topk": 64, "compile": True}),
+         "wattkd_triton": (run_wattkd, {"kernel": "triton"}),
+         "liger_chunked": (run_liger, {"kind": "chunked"}),
+         "liger_triton": (run_liger, {"kind": "triton"}),
          "naive": (run_naive, {}),
          "trl": (run_trl, {})}
 
 
-def profile(impl: str, batch: int, arch: dict, seq: int, device: torch.device, out: Path) -> None:
+def profile(impl: str, batch: int, arch: dict, seq: int, device: torch.device, out: Path,
+            pair=None) -> None:
     """Where one implementation's step time goes: torch.profiler over 3 steps, top CUDA ops."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     fn, kwargs = IMPLS[impl]
-    teacher, student = make_pair(arch, device)
+    teacher, student = (pair or (lambda d: make_pair(arch, d)))(device)
     ids = torch.randint(0, arch["vocab_size"], (batch, seq), device=device)
     fn(teacher, student, ids, 1, 2, **kwargs)   # warm-up (and compile) outside the trace
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -294,15 +382,19 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=1024, help="wattkd logit chunk tokens")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny pair")
+    ap.add_argument("--pair", choices=("gemma", "llama"), default="gemma")
     ap.add_argument("--profile", default=None, metavar="IMPL=BATCH",
                     help="also write a torch.profiler table of one implementation")
     args = ap.parse_args()
-    arch = TINY if args.tiny else GEMMA_270M
+    llama = args.pair == "llama"
+    arch = TINY if args.tiny else LLAMA_8B if llama else GEMMA_270M
     GEMMA_VOCAB[0], CHUNK[0] = arch["vocab_size"], args.chunk
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seq = 64 if args.tiny else args.seq
-    n_layers = 3 if args.tiny else len(STUDENT_LAYERS)
-    fpt = flops_per_token(arch, n_layers, seq)
+    n_layers = 3 if args.tiny else LLAMA_1B["num_hidden_layers"] if llama else len(STUDENT_LAYERS)
+    fpt = flops_per_token(arch, n_layers, seq, LLAMA_1B if llama else None)
+    pair = make_llama_pair if llama else (lambda d: make_pair(arch, d))
+    args.out.mkdir(parents=True, exist_ok=True)
     name = card()
     peak = peak_tflops(name)
     records = []
@@ -316,7 +408,7 @@ def main() -> None:
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
             rec = {"impl": impl, "batch": batch, "seq": seq, "card": name}
             try:
-                teacher, student = make_pair(arch, device)
+                teacher, student = pair(device)
                 g = torch.Generator().manual_seed(batch)
                 ids = torch.randint(0, arch["vocab_size"], (batch, seq), generator=g).to(device)
                 res = fn(teacher, student, ids, args.steps, args.warmup, **kwargs)
@@ -331,6 +423,8 @@ def main() -> None:
                            mfu=None if peak is None else round(tps * fpt["total"] / (peak * 1e12),
                                                                4),
                            status="ok")
+                if "fused_path" in res:
+                    rec["fused_path"] = res["fused_path"]
             except torch.cuda.OutOfMemoryError:
                 rec["status"] = "oom"
             except Exception as exc:  # noqa: BLE001 - one failure must not lose the others
@@ -339,6 +433,7 @@ def main() -> None:
                 teacher = student = ids = None
             print(json.dumps(rec), flush=True)
             records.append(rec)
+            (args.out / "kd_throughput.partial.json").write_text(json.dumps(records, indent=2))
             if rec["status"] != "ok":
                 break
     best = {}
@@ -349,17 +444,17 @@ def main() -> None:
     result = {"name": "kd_throughput", "card": name,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "versions": versions(), "command": " ".join(sys.argv),
-              "pair": {"teacher": arch, "student_layers": STUDENT_LAYERS if not args.tiny
-                       else [0, 2, 5], "seq": seq},
+              "pair": ({"teacher": arch, "student": LLAMA_1B, "seq": seq} if llama else
+                       {"teacher": arch, "student_layers": STUDENT_LAYERS if not args.tiny
+                        else [0, 2, 5], "seq": seq}),
               "flops_per_token": fpt, "peak_bf16_tflops": peak,
               "mfu_arithmetic": "mfu = tokens/s x flops_per_token.total / (peak_bf16_tflops x "
                                 "1e12); flops = 2 x matmul params + causal attention, teacher "
                                 "forward + 3 x student forward",
               "records": records, "best": best}
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
         impl, batch = args.profile.split("=")
-        profile(impl, int(batch), arch, seq, device, args.out)
+        profile(impl, int(batch), arch, seq, device, args.out, pair)
     (args.out / "kd_throughput.json").write_text(json.dumps(result, indent=2))
     print(markdown(result))
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from wattkd.config import ConfigError, validate
+from wattkd.distill import fused_path
 from wattkd.train import DivergenceError, heldout_loss, student_job, teacher_pretrain_job, train
 
 TEACHER = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
@@ -254,3 +255,16 @@ def test_rerun_of_a_finished_run_does_not_train_again(workspace: Path) -> None:
     assert fresh.step == 4 and len(log.read_text()) > len(before)
     longer = validate(experiment(workspace / "rerun", max_steps=6, checkpoint_every=0))
     assert train(student_job(longer, "baseline"), progress=False).step == 6  # raised budget
+
+
+def test_run_json_records_the_fused_loss_path(workspace: Path) -> None:
+    data = experiment(workspace / "exp", max_steps=2)
+    data["distill"]["fused_kernel"] = "generic"
+    job = student_job(validate(data), "response")
+    job.run_dir = workspace / "fused-path"
+    try:
+        assert train(job, progress=False).status == "completed"
+    finally:
+        fused_path.set_path("auto")   # the process-wide setting must not leak into others
+    run = json.loads((job.run_dir / "run.json").read_text())
+    assert run["fused_logit_loss"] == {"requested": "generic", "used": {"generic": "generic"}}

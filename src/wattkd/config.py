@@ -270,6 +270,11 @@ class DistillConfig(Strict):
                                       "(~250 B/token at k=128); fp16; raw (int32 + fp32)")
     logit_chunk_tokens: int = Field(default=1024, gt=0,
                                     description="tokens per chunk of the fused logit losses")
+    fused_kernel: Literal["auto", "triton", "compiled", "generic"] = Field(
+        default="auto", description="fused logit loss implementation: auto (compiled on CUDA, "
+                                    "eager on CPU; see distill/fused_path.py), or force one; "
+                                    "triton: the Triton LM-head kernel (env "
+                                    "WATTKD_FUSED_KERNEL wins)")
 
     @model_validator(mode="after")
     def _unique(self) -> DistillConfig:

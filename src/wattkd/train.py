@@ -24,6 +24,7 @@ import torch
 from wattkd import checkpoint, sharding
 from wattkd.atomic import atomic_dir
 from wattkd.config import ExperimentConfig, MethodConfig, StudentConfig, TrainConfig, dump
+from wattkd.distill import fused_path
 from wattkd.energy.monitor import ensure_trailing_newline
 from wattkd.errors import RunFailure, note_run_dir
 from wattkd.eval.in_training import task_evaluator
@@ -404,6 +405,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     mode = make_mode(method, student, dims, batch_size=tc.micro_batch_size)
     objective = DistillObjective(student, mode, method, vocab=vocab,
                                  chunk_tokens=cfg.distill.logit_chunk_tokens)
+    fused_path.set_path(cfg.distill.fused_kernel)
     if fsdp:
         if teacher is not None and shard_teacher:
             sharding.shard_teacher(teacher)
@@ -594,7 +596,8 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
                                state=gathered)
     if accelerator.is_main_process:
         write_run_json(run_dir, status=status, step=step, tokens=tokens,
-                       final=str(final_dir) if final_dir else None)
+                       final=str(final_dir) if final_dir else None,
+                       fused_logit_loss=fused_path.decisions())
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, status, step, tokens, final_dir)
 

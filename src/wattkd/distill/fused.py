@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wattkd.distill import fused_path
 from wattkd.distill.losses import (
     IGNORE_INDEX,
     LOG_FLOOR,
@@ -508,7 +509,13 @@ def _auto_path(device: torch.device) -> tuple[bool, str | None]:
     """(use the fast path, compile backend) when nothing is forced. On an H200 the compiled
     fast path ran 2.4x the generic autograd path (127k vs 65k tokens/s) but the *eager* fast
     path only 0.8x (52k: many unfused fp32 passes), so CUDA without the compiler takes the
-    generic path. CPU (CI, laptops): eager fast path, validated against the generic one."""
+    generic path. CPU (CI, laptops): eager fast path, validated against the generic one.
+    `fused_path` forces compiled (inductor, any device) or generic."""
+    forced = fused_path.requested()
+    if forced == "generic":
+        return False, None
+    if forced == "compiled" and not _COMPILE_BROKEN:
+        return True, "inductor"
     if device.type != "cuda":
         return True, None
     if _compile_wanted(device):
@@ -571,10 +578,16 @@ def _run(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool, 
     sums = torch.zeros(len(plan.terms), dtype=torch.float32, device=dev)
     total = torch.zeros((), dtype=torch.float32, device=dev)
     # The bias gradient sums dz over rows: keep dz in fp32 then, as the generic path does.
-    if compile_backend == "auto":
+    kspec = None
+    dispatched = compile_backend == "auto"
+    if dispatched:
+        kspec = _kernel_spec(plan, dev, w)
         auto_fast, compile_backend = _auto_path(dev)
         fast = fast and auto_fast
     cfg = _fast_cfg(plan, track, torch.float32 if need_b else mm) if fast else None
+    if dispatched and kspec is None:
+        fused_path.record("generic" if cfg is None else "compiled" if compile_backend
+                          else "eager", fused_path.requested())
     coef = torch.tensor(plan.coef, dtype=torch.float32, device=dev)
 
     with torch.autocast(dev.type, enabled=False):
@@ -583,17 +596,21 @@ def _run(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool, 
             rows = slice(start, end) if plan.rows is None else plan.rows[start:end]
             h_c = h[rows].detach().to(mm)
             labels_c = plan.labels[rows]
-            with torch.no_grad():
-                z = F.linear(h_c, w_mm, b_mm)
-            if cfg is None:
-                teacher_c = plan.teacher.take(rows) if plan.teacher is not None else None
-                s, dz = _generic_chunk(plan, z, teacher_c, labels_c, track)
-                del teacher_c
+            if kspec is not None:  # the Triton kernels: no logits in HBM
+                dz, s = _kernel_chunk(kspec, plan, rows, h_c, w_mm, b_mm, labels_c, track,
+                                      torch.float32 if need_b else mm)
             else:
                 with torch.no_grad():
-                    dz, s = _fast_chunk_inputs(cfg, plan, rows, z, labels_c, coef,
-                                               compile_backend)
-            del z
+                    z = F.linear(h_c, w_mm, b_mm)
+                if cfg is None:
+                    teacher_c = plan.teacher.take(rows) if plan.teacher is not None else None
+                    s, dz = _generic_chunk(plan, z, teacher_c, labels_c, track)
+                    del teacher_c
+                else:
+                    with torch.no_grad():
+                        dz, s = _fast_chunk_inputs(cfg, plan, rows, z, labels_c, coef,
+                                                   compile_backend)
+                del z
             sums += s
             total += (coef * s).sum()
             if not track:
@@ -606,6 +623,60 @@ def _run(plan: _Plan, h: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool, 
             if need_w:
                 _addmm_f32_(gw, dz.T, h_c)
     return total, sums, gh, gw, gb
+
+
+def _kernel_spec(plan: _Plan, dev: torch.device, w: Tensor) -> Any:
+    """The Triton kernel's spec for `plan` when the requested path allows it and the kernel
+    supports the terms/teacher/device, else None (the decision and its reason are recorded;
+    a forced `triton` that cannot apply is an error naming why)."""
+    want = fused_path.requested()
+    if want != "triton" and not (want == "auto" and fused_path.AUTO_USES_TRITON):
+        return None
+    why = fused_path.triton_usable(dev.type, forced=want == "triton")
+    spec = None
+    if not why:
+        from wattkd.distill import losses
+        from wattkd.distill.kernels.lm_head_kd import kernel_spec
+
+        known = {"forward_kl": losses.forward_kl, "reverse_kl": losses.reverse_kl,
+                 "ce": losses.ce}
+        teacher = plan.teacher
+        kind = ("none" if teacher is None else "hidden" if isinstance(teacher, TeacherHidden)
+                else "top-k" if isinstance(teacher, TopKTeacher) else "dense logits")
+        other = [s.name for s, _, _ in plan.terms if known.get(s.name) is not s.fn]
+        if other:
+            why = f"loss {other[0]!r} has no Triton kernel"
+        elif kind == "hidden" and not same_device(teacher.weight.device, dev):
+            why = "teacher head on another device"
+        else:
+            spec, why = kernel_spec([(s.name, p) for s, _, p in plan.terms], kind,
+                                    plan.softcap,
+                                    teacher.softcap if isinstance(teacher, TeacherHidden)
+                                    else None)
+    if spec is None and want == "triton":
+        raise ValueError(f"fused_kernel=triton was forced but the Triton kernel cannot "
+                         f"compute this loss: {why}")
+    if spec is not None:
+        fused_path.record("triton", "forced" if want == "triton" else "auto")
+    elif dev.type == "cuda":
+        fused_path.record("triton-unavailable", why)
+    return spec
+
+
+def _kernel_chunk(spec: Any, plan: _Plan, rows: slice | Tensor, h_c: Tensor, w_mm: Tensor,
+                  b_mm: Tensor | None, labels_c: Tensor, track: bool, dz_dtype: torch.dtype
+                  ) -> tuple[Tensor | None, Tensor]:
+    """One chunk through the Triton kernels: (dz or None, per-term sums)."""
+    from wattkd.distill.kernels.lm_head_kd import chunk
+
+    th = tw = tb = None
+    teacher = plan.teacher
+    if spec.has_teacher:
+        tw = teacher.weight.detach()
+        th = teacher.hidden[rows].detach().to(tw.device, tw.dtype)
+        tb = None if teacher.bias is None else teacher.bias.detach().to(tw.dtype)
+    with torch.no_grad():
+        return chunk(spec, plan.coef, h_c, w_mm, b_mm, th, tw, tb, labels_c, track, dz_dtype)
 
 
 def _fast_chunk_inputs(cfg: _FastCfg, plan: _Plan, rows: slice | Tensor, z: Tensor,

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from wattkd.errors import InputError
+
 COMPONENTS = ("gpu", "cpu", "dram")
 
 

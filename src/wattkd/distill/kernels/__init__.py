@@ -1,0 +1,1 @@
+"""Triton kernels of the distillation losses (optional: need triton)."""

@@ -1,0 +1,176 @@
+"""The Triton LM-head KD kernels (distill/kernels/lm_head_kd.py) against plain autograd on the
+full logits, run on CPU through Triton's interpreter; and the path switch of fused_path."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# The interpreter must be chosen before the kernels are decorated (module import). Other tests
+# never force the triton path, so on CPU they are unaffected.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wattkd.distill import fused_path
+from wattkd.distill.fused import TeacherHidden, fused_logit_loss
+from wattkd.distill.losses import DenseTeacher, TopKTeacher
+from wattkd.distill.registry import get_loss
+
+pytest.importorskip("triton", reason="triton not installed (pip install -e '.[dev]')")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 and no CUDA", allow_module_level=True)
+
+N, H, HT, V = 29, 20, 24, 70   # V not a multiple of the tile: ragged last tile and split
+
+
+@pytest.fixture(autouse=True)
+def _one_tile_per_program(monkeypatch):
+    """Several vocab splits even at V=70, so merging their partial statistics is tested."""
+    from wattkd.distill.kernels import lm_head_kd
+
+    monkeypatch.setattr(lm_head_kd, "TILES_PER_PROGRAM", [1])
+
+
+def _terms(*items):
+    return [(get_loss(name), w, params) for name, w, params in items]
+
+
+def _inputs(seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g).requires_grad_(True)
+    w = (torch.randn(V, H, generator=g) * 0.6).requires_grad_(True)
+    b = (torch.randn(V, generator=g) * 0.3).requires_grad_(True) if bias else None
+    th = torch.randn(N, HT, generator=g)
+    tw = torch.randn(V, HT, generator=g) * 0.7
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::4] = -100
+    mask = torch.rand(N, generator=g) > 0.2
+    return h, w, b, th, tw, labels, mask
+
+
+def _reference(h, w, b, th, tw, labels, mask, terms, s_cap, t_cap):
+    """Plain autograd on the full [N,V] logits in fp64, the reduction written out."""
+    z = F.linear(h.double(), w.double(), None if b is None else b.double())
+    t = th.double() @ tw.double().T
+    if s_cap:
+        z = torch.tanh(z / s_cap) * s_cap
+    if t_cap:
+        t = torch.tanh(t / t_cap) * t_cap
+    teacher = DenseTeacher(t)
+    loss = 0.0
+    for spec, weight, params in terms:
+        per = spec.fn(z, teacher, labels, **params)
+        counted = mask.double() * (labels != -100) if spec.needs_labels else mask.double()
+        loss = loss + weight * (per * counted).sum() / counted.sum()
+    return loss
+
+
+def _run(path, monkeypatch, h, w, b, teacher, labels, mask, terms, s_cap, chunk):
+    monkeypatch.setenv(fused_path.ENV, path)
+    loss, stats = fused_logit_loss(h, (w, b), teacher, labels, mask, terms, chunk_tokens=chunk,
+                                   s_softcap=s_cap)
+    grads = torch.autograd.grad(loss, [x for x in (h, w, b) if x is not None])
+    return loss, stats, grads
+
+
+def _close(got, want, rel=1e-3):
+    got, want = got.double(), want.double()
+    err = ((got - want).norm() / want.norm()).item()
+    assert err <= rel, f"relative error {err:.2e} > {rel}"
+
+
+CASES = {
+    "benchmark fkl": (_terms(("forward_kl", 1.0, {"temperature": 1.0})), None, None),
+    "fkl T=2 + 0.5 ce": (_terms(("forward_kl", 1.0, {"temperature": 2.0}), ("ce", 0.5, {})),
+                         None, None),
+    "fkl+rkl+ce(ls) softcaps": (_terms(("forward_kl", 1.0, {"temperature": 1.5}),
+                                       ("reverse_kl", 0.4, {"temperature": 1.5,
+                                                            "scale_by_t2": False}),
+                                       ("ce", 0.3, {"label_smoothing": 0.1})), 3.0, 2.5),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_equals_reference_values_and_grads(case, monkeypatch):
+    terms, s_cap, t_cap = CASES[case]
+    h, w, b, th, tw, labels, mask = _inputs()
+    teacher = TeacherHidden(th, tw, softcap=t_cap)
+    fused_path.reset()
+    loss, stats, grads = _run("triton", monkeypatch, h, w, b, teacher, labels, mask, terms,
+                              s_cap, chunk=16)
+    assert fused_path.decisions()["used"] == {"triton": "forced"}
+    ref = _reference(h, w, b, th, tw, labels, mask, terms, s_cap, t_cap)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-3)
+    ref_grads = torch.autograd.grad(ref, [x for x in (h, w, b)])
+    for got, want in zip(grads, ref_grads):
+        assert got.abs().sum() > 0
+        _close(got, want)
+    # the per-term means agree with the generic path's
+    _, gen_stats, _ = _run("generic", monkeypatch, h, w, b, teacher, labels, mask, terms,
+                           s_cap, chunk=16)
+    for key, value in gen_stats.items():
+        assert stats[key] == pytest.approx(value, rel=1e-3, abs=1e-6)
+
+
+def test_ce_only_without_teacher_and_bf16_inputs(monkeypatch):
+    h, w, _, _, _, labels, mask = _inputs(seed=1, bias=False)
+    terms = _terms(("ce", 1.0, {}))
+    hb = h.detach().bfloat16().requires_grad_(True)
+    wb = w.detach().bfloat16().requires_grad_(True)
+    loss, _, (gh, gw) = _run("triton", monkeypatch, hb, wb, None, None, labels, mask, terms,
+                             None, chunk=64)
+    ref = _reference(hb.float(), wb.float(), None, torch.zeros(N, 1), torch.zeros(V, 1),
+                     labels, mask, terms, None, None)
+    rh, rw = torch.autograd.grad(ref, [hb, wb])
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-3)
+    _close(gh, rh, rel=1e-2)   # bf16 gradients: rounding of the returned tensors
+    _close(gw, rw, rel=1e-2)
+
+
+def test_unsupported_terms_fall_back_and_forcing_says_why(monkeypatch, caplog):
+    h, w, b, th, tw, labels, mask = _inputs()
+    jsd = _terms(("jsd", 1.0, {"beta": 0.5}))
+    with pytest.raises(ValueError, match="forced.*'jsd' has no Triton kernel"):
+        _run("triton", monkeypatch, h, w, b, TeacherHidden(th, tw), labels, mask, jsd, None, 16)
+    logits = (th @ tw.T).log_softmax(-1)
+    lp, ids = logits.topk(5, -1)
+    topk = TopKTeacher(ids, lp, torch.log1p(-lp.exp().sum(-1)))
+    with pytest.raises(ValueError, match="top-k"):
+        _run("triton", monkeypatch, h, w, b, topk, labels, mask,
+             _terms(("forward_kl", 1.0, {})), None, 16)
+    # auto on CPU: never the kernel (the interpreter is for tests), decision recorded once
+    fused_path.reset()
+    with caplog.at_level(logging.INFO, logger="wattkd.distill.fused_path"):
+        for _ in range(2):
+            _run("auto", monkeypatch, h, w, b, TeacherHidden(th, tw), labels, mask,
+                 _terms(("forward_kl", 1.0, {})), None, 16)
+    assert fused_path.decisions() == {"requested": "auto", "used": {"eager": "auto"}}
+    assert sum("fused logit loss" in r.message for r in caplog.records) == 1
+
+
+def test_bad_path_names_the_key(monkeypatch):
+    with pytest.raises(ValueError, match="distill.fused_kernel must be one of"):
+        fused_path.set_path("fast")
+    monkeypatch.setenv(fused_path.ENV, "cuda")
+    with pytest.raises(ValueError, match="WATTKD_FUSED_KERNEL must be one of"):
+        fused_path.requested()
+    monkeypatch.delenv(fused_path.ENV)
+    fused_path.set_path("generic")
+    try:
+        assert fused_path.requested() == "generic"
+    finally:
+        fused_path.set_path("auto")
+
+
+def test_dense_logits_teacher_is_refused_by_the_kernel_spec():
+    from wattkd.distill.kernels.lm_head_kd import kernel_spec
+
+    spec, why = kernel_spec([("forward_kl", {})], "dense logits", None, None)
+    assert spec is None and "dense logits" in why
+    spec, why = kernel_spec([("forward_kl", {"temperature": 2.0}),
+                             ("reverse_kl", {"temperature": 1.0})], "hidden", None, None)
+    assert spec is None and "temperatures" in why
