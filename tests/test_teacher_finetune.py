@@ -89,7 +89,7 @@ def test_finetune_adapts_the_teacher_and_students_use_it(base: Path, lora) -> No
     assert info["role"] == "teacher_finetune" and info["method"] == "teacher"
     assert (out / "teacher" / "final" / "config.json").exists()  # whole folder (LoRA merged)
     phases = [json.loads(x) for x in (out / "teacher" / "phases.jsonl").read_text().splitlines()]
-    assert any(p.get("phase") == "train" and p["energy_j"].get("cpu") for p in phases)
+    assert any(p.get("phase") == "train" and p.get("energy_j", {}).get("cpu") for p in phases)
 
     def loss(folder: Path) -> float:
         net = load_pretrained(str(folder), dtype=torch.float32)
