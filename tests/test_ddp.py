@@ -169,7 +169,9 @@ def test_fsdp_resume_across_ranks_and_strategy_is_checked(cfg: Path) -> None:
     res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, timeout=300, check=False)
     assert res.returncode != 0
-    assert ("does not fit this model" in res.stderr or "no valid checkpoint" in res.stderr) and dropped in res.stderr
+    # the per-file checksums (issue 21) refuse the edited model.pt before the key check can
+    assert (("does not fit this model" in res.stderr and dropped in res.stderr)
+            or ("no valid checkpoint" in res.stderr and ckpt.name in res.stderr))
 
 
 def lora_config(cfg: Path) -> Path:
