@@ -34,6 +34,7 @@ from wattkd.energy.metrics import (
     telemetry_energy,
 )
 from wattkd.energy.monitor import ensure_trailing_newline
+from wattkd.runinfo import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -243,20 +244,6 @@ def _max_power(samples: Sequence[dict[str, Any]], comp: str, energy: float,
 
 
 # ------------------------------------------------------------------------------ writing
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def close_dead_windows(run_dir: Path, host: str, session: str) -> list[dict[str, Any]]:
     """Append the recovered end record of every window a dead session on `host` left open."""
     path = Path(run_dir) / "phases.jsonl"
@@ -270,7 +257,7 @@ def close_dead_windows(run_dir: Path, host: str, session: str) -> list[dict[str,
     begins = {_key(o, o.get("window", "phase")): o for o in objs if o.get("kind") == "begin"}
     ended = {_key(o, END_KINDS[o["kind"]]) for o in objs if o.get("kind") in END_KINDS}
     dead = [k for k, b in begins.items() if k not in ended and b.get("host") == host
-            and b.get("session") != session and not _alive(b.get("pid"))]
+            and b.get("session") != session and not pid_alive(b.get("pid"))]
     if not dead:
         return []
     telemetry = _telemetry_near(path)
