@@ -46,10 +46,10 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from wattkd.config import TelemetryConfig
 from wattkd.energy import versions
+from wattkd.energy.counters import PowerIntegrator
 from wattkd.energy.ledger import EnergyMeter
 from wattkd.energy.metrics import read_telemetry
 from wattkd.energy.monitor import Sampler, host_name
-from wattkd.energy.counters import PowerIntegrator
 from wattkd.energy.sources import CpuSource, NvmlSource, RaplSource
 
 log = logging.getLogger("energy_validation")

@@ -76,11 +76,10 @@ from wattkd.energy.monitor import (
     device_id,
     ensure_trailing_newline,
     host_name,
-    open_sources,
 )
 from wattkd.energy.recovery import close_dead_windows
 from wattkd.energy.source import COMPONENTS, UNAVAILABLE, Device, EnergySource
-from wattkd.energy.sources import CpuSource
+from wattkd.energy.sources import CpuSource, discover
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +398,7 @@ class EnergyMeter(_MeterBase):
         self._started = True
         if not self.leader:
             return
-        found = open_sources(self.cfg, **self._source_options)
+        found = discover(self.cfg, self._source_options)
         self.energy_sources = [src for src in found if src.available]
         out = self.run_dir / "telemetry" / f"{self.host}.jsonl" if self.run_dir else None
         self._sampler = Sampler(found, stats=CpuSource(), host=self.host,

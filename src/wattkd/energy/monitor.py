@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from wattkd.config import TelemetryConfig
 from wattkd.energy import versions
 from wattkd.energy.counters import CounterTracker, LevelCounter, PowerIntegrator
 from wattkd.energy.source import Device, EnergySource, Reading
@@ -321,13 +320,6 @@ def ensure_trailing_newline(path: Path) -> None:
         return
 
 
-def open_sources(cfg: TelemetryConfig | None = None, *, nvml_lib: Any = None,
-                 powercap_root: str | Path | None = None) -> list[EnergySource]:
-    """Every registered energy source, opened (`sources.discover`); `nvml_lib` and
-    `powercap_root` stand in for the hardware in tests."""
-    return discover(cfg, {"nvml_lib": nvml_lib, "powercap_root": powercap_root})
-
-
 def run_monitor(output: Path, interval: float, slow_interval: float,
                 duration: float | None, *, nvml_lib: Any = None,
                 powercap_root: str | Path | None = None) -> None:
@@ -340,7 +332,7 @@ def run_monitor(output: Path, interval: float, slow_interval: float,
         raise ValueError(f"duration must be > 0 s or None (got {duration})")
     if output.exists() and output.is_dir():
         raise ValueError(f"monitor output {output} is a directory; expected a .jsonl file path")
-    sources = open_sources(nvml_lib=nvml_lib, powercap_root=powercap_root)
+    sources = discover(None, {"nvml_lib": nvml_lib, "powercap_root": powercap_root})
     sampler = Sampler(sources, stats=CpuSource(), interval=interval,
                       slow_interval=slow_interval, output=output)
     got: list[str] = []

@@ -69,7 +69,9 @@ class Discovery:
 
 class EnergySource(ABC):
     """One kind of energy counter. Subclasses set the class constants and implement `create`,
-    `open`, `read_counter`; the rest has defaults for a counter-only source."""
+    `open`, `read_counter` (and `read_power` where they read power); the rest has defaults for
+    a counter-only source. A source writing telemetry also implements `telemetry` and the
+    `telemetry_*` readers."""
 
     LABEL: ClassVar[str]                        # source label in records ("nvml-counter")
     NAME: ClassVar[str]                         # in words, for notes ("NVML")
@@ -117,12 +119,16 @@ class EnergySource(ABC):
     def read_counter(self, dev: Device) -> float | None:
         """The raw counter of one device now (None when unreadable)."""
 
+    def read_power(self, dev: Device) -> float | None:
+        """One device's power (W) now; None: this source reads no power."""
+        return None
+
     def sample(self, energy: bool = True) -> dict[str, Reading]:
         """Every device's reading; the counter only when `energy` (it may be costly)."""
         out: dict[str, Reading] = {}
         for d in self.devices:
             raw = self.read_counter(d) if energy and d.counter else None
-            out[d.key] = Reading(t=time.monotonic(), counter=raw)
+            out[d.key] = Reading(t=time.monotonic(), counter=raw, power_w=self.read_power(d))
         return out
 
     def tracker(self, dev: Device) -> CounterTracker | LevelCounter:
