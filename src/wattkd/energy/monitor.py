@@ -282,7 +282,7 @@ class Sampler:
         for src in self.sources_given:
             if src.TELEMETRY_KEY:
                 head.update(src.header())
-        driver = next((s.driver for s in self.sources_given if s.driver), None)
+        driver = next((s.driver for s in self.sources if s.driver), None)
         head.update(unavailable=unavailable, versions=versions(driver))
         return head
 

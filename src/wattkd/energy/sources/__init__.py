@@ -78,6 +78,6 @@ def discover(cfg: TelemetryConfig | None = None, options: Mapping[str, Any] | No
         ctx = Discovery(cfg or TelemetryConfig(), dict(options or {}))
         found.append(cls.create(ctx).open())
     log.info("energy sources: %s", "; ".join(
-        f"{s.LABEL} {[d.key for d in s.devices]}" if s.available
+        f"{s.LABEL} {[d.key for d in s.devices]} ({s.BLIND_TO})" if s.available
         else f"{s.LABEL} unavailable ({s.reason})" for s in found))
     return found
