@@ -400,6 +400,10 @@ class EnergyMeter(_MeterBase):
             return
         found = discover(self.cfg, self._source_options)
         self.energy_sources = [src for src in found if src.available]
+        period = next((s.COUNTER_PERIOD_S for s in self.energy_sources if s.COUNTER_PERIOD_S),
+                      DEFAULT_COUNTER_PERIOD_S)
+        self.counter_period_s = period
+        self.counter_period_source = f"default (~{period * 1000:g} ms, docs/metrics.md)"
         out = self.run_dir / "telemetry" / f"{self.host}.jsonl" if self.run_dir else None
         self._sampler = Sampler(found, stats=CpuSource(), host=self.host,
                                 interval=self.cfg.interval_s,
