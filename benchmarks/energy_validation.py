@@ -46,10 +46,11 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from wattkd.config import TelemetryConfig
 from wattkd.energy import versions
+from wattkd.energy.counters import PowerIntegrator
 from wattkd.energy.ledger import EnergyMeter
 from wattkd.energy.metrics import read_telemetry
 from wattkd.energy.monitor import Sampler, host_name
-from wattkd.energy.sources import CpuSource, NvmlSource, PowerIntegrator, RaplSource
+from wattkd.energy.sources import CpuSource, NvmlSource, RaplSource
 
 log = logging.getLogger("energy_validation")
 
@@ -334,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     ov_out = run_dir / "telemetry-overhead.jsonl"
 
     def factory() -> Sampler:
-        return Sampler(nvml if nvml.available else None, rapl, cpu, interval=0.1,
-                       slow_interval=1.0, output=ov_out)
+        return Sampler([nvml, rapl], stats=cpu, interval=0.1, slow_interval=1.0,
+                       output=ov_out)
 
     result["overhead"] = {
         name: step_overhead(device, block_s, blocks, factory, "tiny" if dry else name)

@@ -58,7 +58,8 @@ def install(spec: dict[str, Any]) -> Callable[[], None]:
     """Put the simulated GPU and the spec's faults in place; returns the undo (for callers
     that run a session in their own process)."""
     from wattkd import checkpoint as ckpt
-    from wattkd.energy import ledger, sources
+    from wattkd.energy import ledger
+    from wattkd.energy.sources import nvml as sources
     from wattkd.teacher_cache import writer
 
     saved = [(sources, "_nvml_lib", sources._nvml_lib),

@@ -2,18 +2,24 @@
 
 `FakeNvml` answers the pynvml calls wattkd uses with the real pynvml error classes and
 constants, so the code under test cannot tell it from the library except by its numbers.
-`make_powercap` writes a powercap sysfs tree into a temp dir.
+`make_powercap` writes a powercap sysfs tree into a temp dir. `FakeCounterSource` is an
+`EnergySource` of its own (the protocol's stand-in, and the base of a new source in tests).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pynvml
+
+from wattkd.energy.counters import CounterTracker
+from wattkd.energy.source import Device, Discovery, EnergySource, Reading
 
 E = pynvml.NVMLError
 
@@ -195,3 +201,72 @@ def make_powercap(root: Path, packages: int = 1, energy_uj: int = 1_000_000,
 
 def set_uj(root: Path, zone: str, value: int) -> None:
     (root / zone / "energy_uj").write_text(f"{value}\n")
+
+
+# ------------------------------------------------------------------ a source of its own
+@dataclass
+class FakeDevice:
+    """One simulated device of a FakeCounterSource: a raw counter (µJ) and power, set by hand."""
+
+    uj: int = 1_000_000
+    watts: float | None = 200.0
+
+
+class FakeCounterSource(EnergySource):
+    """An energy source implemented straight on the protocol (no vendor library behind it):
+    devices and their counters come from the discovery option named after its LABEL, e.g.
+    `EnergyMeter(..., source_options={"fake-counter": {"dev0": FakeDevice()}})`. It writes
+    telemetry under its own key and reads it back, like a real source."""
+
+    LABEL = "fake-counter"
+    NAME = "fake"
+    COMPONENTS = ("gpu",)
+    BLIND_TO = "a test stand-in: sees only the numbers the test sets"
+    POWER = True
+    TELEMETRY_KEY = "fake"
+    POWER_LABEL = "fake-power-integrated"
+
+    def __init__(self, counters: dict[str, FakeDevice]) -> None:
+        super().__init__()
+        self._counters = counters
+
+    @classmethod
+    def create(cls, ctx: Discovery) -> FakeCounterSource:
+        return cls(ctx.options.get(cls.LABEL) or {})
+
+    def open(self) -> FakeCounterSource:
+        self.devices = [Device(k, self.COMPONENTS[0], scale_j=1e-6, info={"name": k})
+                        for k in self._counters]
+        if not self.devices:
+            self.reason = f"no {self.NAME} device given"
+        return self
+
+    def read_counter(self, dev: Device) -> int | None:
+        return self._counters[dev.key].uj
+
+    def read_power(self, dev: Device) -> float | None:
+        return self._counters[dev.key].watts
+
+    def telemetry(self, readings: Mapping[str, Reading], slow: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, r in readings.items():
+            out[k] = {"power_w": r.power_w}
+            if r.counter is not None:
+                out[k]["energy_uj"] = r.counter
+        return out
+
+    @classmethod
+    def telemetry_counters(cls, section: Any, component: str) -> dict[str, Any]:
+        if component not in cls.COMPONENTS:
+            return {}
+        return {k: v["energy_uj"] for k, v in (section or {}).items()
+                if v.get("energy_uj") is not None}
+
+    @classmethod
+    def telemetry_power(cls, section: Any) -> dict[str, float | None]:
+        return {k: v.get("power_w") for k, v in (section or {}).items()}
+
+    @classmethod
+    def telemetry_tracker(cls, headers: Sequence[dict[str, Any]], session: str,
+                          key: str) -> CounterTracker:
+        return CounterTracker(1e-6)

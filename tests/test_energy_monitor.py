@@ -55,7 +55,7 @@ def test_run_monitor_fast_and_slow_cadence(tmp_path: Path) -> None:
 def test_field_failing_later_is_noted_once(tmp_path: Path) -> None:
     gpus = two_gpus()
     out = tmp_path / "t.jsonl"
-    s = Sampler(NvmlSource(FakeNvml(gpus), visible=None).open(), None, None, interval=0.02,
+    s = Sampler([NvmlSource(FakeNvml(gpus), visible=None).open()], interval=0.02,
                 slow_interval=0.02, output=out)
     s.start()
     time.sleep(0.1)
@@ -72,7 +72,7 @@ def test_field_failing_later_is_noted_once(tmp_path: Path) -> None:
 
 def test_sampler_own_cpu_cost_is_small(tmp_path: Path) -> None:
     nvml = NvmlSource(FakeNvml(two_gpus()), visible=None).open()
-    s = Sampler(nvml, RaplSource(make_powercap(tmp_path / "pc")).open(), CpuSource(),
+    s = Sampler([nvml, RaplSource(make_powercap(tmp_path / "pc")).open()], stats=CpuSource(),
                 interval=0.1, slow_interval=1.0, output=tmp_path / "t.jsonl")
     s.start()
     time.sleep(1.0)
@@ -85,7 +85,7 @@ def test_truncated_line_then_resume_reads_both_sessions(tmp_path: Path) -> None:
     out = tmp_path / "h.jsonl"
     nvml = NvmlSource(FakeNvml(two_gpus()), visible=None).open()
     for _ in range(2):
-        s = Sampler(nvml, None, None, interval=0.05, slow_interval=0.05, output=out)
+        s = Sampler([nvml], interval=0.05, slow_interval=0.05, output=out)
         s.start()
         time.sleep(0.12)
         s.stop()

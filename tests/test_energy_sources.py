@@ -8,14 +8,8 @@ import pynvml
 import pytest
 
 from test_energy_fakes import FakeGpu, FakeNvml, make_powercap, set_uj, two_gpus
-from wattkd.energy.sources import (
-    CounterTracker,
-    CpuSource,
-    NvmlSource,
-    PowerIntegrator,
-    RaplSource,
-    parse_visible_devices,
-)
+from wattkd.energy.counters import CounterTracker, PowerIntegrator
+from wattkd.energy.sources import CpuSource, NvmlSource, RaplSource, parse_visible_devices
 
 
 # ------------------------------------------------------------------------------ counters

@@ -1,4 +1,5 @@
-"""Energy measurement: sources (NVML, RAPL, psutil), a sampler, a phase ledger, metrics.
+"""Energy measurement: sources behind one interface (`source.EnergySource`; NVML, RAPL, CPU
+time in `sources/`), a sampler, a phase ledger, metrics.
 
 Formats are documented in docs/energy-formats.md and in the module docstrings of
 `monitor` (telemetry JSONL) and `ledger` (phases.jsonl).
@@ -10,6 +11,8 @@ import platform
 from importlib import metadata
 from typing import Any
 
+from wattkd import __version__
+
 
 def versions(driver: str | None = None) -> dict[str, Any]:
     """Versions that matter for an energy figure (recorded in telemetry and benchmark output)."""
@@ -20,7 +23,5 @@ def versions(driver: str | None = None) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             out[dist] = None
     if out["wattkd"] is None:  # a source checkout on PYTHONPATH, not installed
-        from wattkd import __version__
-
         out["wattkd"] = __version__
     return out

@@ -32,8 +32,8 @@ session on the host starts. Schema-1 ledgers (end records only) still read.
    "depth": 0 for top level, "parent": name | null, "host", "session", "start_wall", "end_wall",
    "duration_s", "tokens", "status": "ok" | "error",
    "energy_j":      {"gpu": J|null, "cpu": J|null, "dram": J|null},
-   "source":        {"gpu": "nvml-counter"|"unavailable", "cpu": "rapl"|"estimated-cpu-time"|
-                     "unavailable", "dram": "rapl"|"unavailable"},
+   "source":        {component: the LABEL of the source(s) that measured it ("nvml-counter",
+                     "rapl", "estimated-cpu-time", several joined by "+") | "unavailable"},
    "estimated": true if any component is an estimate,
    "uncertainty_j": {"gpu": J|null, "cpu": null, "dram": null}  (null: not characterised),
    "dynamic_energy_j": {component: energy - idle power x duration | null},
@@ -63,6 +63,7 @@ import sys
 import threading
 import time
 import uuid as _uuid
+from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
 from types import TracebackType
@@ -72,20 +73,20 @@ from wattkd.config import TelemetryConfig
 from wattkd.energy.monitor import (
     Sampler,
     Snapshot,
+    device_id,
     ensure_trailing_newline,
     host_name,
-    open_sources,
 )
 from wattkd.energy.recovery import close_dead_windows
-from wattkd.energy.sources import NvmlSource
+from wattkd.energy.source import COMPONENTS, UNAVAILABLE, Device, EnergySource
+from wattkd.energy.sources import CpuSource, discover
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 2
-# Published/observed NVML counter update period (DESIGN.md: ~100 ms on H200); used when the
-# idle window is too short to measure it.
+# Counter update period used when the idle window is too short to measure it: the published
+# period of the first source that has one (NVML: ~100 ms on H200, docs/metrics.md).
 DEFAULT_COUNTER_PERIOD_S = 0.1
-COMPONENTS = ("gpu", "cpu", "dram")
 MISMATCH_TOLERANCE = 0.2      # |integrated/counter - 1| above this is flagged
 HIGH_UNCERTAINTY = 0.1        # uncertainty/energy above this is flagged
 
@@ -219,7 +220,7 @@ class _MeterBase:
     @property
     def sources(self) -> dict[str, str]:
         """Component -> source label ("nvml-counter", "rapl", "estimated-cpu-time", ...)."""
-        return dict.fromkeys(COMPONENTS, "unavailable")
+        return dict.fromkeys(COMPONENTS, UNAVAILABLE)
 
     def progress(self, reason: str = "checkpoint") -> None:
         """Write a progress record for every open window (the train loop calls this at each
@@ -276,7 +277,7 @@ class _MeterBase:
             "start_wall": round(t0[1], 4), "end_wall": round(t1[1], 4),
             "duration_s": round(duration, 6), "tokens": tokens, "status": "ok",
             "energy_j": dict.fromkeys(COMPONENTS), "source": dict.fromkeys(COMPONENTS,
-                                                                           "unavailable"),
+                                                                           UNAVAILABLE),
             "estimated": False, "uncertainty_j": dict.fromkeys(COMPONENTS),
             "dynamic_energy_j": dict.fromkeys(COMPONENTS), "per_gpu": {},
             "idle_power_w": self.idle_power_w,
@@ -368,21 +369,23 @@ class EnergyMeter(_MeterBase):
 
     def __init__(self, cfg: TelemetryConfig, run_dir: Path | None, *, host: str | None = None,
                  nvml_lib: Any = None, powercap_root: str | Path | None = None,
-                 leader: bool | None = None) -> None:
+                 leader: bool | None = None,
+                 source_options: Mapping[str, Any] | None = None) -> None:
         super().__init__(cfg, run_dir, host)
         self.leader = _is_node_leader() if leader is None else leader
-        self._nvml_lib = nvml_lib
-        self._powercap_root = powercap_root
+        # what discovery hands the sources (simulated hardware in tests)
+        self._source_options = {"nvml_lib": nvml_lib, "powercap_root": powercap_root,
+                                **(source_options or {})}
         self._sampler: Sampler | None = None
-        self._nvml: NvmlSource | None = None
+        self.energy_sources: list[EnergySource] = []   # the sources read (available ones)
         self._started = False
         self._stopped = False
         self._run_start: Snapshot | None = None
         self._run_t0 = (0.0, 0.0)
-        self._sources = dict.fromkeys(COMPONENTS, "unavailable")
+        self._sources = dict.fromkeys(COMPONENTS, UNAVAILABLE)
         self._idle: dict[str, Any] = _no_idle()
         self.counter_period_s = DEFAULT_COUNTER_PERIOD_S
-        self.counter_period_source = "default (~100 ms, DESIGN.md)"
+        self.counter_period_source = "default (~100 ms, docs/metrics.md)"
         if not self.leader:
             self._write_records = False
             self._base_flags = ["not-metered-here"]
@@ -395,33 +398,22 @@ class EnergyMeter(_MeterBase):
         self._started = True
         if not self.leader:
             return
-        nvml, rapl, cpu = open_sources(nvml_lib=self._nvml_lib, rapl_root=self._powercap_root)
-        self._nvml = nvml
-        estimate = self.cfg.cpu_watts_per_core is not None and not rapl.available
+        found = discover(self.cfg, self._source_options)
+        self.energy_sources = [src for src in found if src.available]
+        period = next((s.COUNTER_PERIOD_S for s in self.energy_sources if s.COUNTER_PERIOD_S),
+                      DEFAULT_COUNTER_PERIOD_S)
+        self.counter_period_s = period
+        self.counter_period_source = f"default (~{period * 1000:g} ms, docs/metrics.md)"
         out = self.run_dir / "telemetry" / f"{self.host}.jsonl" if self.run_dir else None
-        self._sampler = Sampler(nvml, rapl, cpu, host=self.host, interval=self.cfg.interval_s,
-                                slow_interval=self.cfg.slow_interval_s, output=out,
-                                track_cpu_time=estimate)
+        self._sampler = Sampler(found, stats=CpuSource(), host=self.host,
+                                interval=self.cfg.interval_s,
+                                slow_interval=self.cfg.slow_interval_s, output=out)
         self.session = self._sampler.session
-        if any(g.energy for g in nvml.gpus):
-            self._sources["gpu"] = "nvml-counter"
-        if any(z.kind == "package" for z in rapl.zones):
-            self._sources["cpu"] = "rapl"
-        elif estimate:
-            self._sources["cpu"] = "estimated-cpu-time"
-        if any(z.kind == "dram" for z in rapl.zones):
-            self._sources["dram"] = "rapl"
-        if not nvml.available:
-            self._base_notes.append(f"gpu unavailable: {nvml.reason}")
-        elif not all(g.energy for g in nvml.gpus):
-            self._base_flags.append("partial-gpu")
-            self._base_notes.append("some GPUs have no energy counter; gpu energy sums the rest")
-        if any(g.mig for g in nvml.gpus):
-            self._base_flags.append("mig-shared-counter")
-            self._base_notes.append("MIG: a GPU's counter covers all of its MIG instances")
-        if self._sources["cpu"] == "unavailable":
-            self._base_notes.append(f"cpu unavailable: {rapl.reason}; set "
-                                    "telemetry.cpu_watts_per_core for an estimate")
+        for comp in COMPONENTS:
+            labels = [src.LABEL for src in self.energy_sources
+                      if any(d.counter and d.component == comp for d in src.devices)]
+            self._sources[comp] = "+".join(labels) or UNAVAILABLE
+        self._session_notes(found)
         self._sampler.start()
         atexit.register(self.stop)
         if self._write_records and self.run_dir is not None:
@@ -436,6 +428,21 @@ class EnergyMeter(_MeterBase):
         self._progress_thread.start()
 
     _progress_thread: threading.Thread | None = None
+
+    def _session_notes(self, found: list[EnergySource]) -> None:
+        """Flags and notes every record carries: why a component has no source (with the
+        estimate's hint where one exists), then each source's own (partial device set, ...)."""
+        for src in found:
+            comp = src.COMPONENTS[0]
+            if (not src.available and src.reason and not src.ESTIMATED
+                    and self._sources[comp] == UNAVAILABLE):
+                hints = [e.reason for e in found if e.ESTIMATED and not e.available
+                         and comp in e.COMPONENTS and e.reason]
+                self._base_notes.append(f"{comp} unavailable: " + "; ".join([src.reason,
+                                                                             *hints]))
+            flags, notes = src.flags_and_notes()
+            self._base_flags += flags
+            self._base_notes += notes
 
     def _progress_loop(self) -> None:
         """At least every telemetry.progress_every_s, a progress record per open window."""
@@ -476,8 +483,8 @@ class EnergyMeter(_MeterBase):
                       "windows are missing from %s", len(self._pending), self._write_error,
                       self.run_dir)
         self._sampler.stop()
-        if self._nvml is not None:
-            self._nvml.close()
+        for src in self._sampler.sources_given:
+            src.close()
 
     _session_tokens = 0
 
@@ -510,7 +517,7 @@ class EnergyMeter(_MeterBase):
         if self._sampler is None or self._run_start is None:
             return None
         e = self._energies(self._run_start, self._sampler.snapshot(), 0.0)
-        vals = [v for v in (e["gpu"], e["cpu"], e["dram"]) if v is not None]
+        vals = [e[c] for c in COMPONENTS if e[c] is not None]
         return float(sum(vals)) if vals else None
 
     @property
@@ -525,45 +532,51 @@ class EnergyMeter(_MeterBase):
 
     # ------------------------------------------------------------------ energy
     def _energies(self, a: Snapshot, b: Snapshot, duration: float) -> dict[str, Any]:
-        per_gpu: dict[str, dict[str, Any]] = {}
-        gain = self.cfg.gpu_gain_error
-        for g in self._nvml.gpus if self._nvml else []:
-            u = g.uuid
-            e = _diff(a.gpu_j.get(u), b.gpu_j.get(u))
-            integ = _diff(a.gpu_int_j.get(u), b.gpu_int_j.get(u))
-            unc = None
-            if e is not None:
-                mean_p = e / duration if duration > 0 else 0.0
-                pa = a.gpu_power_w.get(u)
-                pb = b.gpu_power_w.get(u)
-                unc = (self.counter_period_s * ((pa if pa is not None else mean_p)
-                                                + (pb if pb is not None else mean_p))
-                       + gain * e)
-            per_gpu[u] = {"index": g.index, "cuda_index": g.cuda_index, "name": g.name,
-                          "mig": g.mig, "energy_j": _r(e), "uncertainty_j": _r(unc),
-                          "integrated_power_j": _r(integ),
-                          "power_samples": b.gpu_power_samples.get(u, 0)
-                          - a.gpu_power_samples.get(u, 0),
-                          "resets": b.gpu_resets.get(u, 0) - a.gpu_resets.get(u, 0),
-                          "glitches": b.gpu_glitches.get(u, 0) - a.gpu_glitches.get(u, 0)}
-        out: dict[str, Any] = {"per_gpu": per_gpu}
-        gpu_vals = [p["energy_j"] for p in per_gpu.values() if p["energy_j"] is not None]
-        out["gpu"] = sum(gpu_vals) if gpu_vals else None
-        out["gpu_unc"] = (sum(p["uncertainty_j"] for p in per_gpu.values()
-                              if p["uncertainty_j"] is not None) if gpu_vals else None)
-        ints = [p["integrated_power_j"] for p in per_gpu.values()
-                if p["energy_j"] is not None and p["integrated_power_j"] is not None]
-        out["gpu_int"] = sum(ints) if ints and len(ints) == len(gpu_vals) else None
-        kinds = {z.name: z.kind for z in (self._sampler.rapl.zones
-                                          if self._sampler and self._sampler.rapl else [])}
-        for comp, kind in (("cpu", "package"), ("dram", "dram")):
-            vals = [_diff(a.rapl_j.get(n), b.rapl_j.get(n)) for n, k in kinds.items()
-                    if k == kind]
-            out[comp] = sum(vals) if vals and None not in vals else None
-        if self._sources["cpu"] == "estimated-cpu-time":
-            cpu_s = _diff(a.cpu_s, b.cpu_s)
-            out["cpu"] = cpu_s * self.cfg.cpu_watts_per_core if cpu_s is not None else None
+        """Per component: energy (J), its uncertainty (`<comp>_unc`), per-device figures
+        (`devices`: (source, device, figures); GPUs also as ledger `per_gpu` entries) and the
+        GPUs' integrated power (`gpu_int`)."""
+        devices: list[tuple[EnergySource, Device, dict[str, Any]]] = []
+        vals: dict[str, list[float]] = {c: [] for c in COMPONENTS}
+        uncs: dict[str, list[float | None]] = {c: [] for c in COMPONENTS}
+        missing: set[str] = set()
+        for src in self.energy_sources:
+            for dev in src.devices:
+                f = self._device_energy(src, dev, a, b, duration)
+                devices.append((src, dev, f))
+                if not dev.counter:
+                    continue
+                if f["energy_j"] is None:
+                    if not src.PARTIAL:
+                        missing.add(dev.component)
+                    continue
+                vals[dev.component].append(f["energy_j"])
+                uncs[dev.component].append(f["uncertainty_j"])
+        out: dict[str, Any] = {"devices": devices, "per_gpu": {
+            d.key: {**d.info, **f} for _, d, f in devices if d.component == "gpu"}}
+        for comp in COMPONENTS:
+            ok = vals[comp] and comp not in missing
+            out[comp] = sum(vals[comp]) if ok else None
+            out[f"{comp}_unc"] = sum(uncs[comp]) if ok and None not in uncs[comp] else None
+        ints = [f["integrated_power_j"] for _, d, f in devices if d.component == "gpu"
+                and f["energy_j"] is not None and f["integrated_power_j"] is not None]
+        out["gpu_int"] = sum(ints) if ints and len(ints) == len(vals["gpu"]) else None
         return out
+
+    def _device_energy(self, src: EnergySource, dev: Device, a: Snapshot, b: Snapshot,
+                       duration: float) -> dict[str, Any]:
+        """One device's figures between two snapshots (GPUs' rounded: their ledger entry)."""
+        i = device_id(src, dev)
+        e = _diff(a.energy_j.get(i), b.energy_j.get(i))
+        unc = None
+        if e is not None and src.CHARACTERISED:
+            unc = src.uncertainty_j(e, duration, a.power_w.get(i), b.power_w.get(i),
+                                    self.counter_period_s, self.cfg)
+        integ = _diff(a.integrated_j.get(i), b.integrated_j.get(i))
+        rnd = _r if dev.component == "gpu" else (lambda v: v)
+        return {"energy_j": rnd(e), "uncertainty_j": rnd(unc), "integrated_power_j": rnd(integ),
+                "power_samples": b.power_samples.get(i, 0) - a.power_samples.get(i, 0),
+                "resets": b.resets.get(i, 0) - a.resets.get(i, 0),
+                "glitches": b.glitches.get(i, 0) - a.glitches.get(i, 0)}
 
     def _fill_energy(self, rec: dict[str, Any], a: Snapshot | None, b: Snapshot | None,
                      duration: float) -> None:
@@ -571,14 +584,16 @@ class EnergyMeter(_MeterBase):
             return
         e = self._energies(a, b, duration)
         rec["source"] = dict(self._sources)
+        estimated = []
         for comp in COMPONENTS:
             rec["energy_j"][comp] = _r(e[comp])
+            rec["uncertainty_j"][comp] = _r(e[f"{comp}_unc"])
             if rec["energy_j"][comp] is None:
-                rec["source"][comp] = "unavailable"
-        rec["uncertainty_j"]["gpu"] = _r(e["gpu_unc"])
-        rec["estimated"] = rec["source"]["cpu"] == "estimated-cpu-time"
-        if rec["estimated"]:
-            rec["flags"].append("estimated-cpu")
+                rec["source"][comp] = UNAVAILABLE
+            elif any(src.ESTIMATED for src, d, _ in e["devices"] if d.component == comp):
+                estimated.append(comp)
+        rec["estimated"] = bool(estimated)
+        rec["flags"] += [f"estimated-{comp}" for comp in estimated]
         rec["per_gpu"] = e["per_gpu"]
         rec["counter_period_s"] = self.counter_period_s
         rec["counter_period_source"] = self.counter_period_source
@@ -586,43 +601,51 @@ class EnergyMeter(_MeterBase):
         for comp in COMPONENTS:
             if e[comp] is not None and idle.get(comp) is not None:
                 rec["dynamic_energy_j"][comp] = _r(e[comp] - idle[comp] * duration)
+        if e["gpu"] is not None:
+            self._gpu_checks(rec, e, duration)
+
+    def _gpu_checks(self, rec: dict[str, Any], e: dict[str, Any], duration: float) -> None:
+        """Flags on the headline GPU figure: short window, uncertainty, counter events, and the
+        integrated-power cross-check."""
         flags, notes = rec["flags"], rec["notes"]
         gpu = e["gpu"]
-        if gpu is not None:
-            if duration < self.cfg.min_window_s:
-                flags.append("short-window")
-                notes.append(f"window {duration:.3g} s < telemetry.min_window_s "
-                             f"{self.cfg.min_window_s:g} s: counter quantisation at the edges "
-                             "dominates the figure")
-            if e["gpu_unc"] is not None and gpu > 0 and e["gpu_unc"] / gpu > HIGH_UNCERTAINTY:
-                flags.append("high-uncertainty")
-            if any(p["resets"] for p in e["per_gpu"].values()):
-                flags.append("counter-reset")
-                notes.append("an NVML counter decreased (driver reload) inside this window; the "
-                             "sampling interval containing the reset may be missing")
-            if any(p.get("glitches") for p in e["per_gpu"].values()):
-                flags.append("counter-glitch")
-                notes.append("implausible NVML counter reads (above the power limit, or a drop "
-                             "the next read undid) were excluded inside this window")
-            ip = rec["integrated_power_j"]
-            srcs = {g.power_source for g in self._nvml.gpus} if self._nvml else set()
-            ip["power_source"] = "+".join(sorted(s for s in srcs if s)) or None
-            ip["samples"] = sum(p["power_samples"] for p in e["per_gpu"].values())
-            if e["gpu_int"] is not None and ip["samples"] >= 2:
-                ip["gpu"] = _r(e["gpu_int"])
-                ip["diff_j"] = _r(gpu - e["gpu_int"])
-                ip["ratio"] = round(e["gpu_int"] / gpu, 6) if gpu > 0 else None
-                if (ip["ratio"] is not None and duration >= self.cfg.min_window_s
-                        and abs(ip["ratio"] - 1) > MISMATCH_TOLERANCE):
-                    flags.append("counter-power-mismatch")
-            else:
-                flags.append("no-power-samples")
+        gpus = [(src, d, f) for src, d, f in e["devices"] if d.component == "gpu"]
+        if duration < self.cfg.min_window_s:
+            flags.append("short-window")
+            notes.append(f"window {duration:.3g} s < telemetry.min_window_s "
+                         f"{self.cfg.min_window_s:g} s: counter quantisation at the edges "
+                         "dominates the figure")
+        if e["gpu_unc"] is not None and gpu > 0 and e["gpu_unc"] / gpu > HIGH_UNCERTAINTY:
+            flags.append("high-uncertainty")
+        reset = "/".join(sorted({src.NAME for src, _, f in gpus if f["resets"]}))
+        if reset:
+            flags.append("counter-reset")
+            notes.append(f"an {reset} counter decreased (driver reload) inside this window; the "
+                         "sampling interval containing the reset may be missing")
+        glitch = "/".join(sorted({src.NAME for src, _, f in gpus if f["glitches"]}))
+        if glitch:
+            flags.append("counter-glitch")
+            notes.append(f"implausible {glitch} counter reads (above the power limit, or a drop "
+                         "the next read undid) were excluded inside this window")
+        ip = rec["integrated_power_j"]
+        ip["power_source"] = "+".join(sorted({d.power_source for _, d, _ in gpus
+                                              if d.power_source})) or None
+        ip["samples"] = sum(f["power_samples"] for _, _, f in gpus)
+        if e["gpu_int"] is not None and ip["samples"] >= 2:
+            ip["gpu"] = _r(e["gpu_int"])
+            ip["diff_j"] = _r(gpu - e["gpu_int"])
+            ip["ratio"] = round(e["gpu_int"] / gpu, 6) if gpu > 0 else None
+            if (ip["ratio"] is not None and duration >= self.cfg.min_window_s
+                    and abs(ip["ratio"] - 1) > MISMATCH_TOLERANCE):
+                flags.append("counter-power-mismatch")
+        else:
+            flags.append("no-power-samples")
 
     # ------------------------------------------------------------------ idle
     def _measure_idle(self) -> None:
         """Idle power over cfg.idle_seconds before any phase; also times the counter updates."""
         secs = self.cfg.idle_seconds
-        measurable = any(v != "unavailable" for v in self._sources.values())
+        measurable = any(v != UNAVAILABLE for v in self._sources.values())
         if secs <= 0 or not measurable or self._sampler is None:
             self._idle["source"] = ("not measured (telemetry.idle_seconds = 0)" if secs <= 0
                                     else "not measured (no energy source)")
@@ -649,16 +672,18 @@ class EnergyMeter(_MeterBase):
         self._append(rec)
 
     def _poll_counter(self, secs: float) -> list[float]:
-        """Wait `secs`, polling the first GPU counter to find when it changes."""
+        """Wait `secs`, polling the first counter with a published update period (NVML's) to
+        find when it changes."""
         deadline = time.monotonic() + secs
-        gpu = next((g for g in (self._nvml.gpus if self._nvml else []) if g.energy), None)
-        if gpu is None:
+        src, dev = next(((s, d) for s in self.energy_sources if s.COUNTER_PERIOD_S
+                         for d in s.devices if d.counter), (None, None))
+        if src is None or dev is None:
             time.sleep(secs)
             return []
         changes: list[float] = []
         last = None
         while time.monotonic() < deadline:
-            v = self._nvml.read_energy_mj(gpu)
+            v = src.read_counter(dev)
             t = time.monotonic()
             if v is not None and last is not None and v != last:
                 changes.append(t)

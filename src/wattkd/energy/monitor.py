@@ -1,16 +1,17 @@
-"""Background sampler: reads the sources on a fixed cadence and writes telemetry JSONL.
+"""Background sampler: reads the energy sources on a fixed cadence and writes telemetry JSONL.
 
-GPU power and RAPL counters are read every `interval` (10 Hz by default); the NVML energy
-counter and the slow fields (utilisation, memory, temperature, clocks, CPU, RAM) every
-`slow_interval` (~1 Hz). The counter is cumulative, so reading it less often loses no energy,
+Power and cheap counters (RAPL) are read every `interval` (10 Hz by default); costly counters
+(NVML's energy counter, this process's CPU time) and the slow fields (utilisation, memory,
+temperature, clocks, CPU, RAM) every `slow_interval` (~1 Hz). The counter is cumulative, so reading it less often loses no energy,
 while one read costs ~5 ms of CPU (H200, driver 580: the power fields cost ~2 us); window edges
 read it directly. Each line is
 flushed as it is written, so a crash loses at most the last line. The same object keeps the
-running energy totals (`CounterTracker`, `PowerIntegrator`) that the phase ledger reads at window
+running energy totals (each source's tracker, `PowerIntegrator`) that the phase ledger reads at window
 edges through `read_now()`: one lock covers every counter read and its bookkeeping, so the
 sampler thread and an edge read can never interleave and fake a counter decrease.
 
-Telemetry file format (schema 1), one JSON object per line, `type` says which:
+Telemetry file format (schema 1), one JSON object per line, `type` says which (each source
+with a TELEMETRY_KEY writes its own header entries and sample section; NVML and RAPL shown):
   header  {"schema":1,"type":"header","host","session","t_wall","t_mono","interval_s",
            "slow_interval_s","gpus":[{"uuid","index","cuda_index","name","mig","energy_source",
            "power_source","power_avg","power_limit_w"}],"rapl":[{"zone","kind","max_range_uj"}],
@@ -39,17 +40,15 @@ import socket
 import threading
 import time
 import uuid as _uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from wattkd.energy.sources import (
-    CounterTracker,
-    CpuSource,
-    NvmlSource,
-    PowerIntegrator,
-    RaplSource,
-)
+from wattkd.energy import versions
+from wattkd.energy.counters import CounterTracker, LevelCounter, PowerIntegrator
+from wattkd.energy.source import Device, EnergySource, Reading
+from wattkd.energy.sources import CpuSource, discover
 
 log = logging.getLogger(__name__)
 
@@ -62,48 +61,66 @@ def host_name() -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
+def device_id(src: EnergySource, dev: Device) -> str:
+    """A device's key in a Snapshot: unique across sources."""
+    return f"{src.LABEL}:{dev.key}"
+
+
 @dataclass
 class Snapshot:
-    """Running totals at one instant (monotonic time `t_mono`). Energies in J since start."""
+    """Running totals at one instant (monotonic time `t_mono`), per device (`device_id`).
+    Energies in J since start; None where the device's counter has not been read."""
 
     t_mono: float
     t_wall: float
-    gpu_j: dict[str, float | None] = field(default_factory=dict)
-    gpu_power_w: dict[str, float | None] = field(default_factory=dict)
-    gpu_int_j: dict[str, float | None] = field(default_factory=dict)
-    gpu_power_samples: dict[str, int] = field(default_factory=dict)
-    gpu_resets: dict[str, int] = field(default_factory=dict)
-    gpu_glitches: dict[str, int] = field(default_factory=dict)
+    energy_j: dict[str, float | None] = field(default_factory=dict)
+    power_w: dict[str, float | None] = field(default_factory=dict)
+    integrated_j: dict[str, float | None] = field(default_factory=dict)
+    power_samples: dict[str, int] = field(default_factory=dict)
+    resets: dict[str, int] = field(default_factory=dict)
+    glitches: dict[str, int] = field(default_factory=dict)
     suspect: bool = False        # a counter's last read awaits the next one's judgement
-    rapl_j: dict[str, float | None] = field(default_factory=dict)
-    cpu_s: float | None = None
+
+
+class _DeviceState:
+    """The sampler's running totals of one device."""
+
+    def __init__(self, src: EnergySource, dev: Device) -> None:
+        self.dev = dev
+        self.tracker: CounterTracker | LevelCounter = src.tracker(dev)
+        self.power: float | None = None
+        self.integrator = PowerIntegrator()
+
+    def add(self, r: Reading) -> None:
+        self.tracker.update(r.counter, r.t)
+        self.power = r.power_w
+        self.integrator.add(r.t, r.power_w)
 
 
 class Sampler:
-    """Reads the sources in a daemon thread; optionally writes telemetry JSONL.
+    """Reads the energy sources in a daemon thread; optionally writes telemetry JSONL.
 
-    `track_cpu_time` makes slow ticks also read this process tree's CPU time (used for the
-    `estimated` CPU figure), so `snapshot()` stays a cheap, lock-and-copy call.
+    Every tick reads the sources with power or a cheap counter; a source's costly counter
+    (NVML's, this process's CPU time) is read on slow ticks and at edge reads (`read_now`), so
+    `snapshot()` stays a cheap, lock-and-copy call. `stats` adds the node's CPU utilisation and
+    RAM to slow samples. Sources that are not available only contribute their reasons.
     """
 
-    def __init__(self, nvml: NvmlSource | None, rapl: RaplSource | None,
-                 cpu: CpuSource | None, *, host: str | None = None, interval: float = 0.1,
-                 slow_interval: float = 1.0, output: Path | None = None,
-                 track_cpu_time: bool = False) -> None:
+    def __init__(self, sources: Sequence[EnergySource], *, stats: CpuSource | None = None,
+                 host: str | None = None, interval: float = 0.1, slow_interval: float = 1.0,
+                 output: Path | None = None) -> None:
         if interval <= 0 or slow_interval <= 0:
             raise ValueError(f"sampler intervals must be > 0 s (got interval={interval}, "
                              f"slow_interval={slow_interval})")
-        self._sources_given = [x for x in (nvml, rapl) if x is not None]
-        self.nvml = nvml if nvml is not None and nvml.available else None
-        self.rapl = rapl if rapl is not None and rapl.available else None
-        self.cpu = cpu
+        self.sources_given = list(sources)
+        self.sources = [s for s in self.sources_given if s.available]
+        self.stats = stats
         self.host = host or host_name()
         self.session = _uuid.uuid4().hex[:12]
-        self.has_fast = self.nvml is not None or self.rapl is not None
+        self.has_fast = any(s.POWER or s.COUNTER_EVERY_TICK for s in self.sources)
         self.interval = interval if self.has_fast else slow_interval
         self.slow_interval = max(slow_interval, self.interval)
         self.output = output
-        self.track_cpu_time = track_cpu_time and cpu is not None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -113,15 +130,8 @@ class Sampler:
         self.late_ticks = 0
         self.cpu_s = 0.0          # the sampler thread's own CPU time
         self.write_error: str | None = None
-        gpus = self.nvml.gpus if self.nvml else []
-        self._gpu_trackers = {g.uuid: CounterTracker(
-            1e-3, max_power_w=2 * g.power_limit_w if g.power_limit_w else None) for g in gpus}
-        self._gpu_power: dict[str, float | None] = {g.uuid: None for g in gpus}
-        self._gpu_integrators = {g.uuid: PowerIntegrator() for g in gpus}
-        zones = self.rapl.zones if self.rapl else []
-        self._rapl_trackers = {z.name: CounterTracker(1e-6, wrap=z.max_range_uj or None)
-                               for z in zones}
-        self._cpu_s: float | None = None
+        self._state = {device_id(s, d): _DeviceState(s, d) for s in self.sources
+                       for d in s.devices}
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -170,9 +180,7 @@ class Sampler:
     def read_now(self) -> Snapshot:
         """Read every counter now (an edge read), update the totals, return a snapshot."""
         with self._lock:
-            self._read_fast()
-            if self.track_cpu_time:
-                self._cpu_s = self.cpu.process_cpu_seconds()
+            self._read(energy=True, fast_only=False)
             return self._snapshot_locked()
 
     def snapshot(self) -> Snapshot:
@@ -181,48 +189,35 @@ class Sampler:
             return self._snapshot_locked()
 
     def _snapshot_locked(self) -> Snapshot:
-        t_mono, t_wall = time.monotonic(), time.time()
-        s = Snapshot(t_mono, t_wall, cpu_s=self._cpu_s)
-        gpus = self.nvml.gpus if self.nvml else []
-        for g in gpus:
-            tr = self._gpu_trackers[g.uuid]
-            s.gpu_j[g.uuid] = tr.total_j if g.energy and tr.last_raw is not None else None
-            s.gpu_resets[g.uuid] = tr.resets
-            s.gpu_glitches[g.uuid] = tr.glitches
+        s = Snapshot(time.monotonic(), time.time())
+        for i, st in self._state.items():
+            tr = st.tracker
+            s.energy_j[i] = tr.total_j if st.dev.counter and tr.last_raw is not None else None
+            s.resets[i] = tr.resets
+            s.glitches[i] = tr.glitches
             s.suspect = s.suspect or tr.suspect
-            s.gpu_power_w[g.uuid] = self._gpu_power[g.uuid]
-            integ = self._gpu_integrators[g.uuid]
-            s.gpu_int_j[g.uuid] = integ.joules if integ.samples else None
-            s.gpu_power_samples[g.uuid] = integ.samples
-        for name, tr in self._rapl_trackers.items():
-            s.rapl_j[name] = tr.total_j if tr.last_raw is not None else None
+            s.power_w[i] = st.power
+            s.integrated_j[i] = st.integrator.joules if st.integrator.samples else None
+            s.power_samples[i] = st.integrator.samples
         if self._last_t is not None:
             s.t_mono, s.t_wall = self._last_t
         return s
 
     _last_t: tuple[float, float] | None = None
 
-    def _read_fast(self, energy: bool = True) -> dict[str, Any]:
-        """Caller holds the lock. Returns the raw values for the telemetry line."""
-        gpu: dict[str, Any] = {}
-        rapl: dict[str, Any] = {}
-        if self.nvml:
-            for g in self.nvml.gpus:
-                v = self.nvml.read_fast(g, energy=energy)
-                t = time.monotonic()
-                if energy:
-                    self._gpu_trackers[g.uuid].update(v["energy_mj"], t)
-                self._gpu_power[g.uuid] = v["power_w"]
-                self._gpu_integrators[g.uuid].add(t, v["power_w"])
-                gpu[g.uuid] = v
-        if self.rapl:
-            t = time.monotonic()
-            raw = self.rapl.read()
-            for name, value in raw.items():
-                self._rapl_trackers[name].update(value, t)
-            rapl = raw
+    def _read(self, energy: bool, fast_only: bool) -> dict[int, dict[str, Reading]]:
+        """Caller holds the lock. Reads the sources (on a fast tick only those with power or a
+        cheap counter; costly counters only when `energy`); returns the readings by source."""
+        out: dict[int, dict[str, Reading]] = {}
+        for n, src in enumerate(self.sources):
+            if fast_only and not (src.POWER or src.COUNTER_EVERY_TICK):
+                continue
+            readings = src.sample(energy=energy or src.COUNTER_EVERY_TICK)
+            for key, r in readings.items():
+                self._state[f"{src.LABEL}:{key}"].add(r)
+            out[n] = readings
         self._last_t = (time.monotonic(), time.time())
-        return {"gpu": gpu, "rapl": rapl}
+        return out
 
     # ---------------------------------------------------------------- thread
     def _run(self) -> None:
@@ -250,30 +245,17 @@ class Sampler:
 
     def _tick(self, slow: bool) -> None:
         with self._lock:
-            if self.has_fast:
-                raw = self._read_fast(energy=slow)
-            else:
-                raw = {"gpu": {}, "rapl": {}}
-                self._last_t = (time.monotonic(), time.time())
+            readings = self._read(energy=slow, fast_only=not slow)
             t_mono, t_wall = self._last_t or (time.monotonic(), time.time())
-            if slow and self.track_cpu_time:
-                self._cpu_s = self.cpu.process_cpu_seconds()
         line: dict[str, Any] = {"schema": SCHEMA, "type": "sample", "host": self.host,
                                 "session": self.session, "t_wall": round(t_wall, 4),
                                 "t_mono": round(t_mono, 4), "slow": slow}
-        gpus = {}
-        for g in self.nvml.gpus if self.nvml else []:
-            v = raw["gpu"][g.uuid]
-            entry = {"power_w": _r(v["power_w"]), "power_avg_w": _r(v["power_avg_w"])}
-            if "energy_mj" in v:
-                entry["energy_mj"] = v["energy_mj"]
-            if slow:
-                entry.update(self.nvml.read_slow(g))
-            gpus[g.uuid] = entry
-        line["gpu"] = gpus
-        line["rapl"] = raw["rapl"]
-        if slow and self.cpu is not None:
-            line["cpu"] = self.cpu.read_slow()
+        for src in self.sources_given:
+            if src.TELEMETRY_KEY:
+                n = self.sources.index(src) if src in self.sources else -1
+                line[src.TELEMETRY_KEY] = src.telemetry(readings.get(n, {}), slow)
+        if slow and self.stats is not None:
+            line["cpu"] = self.stats.read_slow()
         self.samples += 1
         if self._fh is not None:
             self._write_notes()
@@ -282,25 +264,27 @@ class Sampler:
     # ---------------------------------------------------------------- file
     def unavailable(self) -> dict[str, str]:
         out: dict[str, str] = {}
-        for src in self._sources_given:
+        for src in self.sources_given:
+            if not src.TELEMETRY_KEY:
+                continue
             if src.reason:
-                out["gpu" if isinstance(src, NvmlSource) else "rapl"] = src.reason
+                out[src.TELEMETRY_KEY] = src.reason
             out.update(src.unavailable)
         return out
 
     def _header(self) -> dict[str, Any]:
-        from wattkd.energy import versions
-
         unavailable = self.unavailable()
         self._reported.update(unavailable)
-        return {"schema": SCHEMA, "type": "header", "host": self.host, "session": self.session,
-                "t_wall": round(time.time(), 4), "t_mono": round(time.monotonic(), 4),
-                "interval_s": self.interval, "slow_interval_s": self.slow_interval,
-                "gpus": [g.describe() for g in (self.nvml.gpus if self.nvml else [])],
-                "rapl": [{"zone": z.name, "kind": z.kind, "max_range_uj": z.max_range_uj}
-                         for z in (self.rapl.zones if self.rapl else [])],
-                "unavailable": unavailable, "versions": versions(
-                    self.nvml.driver if self.nvml else None)}
+        head: dict[str, Any] = {
+            "schema": SCHEMA, "type": "header", "host": self.host, "session": self.session,
+            "t_wall": round(time.time(), 4), "t_mono": round(time.monotonic(), 4),
+            "interval_s": self.interval, "slow_interval_s": self.slow_interval}
+        for src in self.sources_given:
+            if src.TELEMETRY_KEY:
+                head.update(src.header())
+        driver = next((s.driver for s in self.sources if s.driver), None)
+        head.update(unavailable=unavailable, versions=versions(driver))
+        return head
 
     def _write_notes(self) -> None:
         for key, reason in self.unavailable().items():
@@ -322,10 +306,6 @@ class Sampler:
                       self.output, exc)
 
 
-def _r(v: float | None) -> float | None:
-    return None if v is None else round(v, 3)
-
-
 def ensure_trailing_newline(path: Path) -> None:
     """Before appending to a JSONL file a crash may have cut mid-line: end that line first."""
     try:
@@ -340,22 +320,6 @@ def ensure_trailing_newline(path: Path) -> None:
         return
 
 
-def open_sources(*, cpu: bool = True, nvml_lib: Any = None,
-                 rapl_root: str | Path | None = None
-                 ) -> tuple[NvmlSource, RaplSource, CpuSource | None]:
-    """Open NVML, RAPL and psutil sources; log one line on what is (not) available."""
-    nvml = NvmlSource(nvml_lib).open()
-    rapl = RaplSource(rapl_root or os.environ.get("WATTKD_POWERCAP_ROOT",
-                                                  "/sys/class/powercap")).open()
-    cpu_src = CpuSource() if cpu else None
-    log.info("energy counters: GPU %s; CPU %s (without RAPL, CPU energy is `estimated` "
-             "from CPU time only if telemetry.cpu_watts_per_core is set)",
-             f"{len(nvml.gpus)} x NVML" if nvml.available else f"unavailable ({nvml.reason})",
-             f"RAPL {[z.name for z in rapl.zones]}" if rapl.available
-             else f"unavailable ({rapl.reason})")
-    return nvml, rapl, cpu_src
-
-
 def run_monitor(output: Path, interval: float, slow_interval: float,
                 duration: float | None, *, nvml_lib: Any = None,
                 powercap_root: str | Path | None = None) -> None:
@@ -368,9 +332,9 @@ def run_monitor(output: Path, interval: float, slow_interval: float,
         raise ValueError(f"duration must be > 0 s or None (got {duration})")
     if output.exists() and output.is_dir():
         raise ValueError(f"monitor output {output} is a directory; expected a .jsonl file path")
-    nvml, rapl, cpu = open_sources(nvml_lib=nvml_lib, rapl_root=powercap_root)
-    sampler = Sampler(nvml, rapl, cpu, interval=interval, slow_interval=slow_interval,
-                      output=output)
+    sources = discover(None, {"nvml_lib": nvml_lib, "powercap_root": powercap_root})
+    sampler = Sampler(sources, stats=CpuSource(), interval=interval,
+                      slow_interval=slow_interval, output=output)
     got: list[str] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -391,6 +355,7 @@ def run_monitor(output: Path, interval: float, slow_interval: float,
         sampler.stop(reason=got[0] if got else "stopped")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        nvml.close()
+        for src in sources:
+            src.close()
     log.info("monitor: %d samples, sampler CPU %.3f s, %d late ticks", sampler.samples,
              sampler.cpu_s, sampler.late_ticks)

@@ -4,7 +4,7 @@ A killed session leaves (a) a window with a `begin` record, maybe `progress` rec
 record, and (b) maybe a cut last line. `read_ledger` turns a phases.jsonl file into one record
 per window:
   * an open window of a dead session is closed at its last progress record, extended by the
-    GPU / RAPL counter samples its sampler wrote to telemetry after that record (same session),
+    counter samples (of every source that writes telemetry) its sampler wrote to telemetry after that record (same session),
     `status: recovered`, flag `recovered`. The unmeasured tail (last counter sample -> last sign
     of life + one sampling interval, plus the gap before the first sample after the progress
     record) is not added to the value: tail seconds x the highest power seen is added to the
@@ -26,14 +26,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from wattkd.energy.metrics import (
-    COMPONENTS,
+from wattkd.energy.monitor import ensure_trailing_newline
+from wattkd.energy.source import COMPONENTS, UNAVAILABLE
+from wattkd.energy.sources import source_class
+from wattkd.energy.telemetry import (
     Telemetry,
+    counter_times,
     read_jsonl_lines,
     read_telemetry,
+    sample_power_w,
     telemetry_energy,
 )
-from wattkd.energy.monitor import ensure_trailing_newline
 from wattkd.runinfo import pid_alive
 
 log = logging.getLogger(__name__)
@@ -145,31 +148,90 @@ def _recovered_label(rec: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- recovery
+def _source_types(label: str | None) -> list[Any]:
+    """The registered classes behind a record's source label ("a+b" when several)."""
+    if not label or label == UNAVAILABLE:
+        return []
+    types = [source_class(part) for part in label.split("+")]
+    return [] if None in types else types
+
+
+def _readable(label: str | None, comp: str) -> bool:
+    """The component's counters are in telemetry (every source behind the label writes some)."""
+    types = _source_types(label)
+    return bool(types) and all(c.TELEMETRY_KEY and comp in c.COMPONENTS for c in types)
+
+
+def _estimated(label: str | None) -> bool:
+    return any(c.ESTIMATED for c in _source_types(label))
+
+
 def recover_window(begin: dict[str, Any], progress: Sequence[dict[str, Any]],
                    telemetry: Telemetry | None) -> dict[str, Any]:
     """The end record of a window whose session died, from its begin/progress records and the
     telemetry its sampler wrote (same session)."""
     last = max(progress, key=lambda p: p.get("t_wall", 0.0)) if progress else None
     start = float(begin.get("start_wall", 0.0))
-    sources = dict(begin.get("source") or dict.fromkeys(COMPONENTS, "unavailable"))
+    sources = dict(begin.get("source") or dict.fromkeys(COMPONENTS, UNAVAILABLE))
     t_meas = float(last["t_wall"]) if last else start
     energy = {c: (last["energy_j"].get(c) if last else
-                  (0.0 if sources.get(c, "unavailable") != "unavailable" else None))
+                  (0.0 if sources.get(c, UNAVAILABLE) != UNAVAILABLE else None))
               for c in COMPONENTS}
     unc = {c: (last.get("uncertainty_j") or {}).get(c) if last else
-           (0.0 if c == "gpu" and sources.get("gpu") == "nvml-counter" else None)
+           (0.0 if _source_types(sources.get(c)) and all(
+               t.CHARACTERISED for t in _source_types(sources.get(c))) else None)
            for c in COMPONENTS}
     tokens = int(last.get("tokens", begin.get("tokens", 0))) if last else int(
         begin.get("tokens", 0))
     sid = begin.get("session")
     mine = [s for s in (telemetry or []) if s.get("session") == sid]
     alive = max([t_meas, *(float(s["t_wall"]) for s in mine)])
+    closed_at, unmeasured, n_samples = _extend_from_telemetry(
+        begin, sources, energy, unc, mine, telemetry, t_meas, alive, start)
+    closed_at = closed_at or ("progress record" if last else "begin record")
+    info: dict[str, Any] = {"progress_records": len(progress), "telemetry_samples": n_samples}
+    duration = max(alive - start, 0.0)
+    secs = max(unmeasured.values(), default=max(alive - t_meas, 0.0))
+    info.update(closed_at=closed_at, last_progress_wall=None if last is None else t_meas,
+                alive_until_wall=round(alive, 4), unmeasured_s=round(secs, 4))
+    est = [c for c in COMPONENTS if _estimated(sources.get(c)) and energy[c] is not None]
+    flags = [*begin.get("flags", []), "recovered"] + [f"estimated-{c}" for c in est]
+    notes = [*begin.get("notes", []),
+             (f"session {sid} ended without closing this window (killed?): closed at its last "
+              f"{closed_at}; {secs:.3g} s after that are not measured and are inside the "
+              "uncertainty")]
+    notes += [f"estimated {c.upper()} energy ends at the last progress record" for c in est]
+    return {"schema": begin.get("schema", 2), "kind": begin.get("window", "phase"),
+            "phase": begin.get("phase"), "seq": begin.get("seq", 0),
+            "depth": begin.get("depth", 0), "parent": begin.get("parent"),
+            "host": begin.get("host"), "session": sid, "start_wall": round(start, 4),
+            "end_wall": round(alive, 4), "duration_s": round(duration, 6), "tokens": tokens,
+            "status": "recovered",
+            "energy_j": {c: None if v is None else round(float(v), 6) for c, v in energy.items()},
+            "source": {c: sources.get(c, UNAVAILABLE) if energy[c] is not None
+                       else UNAVAILABLE for c in COMPONENTS},
+            "estimated": bool(est),
+            "uncertainty_j": {c: None if v is None else round(float(v), 6)
+                              for c, v in unc.items()},
+            "dynamic_energy_j": dict.fromkeys(COMPONENTS), "per_gpu": {},
+            "flags": flags, "notes": notes, "meta": begin.get("meta", {}), "recovered": info}
+
+
+def _extend_from_telemetry(begin: dict[str, Any], sources: dict[str, str],
+                           energy: dict[str, Any], unc: dict[str, Any],
+                           mine: list[dict[str, Any]], telemetry: Telemetry | None,
+                           t_meas: float, alive: float, start: float
+                           ) -> tuple[str | None, dict[str, float], int]:
+    """Add the counter samples written after the last progress record to `energy` (in place)
+    and the unmeasured tail x the highest power seen to `unc`; returns (closed at, unmeasured
+    seconds per component, telemetry samples used)."""
     interval = float(begin.get("interval_s") or 0.1)
-    closed_at = "progress record" if last else "begin record"
-    info: dict[str, Any] = {"progress_records": len(progress), "telemetry_samples": 0}
-    unmeasured = {}
-    for comp, label in (("gpu", "nvml-counter"), ("cpu", "rapl"), ("dram", "rapl")):
-        if energy[comp] is None or sources.get(comp) != label:
+    closed_at: str | None = None
+    unmeasured: dict[str, float] = {}
+    n_samples = 0
+    sid = begin.get("session")
+    for comp in COMPONENTS:
+        if energy[comp] is None or not _readable(sources.get(comp), comp):
             continue
         t_end = t_meas
         gap = 0.0
@@ -178,11 +240,11 @@ def recover_window(begin: dict[str, Any], progress: Sequence[dict[str, Any]],
             later.headers = [h for h in getattr(telemetry, "headers", [])
                              if h.get("session") == sid]
             got = telemetry_energy(later, component=comp)
-            counted = _counter_times(later, comp)
+            counted = counter_times(later, comp)
             if got["energy_j"] is not None and len(counted) >= 2:
                 energy[comp] = float(energy[comp]) + float(got["energy_j"])
                 t_end, gap = counted[-1], counted[0] - t_meas
-                info["telemetry_samples"] = max(info["telemetry_samples"], len(counted))
+                n_samples = max(n_samples, len(counted))
                 closed_at = "telemetry sample"
         tail = max(alive - t_end, 0.0) + (interval if mine else float(
             begin.get("progress_every_s") or 0.0))
@@ -190,56 +252,17 @@ def recover_window(begin: dict[str, Any], progress: Sequence[dict[str, Any]],
         if unc[comp] is not None:
             watts = _max_power(mine, comp, float(energy[comp]), t_end - start)
             unc[comp] = float(unc[comp]) + watts * unmeasured[comp]
-    duration = max(alive - start, 0.0)
-    secs = max(unmeasured.values(), default=max(alive - t_meas, 0.0))
-    info.update(closed_at=closed_at, last_progress_wall=None if last is None else t_meas,
-                alive_until_wall=round(alive, 4), unmeasured_s=round(secs, 4))
-    estimated = sources.get("cpu") == "estimated-cpu-time" and energy["cpu"] is not None
-    flags = [*begin.get("flags", []), "recovered"] + (["estimated-cpu"] if estimated else [])
-    notes = [*begin.get("notes", []),
-             (f"session {sid} ended without closing this window (killed?): closed at its last "
-              f"{closed_at}; {secs:.3g} s after that are not measured and are inside the "
-              "uncertainty")]
-    if estimated:
-        notes.append("estimated CPU energy ends at the last progress record")
-    return {"schema": begin.get("schema", 2), "kind": begin.get("window", "phase"),
-            "phase": begin.get("phase"), "seq": begin.get("seq", 0),
-            "depth": begin.get("depth", 0), "parent": begin.get("parent"),
-            "host": begin.get("host"), "session": sid, "start_wall": round(start, 4),
-            "end_wall": round(alive, 4), "duration_s": round(duration, 6), "tokens": tokens,
-            "status": "recovered",
-            "energy_j": {c: None if v is None else round(float(v), 6) for c, v in energy.items()},
-            "source": {c: sources.get(c, "unavailable") if energy[c] is not None
-                       else "unavailable" for c in COMPONENTS},
-            "estimated": estimated,
-            "uncertainty_j": {c: None if v is None else round(float(v), 6)
-                              for c, v in unc.items()},
-            "dynamic_energy_j": dict.fromkeys(COMPONENTS), "per_gpu": {},
-            "flags": flags, "notes": notes, "meta": begin.get("meta", {}), "recovered": info}
-
-
-def _counter_times(samples: Sequence[dict[str, Any]], comp: str) -> list[float]:
-    out = []
-    for s in samples:
-        if comp == "gpu":
-            ok = any(v.get("energy_mj") is not None for v in (s.get("gpu") or {}).values())
-        else:
-            ok = any(z.startswith("package" if comp == "cpu" else "dram")
-                     for z in (s.get("rapl") or {}))
-        if ok:
-            out.append(float(s["t_wall"]))
-    return sorted(out)
+    return closed_at, unmeasured, n_samples
 
 
 def _max_power(samples: Sequence[dict[str, Any]], comp: str, energy: float,
                duration: float) -> float:
     """The highest power the window is known to have drawn: its mean, or a power sample."""
     watts = energy / duration if duration > 0 else 0.0
-    if comp == "gpu":
-        for s in samples:
-            p = [v.get("power_w") for v in (s.get("gpu") or {}).values()]
-            if p and None not in p:
-                watts = max(watts, float(sum(p)))
+    for s in samples:
+        p = sample_power_w(s, comp)
+        if p is not None:
+            watts = max(watts, p)
     return watts
 
 

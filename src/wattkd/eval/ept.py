@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.config import EptConfig
+from wattkd.energy.sources import NvmlSource
 from wattkd.errors import InputError
 from wattkd.eval.engine import EngineError, generation_config, resolve_engine, set_attention
 from wattkd.eval.ept_protocol import ept_protocol
@@ -205,7 +206,7 @@ def _meter_or_null(meter: Any) -> tuple[Any, bool]:
 
 def _has_counter(meter: Any) -> bool:
     sources = getattr(meter, "sources", None)
-    return isinstance(sources, dict) and sources.get("gpu") == "nvml-counter"
+    return isinstance(sources, dict) and sources.get("gpu") == NvmlSource.LABEL
 
 
 def _window_s(meter: Any, cfg: EptConfig, override: float | None) -> float:
@@ -230,7 +231,7 @@ def _window_s(meter: Any, cfg: EptConfig, override: float | None) -> float:
 def _label(device_type: str, meter: Any) -> str:
     """How the energy was obtained, in words (the CPU demo says `estimated`)."""
     sources = getattr(meter, "sources", None) or {}
-    if sources.get("gpu") == "nvml-counter":
+    if sources.get("gpu") == NvmlSource.LABEL:
         return f"{device_type}, GPU energy from the NVML counter"
     if str(sources.get("cpu", "")).startswith("estimated"):
         return f"{device_type}, estimated energy (CPU time x telemetry.cpu_watts_per_core)"

@@ -25,6 +25,7 @@ from typing import Any
 from wattkd.energy.metrics import e_avg as ledger_e_avg
 from wattkd.energy.metrics import e_run as ledger_e_run
 from wattkd.energy.metrics import ept as ledger_ept
+from wattkd.energy.sources import NvmlSource
 from wattkd.report.collect import RunData
 from wattkd.report.metrics import (
     MetricError,
@@ -323,7 +324,7 @@ def _share_from_record(tc: dict[str, Any], comp: str, path: str | None) -> Quant
         u = unc.get(comp) if isinstance(unc, dict) else None
     elif isinstance(energy, int | float):
         src = source if isinstance(source, str) else None
-        rec_comp = tc.get("component") or ("gpu" if src == "nvml-counter" else
+        rec_comp = tc.get("component") or ("gpu" if src == NvmlSource.LABEL else
                                            "cpu" if src else None)
         if rec_comp is None:
             return Quantity.missing("run.json teacher_cache.energy_j has no source or component "

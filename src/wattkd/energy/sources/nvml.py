@@ -1,12 +1,8 @@
-"""Energy and utilisation sources: NVML (GPU), RAPL powercap (CPU package, DRAM), psutil (CPU).
+"""NVIDIA GPUs via NVML: the total-energy counter (mJ since driver load) and board power.
 
-Each source reports only what it can read. A field it cannot read is `None`, and the reason is
+Each GPU reports only what it can read. A field it cannot read is `None`, and the reason is
 kept once in `unavailable` (key -> reason) so the sampler can write it to the telemetry header
 instead of repeating it on every line. Nothing here ever invents a value.
-
-Counters are the primary energy figures; `CounterTracker` turns raw counter reads into a
-monotonic total: a RAPL counter wraps at `max_energy_range_uj`, an NVML counter only decreases
-when the driver reloads (a reset), and neither ever yields negative energy.
 """
 
 from __future__ import annotations
@@ -15,146 +11,17 @@ import logging
 import os
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from wattkd.config import TelemetryConfig
+from wattkd.energy.counters import CounterTracker
+from wattkd.energy.source import Device, Discovery, EnergySource, Reading
 
 log = logging.getLogger(__name__)
 
-# Used only where the power limit is unknown: the highest board power we treat as plausible
-# when deciding whether a post-reset counter value can be trusted (H200 SXM: 700 W).
-_PLAUSIBLE_MAX_W = 1500.0
 
-
-# ------------------------------------------------------------------------------ counters
-class CounterTracker:
-    """Monotonic energy total (J) from a raw cumulative counter, with a plausibility check.
-
-    `wrap` (raw units) is the RAPL `max_energy_range_uj`: a decrease is a wrap-around. Without
-    `wrap` (NVML) a decrease is a counter reset (driver reload): the post-reset value is counted
-    only when it is physically possible within the elapsed interval (<= `max_power_w` x dt),
-    otherwise that interval counts 0 and `resets` records the event.
-
-    Glitches (one bad read) are excluded and counted in `glitches`, never as energy:
-      * a negative raw value;
-      * an increase above `max_power_w` x (dt + SLACK_S), more than the device can draw: never
-        counted. If the next read continues from the old level, the high read was the glitch;
-        if it continues from the high one, the old level was (a bad first read, say 0) and
-        the count goes on from the new level;
-      * a drop that the next read undoes (back at or above the level before the drop). A drop
-        is counted as a reset at once (a window edge may need the figure now) and taken back
-        when the next read shows it was a glitch. A real reset restarts near 0 and keeps
-        rising, so it stays a reset.
-    Never negative.
-    """
-
-    # counter update period (NVML ~0.1 s) plus scheduling jitter: an edge read just after an
-    # update may carry a whole period of energy in a tiny dt; only gross glitches are caught
-    SLACK_S = 1.0
-
-    def __init__(self, scale_j: float, *, wrap: int | None = None,
-                 max_power_w: float | None = None) -> None:
-        self.scale_j = scale_j
-        self.wrap = wrap
-        self.max_power_w = max_power_w or _PLAUSIBLE_MAX_W
-        self.total_j = 0.0
-        self.resets = 0
-        self.wraps = 0
-        self.glitches = 0
-        self.last_raw: int | None = None
-        self.last_t: float | None = None
-        # a drop counted as a reset: (raw level before it, its time, joules counted)
-        self._drop: tuple[int, float, float] | None = None
-        self._spike: tuple[int, float] | None = None     # an implausible high read, raw and t
-
-    @property
-    def suspect(self) -> bool:
-        """The last read is a drop or a spike the next read will judge (read again to know)."""
-        return self._drop is not None or self._spike is not None
-
-    def _plausible(self, joules: float, dt: float) -> bool:
-        return joules <= self.max_power_w * (max(dt, 0.0) + self.SLACK_S)
-
-    def update(self, raw: int | None, t: float) -> float:
-        """Feed one read taken at monotonic time `t`; return the energy (J) it added (negative
-        only when it takes back what a glitch drop had counted as a reset)."""
-        if raw is None:
-            return 0.0
-        if raw < 0:
-            self._glitch(raw, "negative")
-            return 0.0
-        if self.last_raw is None:
-            self.last_raw, self.last_t = raw, t
-            return 0.0
-        drop, self._drop = self._drop, None
-        spike, self._spike = self._spike, None
-        if drop is not None and not self.wrap and raw >= drop[0] \
-                and self._plausible((raw - drop[0]) * self.scale_j, t - drop[1]):
-            before, _, counted = drop   # the drop was one bad read: undo its reset
-            self.resets -= 1
-            self.glitches += 1
-            log.warning("energy counter read %d was a glitch (back to %d): excluded",
-                        self.last_raw, raw)
-            added = (raw - before) * self.scale_j - counted
-            self.total_j += added
-            self.last_raw, self.last_t = raw, t
-            return added
-        dt = max(t - self.last_t, 0.0) if self.last_t is not None else 0.0
-        diff = raw - self.last_raw
-        if diff < 0:
-            if self.wrap:
-                diff += self.wrap
-                self.wraps += 1
-            else:
-                self.resets += 1
-                diff = raw if raw * self.scale_j <= self.max_power_w * dt else 0
-                log.warning("energy counter decreased (%d -> %d): counter reset; %s", self.last_raw,
-                            raw, "counting the post-reset value" if diff else
-                            "the interval is not counted")
-                self._drop = (self.last_raw, self.last_t if self.last_t is not None else t,
-                              diff * self.scale_j)
-        elif not self._plausible(diff * self.scale_j, dt):
-            if spike is not None and raw >= spike[0] and \
-                    self._plausible((raw - spike[0]) * self.scale_j, t - spike[1]):
-                # continues from the high read: the old level was the bad read
-                log.warning("energy counter level %d was the glitch (the reads continue "
-                            "from %d): counting from there", self.last_raw, spike[0])
-                added = (raw - spike[0]) * self.scale_j
-                self.total_j += added
-                self.last_raw, self.last_t = raw, t
-                return added
-            self._glitch(raw, f"increase above {self.max_power_w:g} W x {dt:.3g} s")
-            self._spike = (raw, t)
-            return 0.0
-        self.last_raw, self.last_t = raw, t
-        added = max(diff, 0) * self.scale_j
-        self.total_j += added
-        return added
-
-    def _glitch(self, raw: int, why: str) -> None:
-        self.glitches += 1
-        log.warning("energy counter read %d excluded as a glitch (%s; last good %s)", raw, why,
-                    self.last_raw)
-
-
-class PowerIntegrator:
-    """Trapezoid integral of power samples (W) over monotonic time: the cross-check figure."""
-
-    def __init__(self) -> None:
-        self.joules = 0.0
-        self.samples = 0
-        self._last: tuple[float, float] | None = None
-
-    def add(self, t: float, watts: float | None) -> None:
-        if watts is None:
-            return
-        if self._last is not None and t > self._last[0]:
-            self.joules += 0.5 * (watts + self._last[1]) * (t - self._last[0])
-        self._last = (t, watts)
-        self.samples += 1
-
-
-# ---------------------------------------------------------------------------------- NVML
 @dataclass
 class GpuInfo:
     """One metered GPU. `index` is NVML's (PCI order); `cuda_index` its place in the visible list."""
@@ -174,7 +41,7 @@ class GpuInfo:
     def describe(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "index": self.index, "cuda_index": self.cuda_index,
                 "name": self.name, "mig": self.mig,
-                "energy_source": "nvml-counter" if self.energy else "unavailable",
+                "energy_source": NvmlSource.LABEL if self.energy else "unavailable",
                 "power_source": self.power_source or "unavailable",
                 "power_avg": self.power_avg, "power_limit_w": self.power_limit_w}
 
@@ -195,12 +62,13 @@ def parse_visible_devices(value: str | None) -> list[str] | None:
 
 
 def _nvml_lib() -> Any:
+    # imported on open, not at module import: a machine without nvidia-ml-py gets a reason
     import pynvml  # provided by nvidia-ml-py
 
     return pynvml
 
 
-class NvmlSource:
+class NvmlSource(EnergySource):
     """NVIDIA GPUs via NVML. `lib` is the pynvml module, or a simulated one in tests.
 
     GPUs are those CUDA would show this process (CUDA_VISIBLE_DEVICES indices, GPU-/MIG- UUIDs
@@ -208,14 +76,29 @@ class NvmlSource:
     A MIG instance is metered through its parent GPU, whose counter covers every instance.
     """
 
+    LABEL = "nvml-counter"
+    NAME = "NVML"
+    COMPONENTS = ("gpu",)
+    BLIND_TO = ("NVML: GPU board only (no host CPU, DRAM, fans or power-supply losses); under "
+                "MIG a GPU's counter covers all of its instances")
+    COUNTER_PERIOD_S = 0.1      # published/observed update period (~100 ms on H200)
+    CHARACTERISED = True
+    PARTIAL = True              # GPUs without a counter are left out (flag partial-gpu)
+    POWER = True
+    TELEMETRY_KEY = "gpu"
+    POWER_LABEL = "nvml-power-integrated"
+
     def __init__(self, lib: Any = None, visible: str | None | bool = True) -> None:
+        super().__init__()
         self._lib = lib
         self._visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is True else visible
         self.gpus: list[GpuInfo] = []
-        self.unavailable: dict[str, str] = {}
-        self.reason: str | None = None   # why there is no GPU at all
-        self.driver: str | None = None
+        self._by_uuid: dict[str, GpuInfo] = {}
         self._open = False
+
+    @classmethod
+    def create(cls, ctx: Discovery) -> NvmlSource:
+        return cls(ctx.options.get("nvml_lib"))
 
     # ---- setup
     def open(self) -> NvmlSource:
@@ -244,6 +127,13 @@ class NvmlSource:
             self.gpus.append(self._probe(handle, cuda_index, mig))
         if not self.gpus and self.reason is None:
             self.reason = "no NVIDIA GPU visible to this process"
+        self._by_uuid = {g.uuid: g for g in self.gpus}
+        self.devices = [Device(
+            g.uuid, "gpu", counter=g.energy, scale_j=1e-3,
+            max_power_w=2 * g.power_limit_w if g.power_limit_w else None,
+            power_source=g.power_source,
+            info={"index": g.index, "cuda_index": g.cuda_index, "name": g.name, "mig": g.mig})
+            for g in self.gpus]
         return self
 
     def _visible_handles(self) -> list[tuple[Any, bool]]:
@@ -363,10 +253,73 @@ class NvmlSource:
             self.unavailable[f"{key}/mem_total_b"] = self.unavailable[f"{key}/mem_used_b"]
         return g
 
+    def flags_and_notes(self) -> tuple[list[str], list[str]]:
+        flags: list[str] = []
+        notes: list[str] = []
+        if self.gpus and not all(g.energy for g in self.gpus):
+            flags.append("partial-gpu")
+            notes.append("some GPUs have no energy counter; gpu energy sums the rest")
+        if any(g.mig for g in self.gpus):
+            flags.append("mig-shared-counter")
+            notes.append("MIG: a GPU's counter covers all of its MIG instances")
+        return flags, notes
+
     # ---- reads
-    @property
-    def available(self) -> bool:
-        return bool(self.gpus)
+    def read_counter(self, dev: Device) -> int | None:
+        return self.read_energy_mj(self._by_uuid[dev.key])
+
+    def sample(self, energy: bool = True) -> dict[str, Reading]:
+        out: dict[str, Reading] = {}
+        for g in self.gpus:
+            v = self.read_fast(g, energy=energy)
+            out[g.uuid] = Reading(time.monotonic(), v.get("energy_mj"), v["power_w"], v)
+        return out
+
+    def uncertainty_j(self, energy_j: float, duration_s: float, p_start: float | None,
+                      p_end: float | None, counter_period_s: float,
+                      cfg: TelemetryConfig) -> float:
+        """Counter quantisation at both edges (one update period at the edge's power) plus
+        the gain error (docs/metrics.md)."""
+        mean_p = energy_j / duration_s if duration_s > 0 else 0.0
+        return (counter_period_s * ((p_start if p_start is not None else mean_p)
+                                    + (p_end if p_end is not None else mean_p))
+                + cfg.gpu_gain_error * energy_j)
+
+    def telemetry(self, readings: Mapping[str, Reading], slow: bool) -> dict[str, Any]:
+        gpus = {}
+        for g in self.gpus:
+            v = readings[g.uuid].fields
+            entry = {"power_w": _r3(v["power_w"]), "power_avg_w": _r3(v["power_avg_w"])}
+            if "energy_mj" in v:
+                entry["energy_mj"] = v["energy_mj"]
+            if slow:
+                entry.update(self.read_slow(g))
+            gpus[g.uuid] = entry
+        return gpus
+
+    def header(self) -> dict[str, Any]:
+        return {"gpus": [g.describe() for g in self.gpus]}
+
+    @classmethod
+    def telemetry_counters(cls, section: Any, component: str) -> dict[str, Any]:
+        if component != "gpu":
+            return {}
+        return {u: v["energy_mj"] for u, v in (section or {}).items()
+                if v.get("energy_mj") is not None}
+
+    @classmethod
+    def telemetry_power(cls, section: Any) -> dict[str, float | None]:
+        return {u: v.get("power_w") for u, v in (section or {}).items()}
+
+    @classmethod
+    def telemetry_tracker(cls, headers: Sequence[dict[str, Any]], session: str,
+                          key: str) -> CounterTracker:
+        limit = None
+        for h in headers:
+            for g in h.get("gpus", []):
+                if g.get("uuid") == key and g.get("power_limit_w"):
+                    limit = 2 * g["power_limit_w"]
+        return CounterTracker(1e-3, max_power_w=limit)
 
     def read_energy_mj(self, g: GpuInfo) -> int | None:
         if not g.energy:
@@ -451,6 +404,10 @@ class NvmlSource:
             self._open = False
 
 
+def _r3(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
+
+
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -471,139 +428,3 @@ def _field_mw(lib: Any, fv: Any) -> float | None:
     return float(getattr(fv.value, _VALUE_ATTR.get(int(fv.valueType), "uiVal"))) / 1000.0
 
 
-# ---------------------------------------------------------------------------------- RAPL
-@dataclass
-class RaplZone:
-    name: str          # "package-0", "dram-0"
-    kind: str          # "package" | "dram"
-    path: Path
-    max_range_uj: int
-
-
-PERMISSION_FIX = (
-    "Linux >= 5.10 makes RAPL energy_uj readable by root only (CVE-2020-8694). To let this "
-    "user read it: sudo chmod a+r /sys/class/powercap/intel-rapl:*/energy_uj "
-    "/sys/class/powercap/intel-rapl:*:*/energy_uj (lost at reboot; a udev rule or your "
-    "cluster admin can make it permanent)")
-
-
-class RaplSource:
-    """CPU package and DRAM energy from /sys/class/powercap (Intel, and AMD via intel-rapl).
-
-    Only top-level `package-N` zones and their `dram` subzones are read: core/uncore are
-    nested inside the package, `psys` covers the whole platform and `intel-rapl-mmio` repeats
-    the package through another interface; counting any of them would double count.
-    """
-
-    def __init__(self, root: str | Path = "/sys/class/powercap") -> None:
-        self.root = Path(root)
-        self.zones: list[RaplZone] = []
-        self.reason: str | None = None
-        self.unavailable: dict[str, str] = {}
-        self.skipped: dict[str, str] = {}
-
-    def open(self) -> RaplSource:
-        if not self.root.is_dir():
-            self.reason = f"no RAPL powercap interface ({self.root} absent)"
-            return self
-        pat = re.compile(r"^intel-rapl:(\d+)(?::(\d+))?$")
-        found: list[RaplZone] = []
-        for entry in sorted(self.root.iterdir()):
-            m = pat.match(entry.name)
-            if not m:
-                continue
-            try:
-                name = (entry / "name").read_text().strip()
-            except OSError:
-                continue
-            if m.group(2) is None and name.startswith("package"):
-                kind = "package"
-            elif m.group(2) is not None and name == "dram":
-                kind, name = "dram", f"dram-{m.group(1)}"
-            else:
-                self.skipped[entry.name] = (f"{name}: nested in a package zone" if m.group(2)
-                                            else f"{name}: not a package zone")
-                continue
-            try:
-                max_range = int((entry / "max_energy_range_uj").read_text())
-            except (OSError, ValueError):
-                max_range = 0
-            found.append(RaplZone(name, kind, entry / "energy_uj", max_range))
-        if not found:
-            self.reason = f"no RAPL package zone under {self.root}"
-            return self
-        for z in found:
-            try:
-                int(z.path.read_text())
-            except PermissionError:
-                self.reason = f"cannot read {z.path}: permission denied. {PERMISSION_FIX}"
-                log.warning("RAPL: %s", self.reason)
-                return self
-            except (OSError, ValueError) as exc:
-                self.unavailable[f"rapl/{z.name}"] = f"unreadable: {exc}"
-                continue
-            self.zones.append(z)
-        if not self.zones:
-            self.reason = "no readable RAPL zone"
-        return self
-
-    @property
-    def available(self) -> bool:
-        return bool(self.zones)
-
-    def read(self) -> dict[str, int | None]:
-        out: dict[str, int | None] = {}
-        for z in self.zones:
-            try:
-                out[z.name] = int(z.path.read_text())
-            except (OSError, ValueError) as exc:
-                out[z.name] = None
-                key = f"rapl/{z.name}"
-                if key not in self.unavailable:
-                    self.unavailable[key] = f"read failed: {exc}"
-                    log.warning("RAPL %s: read failed: %s", z.name, exc)
-        return out
-
-
-# ----------------------------------------------------------------------------------- CPU
-class CpuSource:
-    """CPU utilisation and RAM (node-wide) and this process tree's CPU time, via psutil.
-
-    Every call is non-blocking: cpu_percent(interval=None) compares with the previous call.
-    """
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._psutil = psutil
-        self._proc = psutil.Process()
-        psutil.cpu_percent(interval=None)  # prime: the first call has no reference point
-
-    def read_slow(self) -> dict[str, Any]:
-        vm = self._psutil.virtual_memory()
-        return {"util_pct": self._psutil.cpu_percent(interval=None),
-                "ram_used_b": int(vm.total - vm.available), "ram_total_b": int(vm.total)}
-
-    def process_cpu_seconds(self) -> float:
-        """User+system CPU seconds of this process and its children (live and reaped)."""
-        total = _cpu_s(self._proc)
-        try:
-            children = self._proc.children(recursive=True)
-        except self._psutil.Error:
-            children = []
-        for child in children:
-            try:
-                total += _cpu_s(child)
-            except self._psutil.Error:  # exited between listing and reading
-                pass
-        return total
-
-
-def _cpu_s(p: Any) -> float:
-    t = p.cpu_times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def now() -> tuple[float, float]:
-    """(monotonic, wall) timestamps taken together."""
-    return time.monotonic(), time.time()
