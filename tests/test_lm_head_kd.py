@@ -265,3 +265,21 @@ def test_jsd_kernel_spec_maps_the_ends_and_refuses_mixed_betas():
     spec, _ = kernel_spec([("jsd", {}), ("ce", {})], "top-k", 2.0, 5.0)
     assert spec.topk and not spec.has_teacher and spec.t_cap is None
     assert spec.terms[0] == ("jsd", 1.0, 0.5)
+
+
+def test_topk_teacher_with_bf16_inputs(monkeypatch):
+    """The cache path as training runs it: bf16 hidden and head, no bias, bf16 gradients."""
+    h, w, _, th, tw, labels, mask = _inputs(seed=4, bias=False)
+    topk = _topk_of(th, tw, 6)
+    terms = _terms(("forward_kl", 1.0, {}), ("ce", 0.5, {}))
+    hb = h.detach().bfloat16().requires_grad_(True)
+    wb = w.detach().bfloat16().requires_grad_(True)
+    loss, _, (gh, gw) = _run("triton", monkeypatch, hb, wb, None, TopKTeacher(*topk), labels,
+                             mask, terms, None, chunk=16)
+    ref = _reference(hb.float(), wb.float(), None, None, None, labels, mask, terms, None, None,
+                     topk=topk)
+    rh, rw = torch.autograd.grad(ref, [hb, wb])
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-3)
+    _close(gh, rh, rel=1e-2)   # bf16 gradients: rounding of the returned tensors
+    _close(gw, rw, rel=1e-2)
