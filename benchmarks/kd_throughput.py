@@ -20,13 +20,25 @@ excluded for every one of them equally.
   liger_chunked  Liger-Kernel `chunked_loss.LigerFusedLinearJSDLoss` (beta=0 = forward KL,
                hard-loss weight 0, compiled, chunk 1024: what TRL's trainers use with Liger).
   liger_triton  Liger-Kernel `transformers.LigerFusedLinearJSD` (Triton, jsd_beta=0).
+  body_only    the ceiling's first half: the same pair, batch and update with the LM-head loss
+               replaced by (h.float()**2).mean() on the student's final hidden state (no head
+               matmul, no vocab work): teacher body forward + student body forward/backward +
+               clip + AdamW, the part of the step every peer shares.
+  body_only_student  the same without the teacher forward (the top-k cache path's share).
   trl          TRL GKDTrainer as plain off-policy forward KL (beta=0, lmbda=0, no generation).
   naive        full [tokens x vocab] fp32 logits for teacher and student (the original code).
 
 `--pair llama`: a Llama-3.2-1B-shaped student (16 layers, hidden 2048, vocab 128,256) of a
 Llama-3.1-8B-shaped teacher (32 layers, hidden 4096), both random init on the GPU.
 
+`--head-gemm`: the four LM-head GEMMs at the pair's exact shapes (cuBLAS, bf16 in, fp32
+accumulation) in TFLOP/s; with a body_only row it gives the `ceiling`: the most tokens/s any
+loss implementation can reach on this pair and card = tokens per step / (body_only step time
++ the 4 head GEMMs at their measured rate), and its ratio to every peer (see `ceiling`).
+
 For each implementation the batch sizes are tried in order until one runs out of memory.
+`--out DIR/kd_throughput.json` is rewritten after every record (a run cut short keeps its
+figures).
 Figures per (implementation, batch): tokens/s over the timed steps, peak GPU memory, J/token
 from the NVML energy counter over the timed steps, and MFU = tokens/s x FLOPs/token / peak.
 """
@@ -205,6 +217,27 @@ def run_liger(teacher, student, ids, steps, warmup, kind: str = "chunked"):
     return timed(step, steps, warmup)
 
 
+def run_body_only(teacher, student, ids, steps, warmup, with_teacher: bool = True):
+    """Everything of the step but the LM-head loss: teacher body forward (no_grad; skipped
+    when not `with_teacher`), student body forward and backward, the shared update. The loss
+    (h.float()**2).mean() still backpropagates through the student's final hidden state, at
+    the cost of two elementwise passes (no head matmul, no vocab work)."""
+    from wattkd.distill.teacher import decoder_forward
+
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=ids.is_cuda)
+
+    def step():
+        if with_teacher:
+            with torch.no_grad():
+                decoder_forward(teacher, ids, False)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+            s_h, _ = decoder_forward(student, ids, False)
+            loss = s_h.float().pow(2).mean()
+        return update(loss, student, opt)
+
+    return timed(step, steps, warmup)
+
+
 def update(loss, student, opt):
     """The optimizer step every implementation shares (backward, clip at 1.0, AdamW)."""
     loss.backward()
@@ -286,8 +319,151 @@ def timed(step, steps: int, warmup: int) -> dict:
         loss = step()
     sync()
     seconds, e1 = time.perf_counter() - t0, nvml_energy_j()
-    return {"seconds": seconds, "steps": steps, "loss": float(loss),
+    return {"seconds": seconds, "steps": steps, "loss": float(loss.detach()),
             "energy_j": None if e0 is None or e1 is None else e1 - e0}
+
+
+# ----------------------------------------------------------------------- ceiling of the pair
+HEAD_GEMMS = ("teacher_forward", "student_forward", "student_grad_hidden",
+              "student_grad_weight")
+HEAD_ROWS = (2048, 4096, 8192, 16384)  # GEMM rows tried; the best rate counts
+TARGETS = {  # issue 20: (body row, peer, factor): the ceiling must reach factor x peer
+    "gemma": (("body_only", "liger_chunked", 1.5), ("body_only_student", "wattkd", 1.5)),
+    "llama": (("body_only", "liger_chunked", 1.25),)}
+
+
+def head_gemm_flops(tokens: int, vocab: int, hidden: int,
+                    teacher_hidden: int | None) -> dict[str, float]:
+    """FLOPs of the LM-head GEMMs no loss implementation can skip, for `tokens` rows: teacher
+    logits (none when `teacher_hidden` is None: the top-k cache path), student logits,
+    d/d hidden = dz @ W and d/d W = dz^T @ h; 2 x tokens x vocab x hidden each."""
+    out = {} if teacher_hidden is None else {
+        "teacher_forward": 2.0 * tokens * vocab * teacher_hidden}
+    for name in HEAD_GEMMS[1:]:
+        out[name] = 2.0 * tokens * vocab * hidden
+    return out
+
+
+def _gemm(name: str, rows: int, vocab: int, k: int, device: torch.device):
+    """A no-argument call of one head GEMM at [rows, vocab, k] in bf16 (output bf16; cuBLAS
+    accumulates in fp32), operands laid out as autograd has them (head weight [vocab x k])."""
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16)
+
+    if name.endswith("forward"):            # logits = h [rows x k] @ W^T
+        a, b = rand(rows, k), rand(vocab, k).T
+    elif name == "student_grad_hidden":     # dz [rows x vocab] @ W [vocab x k]
+        a, b = rand(rows, vocab), rand(vocab, k)
+    else:                                   # dz^T [vocab x rows] @ h [rows x k]
+        a, b = rand(rows, vocab).T, rand(rows, k)
+    out = torch.empty(a.shape[0], b.shape[1], device=device, dtype=torch.bfloat16)
+    return lambda: torch.mm(a, b, out=out)
+
+
+def _seconds(fn, reps: int) -> float:
+    """Best of 3 means over `reps` calls (after 2 warm-up calls), in s."""
+    fn()
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def head_gemm_peak(tokens: int, vocab: int, hidden: int, teacher_hidden: int,
+                   device: torch.device) -> dict:
+    """Measured TFLOP/s of each head GEMM at the pair's shapes, rows in HEAD_ROWS (at most the
+    step's tokens), with cuBLAS's bf16 split-K reduction in fp32 (as the kernel accumulates)
+    and, on CUDA, also as torch allows by default; `best` is the fastest per GEMM (the higher
+    the rate, the higher, i.e. the more generous, the ceiling). `square_8192` is the card's
+    rate on a large square GEMM, for comparison."""
+    matmul = torch.backends.cuda.matmul
+    modes = (False, True) if device.type == "cuda" else (False,)
+    rows_list = sorted({min(r, tokens) for r in HEAD_ROWS})
+    runs, best = [], {}
+    saved = matmul.allow_bf16_reduced_precision_reduction
+    try:
+        for name in HEAD_GEMMS:
+            k = teacher_hidden if name == "teacher_forward" else hidden
+            for rows in rows_list:
+                fn = _gemm(name, rows, vocab, k, device)
+                for reduced in modes:
+                    matmul.allow_bf16_reduced_precision_reduction = reduced
+                    sec = _seconds(fn, reps=5)
+                    rate = 2.0 * rows * vocab * k / sec / 1e12
+                    runs.append({"gemm": name, "rows": rows, "vocab": vocab, "k": k,
+                                 "bf16_reduced_precision_reduction": reduced,
+                                 "seconds": sec, "tflops": rate})
+                    best[name] = max(best.get(name, 0.0), rate)
+                del fn
+                torch.cuda.empty_cache() if device.type == "cuda" else None
+        matmul.allow_bf16_reduced_precision_reduction = False
+        n = 8192 if device.type == "cuda" else 256
+        sq = _gemm("student_forward", n, n, n, device)
+        square = 2.0 * n ** 3 / _seconds(sq, reps=10) / 1e12
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = saved
+    return {"best_tflops": best, f"square_{n}_tflops": square, "runs": runs,
+            "method": "torch.mm bf16 -> bf16 (cuBLAS, fp32 accumulation), best of 3 means of "
+                      "5 calls after 2 warm-up calls, random normal operands"}
+
+
+def ceiling(tokens_per_step: int, body_step_s: float, flops: dict[str, float],
+            tflops: dict[str, float]) -> dict:
+    """Most tokens/s a loss implementation can reach: the step's shared part (body_step_s,
+    measured) plus the unavoidable head GEMMs at their measured rate, run one after the
+    other. (A bound for serial execution: overlapping the body with the head GEMMs on
+    other streams, lower-precision GEMMs or skipping teacher logits are outside it.)"""
+    gemm_s = {k: f / (tflops[k] * 1e12) for k, f in flops.items()}
+    step_s = body_step_s + sum(gemm_s.values())
+    tps = tokens_per_step / step_s
+    terms = " + ".join(f"{flops[k] / 1e12:.4g} TFLOP / {tflops[k]:.4g} TFLOP/s"
+                       for k in flops)
+    return {"tokens_per_step": tokens_per_step, "body_step_s": round(body_step_s, 5),
+            "head_gemm_tflop": {k: round(f / 1e12, 3) for k, f in flops.items()},
+            "head_gemm_tflops": {k: round(tflops[k], 2) for k in flops},
+            "head_gemm_s": {k: round(v, 5) for k, v in gemm_s.items()},
+            "step_s_min": round(step_s, 5), "tokens_per_s_max": tps,
+            "arithmetic": f"{tokens_per_step} tokens / ({body_step_s * 1e3:.1f} ms body + "
+                          f"{sum(gemm_s.values()) * 1e3:.1f} ms head GEMMs [{terms}]) = "
+                          f"{tps:,.0f} tokens/s"}
+
+
+def ceilings(records: list[dict], head: dict, dims: tuple[int, int, int],
+             targets: tuple) -> list[dict]:
+    """One `ceiling` per ok body-only record, with its ratio to every other ok record of the
+    run and the verdict on each target (body row, peer, factor) that applies to it."""
+    vocab, hidden, teacher_hidden = dims
+    peers = [r for r in records if r["status"] == "ok" and not r["impl"].startswith("body")]
+    out = []
+    for body in (r for r in records if r["status"] == "ok" and r["impl"].startswith("body")):
+        # tokens/s counts every token (as for the peers); the head needs rows with a next
+        # token only: batch x (seq - 1), the fewest any loss implementation can do
+        rows = body["batch"] * (body["seq"] - 1)
+        flops = head_gemm_flops(rows, vocab, hidden,
+                                teacher_hidden if body["impl"] == "body_only" else None)
+        c = ceiling(body["batch"] * body["seq"], body["seconds"] / body["steps"], flops,
+                    head["best_tflops"])
+        c.update(body=body["impl"], batch=body["batch"], vs_peers=[
+            {"impl": r["impl"], "batch": r["batch"], "tokens_per_s": r["tokens_per_s"],
+             "ceiling_over_measured": round(c["tokens_per_s_max"] / r["tokens_per_s"], 3)}
+            for r in peers])
+        for row, peer, factor in targets:
+            best = max((r["tokens_per_s"] for r in peers if r["impl"] == peer), default=None)
+            if row == body["impl"] and best is not None:
+                need = factor * best
+                c.setdefault("targets", []).append(
+                    {"target": f">= {factor}x {peer}", "peer_tokens_per_s": best,
+                     "needed_tokens_per_s": round(need, 1),
+                     "ceiling_over_peer": round(c["tokens_per_s_max"] / best, 3),
+                     "reachable": c["tokens_per_s_max"] >= need})
+        out.append(c)
+    return out
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -348,6 +524,8 @@ IMPLS = {"wattkd": (run_wattkd, {}),
          "wattkd_triton": (run_wattkd, {"kernel": "triton"}),
          "liger_chunked": (run_liger, {"kind": "chunked"}),
          "liger_triton": (run_liger, {"kind": "triton"}),
+         "body_only": (run_body_only, {}),
+         "body_only_student": (run_body_only, {"with_teacher": False}),
          "naive": (run_naive, {}),
          "trl": (run_trl, {})}
 
@@ -371,50 +549,32 @@ def profile(impl: str, batch: int, arch: dict, seq: int, device: torch.device, o
     print(table)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--impls", default="wattkd,wattkd_topk,trl,naive")
-    ap.add_argument("--batches", default="4,8,16,32,64",
-                    help="batch sizes for every impl, or per impl: 'wattkd=8,16;naive=4,8'")
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--chunk", type=int, default=1024, help="wattkd logit chunk tokens")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny pair")
-    ap.add_argument("--pair", choices=("gemma", "llama"), default="gemma")
-    ap.add_argument("--profile", default=None, metavar="IMPL=BATCH",
-                    help="also write a torch.profiler table of one implementation")
-    args = ap.parse_args()
-    llama = args.pair == "llama"
-    arch = TINY if args.tiny else LLAMA_8B if llama else GEMMA_270M
-    GEMMA_VOCAB[0], CHUNK[0] = arch["vocab_size"], args.chunk
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    seq = 64 if args.tiny else args.seq
-    n_layers = 3 if args.tiny else LLAMA_1B["num_hidden_layers"] if llama else len(STUDENT_LAYERS)
-    fpt = flops_per_token(arch, n_layers, seq, LLAMA_1B if llama else None)
-    pair = make_llama_pair if llama else (lambda d: make_pair(arch, d))
-    args.out.mkdir(parents=True, exist_ok=True)
+def measure(impls: list[str], batches: str, pair, arch: dict, seq: int, steps: int,
+            warmup: int, device: torch.device, fpt: dict, peak: float | None,
+            on_record) -> list[dict]:
+    """One record per (implementation, batch), each passed to `on_record(records)` as it
+    comes; an implementation's larger batches are skipped once one fails (out of memory).
+    Each builds the pair afresh."""
     name = card()
-    peak = peak_tflops(name)
     records = []
-    per_impl = dict(item.split("=") for item in args.batches.split(";")) \
-        if "=" in args.batches else {}
-    for impl in args.impls.split(","):
+    per_impl = dict(item.split("=") for item in batches.split(";")) if "=" in batches else {}
+    for impl in impls:
         fn, kwargs = IMPLS[impl]
-        sizes = per_impl.get(impl, args.batches if not per_impl else "8")
+        sizes = per_impl.get(impl, batches if not per_impl else "8")
         for batch in [int(b) for b in sizes.split(",")]:
             gc.collect()
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
             rec = {"impl": impl, "batch": batch, "seq": seq, "card": name}
+            wall0 = time.perf_counter()
             try:
                 teacher, student = pair(device)
                 g = torch.Generator().manual_seed(batch)
                 ids = torch.randint(0, arch["vocab_size"], (batch, seq), generator=g).to(device)
-                res = fn(teacher, student, ids, args.steps, args.warmup, **kwargs)
+                res = fn(teacher, student, ids, steps, warmup, **kwargs)
                 tokens = batch * seq * res["steps"]
                 tps = tokens / res["seconds"]
                 rec.update(tokens_per_s=round(tps, 1), seconds=round(res["seconds"], 3),
+                           steps=res["steps"],
                            peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2)
                            if torch.cuda.is_available() else None,
                            j_per_token=None if res["energy_j"] is None
@@ -431,16 +591,48 @@ def main() -> None:
                 rec["status"] = f"error: {type(exc).__name__}: {exc}"[:500]
             finally:
                 teacher = student = ids = None
+            rec["wall_s"] = round(time.perf_counter() - wall0, 1)  # build + compile + steps
             print(json.dumps(rec), flush=True)
             records.append(rec)
-            (args.out / "kd_throughput.partial.json").write_text(json.dumps(records, indent=2))
+            on_record(records)
             if rec["status"] != "ok":
                 break
-    best = {}
-    for r in records:
-        if r["status"] == "ok" and r["tokens_per_s"] > best.get(r["impl"], {}).get(
-                "tokens_per_s", 0):
-            best[r["impl"]] = r
+    return records
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--impls", default="wattkd,wattkd_topk,trl,naive")
+    ap.add_argument("--batches", default="4,8,16,32,64",
+                    help="batch sizes for every impl, or per impl: 'wattkd=8,16;naive=4,8'")
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--chunk", type=int, default=1024, help="wattkd logit chunk tokens")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny pair")
+    ap.add_argument("--pair", choices=("gemma", "llama"), default="gemma")
+    ap.add_argument("--head-gemm", action="store_true",
+                    help="measure the LM-head GEMMs at the pair's shapes; with a body_only "
+                         "row, write the ceiling")
+    ap.add_argument("--profile", default=None, metavar="IMPL=BATCH",
+                    help="also write a torch.profiler table of one implementation")
+    args = ap.parse_args()
+    unknown = [i for i in args.impls.split(",") if i not in IMPLS]
+    if unknown:
+        ap.error(f"--impls: unknown {unknown}; expected some of {sorted(IMPLS)}")
+    llama = args.pair == "llama"
+    arch = TINY if args.tiny else LLAMA_8B if llama else GEMMA_270M
+    student_arch = LLAMA_1B if llama else arch
+    GEMMA_VOCAB[0], CHUNK[0] = arch["vocab_size"], args.chunk
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seq = 64 if args.tiny else args.seq
+    n_layers = 3 if args.tiny else LLAMA_1B["num_hidden_layers"] if llama else len(STUDENT_LAYERS)
+    fpt = flops_per_token(arch, n_layers, seq, LLAMA_1B if llama else None)
+    pair = make_llama_pair if llama else (lambda d: make_pair(arch, d))
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = card()
+    peak = peak_tflops(name)
     result = {"name": "kd_throughput", "card": name,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "versions": versions(), "command": " ".join(sys.argv),
@@ -451,11 +643,33 @@ def main() -> None:
               "mfu_arithmetic": "mfu = tokens/s x flops_per_token.total / (peak_bf16_tflops x "
                                 "1e12); flops = 2 x matmul params + causal attention, teacher "
                                 "forward + 3 x student forward",
-              "records": records, "best": best}
+              "records": [], "best": {}}
+    dims = (arch["vocab_size"], student_arch["hidden_size"], arch["hidden_size"])
+    if args.head_gemm:  # first, so that a run cut short still has it
+        batches = [int(b) for b in args.batches.replace("=", ",").replace(";", ",").split(",")
+                   if b.isdigit()]
+        result["head_gemm"] = head_gemm_peak(max(batches) * seq, *dims, device)
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    out_json = args.out / "kd_throughput.json"
+
+    def write(records: list[dict]) -> None:
+        """The whole result so far, after every record (a run cut short keeps its figures)."""
+        result["records"], result["best"] = records, {}
+        for r in records:
+            if r["status"] == "ok" and r["tokens_per_s"] > result["best"].get(
+                    r["impl"], {}).get("tokens_per_s", 0):
+                result["best"][r["impl"]] = r
+        if args.head_gemm:
+            result["ceiling"] = ceilings(records, result["head_gemm"], dims,
+                                         TARGETS["llama" if llama else "gemma"])
+        out_json.write_text(json.dumps(result, indent=2))
+
+    write(measure(args.impls.split(","), args.batches, pair, arch, seq, args.steps,
+                  args.warmup, device, fpt, peak, write))
     if args.profile:
         impl, batch = args.profile.split("=")
         profile(impl, int(batch), arch, seq, device, args.out, pair)
-    (args.out / "kd_throughput.json").write_text(json.dumps(result, indent=2))
     print(markdown(result))
 
 
@@ -467,8 +681,19 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['impl']} | {r['batch']} | {r.get('tokens_per_s', '—')} | "
                      f"{r.get('peak_mem_gb', '—')} | {r.get('j_per_token', '—')} | "
                      f"{r.get('mfu', '—')} | {r['status']} |")
+    if "head_gemm" in result:
+        lines += ["", "LM-head GEMM rate at the pair's shapes (best over rows): " + ", ".join(
+            f"{k} {v:.1f} TFLOP/s" for k, v in result["head_gemm"]["best_tflops"].items())]
+    for c in result.get("ceiling", []):
+        lines += ["", f"Ceiling ({c['body']}, batch {c['batch']}): {c['arithmetic']}", "",
+                  "| peer | batch | tokens/s | ceiling / peer |", "|---|---|---|---|"]
+        lines += [f"| {p['impl']} | {p['batch']} | {p['tokens_per_s']} | "
+                  f"{p['ceiling_over_measured']} |" for p in c["vs_peers"]]
+        lines += [f"- target {t['target']}: needs {t['needed_tokens_per_s']:,.0f} tokens/s; "
+                  f"ceiling / peer = {t['ceiling_over_peer']} -> "
+                  f"{'reachable' if t['reachable'] else 'unreachable'}"
+                  for t in c.get("targets", [])]
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     main()

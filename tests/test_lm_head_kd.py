@@ -51,15 +51,19 @@ def _inputs(seed=0, bias=True):
     return h, w, b, th, tw, labels, mask
 
 
-def _reference(h, w, b, th, tw, labels, mask, terms, s_cap, t_cap):
-    """Plain autograd on the full [N,V] logits in fp64, the reduction written out."""
+def _reference(h, w, b, th, tw, labels, mask, terms, s_cap, t_cap, topk=None):
+    """Plain autograd on the full [N,V] logits in fp64, the reduction written out; the
+    teacher dense (th @ tw^T) or, given `topk`, a TopKTeacher of those (ids, log-probs, tail)."""
     z = F.linear(h.double(), w.double(), None if b is None else b.double())
-    t = th.double() @ tw.double().T
     if s_cap:
         z = torch.tanh(z / s_cap) * s_cap
-    if t_cap:
-        t = torch.tanh(t / t_cap) * t_cap
-    teacher = DenseTeacher(t)
+    if topk is None:
+        t = th.double() @ tw.double().T
+        if t_cap:
+            t = torch.tanh(t / t_cap) * t_cap
+        teacher = DenseTeacher(t)
+    else:
+        teacher = TopKTeacher(topk[0].long(), topk[1].double(), topk[2].double())
     loss = 0.0
     for spec, weight, params in terms:
         per = spec.fn(z, teacher, labels, **params)
@@ -90,6 +94,14 @@ CASES = {
                                        ("reverse_kl", 0.4, {"temperature": 1.5,
                                                             "scale_by_t2": False}),
                                        ("ce", 0.3, {"label_smoothing": 0.1})), 3.0, 2.5),
+    "jsd(0.3) T=1.5 + 0.5 ce(ls) softcaps": (
+        _terms(("jsd", 1.0, {"beta": 0.3, "temperature": 1.5}),
+               ("ce", 0.5, {"label_smoothing": 0.1})), 3.0, 2.5),
+    "fkl + jsd(0.7) no T^2 + rkl, T=2": (
+        _terms(("forward_kl", 0.5, {"temperature": 2.0}),
+               ("jsd", 1.0, {"beta": 0.7, "temperature": 2.0, "scale_by_t2": False}),
+               ("reverse_kl", 0.2, {"temperature": 2.0})), None, None),
+    "jsd beta=1 is reverse kl": (_terms(("jsd", 1.0, {"beta": 1.0})), None, None),
 }
 
 
@@ -133,14 +145,11 @@ def test_ce_only_without_teacher_and_bf16_inputs(monkeypatch):
 
 def test_unsupported_terms_fall_back_and_forcing_says_why(monkeypatch, caplog):
     h, w, b, th, tw, labels, mask = _inputs()
-    jsd = _terms(("jsd", 1.0, {"beta": 0.5}))
-    with pytest.raises(ValueError, match="forced.*'jsd' has no Triton kernel"):
-        _run("triton", monkeypatch, h, w, b, TeacherHidden(th, tw), labels, mask, jsd, None, 16)
-    logits = (th @ tw.T).log_softmax(-1)
-    lp, ids = logits.topk(5, -1)
-    topk = TopKTeacher(ids, lp, torch.log1p(-lp.exp().sum(-1)))
-    with pytest.raises(ValueError, match="top-k"):
-        _run("triton", monkeypatch, h, w, b, topk, labels, mask,
+    tv = _terms(("tv", 1.0, {}))
+    with pytest.raises(ValueError, match="forced.*'tv' has no Triton kernel"):
+        _run("triton", monkeypatch, h, w, b, TeacherHidden(th, tw), labels, mask, tv, None, 16)
+    with pytest.raises(ValueError, match="dense logits"):
+        _run("triton", monkeypatch, h, w, b, DenseTeacher(th @ tw.T), labels, mask,
              _terms(("forward_kl", 1.0, {})), None, 16)
     # auto on CPU: never the kernel (the interpreter is for tests), decision recorded once
     fused_path.reset()
@@ -174,3 +183,103 @@ def test_dense_logits_teacher_is_refused_by_the_kernel_spec():
     spec, why = kernel_spec([("forward_kl", {"temperature": 2.0}),
                              ("reverse_kl", {"temperature": 1.0})], "hidden", None, None)
     assert spec is None and "temperatures" in why
+
+
+def _topk_of(th, tw, k, logits=None):
+    """A cache-like TopKTeacher (int32 ids, fp16 log-probs and tail) of the dense teacher
+    th @ tw^T, or of the teacher logits given."""
+    logits = th @ tw.T if logits is None else logits
+    lp, ids = logits.double().log_softmax(-1).topk(k, -1)
+    tail = torch.log1p(-lp.exp().sum(-1).clamp(max=1 - 1e-6))
+    return ids.to(torch.int32), lp.half(), tail.half()
+
+
+TOPK_CASES = {
+    "fkl": (_terms(("forward_kl", 1.0, {})), None, 5),
+    "fkl T=2 + rkl + jsd(0.4) + 0.3 ce(ls), softcap, k=9": (
+        _terms(("forward_kl", 1.0, {"temperature": 2.0}),
+               ("reverse_kl", 0.3, {"temperature": 2.0}),
+               ("jsd", 0.6, {"beta": 0.4, "temperature": 2.0}),
+               ("ce", 0.3, {"label_smoothing": 0.1})), 3.0, 9),
+    "confident student: fkl + rkl + jsd(0.5)": (
+        _terms(("forward_kl", 1.0, {}), ("reverse_kl", 1.0, {}),
+               ("jsd", 1.0, {"beta": 0.5})), None, 5),
+}
+
+
+@pytest.mark.parametrize("case", list(TOPK_CASES))
+def test_kernel_with_topk_teacher_equals_reference(case, monkeypatch):
+    terms, s_cap, k = TOPK_CASES[case]
+    h, w, b, th, tw, labels, mask = _inputs(seed=3)
+    if case.startswith("confident"):
+        # The student's mass outside the teacher's ids is far below fp32's 1 - sum(top-k)
+        # resolution, the teacher's is not: forward KL's tail term log(P_tail / Q_tail) is
+        # right only if the kernel's tail is an exact logsumexp over the other columns.
+        with torch.no_grad():
+            w.mul_(16.0)
+            z = F.linear(h, w, b).double()
+            topk = _topk_of(th, tw, k, logits=0.15 * z)
+            q = z.log_softmax(-1)
+            q_tail = q.scatter(1, topk[0].long(), -torch.inf).logsumexp(-1).exp()
+        assert (q_tail < 1e-9).double().mean() > 0.5   # fp32 1 - sum resolves ~6e-8
+    else:
+        topk = _topk_of(th, tw, k)
+    teacher = TopKTeacher(*topk)
+    fused_path.reset()
+    loss, stats, grads = _run("triton", monkeypatch, h, w, b, teacher, labels, mask, terms,
+                              s_cap, chunk=16)
+    assert fused_path.decisions()["used"] == {"triton": "forced"}
+    ref = _reference(h, w, b, None, None, labels, mask, terms, s_cap, None, topk=topk)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-3)
+    ref_grads = torch.autograd.grad(ref, [h, w, b])
+    for got, want in zip(grads, ref_grads):
+        assert torch.isfinite(got).all() and got.abs().sum() > 0
+        _close(got, want)
+    _, gen_stats, _ = _run("generic", monkeypatch, h, w, b, teacher, labels, mask, terms,
+                           s_cap, chunk=16)
+    for key, value in gen_stats.items():
+        assert stats[key] == pytest.approx(value, rel=1e-3, abs=1e-6)
+
+
+def test_topk_bitmap_marks_exactly_the_ids():
+    from wattkd.distill.kernels.lm_head_kd import _bitmap
+
+    ids = torch.tensor([[0, 31, 32, 69], [63, 5, 64, 30]], dtype=torch.int32)
+    words = _bitmap(ids, 70)
+    assert words.shape == (2, 3) and words.dtype == torch.int32
+    bits = (words[:, :, None] >> torch.arange(32)) & 1        # [rows, words, 32]
+    member = bits.reshape(2, -1)[:, :70].bool()
+    want = torch.zeros(2, 70, dtype=torch.bool).scatter(1, ids.long(), True)
+    assert torch.equal(member, want)
+
+
+def test_jsd_kernel_spec_maps_the_ends_and_refuses_mixed_betas():
+    from wattkd.distill.kernels.lm_head_kd import kernel_spec
+
+    spec, _ = kernel_spec([("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0})], "hidden", None,
+                          None)
+    assert [name for name, _, _ in spec.terms] == ["forward_kl", "reverse_kl"]
+    spec, why = kernel_spec([("jsd", {"beta": 0.2}), ("jsd", {"beta": 0.6})], "hidden", None,
+                            None)
+    assert spec is None and "different beta" in why
+    spec, _ = kernel_spec([("jsd", {}), ("ce", {})], "top-k", 2.0, 5.0)
+    assert spec.topk and not spec.has_teacher and spec.t_cap is None
+    assert spec.terms[0] == ("jsd", 1.0, 0.5)
+
+
+def test_topk_teacher_with_bf16_inputs(monkeypatch):
+    """The cache path as training runs it: bf16 hidden and head, no bias, bf16 gradients."""
+    h, w, _, th, tw, labels, mask = _inputs(seed=4, bias=False)
+    topk = _topk_of(th, tw, 6)
+    terms = _terms(("forward_kl", 1.0, {}), ("ce", 0.5, {}))
+    hb = h.detach().bfloat16().requires_grad_(True)
+    wb = w.detach().bfloat16().requires_grad_(True)
+    loss, _, (gh, gw) = _run("triton", monkeypatch, hb, wb, None, TopKTeacher(*topk), labels,
+                             mask, terms, None, chunk=16)
+    ref = _reference(hb.float(), wb.float(), None, None, None, labels, mask, terms, None, None,
+                     topk=topk)
+    rh, rw = torch.autograd.grad(ref, [hb, wb])
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-3)
+    _close(gh, rh, rel=1e-2)   # bf16 gradients: rounding of the returned tensors
+    _close(gw, rw, rel=1e-2)

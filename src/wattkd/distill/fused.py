@@ -639,7 +639,7 @@ def _kernel_spec(plan: _Plan, dev: torch.device, w: Tensor) -> Any:
         from wattkd.distill.kernels.lm_head_kd import kernel_spec
 
         known = {"forward_kl": losses.forward_kl, "reverse_kl": losses.reverse_kl,
-                 "ce": losses.ce}
+                 "jsd": losses.jsd, "ce": losses.ce}
         teacher = plan.teacher
         kind = ("none" if teacher is None else "hidden" if isinstance(teacher, TeacherHidden)
                 else "top-k" if isinstance(teacher, TopKTeacher) else "dense logits")
@@ -675,8 +675,12 @@ def _kernel_chunk(spec: Any, plan: _Plan, rows: slice | Tensor, h_c: Tensor, w_m
         tw = teacher.weight.detach()
         th = teacher.hidden[rows].detach().to(tw.device, tw.dtype)
         tb = None if teacher.bias is None else teacher.bias.detach().to(tw.dtype)
+    topk = None
+    if spec.topk:
+        topk = (teacher.ids[rows], teacher.logprobs[rows], teacher.tail_logprob[rows])
     with torch.no_grad():
-        return chunk(spec, plan.coef, h_c, w_mm, b_mm, th, tw, tb, labels_c, track, dz_dtype)
+        return chunk(spec, plan.coef, h_c, w_mm, b_mm, th, tw, tb, labels_c, track, dz_dtype,
+                     topk)
 
 
 def _fast_chunk_inputs(cfg: _FastCfg, plan: _Plan, rows: slice | Tensor, z: Tensor,
