@@ -29,8 +29,8 @@
 # the fine-tune about as long as a baseline student; evaluation (suite at limit 100 +
 # perplexity) ~30-40 s per model; EPT per batch size ~ warm-up (compile) + EPT_REPEATS x
 # (1 or 2 windows of EPT_WINDOW_S). At the defaults (REPEATS=3: 12 students + teacher) that
-# is ~40 min. One-lease setting, ~13-15 min (estimated): STEPS=60 FT_STEPS=60 REPEATS=3
-# MBS=16 EVAL_LIMIT=60 EPT_BATCHES=[32] EPT_REPEATS=2 EPT_WINDOW_S=3 EPT_PREFILL=false
+# is ~40 min. One-lease setting, ~13-17 min (estimated): STEPS=60 FT_STEPS=60 REPEATS=3
+# MBS=16 EVAL_LIMIT=50 EPT_BATCHES=[32] EPT_REPEATS=2 EPT_WINDOW_S=3 EPT_PREFILL=false
 # CKPT_EVERY=0 EVAL_EVERY=0 (MBS >= 3: relation KD compares sequences within a micro-batch).
 # The summary table is also written to OUT_DIR/study_table.md.
 #
