@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import product
 
 import numpy as np
 import pytest
 
+from report_synth import eval_doc, make_run, perplexity_doc
 from wattkd.report import stats
+from wattkd.report.analysis import analyze
+from wattkd.report.collect import collect
+from wattkd.report.verdicts import statistics
 
 
 def test_t_critical_matches_scipy() -> None:
@@ -119,8 +124,6 @@ def test_paired_accuracy_bootstrap_by_hand() -> None:
 def test_paired_accuracy_bootstrap_exact_enumeration_n3() -> None:
     """R = 1, N = 3: the 27 equally likely resamples, enumerated; the seeded bootstrap's
     percentiles must land within one achievable step (1/3) of the exact ones."""
-    from itertools import product
-
     d = np.array([1.0, 0.0, -1.0]) + 0.0
     a, b = np.array([[1.0, 1.0, 0.0]]), np.array([[0.0, 1.0, 1.0]])
     assert np.array_equal(a[0] - b[0], d)
@@ -133,8 +136,6 @@ def test_paired_accuracy_bootstrap_exact_enumeration_n3() -> None:
 
 
 def _eval_doc_with_examples(task_scores: dict[str, list[float]]) -> dict:
-    from report_synth import eval_doc
-
     doc = eval_doc({t: (float(np.mean(v)), None) for t, v in task_scores.items()})
     doc["per_example"] = {t: {"metric": "acc,none",
                               "examples": [[t, j, x] for j, x in enumerate(v)]}
@@ -143,12 +144,6 @@ def _eval_doc_with_examples(task_scores: dict[str, list[float]]) -> dict:
 
 
 def test_verdicts_pair_task_accuracy_over_the_same_examples(tmp_path) -> None:
-    from report_synth import make_run, perplexity_doc
-
-    from wattkd.report.analysis import analyze
-    from wattkd.report.collect import collect
-    from wattkd.report.verdicts import statistics
-
     gen = np.random.default_rng(1)
     n = 60
     base = {k: (gen.random(n) < 0.3).astype(float) for k in range(3)}
