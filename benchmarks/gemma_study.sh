@@ -18,12 +18,21 @@
 #   MBS [16]           micro-batch size (students and the fine-tune)
 #   EVAL_LIMIT [100]   examples per task of the offline suite
 #   EPT_BATCHES [[1,8,32]]  EPT batch sizes (YAML list)
+#   EPT_REPEATS [3]    measured EPT windows per batch size
+#   EPT_WINDOW_S []    EPT window length in s (empty: telemetry.min_window_s, 10 s)
+#   EPT_PREFILL [true] separate prefill windows in EPT
+#   CKPT_EVERY [50]    checkpoint interval, students and fine-tune (0: none; resume needs them)
+#   EVAL_EVERY [50]    held-out loss interval during training (0: off)
 #   NAME [gemma_study] results file benchmarks/results/$NAME.json
 # Cost (estimated from the issue-10 run on an H200, not measured for this script): each student
-# trains ~15 s per 100 steps, the fine-tune about as long as a baseline student; evaluation
-# (suite at limit 100 + perplexity) and EPT take ~60-90 s per model, so REPEATS=3 (12 students
-# + teacher) is ~20 min of device time, REPEATS=2 ~14 min; lower EVAL_LIMIT or EPT_BATCHES to
-# save most.
+# trains ~10-16 s per 100 steps at MBS 16 plus ~20 s of start-up (load, compile, checkpoint),
+# the fine-tune about as long as a baseline student; evaluation (suite at limit 100 +
+# perplexity) ~30-40 s per model; EPT per batch size ~ warm-up (compile) + EPT_REPEATS x
+# (1 or 2 windows of EPT_WINDOW_S). At the defaults (REPEATS=3: 12 students + teacher) that
+# is ~40 min. One-lease setting, ~13-17 min (estimated): STEPS=60 FT_STEPS=60 REPEATS=3
+# MBS=16 EVAL_LIMIT=50 EPT_BATCHES=[32] EPT_REPEATS=2 EPT_WINDOW_S=3 EPT_PREFILL=false
+# CKPT_EVERY=0 EVAL_EVERY=0 (MBS >= 3: relation KD compares sequences within a micro-batch).
+# The summary table is also written to OUT_DIR/study_table.md.
 #
 # Needs `pip install 'wattkd[gemma,eval]'` and ../shared/data (corpora, MMLU, BIG-bench) or
 # your own copies named with --set. Rerunning continues where it stopped (the pipeline skips
@@ -42,6 +51,11 @@ REPEATS=${REPEATS:-3}
 MBS=${MBS:-16}
 EVAL_LIMIT=${EVAL_LIMIT:-100}
 EPT_BATCHES=${EPT_BATCHES:-[1,8,32]}
+EPT_REPEATS=${EPT_REPEATS:-3}
+EPT_WINDOW_S=${EPT_WINDOW_S:-}
+EPT_PREFILL=${EPT_PREFILL:-true}
+CKPT_EVERY=${CKPT_EVERY:-50}
+EVAL_EVERY=${EVAL_EVERY:-50}
 NAME=${NAME:-gemma_study}
 
 if [ ! -f "$model/config.json" ]; then
@@ -56,10 +70,16 @@ overrides=(
     --set "teacher.finetune.warmup_steps=10" --set "teacher.finetune.micro_batch_size=$MBS"
     --set "train.max_steps=$STEPS" --set "train.micro_batch_size=$MBS"
     --set "train.repeats=$REPEATS" --set train.warmup_steps=10
-    --set train.log_every=10 --set train.eval_every=50 --set train.checkpoint_every=50
+    --set train.log_every=10 --set "train.eval_every=$EVAL_EVERY"
+    --set "train.checkpoint_every=$CKPT_EVERY"
     --set "eval.limit=$EVAL_LIMIT" --set "eval.ept.batch_sizes=$EPT_BATCHES"
+    --set "eval.ept.repeats=$EPT_REPEATS" --set "eval.ept.measure_prefill=$EPT_PREFILL"
 )
+[ -n "$EPT_WINDOW_S" ] && overrides+=(--set "eval.ept.min_window_s=$EPT_WINDOW_S")
 start=$(date +%s)
 "${wattkd[@]}" pipeline configs/gemma-270m/study.yaml "${overrides[@]}" "$@"
+knobs="STEPS=$STEPS FT_STEPS=$FT_STEPS FT_LR=$FT_LR REPEATS=$REPEATS MBS=$MBS EVAL_LIMIT=$EVAL_LIMIT"
+knobs+=" EPT_BATCHES=$EPT_BATCHES EPT_REPEATS=$EPT_REPEATS EPT_WINDOW_S=$EPT_WINDOW_S"
+knobs+=" EPT_PREFILL=$EPT_PREFILL CKPT_EVERY=$CKPT_EVERY EVAL_EVERY=$EVAL_EVERY"
 python3 benchmarks/study_summary.py "$out" --name "$NAME" --wall-s "$(( $(date +%s) - start ))" \
-    --command "STEPS=$STEPS FT_STEPS=$FT_STEPS FT_LR=$FT_LR REPEATS=$REPEATS MBS=$MBS EVAL_LIMIT=$EVAL_LIMIT EPT_BATCHES=$EPT_BATCHES bash benchmarks/gemma_study.sh $out $*"
+    --command "$knobs bash benchmarks/gemma_study.sh $out $*" | tee "$out/study_table.md"

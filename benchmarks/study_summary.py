@@ -37,8 +37,11 @@ def run_row(run: Path, label: str) -> dict:
             row["scores"] = {t: s["value"] for t, s in doc["scores"].items()}
     ept = _load(run / "ept.json")
     if ept:
-        row["ept"] = {r["batch_size"]: {"ept_total_j": r["energy"]["gpu"]["ept_total_j"],
-                                        "ept_out_j": r["energy"]["gpu"]["ept_out_j"],
+        # GPU energy per token (None where no GPU counter was read, e.g. a CPU dry run)
+        row["ept"] = {r["batch_size"]: {"ept_total_j": (r["energy"].get("gpu") or {}).get(
+                                            "ept_total_j"),
+                                        "ept_out_j": (r["energy"].get("gpu") or {}).get(
+                                            "ept_out_j"),
                                         "tokens_per_s": r["tokens_per_s"],
                                         "ms_per_output_token":
                                             r["latency"]["ms_per_output_token"]}
@@ -108,15 +111,16 @@ def _f(v: float | None, fmt: str) -> str:
 
 def markdown(result: dict) -> str:
     tasks = list(next((r["scores"] for r in result["rows"] if "scores" in r), {}))
+    batches = sorted({int(b) for r in result["rows"] for b in r.get("ept", {})})
     head = ["run", "E_run GPU [J]", "train tok/s", "held-out ppl", *tasks, "OM_perf",
-            "EPT b1 [J/tok]", "EPT b8", "EPT b32", "Eff_overall"]
+            *[f"EPT b{b} [J/tok]" for b in batches], "Eff_overall"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         ept = r.get("ept", {})
 
         def e(b: int, ept: dict = ept) -> str:
-            x = ept.get(b) or ept.get(str(b))
-            return "—" if x is None else f"{x['ept_total_j']:.4f}"
+            x = ept.get(b) or ept.get(str(b)) or {}
+            return _f(x.get("ept_total_j"), ".4f")
 
         e_run = _f(r.get("e_run_gpu_j"), ",.0f")
         if r.get("finetune_share_j") is not None:
@@ -126,7 +130,7 @@ def markdown(result: dict) -> str:
         cells = [r["run"], e_run, _f(r.get("train_tokens_per_s_median"), ",.0f"),
                  _f(r.get("heldout_ppl"), ".1f"),
                  *[_f(r.get("scores", {}).get(t), ".2f") for t in tasks], om,
-                 e(1), e(8), e(32), _f(r.get("eff_overall"), ".2f")]
+                 *[e(b) for b in batches], _f(r.get("eff_overall"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     st = result.get("statistics") or {}
     if st.get("summary"):
@@ -137,7 +141,7 @@ def markdown(result: dict) -> str:
                              f"{_f(x['std'], '.3g')} | {_f(x['min'], '.4g')} | "
                              f"{_f(x['max'], '.4g')} |")
     if st.get("comparisons"):
-        lines += ["", "Verdicts (95% intervals; " + "; ".join(st.get("notes") or []) + "):", ""]
+        lines += ["", "Verdicts (" + "; ".join(st.get("notes") or []) + "):", ""]
         lines += [f"- {c['a']} vs {c['b']}, {c['title']}: {c['verdict']}"
                   for c in st["comparisons"]]
     return "\n".join(lines)

@@ -130,6 +130,24 @@ def test_offline_suite_end_to_end_writes_scored_result(e2e):
     assert not list((run / "eval").glob(".*"))  # no temp file left behind
 
 
+def test_result_keeps_every_scored_example_for_pairing(e2e):
+    """Per task, [task, doc_id, value] for each scored example, in doc order; their mean is
+    lm-eval's score, so the report can pair two models example by example."""
+    result, run = e2e
+    on_disk = json.loads((run / "eval" / "offline.json").read_text())
+    assert on_disk["per_example"] == result["per_example"]
+    for name, s in on_disk["scores"].items():
+        pe = on_disk["per_example"][name]
+        assert pe["metric"] == s["metric"]
+        rows = pe["examples"]
+        assert len(rows) == s["samples"] == LIMIT
+        assert [r[:2] for r in rows] == sorted(r[:2] for r in rows)
+        assert {r[0] for r in rows} == {name} and len({r[1] for r in rows}) == LIMIT
+        assert all(r[2] in (0.0, 1.0) for r in rows)
+        assert sum(r[2] for r in rows) / len(rows) == pytest.approx(s["value"])
+    assert "samples" not in on_disk["lm_eval"]  # documents and outputs are not stored
+
+
 def test_planted_model_scores_one_and_wrong_planted_scores_zero(tiny_in_memory, eval_cfg,
                                                                 shared_dir, e2e):
     model, tok = tiny_in_memory

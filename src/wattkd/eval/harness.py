@@ -2,7 +2,9 @@
 
 `run_eval(model_dir, suite, cfg, out)` loads an HF model (plus optional LoRA adapter), runs the
 suite's tasks through lm-eval's own evaluator (`lm_eval.simple_evaluate`) and writes
-`eval/<suite>.json`: one primary score per task, the protocol and its hash. The suite, not the
+`eval/<suite>.json`: one primary score per task, every scored example's value of that metric
+(`per_example`, so the report can pair two models example by example), the protocol and its
+hash. The suite, not the
 caller, decides few-shot, chat template, limit and metric keys (see suites.py), and the hash
 lets the report refuse teacher/student pairs measured differently.
 """
@@ -212,13 +214,14 @@ def evaluate_lm(lm: Any, suite: str | Suite, cfg: EvalConfig, *,
         apply_chat_template=s.apply_chat_template,
         fewshot_as_multiturn=s.fewshot_as_multiturn,
         system_instruction=s.system_instruction,
-        log_samples=False, bootstrap_iters=1000,
+        log_samples=True, bootstrap_iters=1000,
         random_seed=0, numpy_random_seed=1234, torch_random_seed=1234,
         fewshot_random_seed=s.fewshot_seed,
     )
     if res is None:  # non-zero rank in a distributed launch
         return {}
     scores = _scores(s, res)
+    per_example = _per_example(s, res, leaves)
     return {
         "schema": EVAL_SCHEMA,
         "suite": s.name,
@@ -226,6 +229,7 @@ def evaluate_lm(lm: Any, suite: str | Suite, cfg: EvalConfig, *,
         "protocol": protocol,
         "protocol_hash": protocol_hash(protocol),
         "scores": scores,
+        "per_example": per_example,
         "harness": {"name": "lm-eval", "version": lm_eval.__version__},
         "lm_eval": {
             "results": res.get("results", {}),
@@ -262,6 +266,33 @@ def _scores(s: Suite, res: dict[str, Any]) -> dict[str, Any]:
             "samples": n,
         }
     return out
+
+
+def _per_example(s: Suite, res: dict[str, Any], leaves: dict[str, list[Any]]
+                 ) -> dict[str, Any]:
+    """Per suite task, each scored example's value of the task's primary metric as
+    [leaf task, doc_id, value], sorted by (leaf task, doc_id): the same order for every model
+    scored under the same protocol. Documents and model outputs are not kept (size)."""
+    samples = res.get("samples") or {}
+    out: dict[str, Any] = {}
+    for st in s.tasks:
+        metric, _, filt = st.metric.partition(",")
+        rows = [[t.task_name, int(ex["doc_id"]), finite_or_none(float(ex[metric]))]
+                for t in leaves[st.name] for ex in samples.get(t.task_name, [])
+                if ex.get("filter") == filt and metric in ex]
+        rows.sort(key=lambda r: (r[0], r[1]))
+        want = _scored_examples(res, leaves[st.name])
+        if len(rows) != want:
+            raise EvalError(f"lm-eval logged {len(rows)} {st.metric} samples for task "
+                            f"{st.name!r}, expected {want}")
+        out[st.name] = {"metric": st.metric, "examples": rows}
+    return out
+
+
+def _scored_examples(res: dict[str, Any], members: list[Any]) -> int:
+    """Examples lm-eval scored over `members` (their effective sample counts)."""
+    ns = res.get("n-samples", {})
+    return sum(int(ns.get(t.task_name, {}).get("effective", 0)) for t in members)
 
 
 def _result_path(out_path: Path, name: str) -> Path:

@@ -13,6 +13,9 @@ Pure functions on numbers (numpy only); `report/verdicts.py` feeds them the repo
   sum_j (nll_a - nll_b)[k, j] / sum_j tokens[j]. Percentile interval, seeded: the generator is
   `numpy.random.default_rng(seed)`, sequence indices drawn first (shape [n_boot, S]), then
   repeat indices (shape [n_boot, R], only when R > 1).
+* `paired_accuracy_bootstrap(a, b)`: the difference in task accuracy (mean per-example score,
+  1/0 for accuracy) paired over the same examples and repeats: the same procedure with every
+  example weighing 1 (`a`, `b`: [R, N] per-example scores, examples in one fixed order).
 * `verdict(...)`: "better than baseline: ... [lo, hi]" when the interval excludes 0 in the good
   direction, "worse than ..." in the other, "not distinguishable at this budget" when it holds
   0, and "one repeat: not distinguishable" with a single repeat (training noise unmeasured).
@@ -97,7 +100,7 @@ def paired_nll_bootstrap(a: np.ndarray, b: np.ndarray, tokens: np.ndarray, *,
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     tok = np.asarray(tokens, dtype=np.float64)
     if a.ndim != 2 or a.shape != b.shape or a.shape[1] != tok.shape[0]:
-        raise ValueError(f"paired NLL arrays must be [R, S] with S tokens: got {a.shape}, "
+        raise ValueError(f"paired arrays must be [R, S] with S weights: got {a.shape}, "
                          f"{b.shape}, {tok.shape}")
     if tok.sum() <= 0:
         raise ValueError("no scored tokens")
@@ -114,6 +117,19 @@ def paired_nll_bootstrap(a: np.ndarray, b: np.ndarray, tokens: np.ndarray, *,
         stats = per_rep[0]
     lo, hi = np.percentile(stats, [100 * (1 - CONF) / 2, 100 * (1 + CONF) / 2])
     return Interval(point, float(lo), float(hi), "bootstrap", r, s)
+
+
+def paired_accuracy_bootstrap(a: np.ndarray, b: np.ndarray, *, n_boot: int = N_BOOT,
+                              seed: int = SEED) -> Interval:
+    """Difference in mean per-example score, a - b, paired over examples and repeats: the NLL
+    bootstrap's procedure and draws with a weight of 1 per example (module doc).
+
+    `a`, `b`: [R, N] per-example scores (accuracy 1/0), example j the same for every model.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"paired accuracy arrays must be [R, N]: got {a.shape}")
+    return paired_nll_bootstrap(a, b, np.ones(a.shape[1]), n_boot=n_boot, seed=seed)
 
 
 def verdict(iv: Interval, *, lower_is_better: bool, against: str, text: str,

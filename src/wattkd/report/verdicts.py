@@ -7,8 +7,10 @@ Built from an `Analysis` with the pure functions of `report/stats.py`:
     by the paired bootstrap over the same sequences and repeats (per-sequence NLL from
     eval/perplexity.json), the other figures by the t interval of per-repeat differences
     (repeat k of both methods paired);
-  * a verdict line per comparison. Task accuracy is compared over repeats only: the eval stage
-    does not save lm-eval's per-example results (log_samples off), which is said in the notes.
+  * task scores by the paired bootstrap over the same examples and repeats (per-example
+    results from eval/<suite>.json `per_example`), or, for results written without them, by the
+    t interval of per-repeat differences (said in the comparison's note);
+  * a verdict line per comparison.
 """
 
 from __future__ import annotations
@@ -91,6 +93,39 @@ def _ppl_interval(ra: dict[int, RunResult], rb: dict[int, RunResult], reps: list
     return iv, None
 
 
+def _examples(r: RunResult, suite: str | None, task: str
+              ) -> tuple[list[tuple[str, int]], list[float | None], str | None] | None:
+    doc = r.run.evals.get(suite) if suite else None
+    pe = ((doc or {}).get("per_example") or {}).get(task)
+    if not isinstance(pe, dict) or not pe.get("examples"):
+        return None
+    rows = pe["examples"]
+    return ([(x[0], x[1]) for x in rows], [x[2] for x in rows],
+            doc.get("protocol_hash"))  # type: ignore[union-attr]
+
+
+def _task_interval(suite: str | None, task: str, ra: dict[int, RunResult],
+                   rb: dict[int, RunResult], reps: list[int]
+                   ) -> tuple[stats.Interval | None, str | None]:
+    """Paired bootstrap over the task's examples and the repeats, or (None, why not)."""
+    rows_a, rows_b, ids, proto = [], [], None, None
+    for k in reps:
+        pa, pb = _examples(ra[k], suite, task), _examples(rb[k], suite, task)
+        if pa is None or pb is None:
+            return None, (f"eval/{suite}.json has no per-example results (written by wattkd "
+                          "before they were kept): t interval over repeats")
+        for got_ids, values, h in (pa, pb):
+            if ids is None:
+                ids, proto = got_ids, h
+            if got_ids != ids or h != proto:
+                return None, "runs scored different examples: t interval over repeats"
+            if any(v is None for v in values):
+                return None, "a per-example score is null: t interval over repeats"
+        rows_a.append(pa[1])
+        rows_b.append(pb[1])
+    return stats.paired_accuracy_bootstrap(np.array(rows_a), np.array(rows_b)), None
+
+
 def _compare(a: Analysis, name_a: str, name_b: str, runs: dict[str, dict[int, RunResult]],
              vals: Callable[[RunResult], dict[str, float]], against: str) -> list[dict[str, Any]]:
     ra, rb = runs[name_a], runs[name_b]
@@ -118,7 +153,11 @@ def _compare(a: Analysis, name_a: str, name_b: str, runs: dict[str, dict[int, Ru
             pairs = [(vals(ra[k]).get(key), vals(rb[k]).get(key)) for k in reps]
             if any(x is None or y is None for x, y in pairs):
                 continue
-            iv = stats.t_interval([x - y for x, y in pairs])  # type: ignore[operator]
+            iv = None
+            if key.startswith("task:"):
+                iv, note = _task_interval(a.suite, key[5:], ra, rb, reps)
+            if iv is None:
+                iv = stats.t_interval([x - y for x, y in pairs])  # type: ignore[operator]
             base = math.fsum(y for _, y in pairs) / len(pairs)  # type: ignore[misc]
             rel = f" ({_num(100 * iv.diff / base)}%)" if base else ""
             text = (f"{title} {_num(iv.diff)}{rel}" if iv.how == "single" else
@@ -126,11 +165,14 @@ def _compare(a: Analysis, name_a: str, name_b: str, runs: dict[str, dict[int, Ru
             if any(f"estimated:{key}" in vals(r) for r in [*ra.values(), *rb.values()]):
                 text += " (estimated)"
             unit, diff, lo, hi = "", iv.diff, iv.lo, iv.hi
-        out.append({"a": name_a, "b": name_b, "figure": key, "title": title, "unit": unit,
-                    "diff": diff, "lo": lo, "hi": hi, "how": iv.how, "repeats": iv.repeats,
-                    "units": iv.units, "text": text,
-                    "verdict": stats.verdict(iv, lower_is_better=lower, against=against,
-                                             text=text, kind=kind)})
+        row = {"a": name_a, "b": name_b, "figure": key, "title": title, "unit": unit,
+               "diff": diff, "lo": lo, "hi": hi, "how": iv.how, "repeats": iv.repeats,
+               "units": iv.units, "text": text,
+               "verdict": stats.verdict(iv, lower_is_better=lower, against=against,
+                                        text=text, kind=kind)}
+        if note:
+            row["note"] = note
+        out.append(row)
     return out
 
 
@@ -159,12 +201,11 @@ def statistics(a: Analysis) -> dict[str, Any]:
     for x, y in combinations(others, 2):
         comparisons += _compare(a, x, y, runs, vals, y)
     repeats = max((len(v) for v in runs.values()), default=0)
-    notes = [(f"95% intervals; perplexity: paired percentile bootstrap over held-out "
-              f"sequences and repeats ({stats.N_BOOT} draws, seed {stats.SEED}); other figures: "
-              "t interval of the per-repeat differences (repeat k of both methods shares data "
-              "order and seed)"),
-             ("task accuracy is compared over repeats only: per-example results are not saved "
-              "by the eval stage (lm-eval log_samples off)")]
+    notes = [(f"95% intervals; perplexity and task scores: paired percentile bootstrap over "
+              f"the same held-out sequences / task examples and the repeats ({stats.N_BOOT} "
+              f"draws, seed {stats.SEED}); other figures (and task scores without per-example "
+              "results): t interval of the per-repeat differences (repeat k of both methods "
+              "shares data order and seed)")]
     if repeats < 2:
         notes.append("one repeat per method: training noise is not measured, so no difference "
                      "can be called (set train.repeats >= 2, better 3 or more)")
