@@ -299,6 +299,19 @@ def test_a_new_loss_with_a_closed_form_takes_the_fast_path(monkeypatch):
         _assert_same(*_both(plan, h, w, b))
 
 
+@pytest.mark.parametrize("name", sorted(n for n, s in registry.LOSSES.items() if s.closed_form))
+def test_every_registered_closed_form_matches_its_loss(name):
+    """A loss registered with a closed form gets it checked here against autograd through the
+    loss itself, on a dense and a top-k teacher (or none), with a softcap."""
+    spec = get_loss(name)
+    h, w, b, th, tw, labels, mask = _data(seed=12)
+    for kind in ("hidden", "dense", "topk") if spec.needs_teacher else ("none",):
+        plan = _prepare(N, V, h.device, _source(kind, th * 2, tw), labels, mask,
+                        _terms((name, 0.8, {})), 16, 3.0)
+        assert _fast_cfg(plan, True, torch.float32) is not None
+        _assert_same(*_both(plan, h, w, b))
+
+
 def test_closed_forms_are_checked_at_registration(monkeypatch):
     monkeypatch.setattr(registry, "LOSSES", dict(registry.LOSSES))
     pair = registry.TeacherForm(losses._forward_kl_pair)

@@ -126,7 +126,7 @@ def dense_body(z: Tensor, t: Tensor | None, labels: Tensor, coef: Tensor, *,
 
 def _student_buckets(z: Tensor, ids: Tensor, s_cap: float | None
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(capped z, id membership [N,V], log tail mass, log q at the ids, log q [N,V]) at T=1.
+    """(capped z, id membership [N,V], log tail mass, log q at the ids, logsumexp) at T=1.
 
     The tail is a masked logsumexp with its own max, like losses._TailLogProb: exact however
     small (1 - sum(top-k) would cancel to nothing for a confident student). The [N,V] bool
@@ -141,7 +141,7 @@ def _student_buckets(z: Tensor, ids: Tensor, s_cap: float | None
     log_tail = m_tail + (z_tail - m_tail).exp().sum(-1, keepdim=True).log() - lse  # may be -inf
     z_ids = _capped(upcast(z.gather(1, ids)), s_cap)
     lq_ids = z_ids - lse
-    return zz, member, log_tail, lq_ids, zz - lse
+    return zz, member, log_tail, lq_ids, lse
 
 
 def topk_body(z: Tensor, ids: Tensor, t_logprobs: Tensor, t_tail: Tensor, labels: Tensor,
@@ -154,9 +154,10 @@ def topk_body(z: Tensor, ids: Tensor, t_logprobs: Tensor, t_tail: Tensor, labels
     losses._pair tempers the buckets). Back to the full vocab:
     dz_j = q_j (g_tail / Q_tail - G) off the ids, and g_k - G q_{id_k} at id_k (G = sum g_b).
     With forward KL at T=1 that is q_j (1 - p_tail / Q_tail) and q_{id_k} - p_k."""
-    zz, member, log_tail, lq_ids, logq1 = _student_buckets(z, ids, s_cap)
+    zz, member, log_tail, lq_ids, lse = _student_buckets(z, ids, s_cap)
     bs = torch.cat([lq_ids, log_tail.clamp(min=LOG_FLOOR)], dim=1)   # [N, K+1]
     bt = torch.cat([upcast(t_logprobs), upcast(t_tail)[:, None]], dim=1)
+    logq1 = zz - lse
 
     sums = []
     gb: Tensor | None = None
@@ -174,10 +175,10 @@ def topk_body(z: Tensor, ids: Tensor, t_logprobs: Tensor, t_tail: Tensor, labels
         else:
             lq = F.log_softmax(bs if temp == 1.0 else bs / temp, dim=-1)
             lp = F.log_softmax(bt / temp, dim=-1).clamp(min=LOG_FLOOR)
-            value, dx = form.pair(lq, lp, grad)
-            if grad:
-                gi = dx * (c / temp)
-                gb = gi if gb is None else gb + gi
+            # formed even when not `grad` (unused then: the compiler drops it), as before
+            value, dx = form.pair(lq, lp, True)
+            gi = dx * (c / temp)
+            gb = gi if gb is None else gb + gi
         sums.append(value.sum() * factor)
     if not grad:
         return None, torch.stack(sums), None
