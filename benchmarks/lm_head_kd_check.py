@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from wattkd.distill import fused, fused_path
+from wattkd.distill import fused, fused_inputs, fused_path
 from wattkd.distill.kernels import lm_head_kd as K
 from wattkd.distill.losses import DenseTeacher
 from wattkd.distill.registry import get_loss
@@ -122,8 +122,8 @@ def time_run(chunk, v, hid, thid, ts):
     recs = []
     n = 8192
     h, w, _, th, tw, labels, _ = inputs(n, v, hid, thid, seed=7, bias=False)
-    plan = fused._prepare(n, v, h.device, fused.TeacherHidden(th, tw), labels, None, ts,
-                          chunk, None)
+    plan = fused_inputs.prepare(n, v, h.device, fused.TeacherHidden(th, tw), labels, None, ts,
+                                chunk, None)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from wattkd.distill import fused
-from wattkd.distill.fused import TeacherHidden, _fast_cfg, _prepare, _run, fused_logit_loss
+from wattkd.distill import fused, fused_fast, fused_inputs, losses, registry
+from wattkd.distill.fused import TeacherHidden, _run, fused_logit_loss
+from wattkd.distill.fused_fast import fast_cfg as _fast_cfg
+from wattkd.distill.fused_inputs import prepare as _prepare
 from wattkd.distill.losses import DenseTeacher, TopKTeacher
 from wattkd.distill.registry import get_loss
 
@@ -140,9 +144,10 @@ def test_topk_forward_kl_gradient_is_the_closed_form():
     z = torch.randn(6, V, generator=g) * 2
     teacher = _topk(torch.randn(6, V, generator=g) * 2)
     labels = torch.full((6,), -100)
-    dz, sums, dz_ids = fused._topk_body(
+    dz, sums, dz_ids = fused_fast.topk_body(
         z, teacher.ids, teacher.logprobs, teacher.tail_logprob, labels, torch.ones(1),
-        terms=(("forward_kl", 1.0, 1.0, 0.0),), s_cap=None, grad=True, dz_dtype=torch.float64)
+        terms=((get_loss("forward_kl").closed_form, 1.0, 1.0, ()),), s_cap=None, grad=True,
+        dz_dtype=torch.float64)
     dz.scatter_(1, teacher.ids, dz_ids.double())
     q = z.double().softmax(-1)
     p_k, p_tail = teacher.logprobs.double().exp(), teacher.tail_logprob.double().exp()
@@ -210,10 +215,10 @@ def test_env_switches(monkeypatch):
 
 
 def test_same_device():
-    assert fused.same_device(torch.device("cpu"), torch.device("cpu"))
-    assert not fused.same_device(torch.device("cpu"), torch.device("cuda:0"))
-    assert fused.same_device(torch.device("cuda:1"), torch.device("cuda:1"))
-    assert not fused.same_device(torch.device("cuda:0"), torch.device("cuda:1"))
+    assert fused_inputs.same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not fused_inputs.same_device(torch.device("cpu"), torch.device("cuda:0"))
+    assert fused_inputs.same_device(torch.device("cuda:1"), torch.device("cuda:1"))
+    assert not fused_inputs.same_device(torch.device("cuda:0"), torch.device("cuda:1"))
 
 
 # ---------------------------------------------------------------------------- torch.compile
@@ -238,11 +243,11 @@ def test_compiled_chunk_is_one_graph_for_every_chunk_length():
             fast = _run(plan, h, w, b, (True, True, True), compile_backend=counting)
             _assert_same(fast, _run(plan, h, w, b, (True, True, True), fast=False))
         assert len(graphs) - before == 1
-    assert not fused._COMPILE_BROKEN
+    assert not fused.STATE.compile_broken
 
 
 def test_compile_failure_logs_once_and_stays_correct(caplog, monkeypatch):
-    monkeypatch.setattr(fused, "_COMPILE_BROKEN", [])
+    monkeypatch.setattr(fused.STATE, "compile_broken", "")
 
     def broken(gm, example_inputs):
         raise RuntimeError("no compiler here")
@@ -255,11 +260,70 @@ def test_compile_failure_logs_once_and_stays_correct(caplog, monkeypatch):
     _assert_same(fast, _run(plan, h, w, b, (True, True, True), fast=False))
     warnings = [r for r in caplog.records if "torch.compile" in r.getMessage()]
     assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
-    assert fused._COMPILE_BROKEN and not fused._compile_wanted(torch.device("cuda"))
+    assert fused.STATE.compile_broken and not fused._compile_wanted(torch.device("cuda"))
 
 
 def test_selfcheck_runs_on_cpu(capsys):
-    assert fused._selfcheck(["--selfcheck", "--vocab", "512", "--hidden", "16", "--chunk", "32",
-                             "--topk", "8", "--reps", "1"]) == 0
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fused_selfcheck.py"
+    spec = importlib.util.spec_from_file_location("fused_selfcheck", path)
+    selfcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(selfcheck)
+    assert selfcheck.main(["--vocab", "512", "--hidden", "16", "--chunk", "32",
+                           "--topk", "8", "--reps", "1"]) == 0
     out = capsys.readouterr().out
     assert "selfcheck OK" in out and out.count(" ok") >= 8
+
+
+# ------------------------------------------------------------------ closed forms in the registry
+def test_a_new_loss_with_a_closed_form_takes_the_fast_path(monkeypatch):
+    """Registering a logit loss with its closed form is all the fast path needs: no name in
+    fused*.py. (A scaled forward KL, written as a new loss would be.)"""
+    monkeypatch.setattr(registry, "LOSSES", dict(registry.LOSSES))
+
+    def half_pair(lq, lp, grad):
+        value, dx = losses._forward_kl_pair(lq, lp, grad)
+        return 0.5 * value, None if dx is None else 0.5 * dx
+
+    @registry.register_loss("half_fkl", kind="logit", closed_form=registry.TeacherForm(half_pair))
+    def half_fkl(s_logits, teacher, labels, *, temperature: float = 3.0,
+                 scale_by_t2: bool = True):
+        return 0.5 * losses.forward_kl(s_logits, teacher, labels, temperature=temperature,
+                                       scale_by_t2=scale_by_t2)
+
+    h, w, b, th, tw, labels, mask = _data(seed=11)
+    terms = _terms(("half_fkl", 1.0, {}), ("ce", 0.5, {}))
+    for kind in ("hidden", "topk"):
+        plan = _prepare(N, V, h.device, _source(kind, th, tw), labels, mask, terms, 16, None)
+        cfg = _fast_cfg(plan, True, torch.float32)
+        assert cfg is not None and cfg.terms[0][1:3] == (3.0, 9.0)  # the registry's default T
+        _assert_same(*_both(plan, h, w, b))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in registry.LOSSES.items() if s.closed_form))
+def test_every_registered_closed_form_matches_its_loss(name):
+    """A loss registered with a closed form gets it checked here against autograd through the
+    loss itself, on a dense and a top-k teacher (or none), with a softcap."""
+    spec = get_loss(name)
+    h, w, b, th, tw, labels, mask = _data(seed=12)
+    for kind in ("hidden", "dense", "topk") if spec.needs_teacher else ("none",):
+        plan = _prepare(N, V, h.device, _source(kind, th * 2, tw), labels, mask,
+                        _terms((name, 0.8, {})), 16, 3.0)
+        assert _fast_cfg(plan, True, torch.float32) is not None
+        _assert_same(*_both(plan, h, w, b))
+
+
+def test_closed_forms_are_checked_at_registration(monkeypatch):
+    monkeypatch.setattr(registry, "LOSSES", dict(registry.LOSSES))
+    pair = registry.TeacherForm(losses._forward_kl_pair)
+
+    def no_temperature(s_logits, teacher, labels):
+        return s_logits.sum(-1)
+
+    with pytest.raises(ValueError, match="temperature"):
+        registry.register_loss("bad1", kind="logit", closed_form=pair)(no_temperature)
+    with pytest.raises(ValueError, match="only logit losses"):
+        registry.register_loss("bad2", kind="feature", closed_form=pair)(no_temperature)
+    ce_form = get_loss("ce").closed_form
+    with pytest.raises(ValueError, match="needs_labels"):
+        registry.register_loss("bad3", kind="logit", closed_form=ce_form)(no_temperature)
+    assert not {"bad1", "bad2", "bad3"} & set(registry.LOSSES)

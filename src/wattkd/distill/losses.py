@@ -34,10 +34,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from wattkd.distill.registry import HALF_OPEN_UNIT, POSITIVE, UNIT_INTERVAL, register_loss
+from wattkd.distill.registry import (
+    HALF_OPEN_UNIT,
+    POSITIVE,
+    UNIT_INTERVAL,
+    LabelForm,
+    TeacherForm,
+    register_loss,
+)
 
 # Log-probabilities are clamped here before entering a divergence: p = 0 (log p = -inf, e.g. an
 # empty tail bucket or a masked vocab entry) is treated as p = e^-10000. Below ~-104 (fp32) the
@@ -213,10 +220,30 @@ def _t2(value: Tensor, temperature: float, scale_by_t2: bool) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- logit losses
+# A closed form beside a loss (registered with it) lets fused.py's fast path compute the value
+# and d(value)/d(logits) without autograd: no graph, no [chunk x V] fp32 copies once compiled.
+# It must compute exactly what the loss computes (tests/test_fused_fast.py checks each).
 _T_CHECK = {"temperature": POSITIVE}
 
 
-@register_loss("forward_kl", kind="logit", checks=_T_CHECK)
+def _forward_kl_pair(lq: Tensor, lp: Tensor, grad: bool) -> tuple[Tensor, Tensor | None]:
+    """KL(p || q) per row and its gradient w.r.t. the student's tempered logits: q - p."""
+    p = lp.exp()
+    value = (p * (lp - lq)).sum(-1)
+    return value, (lq.exp() - p) if grad else None
+
+
+def _reverse_kl_pair(lq: Tensor, lp: Tensor, grad: bool) -> tuple[Tensor, Tensor | None]:
+    """KL(q || p) per row and its gradient w.r.t. the student's tempered logits:
+    q (log q - log p - KL)."""
+    q = lq.exp()
+    diff = lq - lp
+    value = (q * diff).sum(-1)
+    return value, q * (diff - value[:, None]) if grad else None
+
+
+@register_loss("forward_kl", kind="logit", checks=_T_CHECK,
+               closed_form=TeacherForm(_forward_kl_pair))
 def forward_kl(s_logits: Tensor | LogitChunk, teacher: TeacherChunk | None, labels: Tensor | None,
                *, temperature: float = 1.0, scale_by_t2: bool = True) -> Tensor:
     """KL(p_t || q_s) per token: the student covers every mode of the teacher."""
@@ -224,7 +251,8 @@ def forward_kl(s_logits: Tensor | LogitChunk, teacher: TeacherChunk | None, labe
     return _t2(_kl(logp, logq), temperature, scale_by_t2)
 
 
-@register_loss("reverse_kl", kind="logit", checks=_T_CHECK)
+@register_loss("reverse_kl", kind="logit", checks=_T_CHECK,
+               closed_form=TeacherForm(_reverse_kl_pair))
 def reverse_kl(s_logits: Tensor | LogitChunk, teacher: TeacherChunk | None, labels: Tensor | None,
                *, temperature: float = 1.0, scale_by_t2: bool = True) -> Tensor:
     """KL(q_s || p_t) per token: the student seeks the teacher's main mode (MiniLLM)."""
@@ -263,8 +291,29 @@ def tv(s_logits: Tensor | LogitChunk, teacher: TeacherChunk | None, labels: Tens
     return _t2(0.5 * (logp.exp() - logq.exp()).abs().sum(-1), temperature, scale_by_t2)
 
 
+def _ce_value(logp: Tensor, labels: Tensor, *, label_smoothing: float) -> Tensor:
+    """ce per row from the student's log-probs; 0 where label = -100."""
+    valid = labels != IGNORE_INDEX
+    nll = -logp.gather(1, torch.where(valid, labels, 0).long()[:, None])[:, 0]
+    if label_smoothing:
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    return torch.where(valid, nll, 0.0)
+
+
+def _ce_grad(logq1: Tensor, cols: Tensor, labels: Tensor, c: Tensor, vocab: int, *,
+             label_smoothing: float) -> Tensor:
+    """c * d ce/d logits at columns `cols` ([1,V] = all, or [N,K]) whose student log-probs
+    are `logq1`: q - (1-eps) onehot(label) - eps/V, 0 where label = -100."""
+    eps = label_smoothing
+    valid = labels != IGNORE_INDEX
+    hot = (cols == labels[:, None]).to(logq1.dtype)
+    scale = torch.where(valid, c, 0.0)[:, None]
+    return (logq1.exp() - (1.0 - eps) * hot - eps / vocab) * scale
+
+
 @register_loss("ce", kind="logit", needs_teacher=False, needs_labels=True,
-               checks={"label_smoothing": HALF_OPEN_UNIT})
+               checks={"label_smoothing": HALF_OPEN_UNIT},
+               closed_form=LabelForm(_ce_value, _ce_grad))
 def ce(s_logits: Tensor | LogitChunk, teacher: TeacherChunk | None, labels: Tensor,
        *, label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy on labels per token; label -100 gives 0 (and no gradient)."""
@@ -272,12 +321,7 @@ def ce(s_logits: Tensor | LogitChunk, teacher: TeacherChunk | None, labels: Tens
     if labels is None or labels.shape != s.logits.shape[:1]:
         got = None if labels is None else tuple(labels.shape)
         raise ValueError(f"ce: labels must be [tokens]={s.logits.shape[0]}, got {got}")
-    logp = s.log_probs(1.0)
-    valid = labels != IGNORE_INDEX
-    nll = -logp.gather(1, torch.where(valid, labels, 0).long()[:, None])[:, 0]
-    if label_smoothing:
-        nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
-    return torch.where(valid, nll, 0.0)
+    return _ce_value(s.log_probs(1.0), labels, label_smoothing=label_smoothing)
 
 
 # ---------------------------------------------------------------------------- feature losses
@@ -323,32 +367,6 @@ def hidden_cosine(s: Tensor, t: Tensor, mask: Tensor | None = None) -> Tensor:
     """1 - cosine similarity, averaged over masked tokens: aligns directions, not scale."""
     s2, t2 = _rows("hidden_cosine", s, t, mask, same_dim=True)
     return _mean_or_zero(1.0 - F.cosine_similarity(s2, t2, dim=-1, eps=1e-8))
-
-
-class Projector(nn.Module):
-    """Linear map student hidden (Hs) -> teacher hidden (Ht) for feature losses.
-
-    Orthogonal init (default) starts as a (semi-)isometry, so the first loss values reflect the
-    student's features rather than a random rescaling of them.
-    """
-
-    def __init__(self, in_dim: int, out_dim: int, *, bias: bool = False,
-                 init: str = "orthogonal"):
-        super().__init__()
-        if in_dim <= 0 or out_dim <= 0:
-            raise ValueError(f"Projector dims must be positive, got {in_dim} -> {out_dim}")
-        self.proj = nn.Linear(in_dim, out_dim, bias=bias)
-        if init == "orthogonal":
-            nn.init.orthogonal_(self.proj.weight)
-        elif init == "xavier":
-            nn.init.xavier_uniform_(self.proj.weight)
-        else:
-            raise ValueError(f"Projector init {init!r} unknown; expected 'orthogonal' or 'xavier'")
-        if bias:
-            nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x.to(self.proj.weight.dtype))
 
 
 # --------------------------------------------------------------------------- relation losses

@@ -3,7 +3,12 @@
 Each loss is a pure tensor function. Its keyword-only arguments with defaults are the
 `params` a config may set; anything else is refused by `check_loss_term` at config load.
 Value ranges (e.g. temperature > 0) are declared beside the function with `checks=`, so a bad
-value is refused at config load too, not minutes into a run.
+value is refused at config load too, not minutes into a run. A logit loss may also declare its
+`closed_form` (value and gradient w.r.t. the logits), which fused.py's fast path then uses
+instead of autograd.
+
+This module imports no loss: `wattkd.distill` (its __init__) imports the modules that register
+them, so LOSSES is full whenever anything under wattkd.distill is imported.
 """
 
 from __future__ import annotations
@@ -31,6 +36,31 @@ HALF_OPEN_UNIT: Check = (lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 @dataclass(frozen=True)
+class TeacherForm:
+    """Closed form of a logit loss that compares student and teacher log-probs at the loss's
+    `temperature` on one support (the vocabulary, or the top-k buckets and tail):
+    ``pair(logq, logp, grad) -> (value [N], d value / d(z / T) [N, S] or None)`` with z the
+    student's logits on that support. The loss takes `temperature` and `scale_by_t2` params;
+    the caller applies T^2 and the chain rule through 1/T, softcaps and buckets."""
+
+    pair: Callable[..., tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class LabelForm:
+    """Closed form of a logit loss scored against labels on the student's T=1 log-probs:
+    ``value(logq1, labels, **params) -> [N]`` and ``grad(logq1, cols, labels, c, vocab,
+    **params) -> c * d value / d z`` at columns `cols` ([1, V] = all, or [N, K] ids)."""
+
+    value: Callable[..., Any]
+    grad: Callable[..., Any]
+
+
+ClosedForm = TeacherForm | LabelForm
+TEACHER_FORM_PARAMS = ("temperature", "scale_by_t2")
+
+
+@dataclass(frozen=True)
 class LossSpec:
     name: str
     fn: Callable[..., Any]
@@ -40,14 +70,17 @@ class LossSpec:
     # Logit losses scored against labels (ce): their mean counts only tokens whose label != -100.
     needs_labels: bool = False
     checks: dict[str, Check] = field(default_factory=dict)  # param -> value check
+    closed_form: ClosedForm | None = None   # logit losses: value + gradient for the fast path
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(name: str, kind: LossKind, needs_teacher: bool = True, *,
-                  needs_labels: bool = False, checks: dict[str, Check] | None = None):
-    """Decorator: register `fn` under `name`; keyword-only defaults become its params."""
+                  needs_labels: bool = False, checks: dict[str, Check] | None = None,
+                  closed_form: ClosedForm | None = None):
+    """Decorator: register `fn` under `name`; keyword-only defaults become its params.
+    `closed_form` (logit losses only) must compute exactly what `fn` computes."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in LOSSES:
@@ -59,15 +92,35 @@ def register_loss(name: str, kind: LossKind, needs_teacher: bool = True, *,
         unknown = sorted(set(checks or {}) - set(params))
         if unknown:
             raise ValueError(f"loss {name!r}: checks for unknown params {unknown}")
+        _check_form(name, kind, needs_teacher, needs_labels, params, closed_form)
         LOSSES[name] = LossSpec(name, fn, kind, needs_teacher, params, needs_labels,
-                                dict(checks or {}))
+                                dict(checks or {}), closed_form)
         return fn
 
     return wrap
 
 
+def _check_form(name: str, kind: LossKind, needs_teacher: bool, needs_labels: bool,
+                params: dict[str, Any], form: ClosedForm | None) -> None:
+    """A closed form fits its loss: logit kind, and the inputs and params its shape assumes."""
+    if form is None:
+        return
+    if kind != "logit":
+        raise ValueError(f"loss {name!r}: only logit losses take a closed_form")
+    if isinstance(form, TeacherForm):
+        missing = [p for p in TEACHER_FORM_PARAMS if p not in params]
+        if missing or not needs_teacher:
+            raise ValueError(f"loss {name!r}: a TeacherForm needs a teacher and the params "
+                             f"{list(TEACHER_FORM_PARAMS)}; missing {missing}")
+    elif isinstance(form, LabelForm):
+        if not needs_labels:
+            raise ValueError(f"loss {name!r}: a LabelForm needs needs_labels=True")
+    else:
+        raise TypeError(f"loss {name!r}: closed_form must be a TeacherForm or LabelForm, got "
+                        f"{type(form).__name__}")
+
+
 def get_loss(name: str) -> LossSpec:
-    _ensure_loaded()
     try:
         return LOSSES[name]
     except KeyError:
@@ -105,7 +158,6 @@ def _type_ok(default: Any, value: Any) -> bool:
 
 def check_loss_term(name: str, params: dict[str, Any], mode: str) -> str | None:
     """Return a message if `name`/`params` cannot be used in `mode`, else None."""
-    _ensure_loaded()
     spec = LOSSES.get(name)
     if spec is None:
         return f"unknown loss {name!r}; expected one of: {', '.join(sorted(LOSSES))}"
@@ -125,7 +177,6 @@ def resolve_terms(terms: Iterable[Any], kind: LossKind | None = None
     its feature terms elsewhere. Params are validated here too (programmatic callers skip the
     config loader).
     """
-    _ensure_loaded()
     out = []
     for term in terms:
         spec = get_loss(term.name)
@@ -136,7 +187,3 @@ def resolve_terms(terms: Iterable[Any], kind: LossKind | None = None
             out.append((spec, float(term.weight), dict(term.params)))
     return out
 
-
-def _ensure_loaded() -> None:
-    # Importing the modules that define losses fills LOSSES.
-    from wattkd.distill import losses  # noqa: F401
