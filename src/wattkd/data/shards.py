@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.progress import Progress, TimeElapsedColumn
 
 from wattkd.config import DataConfig, SourceConfig
 from wattkd.data.encode import TokBatch, Tokenizers
@@ -57,7 +58,6 @@ from wattkd.data.manifest import (
     ManifestError,
     part_name,
     read_manifest,
-    sha256_file,
     verify_parts,
     write_manifest,
 )
@@ -70,6 +70,8 @@ from wattkd.data.sources import (
     source_name,
 )
 from wattkd.errors import DataError
+from wattkd.hashing import file_sha256
+from wattkd.progress import NoBar, TokenRate, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +334,7 @@ class PartWriter:
                        compression_level=3, use_dictionary=False, write_statistics=False,
                        data_page_size=1 << 20, version="2.6", store_schema=True)
         self.parts.append({"file": path.name, "rows": nrows, "bytes": path.stat().st_size,
-                           "sha256": sha256_file(path)})
+                           "sha256": file_sha256(path)})
         self.rows += nrows
 
 
@@ -452,28 +454,10 @@ def _summary(out_dir: Path, manifests: dict[str, Any], seconds: float, skipped: 
     }
 
 
-def _progress(enabled: bool, total: int | None) -> Any:
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed / 1e3:,.0f}k tok/s" if speed else "- tok/s", style="cyan")
-
-    cols = [TextColumn("[bold]shards[/]"), BarColumn(),
-            TextColumn("{task.completed:,} tokens" + (f" / {total:,}" if total else "")),
-            Rate(), TimeElapsedColumn()]
-    if total:
-        cols.append(TimeRemainingColumn())
-    return Progress(*cols, disable=not enabled, transient=False)
+def _progress(enabled: bool, total: int | None) -> Progress | NoBar:
+    """Tokens so far (of the budget), rate, time elapsed (and left, when there is a budget)."""
+    return progress_bar(enabled, "{task.completed:,} tokens" + (f" / {total:,}" if total else ""),
+                        TokenRate(), TimeElapsedColumn())
 
 
 def build_shards(cfg: DataConfig, out_dir: Path, progress: bool = True, *,

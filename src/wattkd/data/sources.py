@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import glob as globlib
 import gzip
-import hashlib
 import io
 import json
 import logging
@@ -44,6 +43,7 @@ from typing import Any
 
 from wattkd.config import SourceConfig
 from wattkd.errors import DataError
+from wattkd.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -404,12 +404,4 @@ def source_fingerprint(src: SourceConfig) -> dict[str, Any]:
         files = [(f.relative_to(p).as_posix(), str(f)) for f in sorted(p.rglob("*"))
                  if f.is_file() and not any(x.startswith(".") for x in f.relative_to(p).parts)]
     return {"kind": kind, "split": src.split, "subset": src.subset,
-            "files": [[rel, os.path.getsize(f), _sha256(f)] for rel, f in files]}
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+            "files": [[rel, os.path.getsize(f), file_sha256(f)] for rel, f in files]}

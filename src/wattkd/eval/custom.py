@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.config import EvalConfig, SuiteConfig, SuiteTaskConfig, _safe_name
-from wattkd.eval.protocol import file_sha256
 from wattkd.eval.suites import (
     SUITES,
     Suite,
@@ -29,6 +28,7 @@ from wattkd.eval.suites import (
 )
 from wattkd.eval.tasks import TASKS_DIR
 from wattkd.eval.tasks import utils as task_utils
+from wattkd.hashing import file_sha256
 
 # lm-eval's metrics for a task that declares no metric_list (lm_eval.api.registry).
 _DEFAULT_METRICS = {

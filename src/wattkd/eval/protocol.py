@@ -92,14 +92,6 @@ def docs_digest(docs: Iterable[Mapping[str, Any]]) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- comparison
 def _split(obj: Mapping[str, Any], label: str) -> tuple[dict[str, Any], str | None]:
     """A result file (with `protocol`) or a bare protocol -> (protocol, stored hash)."""
