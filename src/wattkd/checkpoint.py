@@ -25,6 +25,7 @@ from torch import nn
 from wattkd.atomic import atomic_dir
 from wattkd.errors import CheckpointFault
 from wattkd.hashing import file_sha256
+from wattkd.sharding import load_full_states
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +234,6 @@ def load(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, sch
     weights = _torch_load(path, "model.pt") if read else {}
     optim = _torch_load(path, "optimizer.pt") if read else {}
     if sharded:
-        from wattkd.sharding import load_full_states
-
         missing, unexpected = load_full_states(module, optimizer, weights, optim,
                                                full=bool(meta.get("full_weights")))
     else:

@@ -19,6 +19,7 @@ What it checks:
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import json
 import logging
@@ -28,7 +29,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from wattkd.config import ConfigError
+from wattkd.distill.feature import check_layer_map
 from wattkd.models import ModelError
 
 log = logging.getLogger(__name__)
@@ -73,8 +78,6 @@ def model_config(source: str, key: str, revision: str | None = None,
                  trust_remote_code: bool = False) -> Any | None:
     """The HF config of a folder or hub id (text config of multimodal ones); None when a hub
     id cannot be resolved here (offline): the load will report it."""
-    from transformers import AutoConfig
-
     folder = check_source(source, key)
     if folder is not None and not (folder / "config.json").is_file():
         return None  # an adapter folder: its base is checked when it is loaded
@@ -135,8 +138,6 @@ def padding_evidence(cfg: Any, teacher_source: str | None, tokenizer_size: int) 
     folder = Path(teacher_source).expanduser()
     if folder.is_dir():
         if (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file():
-            from transformers import AutoTokenizer
-
             try:
                 theirs = AutoTokenizer.from_pretrained(str(folder))
             except (OSError, ValueError):
@@ -146,7 +147,6 @@ def padding_evidence(cfg: Any, teacher_source: str | None, tokenizer_size: int) 
         return None
     if str(cfg.data.tokenizer) == str(teacher_source):
         return f"data.tokenizer is the teacher's repository {teacher_source}"
-    from transformers import AutoTokenizer
 
     try:  # the hub repository's own tokenizer (from the local HF cache when offline)
         theirs = AutoTokenizer.from_pretrained(str(teacher_source), revision=cfg.teacher.revision)
@@ -184,8 +184,6 @@ def check_vocab_sizes(cfg: Any, teacher_conf: Any, teacher_source: str | None,
 
 # ----------------------------------------------------------------------------------- layers
 def check_layers(job: Any, teacher_conf: Any | None, student_conf: Any | None) -> None:
-    from wattkd.distill.feature import check_layer_map
-
     t_layers = None if teacher_conf is None else int(teacher_conf.num_hidden_layers)
     layers = job.student.from_teacher_layers
     if layers is not None and t_layers is not None:
@@ -223,8 +221,6 @@ def checkpoint_bytes(student_conf: Any, lora: Any, full_weights: bool) -> int | 
     the student's config alone (parameters counted on the meta device)."""
     if student_conf is None:
         return None
-    import torch
-    from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
@@ -322,8 +318,6 @@ def check_training(job: Any, tokenizer_size: int, resume: str = "auto") -> None:
 
 
 def _build_config(kwargs: dict[str, Any], vocab: int, key: str) -> Any:
-    from transformers import AutoConfig
-
     kw = dict(kwargs)
     model_type = kw.pop("model_type", None)
     if model_type is None:
@@ -336,8 +330,6 @@ def _build_config(kwargs: dict[str, Any], vocab: int, key: str) -> Any:
 
 
 def _student_config(job: Any, teacher_conf: Any | None, vocab: int) -> Any | None:
-    import copy
-
     s = job.student
     if s.model is not None:
         return model_config(s.model, "student.model", s.revision, s.trust_remote_code)

@@ -48,8 +48,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from rich.progress import Progress, TimeElapsedColumn
 
+from wattkd.atomic import atomic_dir
 from wattkd.config import DataConfig, SourceConfig
 from wattkd.data.encode import TokBatch, Tokenizers
 from wattkd.data.manifest import (
@@ -69,6 +72,7 @@ from wattkd.data.sources import (
     source_fingerprint,
     source_name,
 )
+from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
 from wattkd.errors import DataError
 from wattkd.hashing import file_sha256
 from wattkd.progress import NoBar, TokenRate, progress_bar
@@ -313,9 +317,6 @@ class PartWriter:
             self._write(self._pending)
 
     def _write(self, nrows: int) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         ids = np.concatenate(self._ids)
         mask = np.concatenate(self._mask)
         head_ids, head_mask = ids[:nrows], mask[:nrows]
@@ -470,9 +471,6 @@ def build_shards(cfg: DataConfig, out_dir: Path, progress: bool = True, *,
     tokens, parts, dropped_tokens}, sources {name: {train_tokens, train_documents,
     heldout_tokens, heldout_documents}}, seconds, tokens_per_s (all tokens tokenized / s).
     """
-    from wattkd.atomic import atomic_dir
-    from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     names = _check_config(cfg)

@@ -382,7 +382,7 @@ class EnergyMeter(_MeterBase):
         self._sources = dict.fromkeys(COMPONENTS, "unavailable")
         self._idle: dict[str, Any] = _no_idle()
         self.counter_period_s = DEFAULT_COUNTER_PERIOD_S
-        self.counter_period_source = "default (~100 ms, DESIGN.md)"
+        self.counter_period_source = "default (~100 ms, docs/metrics.md)"
         if not self.leader:
             self._write_records = False
             self._base_flags = ["not-metered-here"]
