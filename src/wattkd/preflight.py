@@ -1,6 +1,10 @@
 """Checks before expensive work: everything knowable from config.json files, weight-file headers
 and manifests, checked before any model is loaded and before anything is written.
 
+`check_stage_inputs(cfg, teacher_path, uses_teacher)` is the first check of every stage that
+reads the training shards (training, the teacher cache): shards present, built with
+data.tokenizer, a teacher trained here present.
+
 `check_training(job, vocab, resume)` is called once by `train()`: a mistake found here costs
 seconds and leaves no folder behind (no `rep0/config.yaml`, no `rep-1/`), where the same
 mistake found after loading a 70B teacher costs minutes and a half-made run directory.
@@ -26,19 +30,24 @@ import logging
 import re
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from wattkd.config import ConfigError
+from wattkd.config import ConfigError, ExperimentConfig
+from wattkd.data.manifest import ManifestError, read_manifest, verify_parts
+from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
 from wattkd.distill.feature import check_layer_map
 from wattkd.models import ModelError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ShardInputs",
+    "check_stage_inputs",
     "check_training",
     "check_writable",
     "checkpoint_bytes",
@@ -48,6 +57,45 @@ __all__ = [
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 HEADROOM = 1.1  # a checkpoint is written next to the one it replaces; margin for metadata
+
+
+# -------------------------------------------------------------------------- stage inputs
+@dataclass(frozen=True)
+class ShardInputs:
+    """The training shards and the tokenizer they were checked against."""
+
+    path: Path
+    manifest: dict[str, Any]
+    tokenizer: Any
+    tokenizer_sha256: str
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+
+def check_stage_inputs(cfg: ExperimentConfig, teacher_path: str | None,
+                       uses_teacher: bool) -> ShardInputs:
+    """Shards present (part sizes as in the manifest), built with data.tokenizer, and a teacher
+    pretrained or fine-tuned here already there: the one check training and the teacher cache
+    share, before any model is loaded."""
+    shards = cfg.shards_dir / "train"
+    if not (shards / "manifest.json").is_file():
+        raise FileNotFoundError(f"no shards at {shards}: run `wattkd data build` first")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    manifest = read_manifest(shards)
+    verify_parts(shards, manifest, "size")
+    tok_sha = tokenizer_sha256(tokenizer)
+    if manifest["tokenizer"]["sha256"] != tok_sha:
+        raise ManifestError(f"stale shards: {shards} were built with a different tokenizer than "
+                            f"data.tokenizer={cfg.data.tokenizer!r}; rebuild them "
+                            "(`wattkd data build --overwrite`)")
+    if uses_teacher and teacher_path and not Path(teacher_path).exists() \
+            and (cfg.teacher.pretrain is not None or cfg.teacher.finetuned):
+        stage = "finetune" if cfg.teacher.finetuned else "pretrain"
+        raise FileNotFoundError(f"teacher {teacher_path} not found: run `wattkd teacher "
+                                f"{stage}` first")
+    return ShardInputs(shards, manifest, tokenizer, tok_sha)
 
 
 # ------------------------------------------------------------------------------- sources
