@@ -28,8 +28,9 @@ from wattkd.checkpoint import CheckpointError
 from wattkd.cli import app
 from wattkd.config import ConfigError, validate
 from wattkd.data.loader import ShardDataset
-from wattkd.data.manifest import ManifestError, read_manifest, sha256_file
+from wattkd.data.manifest import ManifestError, read_manifest
 from wattkd.errors import describe_os_error
+from wattkd.hashing import file_sha256
 from wattkd.models import ModelError
 from wattkd.teacher_cache import CacheError, CacheReader, build_cache
 from wattkd.train import student_job, train
@@ -227,7 +228,7 @@ def test_out_of_range_token_id_names_file_and_row(ws: dict) -> None:
     pq.write_table(table.set_column(0, "input_ids", pa.array(ids, table.schema.field(0).type)),
                    path)
     m = json.loads((shards / "manifest.json").read_text())
-    m["parts"][1].update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    m["parts"][1].update(bytes=path.stat().st_size, sha256=file_sha256(path))
     (shards / "manifest.json").write_text(json.dumps(m, indent=2))
     with pytest.raises(ManifestError, match=r"part-00001\.parquet: row 5 \(global row 37\), "
                                             r"position 7 holds token id 5000, outside the "

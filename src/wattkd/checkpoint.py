@@ -9,7 +9,6 @@ position, so a resumed run reproduces the uninterrupted one step for step.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import random
@@ -25,6 +24,8 @@ from torch import nn
 
 from wattkd.atomic import atomic_dir
 from wattkd.errors import CheckpointFault
+from wattkd.hashing import file_sha256
+from wattkd.sharding import load_full_states
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def save(run_dir: Path, step: int, *, module: nn.Module, optimizer: torch.optim.
             # state.json is written last and lists every file's size and sha256: a resume
             # verifies them and skips a checkpoint whose bytes changed.
             files = {name: {"bytes": (tmp / name).stat().st_size,
-                            "sha256": _sha256(tmp / name)} for name in CHECKPOINT_FILES}
+                            "sha256": file_sha256(tmp / name)} for name in CHECKPOINT_FILES}
             meta = {"format": "wattkd-checkpoint", "version": FORMAT_VERSION, "step": step,
                     "full_weights": full_weights, **progress, "files": files}
             (tmp / "state.json").write_text(json.dumps(meta, indent=2))
@@ -110,14 +111,6 @@ def save(run_dir: Path, step: int, *, module: nn.Module, optimizer: torch.optim.
     prune(run_dir, keep_last)
     log.info("checkpoint saved: %s", final)
     return final
-
-
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_error(exc: BaseException, final: Path) -> OSError:
@@ -169,7 +162,7 @@ def verify(path: Path) -> dict[str, Any]:
         if size != want.get("bytes"):
             raise CheckpointError(f"{f}: {size} bytes, the checkpoint's state.json says "
                                   f"{want.get('bytes')} (truncated or replaced); {hint}")
-        if _sha256(f) != want.get("sha256"):
+        if file_sha256(f) != want.get("sha256"):
             raise CheckpointError(f"{f}: sha256 differs from the checkpoint's state.json "
                                   f"(corrupt); {hint}")
     return meta
@@ -241,8 +234,6 @@ def load(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, sch
     weights = _torch_load(path, "model.pt") if read else {}
     optim = _torch_load(path, "optimizer.pt") if read else {}
     if sharded:
-        from wattkd.sharding import load_full_states
-
         missing, unexpected = load_full_states(module, optimizer, weights, optim,
                                                full=bool(meta.get("full_weights")))
     else:

@@ -23,28 +23,14 @@ from pydantic import (
     model_validator,
 )
 
-from wattkd.errors import InputError
-
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class ConfigError(InputError, ValueError):
-    """A configuration problem, reported with the file and key it concerns."""
+from wattkd.errors import ConfigError
+from wattkd.names import safe_name as _safe_name
 
 
 class Strict(BaseModel):
     """Base for every section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _safe_name(value: str, what: str) -> str:
-    if not SAFE_NAME.match(value):
-        raise ValueError(
-            f"{what} {value!r} must match {SAFE_NAME.pattern} "
-            "(letters, digits, '.', '_', '-'; it is used in file names and job names)"
-        )
-    return value
 
 
 # Folders of the experiment's output directory that stages own: a method can't be named so.

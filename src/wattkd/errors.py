@@ -20,14 +20,18 @@ Exit codes:
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 from typing import Any
+
+from wattkd.runinfo import write_run_json
 
 __all__ = [
     "EXIT_CODES",
     "OS_EXIT_CODE",
     "CheckpointFault",
+    "ConfigError",
     "DataError",
     "InputError",
     "ModelFault",
@@ -56,6 +60,10 @@ class InputError(WattkdError):
     """Bad config, command line or request."""
 
     exit_code = 2
+
+
+class ConfigError(InputError, ValueError):
+    """A configuration problem, reported with the file and key it concerns."""
 
 
 class DataError(WattkdError):
@@ -129,10 +137,6 @@ def failed_runs() -> list[Path]:
 def mark_failed(reason: str, exit_code: int, kind: str) -> list[Path]:
     """Write status "failed" and the reason into the run.json of every noted run still marked
     running; returns those updated. Never raises: reporting must not hide the first error."""
-    import json
-
-    from wattkd.runinfo import write_run_json
-
     done = []
     for run_dir in _RUN_DIRS:
         try:

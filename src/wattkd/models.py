@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from wattkd.config import LoraConfig, StudentConfig, TeacherConfig
 from wattkd.errors import ModelFault
@@ -70,7 +70,7 @@ def load_pretrained(path: str, *, dtype: torch.dtype, revision: str | None = Non
     if p.exists() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
         raise ModelError(f"{p} is not a Hugging Face model folder (no config.json)")
     if (p / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
+        from peft import AutoPeftModelForCausalLM  # lazy: slow import, LoRA only
 
         model = AutoPeftModelForCausalLM.from_pretrained(str(p), dtype=dtype,
                                                          trust_remote_code=trust_remote_code)
@@ -238,8 +238,8 @@ def _is_tied_head(model: PreTrainedModel, key: str) -> bool:
 
 
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> nn.Module:
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    from peft import LoraConfig as PeftLoraConfig  # lazy: slow import, LoRA only
+    from peft import get_peft_model  # lazy: slow import, LoRA only
 
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                               target_modules=cfg.target_modules, task_type="CAUSAL_LM")
@@ -293,7 +293,6 @@ def check_tokenizer_match(teacher_dir: str | None, tokenizer: Any) -> None:
     """A teacher folder with its own tokenizer must agree with the data tokenizer."""
     if teacher_dir is None or not (Path(teacher_dir) / "tokenizer.json").exists():
         return
-    from transformers import AutoTokenizer
 
     theirs = AutoTokenizer.from_pretrained(teacher_dir)
     if theirs.get_vocab() != tokenizer.get_vocab():

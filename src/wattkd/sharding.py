@@ -18,10 +18,20 @@ them; rank 0 also writes the final HF folder from the gathered state.
 from __future__ import annotations
 
 import logging
+import types
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from wattkd.errors import InputError
 
@@ -45,8 +55,6 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def _mp_policy(bf16: bool, *, cast_inputs: bool = True) -> Any:
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
     # bf16 compute on all-gathered params, gradients reduced in fp32, fp32 master shards.
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                 reduce_dtype=torch.float32, cast_forward_inputs=cast_inputs)
@@ -55,8 +63,6 @@ def _mp_policy(bf16: bool, *, cast_inputs: bool = True) -> Any:
 def shard_objective(objective: nn.Module, student: nn.Module, *, bf16: bool,
                     reshard_after_forward: bool) -> nn.Module:
     """Shard `objective` in place (student layers, then the objective as root)."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
     layers = decoder_layers(student)
     for layer in layers:
         fully_shard(layer, mp_policy=_mp_policy(bf16),
@@ -76,10 +82,6 @@ def shard_teacher(teacher: nn.Module) -> nn.Module:
     forward and freed after it. The teacher is the root unit, which FSDP keeps unsharded after
     its forward (embeddings, final norm, LM head: whole on every rank from the first forward
     on), so the fused loss can read the head weight after the teacher's forward."""
-    import types
-
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
     layers = decoder_layers(teacher)
     for layer in layers:
         fully_shard(layer, reshard_after_forward=True)
@@ -99,16 +101,12 @@ def _decoder_only(self: nn.Module, **kwargs: Any) -> Any:
 
 
 def _options(**kw: Any) -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(full_state_dict=True, **kw)
 
 
 def full_model_state(module: nn.Module, *, frozen: bool = True) -> dict[str, torch.Tensor]:
     """The whole unsharded state dict on CPU, on rank 0 (empty elsewhere). A collective.
     frozen=False leaves frozen parameters out (LoRA: the base is not gathered at all)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     return get_model_state_dict(module, options=_options(cpu_offload=True,
                                                          ignore_frozen_params=not frozen))
 
@@ -117,8 +115,6 @@ def full_states(module: nn.Module, optimizer: torch.optim.Optimizer, *, frozen: 
                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Unsharded model and optimizer state dicts (optimizer keyed by parameter names) on
     rank 0. A collective: every rank calls it at the same step."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     return get_state_dict(module, optimizer, options=_options(
         cpu_offload=True, ignore_frozen_params=not frozen))
 
@@ -134,12 +130,6 @@ def load_full_states(module: nn.Module, optimizer: torch.optim.Optimizer,
     Returns (missing, unexpected) keys, decided on rank 0 before anything is loaded and the
     same on every rank (set_state_dict itself would fill missing keys with the live values
     silently). `full`: the checkpoint should hold every key (else only the trainable ones)."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
     verdict: list[Any] = [None]
     if dist.get_rank() == 0:
         have = set(module.state_dict())

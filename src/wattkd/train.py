@@ -28,7 +28,7 @@ from wattkd.distill import fused_path
 from wattkd.energy.monitor import ensure_trailing_newline
 from wattkd.errors import RunFailure, note_run_dir
 from wattkd.eval.in_training import task_evaluator
-from wattkd.preflight import check_training
+from wattkd.preflight import check_stage_inputs, check_training
 from wattkd.progress import NoBar
 from wattkd.runinfo import write_run_json
 
@@ -292,7 +292,6 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     from accelerate import Accelerator
 
     from wattkd.data.loader import ShardDataset
-    from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
     from wattkd.distill.modes import make_mode
     from wattkd.distill.objective import DistillObjective, StepInputs
     from wattkd.distill.teacher import OnlineTeacher
@@ -312,22 +311,10 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
     cfg, method, tc, run_dir = job.cfg, job.method, job.train, job.run_dir
 
     # ---- 1. validate inputs before anything expensive
-    shards = cfg.shards_dir / "train"
-    if not (shards / "manifest.json").exists():
-        raise FileNotFoundError(f"no shards at {shards}: run `wattkd data build` first")
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    probe = ShardDataset(shards, verify="size")
-    want = probe.manifest["tokenizer"]["sha256"]
-    if want != tokenizer_sha256(tokenizer):
-        raise ValueError(f"stale shards: {shards} were built with a different tokenizer than "
-                         f"data.tokenizer={cfg.data.tokenizer!r}; rebuild them")
     needs_teacher = method.mode != "none"
     uses_teacher = needs_teacher or job.student.from_teacher_layers is not None
-    if uses_teacher and job.teacher_path and not Path(job.teacher_path).exists() \
-            and (cfg.teacher.pretrain is not None or cfg.teacher.finetuned):
-        stage = "finetune" if cfg.teacher.finetuned else "pretrain"
-        raise FileNotFoundError(f"teacher {job.teacher_path} not found: run `wattkd teacher "
-                                f"{stage}` first")
+    probe = check_stage_inputs(cfg, job.teacher_path, uses_teacher)  # shards, tokenizer, teacher
+    shards, tokenizer = probe.path, probe.tokenizer
     if needs_teacher and cfg.distill.teacher_signals == "cache":
         from wattkd.teacher_cache import check_cache
 

@@ -7,12 +7,16 @@ Documents get no special tokens from the tokenizer; EOS is appended to each one 
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 __all__ = ["TokBatch", "Tokenizers", "tokenize_job"]
 
@@ -23,7 +27,6 @@ def _init_worker(tok_json: str) -> None:
     """Pool initializer: one single-threaded Rust tokenizer per worker process."""
     global _WORKER_TOK
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
 
     _WORKER_TOK = Tokenizer.from_str(tok_json)
 
@@ -81,8 +84,6 @@ class _Pending:
         self._f = future
 
     def result(self) -> TokBatch:
-        from concurrent.futures.process import BrokenProcessPool
-
         try:
             return self._f.result()
         except BrokenProcessPool as exc:
@@ -93,8 +94,6 @@ def _start_method() -> str:
     """fork on Linux: fast, and no re-import of the caller's __main__ (which spawn needs and
     which fails for `python -` or unguarded scripts); the workers only run the Rust tokenizer
     and numpy, which are fork-safe. spawn elsewhere (macOS, Windows)."""
-    import multiprocessing as mp
-
     return "fork" if sys.platform.startswith("linux") and "fork" in \
         mp.get_all_start_methods() else "spawn"
 
@@ -113,9 +112,6 @@ class Tokenizers:
         self._pool: Any = None
         self._thread: Any = None
         if num_workers > 1:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
             method = _start_method()
             # Workers use one tokenizer thread each; setting the variable around the fork
             # also keeps `tokenizers` from warning that it disables parallelism after fork.
@@ -132,17 +128,11 @@ class Tokenizers:
                 else:
                     os.environ["TOKENIZERS_PARALLELISM"] = old
         else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            from tokenizers import Tokenizer
-
             self._tok = Tokenizer.from_str(tok_json)
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="wattkd-tokenize")
 
     def submit(self, job: tuple[Any, ...]) -> Any:
         if self._pool is not None:
-            from concurrent.futures.process import BrokenProcessPool
-
             try:
                 return _Pending(self._pool.submit(_worker_job, job, self.eos))
             except BrokenProcessPool as exc:

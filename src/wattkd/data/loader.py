@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -135,8 +137,6 @@ class ShardDataset(IterableDataset):
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
         info = self.manifest["parts"][index]
         file = self.path / info["file"]

@@ -32,6 +32,10 @@ from typing import Any
 
 from wattkd.atomic import atomic_write_json
 from wattkd.errors import DataError
+from wattkd.hashing import file_sha256
+
+# `sha256_file` stays importable for teacher_cache.plan/reader until they import wattkd.hashing
+from wattkd.hashing import file_sha256 as sha256_file
 
 __all__ = [
     "FORMAT",
@@ -65,17 +69,9 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def manifest_sha256(shard_dir: str | Path) -> str:
     """Hash of a shard set's manifest.json bytes: what a teacher cache records to stay aligned."""
-    return sha256_file(Path(shard_dir) / MANIFEST)
+    return file_sha256(Path(shard_dir) / MANIFEST)
 
 
 def write_manifest(shard_dir: str | Path, manifest: dict[str, Any]) -> Path:
@@ -165,6 +161,6 @@ def verify_parts(shard_dir: str | Path, manifest: dict[str, Any], level: str = "
         if size != part["bytes"]:
             raise ManifestError(f"{path}: shard part is {size} bytes, manifest says "
                                 f"{part['bytes']} (truncated or replaced?)")
-        if level == "sha256" and sha256_file(path) != part["sha256"]:
+        if level == "sha256" and file_sha256(path) != part["sha256"]:
             raise ManifestError(f"{path}: sha256 differs from the manifest (corrupt part); "
                                 f"{REBUILD}")

@@ -48,7 +48,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.progress import Progress, TimeElapsedColumn
 
+from wattkd.atomic import atomic_dir
 from wattkd.config import DataConfig, SourceConfig
 from wattkd.data.encode import TokBatch, Tokenizers
 from wattkd.data.manifest import (
@@ -57,7 +61,6 @@ from wattkd.data.manifest import (
     ManifestError,
     part_name,
     read_manifest,
-    sha256_file,
     verify_parts,
     write_manifest,
 )
@@ -69,7 +72,10 @@ from wattkd.data.sources import (
     source_fingerprint,
     source_name,
 )
+from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
 from wattkd.errors import DataError
+from wattkd.hashing import file_sha256
+from wattkd.progress import NoBar, TokenRate, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -311,9 +317,6 @@ class PartWriter:
             self._write(self._pending)
 
     def _write(self, nrows: int) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         ids = np.concatenate(self._ids)
         mask = np.concatenate(self._mask)
         head_ids, head_mask = ids[:nrows], mask[:nrows]
@@ -332,7 +335,7 @@ class PartWriter:
                        compression_level=3, use_dictionary=False, write_statistics=False,
                        data_page_size=1 << 20, version="2.6", store_schema=True)
         self.parts.append({"file": path.name, "rows": nrows, "bytes": path.stat().st_size,
-                           "sha256": sha256_file(path)})
+                           "sha256": file_sha256(path)})
         self.rows += nrows
 
 
@@ -452,28 +455,10 @@ def _summary(out_dir: Path, manifests: dict[str, Any], seconds: float, skipped: 
     }
 
 
-def _progress(enabled: bool, total: int | None) -> Any:
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed / 1e3:,.0f}k tok/s" if speed else "- tok/s", style="cyan")
-
-    cols = [TextColumn("[bold]shards[/]"), BarColumn(),
-            TextColumn("{task.completed:,} tokens" + (f" / {total:,}" if total else "")),
-            Rate(), TimeElapsedColumn()]
-    if total:
-        cols.append(TimeRemainingColumn())
-    return Progress(*cols, disable=not enabled, transient=False)
+def _progress(enabled: bool, total: int | None) -> Progress | NoBar:
+    """Tokens so far (of the budget), rate, time elapsed (and left, when there is a budget)."""
+    return progress_bar(enabled, "{task.completed:,} tokens" + (f" / {total:,}" if total else ""),
+                        TokenRate(), TimeElapsedColumn())
 
 
 def build_shards(cfg: DataConfig, out_dir: Path, progress: bool = True, *,
@@ -486,9 +471,6 @@ def build_shards(cfg: DataConfig, out_dir: Path, progress: bool = True, *,
     tokens, parts, dropped_tokens}, sources {name: {train_tokens, train_documents,
     heldout_tokens, heldout_documents}}, seconds, tokens_per_s (all tokens tokenized / s).
     """
-    from wattkd.atomic import atomic_dir
-    from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     names = _check_config(cfg)

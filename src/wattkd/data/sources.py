@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import glob as globlib
 import gzip
-import hashlib
 import io
 import json
 import logging
@@ -42,8 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
+from wattkd import corpus
 from wattkd.config import SourceConfig
 from wattkd.errors import DataError
+from wattkd.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +203,6 @@ def _json_records(files: list[str], name: str) -> Iterator[tuple[str, dict[str, 
 
 def _parquet_records(files: list[str], name: str, fields: list[str]
                      ) -> Iterator[tuple[str, dict[str, Any]]]:
-    import pyarrow.parquet as pq
-
     for f in files:
         try:
             pf = pq.ParquetFile(f)
@@ -222,7 +223,7 @@ def _parquet_records(files: list[str], name: str, fields: list[str]
 
 
 def _hub_records(src: SourceConfig, name: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    import datasets
+    import datasets  # lazy: slow import, only hub data needs it
 
     p = Path(src.path).expanduser()
     try:
@@ -315,7 +316,6 @@ def iter_documents(src: SourceConfig, tokenizer: Any = None) -> Iterator[Documen
         if instruct:
             raise SourceError(f"source {name!r}: the bundled corpus is plain text; drop "
                               "prompt_field/response_field")
-        from wattkd import corpus
 
         yield from corpus.documents(_bundled_name(src))
         return
@@ -354,8 +354,6 @@ def iter_documents(src: SourceConfig, tokenizer: Any = None) -> Iterator[Documen
 
 
 def _bundled_name(src: SourceConfig) -> str:
-    from wattkd import corpus
-
     path = src.path
     sub = "all" if path == "bundled" else path.removeprefix("bundled:")
     if not (path == "bundled" or path.startswith("bundled:")) or sub not in corpus.names():
@@ -387,8 +385,6 @@ def source_fingerprint(src: SourceConfig) -> dict[str, Any]:
     """
     kind = resolve_kind(src)
     if kind == "bundled":
-        from wattkd import corpus
-
         return {"kind": kind, "corpus": corpus.fingerprint(_bundled_name(src))}
     if kind in EXTENSIONS:
         files = [(os.path.basename(f), f) for f in resolve_files(src, kind)]
@@ -404,12 +400,4 @@ def source_fingerprint(src: SourceConfig) -> dict[str, Any]:
         files = [(f.relative_to(p).as_posix(), str(f)) for f in sorted(p.rglob("*"))
                  if f.is_file() and not any(x.startswith(".") for x in f.relative_to(p).parts)]
     return {"kind": kind, "split": src.split, "subset": src.subset,
-            "files": [[rel, os.path.getsize(f), _sha256(f)] for rel, f in files]}
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+            "files": [[rel, os.path.getsize(f), file_sha256(f)] for rel, f in files]}

@@ -18,6 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from wattkd import corpus
 from wattkd.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -54,10 +59,6 @@ def cache_root() -> Path:
 
 
 def _bundled_key(vocab: int) -> str:
-    import tokenizers
-
-    from wattkd import corpus
-
     h = hashlib.sha256(json.dumps({
         "recipe": RECIPE_VERSION, "vocab": vocab, "corpus": corpus.fingerprint("all"),
         "specials": SPECIAL_TOKENS, "template": CHAT_TEMPLATE,
@@ -73,11 +74,6 @@ def bundled_tokenizer_dir(vocab: int) -> Path:
 
 def _train_bundled(vocab: int, out: Path) -> None:
     """Train the byte-level BPE and save it as an HF tokenizer folder in `out`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from wattkd import corpus
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -94,8 +90,6 @@ def _train_bundled(vocab: int, out: Path) -> None:
 
 
 def _load_bundled(vocab: int) -> Any:
-    from transformers import AutoTokenizer
-
     if not MIN_VOCAB <= vocab <= MAX_VOCAB:
         raise ValueError(f"tokenizer bundled:bpe-{vocab}: vocab must be in "
                          f"[{MIN_VOCAB}, {MAX_VOCAB}] (256 bytes + {len(SPECIAL_TOKENS)} "
@@ -136,7 +130,6 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
             raise ValueError(f"tokenizer {spec!r}: bundled tokenizers are spelled "
                              "'bundled:bpe-<vocab>', e.g. 'bundled:bpe-4096'")
         return _load_bundled(int(m.group(1)))
-    from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)

@@ -14,10 +14,8 @@ import difflib
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from wattkd.config import EvalConfig, SuiteConfig, SuiteTaskConfig, _safe_name
-from wattkd.eval.protocol import file_sha256
 from wattkd.eval.suites import (
     SUITES,
     Suite,
@@ -29,6 +27,11 @@ from wattkd.eval.suites import (
 )
 from wattkd.eval.tasks import TASKS_DIR
 from wattkd.eval.tasks import utils as task_utils
+from wattkd.hashing import file_sha256
+from wattkd.names import safe_name
+
+if TYPE_CHECKING:  # types only: config.validate calls check_eval_config, so no runtime import
+    from wattkd.config import EvalConfig, SuiteConfig, SuiteTaskConfig
 
 # lm-eval's metrics for a task that declares no metric_list (lm_eval.api.registry).
 _DEFAULT_METRICS = {
@@ -45,7 +48,7 @@ _TEMPLATES = {"mc": "_bigbench_mc_template.yaml", "gen": "_bigbench_gen_template
 @lru_cache(maxsize=8)
 def local_task_manager(include_paths: tuple[str, ...] = ()) -> Any:
     """lm-eval's TaskManager over wattkd's task folder plus the user's include paths (fast)."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lazy: optional extra [eval]
 
     return TaskManager(include_path=[str(TASKS_DIR), *include_paths], include_defaults=False)
 
@@ -53,7 +56,7 @@ def local_task_manager(include_paths: tuple[str, ...] = ()) -> Any:
 @lru_cache(maxsize=1)
 def registry_task_manager() -> Any:
     """lm-eval's full registry (about 15k names; indexing takes seconds, so done once)."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lazy: optional extra [eval]
 
     return TaskManager(include_defaults=True)
 
@@ -99,7 +102,7 @@ def detect_bigbench(path: Path) -> tuple[str, int]:
 
 def bigbench_task_config(st: SuiteTask) -> dict[str, Any]:
     """The lm-eval task config of a local BIG-bench folder: wattkd's template, this file."""
-    from lm_eval.tasks._yaml_loader import load_yaml
+    from lm_eval.tasks._yaml_loader import load_yaml  # lazy: optional extra [eval]
 
     assert st.bigbench_json is not None and st.mode in _TEMPLATES
     cfg = load_yaml(TASKS_DIR / _TEMPLATES[st.mode], resolve_func=True)
@@ -113,8 +116,8 @@ def bigbench_task_config(st: SuiteTask) -> dict[str, Any]:
 # --------------------------------------------------------------------------- lm-eval names
 def _produced_metrics(entry: Any) -> list[str] | None:
     """'<metric>,<filter>' keys lm-eval reports for an index entry; None when unknowable."""
-    from lm_eval.tasks._index import Kind
-    from lm_eval.tasks._yaml_loader import load_yaml
+    from lm_eval.tasks._index import Kind  # lazy: optional extra [eval]
+    from lm_eval.tasks._yaml_loader import load_yaml  # lazy: optional extra [eval]
 
     cfg = load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else (entry.cfg or {})
     if entry.kind == Kind.GROUP:
@@ -164,7 +167,7 @@ def _packaged_data(name: str) -> str | None:
 
 def _lm_eval_task(tc: SuiteTaskConfig, include: tuple[str, ...]) -> tuple[SuiteTask, bool]:
     """(SuiteTask, reads hub data) for a `task:` entry."""
-    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._index import Kind  # lazy: optional extra [eval]
 
     name = tc.task
     assert name is not None
@@ -209,7 +212,7 @@ def _bigbench_task(tc: SuiteTaskConfig) -> SuiteTask:
                          f"{BIGBENCH_METRICS[mode]!r}, not {metric!r}")
     name = tc.name or folder.name
     try:
-        _safe_name(name, "task name")
+        safe_name(name, "task name")
     except ValueError as exc:
         raise SuiteError(f"{exc}; set 'name' for folder {folder}") from None
     return SuiteTask(name, metric, tc.num_fewshot, None, limit=tc.limit,
@@ -257,22 +260,27 @@ def build_suite(sc: SuiteConfig, ev: EvalConfig, key: str = "eval.suite") -> Sui
                  fewshot_seed=sc.fewshot_seed, include_paths=include)
 
 
+def _written(spec: str | SuiteConfig | None) -> bool:
+    """Whether a suite spec of the config is a suite written out (a SuiteConfig), not a name."""
+    return spec is not None and not isinstance(spec, str)
+
+
 def resolve_suite(spec: str | SuiteConfig | Suite, ev: EvalConfig) -> Suite:
     """A preset name, the name of a suite written in the config, or a suite config -> Suite."""
     if isinstance(spec, Suite):
         return spec
-    if isinstance(spec, SuiteConfig):
+    if _written(spec):
         key = "eval.train_suite" if spec is ev.train_suite else "eval.suite"
         return build_suite(spec, ev, key)
     for key, inline in (("eval.suite", ev.suite), ("eval.train_suite", ev.train_suite)):
-        if isinstance(inline, SuiteConfig) and inline.name == spec:
+        if _written(inline) and inline.name == spec:
             return build_suite(inline, ev, key)
     return get_suite(spec)
 
 
 def suite_name(spec: str | SuiteConfig | None) -> str | None:
     """The result name (eval/<name>.json) of eval.suite, without resolving it."""
-    return spec.name if isinstance(spec, SuiteConfig) else spec
+    return spec.name if _written(spec) else spec
 
 
 def check_eval_config(ev: EvalConfig) -> list[str]:
@@ -284,18 +292,18 @@ def check_eval_config(ev: EvalConfig) -> list[str]:
             problems.append(f"{key}: unknown suite {spec!r}; presets: {', '.join(sorted(SUITES))}"
                             + (f" (closest: {', '.join(close)})" if close else "")
                             + "; or write a suite {name, tasks: [...]} (docs/eval-formats.md)")
-        elif isinstance(spec, SuiteConfig):
+        elif _written(spec):
             if not _lm_eval_available():
                 continue  # checked again before evaluation, where lm-eval is required
             try:
                 task_metadata(build_suite(spec, ev, key), ev)
             except SuiteError as exc:
                 problems.append(str(exc))
-    if (isinstance(ev.suite, SuiteConfig) and isinstance(ev.train_suite, SuiteConfig)
+    if (_written(ev.suite) and _written(ev.train_suite)
             and ev.suite.name == ev.train_suite.name and ev.suite != ev.train_suite):
         problems.append(f"eval.train_suite.name: {ev.train_suite.name!r} is eval.suite's name "
                         "but the suites differ; give it its own name")
-    if ev.include_path and not any(isinstance(s, SuiteConfig) for s in (ev.suite, ev.train_suite)):
+    if ev.include_path and not any(_written(s) for s in (ev.suite, ev.train_suite)):
         try:
             _include_paths(ev)
         except SuiteError as exc:
@@ -306,9 +314,9 @@ def check_eval_config(ev: EvalConfig) -> list[str]:
 # ------------------------------------------------------------------------------- listing
 def list_tasks(ev: EvalConfig | None) -> str:
     """What a suite can name: presets, wattkd's tasks, include paths, BIG-bench folders, and
-    lm-eval's registry (hub data)."""
-    ev = ev or EvalConfig()
-    include = _include_paths(ev)
+    lm-eval's registry (hub data). Without a config: no include paths, no BIG-bench folder."""
+    include = _include_paths(ev) if ev is not None else ()
+    bigbench_dir = ev.bigbench_dir if ev is not None else None
     lines = ["Preset suites (eval.suite: NAME):"]
     lines += [f"  {n}: {s.description}" for n, s in SUITES.items()]
     local = local_task_manager(include)
@@ -326,10 +334,10 @@ def list_tasks(ev: EvalConfig | None) -> str:
         lines.append(f"eval.include_path {src} (task: NAME):")
         lines += [f"  {n}" for n in names]
     folders = []
-    if ev.bigbench_dir and Path(ev.bigbench_dir).expanduser().is_dir():
-        folders = sorted(p.parent for p in Path(ev.bigbench_dir).expanduser().glob("*/task.json"))
+    if bigbench_dir and Path(bigbench_dir).expanduser().is_dir():
+        folders = sorted(p.parent for p in Path(bigbench_dir).expanduser().glob("*/task.json"))
     if folders:
-        lines.append(f"BIG-bench folders in eval.bigbench_dir {ev.bigbench_dir} "
+        lines.append(f"BIG-bench folders in eval.bigbench_dir {bigbench_dir} "
                      "(bigbench: FOLDER):")
         for f in folders:
             try:
@@ -347,6 +355,6 @@ def list_tasks(ev: EvalConfig | None) -> str:
 
 
 def _lm_eval_version() -> str:
-    import lm_eval
+    import lm_eval  # lazy: optional extra [eval]
 
     return lm_eval.__version__

@@ -16,6 +16,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+import transformers
+from transformers import CompileConfig, GenerationConfig
+
 from wattkd.config import EptConfig
 from wattkd.errors import InputError
 
@@ -35,9 +39,6 @@ class Engine:
 
     def record(self, *, dtype: str, attn_implementation: str) -> dict[str, Any]:
         """The engine's part of the EPT protocol (everything that changes the figure)."""
-        import torch
-        import transformers
-
         return {**asdict(self), "dtype": dtype, "attn_implementation": attn_implementation,
                 "torch": torch.__version__, "transformers": transformers.__version__}
 
@@ -70,16 +71,12 @@ def set_attention(net: Any, attn_implementation: str | None) -> str:
 def generation_config(engine: Engine, *, new_tokens: int, pad_id: int,
                       eos_id: int | None) -> Any:
     """Greedy decoding of exactly `new_tokens` tokens (EOS suppressed until then) on `engine`."""
-    from transformers import GenerationConfig
-
     kw: dict[str, Any] = {"do_sample": False, "max_new_tokens": new_tokens,
                           "min_new_tokens": new_tokens, "pad_token_id": pad_id,
                           "eos_token_id": eos_id, "num_beams": 1}
     if engine.cache == "static":
         kw["cache_implementation"] = "static"
         if engine.compile:
-            from transformers import CompileConfig
-
             cc = CompileConfig(mode=engine.compile_mode, backend=engine.compile_backend)
             if engine.device_type != "cuda":
                 cc._compile_all_devices = True  # transformers compiles on CUDA only otherwise

@@ -14,7 +14,7 @@ counter it is one pass over the prompts. The prefill/decode split and every figu
 (J per input token, J per output token, J per request, ms per decoding step, tokens/s, mean
 power, total and dynamic) are computed in ept_window.point_figures, with their spread.
 
-Definitions of the legacy per-run `energy` block (all request windows together; DESIGN.md),
+Definitions of the legacy per-run `energy` block (all request windows together; docs/metrics.md),
 per energy component (gpu, cpu, dram), E = the windows' energy:
   EPT_in = E / input tokens, EPT_out = E / output tokens, EPT_total = E / (input + output);
   dynamic EPT_x = (E - P_idle x duration) / tokens_x, with P_idle the meter's idle power.
@@ -28,15 +28,22 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+
+import wattkd
 from wattkd.config import EptConfig
 from wattkd.energy.sources import NvmlSource
+from wattkd.corpus import documents, fingerprint
+from wattkd.energy.ledger import NullMeter
 from wattkd.errors import InputError
 from wattkd.eval.engine import EngineError, generation_config, resolve_engine, set_attention
-from wattkd.eval.ept_protocol import ept_protocol
+from wattkd.eval.ept_protocol import ept_protocol, figure
 from wattkd.eval.ept_window import (
     Window,
     WindowError,
@@ -46,7 +53,9 @@ from wattkd.eval.ept_window import (
     window_done,
     window_from_record,
 )
+from wattkd.eval.harness import load_model
 from wattkd.eval.protocol import protocol_hash, write_json_atomic
+from wattkd.models import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +147,6 @@ def load_prompts(cfg: EptConfig) -> tuple[list[str], str]:
             raise EptError(f"eval.ept.prompts {p} has {len(lines)} non-empty lines; "
                            f"eval.ept.num_prompts is {cfg.num_prompts}")
         return lines[:cfg.num_prompts], f"file:{p.name}"
-    from wattkd.corpus import documents, fingerprint
 
     width = max(64, cfg.prompt_tokens * CHARS_PER_PROMPT_TOKEN)
     texts: list[str] = []
@@ -180,15 +188,11 @@ __all__ = ["EPT_SCHEMA", "EptError", "ept_for", "ept_from_record", "ept_metrics"
 
 # ------------------------------------------------------------------------------ running
 def _sync(device: Any) -> None:
-    import torch
-
     if getattr(device, "type", str(device)).startswith("cuda"):
         torch.cuda.synchronize(device)
 
 
 def _device_name(device: Any) -> str:
-    import torch
-
     if getattr(device, "type", "") == "cuda":
         return torch.cuda.get_device_name(device)
     return str(getattr(device, "type", device))
@@ -198,8 +202,6 @@ def _meter_or_null(meter: Any) -> tuple[Any, bool]:
     """The meter to use and whether this call must start/stop it (idle power is measured at
     start, before any window)."""
     if meter is None:
-        from wattkd.energy.ledger import NullMeter
-
         return NullMeter(reason="no-meter"), False
     return meter, not getattr(meter, "started", True)
 
@@ -292,13 +294,62 @@ def run_ept(model: str, cfg: EptConfig, meter: Any, out_path: Path, *, device: s
     `min_window_s` overrides the window length (see `_window_s`). `out_path` is the JSON
     file, or a run directory (then <run>/ept.json). LoRA adapters are merged first.
     """
-    import torch
-
-    from wattkd.eval.harness import load_model
-    from wattkd.models import resolve_device
-
     _check(cfg)
     texts, source = load_prompts(cfg)
+    net, tok, engine, attn = _load(model, cfg, meter, device=device, adapter=adapter)
+    dev = next(net.parameters()).device
+    dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
+    engine_rec = engine.record(dtype=dtype, attn_implementation=attn)
+    protocol = ept_protocol(cfg, texts, source, dtype=dtype, device_name=_device_name(dev),
+                            engine=engine_rec)
+    merged = adapter is not None or (Path(model) / "adapter_config.json").is_file()
+    generate, short = _generator(model, net, tok, texts, cfg, engine)
+
+    meter, own = _meter_or_null(meter)
+    if own:
+        meter.start()
+    t_all = time.perf_counter()
+    try:
+        required = _window_s(meter, cfg, min_window_s)
+    except WindowError as exc:
+        raise EptError(str(exc)) from None
+    try:
+        runs, stopped_at = _sweep(generate, meter, cfg, required=required, model=model,
+                                  engine=engine.name)
+    finally:
+        if own:
+            meter.stop()
+
+    idle = getattr(meter, "idle_power_w", None)
+    result = {
+        "schema": EPT_SCHEMA,
+        "model": {"id": model, "adapter": adapter, "lora_merged": merged, "dtype": dtype,
+                  "device": str(dev), "parameters": sum(p.numel() for p in net.parameters())},
+        "engine": engine_rec,
+        "protocol": protocol,
+        "protocol_hash": protocol_hash(protocol),
+        "measurement": _measurement(cfg, meter, dev.type, required),
+        "idle_power_w": idle if isinstance(idle, dict) else None,
+        "short_prompts": short,
+        "sweep": {"requested": list(cfg.batch_sizes),
+                  "measured": [r["batch_size"] for r in runs], "stopped_at": stopped_at,
+                  "stop_when_saturated": cfg.stop_when_saturated},
+        "runs": runs,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "duration_s": round(time.perf_counter() - t_all, 3),
+        "versions": _versions(),
+    }
+    p = Path(out_path)
+    target = p if p.suffix == ".json" else p / "ept.json"
+    write_json_atomic(target, result)
+    log.info("wrote %s", target)
+    return result
+
+
+def _load(model: str, cfg: EptConfig, meter: Any, *, device: str,
+          adapter: str | None) -> tuple[Any, Any, Any, str]:
+    """(model, tokenizer, engine, attention implementation); a window target that cannot be
+    met is refused before the model is loaded."""
     try:
         if cfg.target_rel_uncertainty is not None:  # fail before loading the model
             required_window_s(min_window_s=0.0, target_rel_uncertainty=cfg.target_rel_uncertainty,
@@ -309,13 +360,14 @@ def run_ept(model: str, cfg: EptConfig, meter: Any, out_path: Path, *, device: s
         attn = set_attention(net, cfg.attn_implementation)
     except (EngineError, WindowError) as exc:
         raise EptError(str(exc)) from None
-    dev = next(net.parameters()).device
-    dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
-    engine_rec = engine.record(dtype=dtype, attn_implementation=attn)
-    protocol = ept_protocol(cfg, texts, source, dtype=dtype, device_name=_device_name(dev),
-                            engine=engine_rec)
-    merged = adapter is not None or (Path(model) / "adapter_config.json").is_file()
+    return net, tok, engine, attn
 
+
+def _generator(model: str, net: Any, tok: Any, texts: list[str], cfg: EptConfig,
+               engine: Any) -> tuple[Callable[[int, int, int], tuple[int, int]], int]:
+    """(generate(lo, hi, new) -> (input tokens, output tokens) of prompts lo..hi with exactly
+    `new` new tokens each, number of prompts shorter than prompt_tokens (left-padded))."""
+    dev = next(net.parameters()).device
     tok.padding_side = "left"
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if pad_id is None:
@@ -338,72 +390,46 @@ def run_ept(model: str, cfg: EptConfig, meter: Any, out_path: Path, *, device: s
                            f"{new} (min_new_tokens = max_new_tokens)")
         return int(m.sum()), got * a.shape[0]
 
-    meter, own = _meter_or_null(meter)
-    if own:
-        meter.start()
-    runs: list[dict[str, Any]] = []
-    t_all = time.perf_counter()
-    try:
-        required = _window_s(meter, cfg, min_window_s)
-    except WindowError as exc:
-        raise EptError(str(exc)) from None
-    stopped_at = None
-    try:
-        for b in cfg.batch_sizes:
-            run = measure_batch_size(generate, meter, cfg, b, required=required, model=model,
-                                      engine=engine.name)
-            prev = runs[-1]["figures"]["output_tokens_per_s"] if runs else None
-            run["throughput_growth"] = throughput_growth(
-                prev["mean"] if prev else None,
-                (run["figures"]["output_tokens_per_s"] or {}).get("mean"))
-            runs.append(run)
-            _log_run(run)
-            g = run["throughput_growth"]
-            if cfg.stop_when_saturated is not None and g is not None \
-                    and g < cfg.stop_when_saturated:
-                stopped_at = b
-                log.info("ept: output tokens/s grew %.1f %% from the previous batch size "
-                         "(< eval.ept.stop_when_saturated %.3g): sweep stops at batch %d",
-                         100 * g, cfg.stop_when_saturated, b)
-                break
-    finally:
-        if own:
-            meter.stop()
+    return generate, short
 
-    idle = getattr(meter, "idle_power_w", None)
-    result = {
-        "schema": EPT_SCHEMA,
-        "model": {"id": model, "adapter": adapter, "lora_merged": merged, "dtype": dtype,
-                  "device": str(dev), "parameters": sum(p.numel() for p in net.parameters())},
-        "engine": engine_rec,
-        "protocol": protocol,
-        "protocol_hash": protocol_hash(protocol),
-        "measurement": {
-            "label": _label(dev.type, meter),
-            "required_window_s": required,
-            "window_rule": ("one pass over the prompts" if required == 0 else
-                            f"whole batches until >= {required:.3g} s"),
-            "min_window_s": cfg.min_window_s,
-            "target_rel_uncertainty": cfg.target_rel_uncertainty,
-            "counter_period_s": getattr(meter, "counter_period_s", None),
-            "repeats": cfg.repeats,
-            "prefill_split": cfg.measure_prefill,
-        },
-        "idle_power_w": idle if isinstance(idle, dict) else None,
-        "short_prompts": short,
-        "sweep": {"requested": list(cfg.batch_sizes),
-                  "measured": [r["batch_size"] for r in runs], "stopped_at": stopped_at,
-                  "stop_when_saturated": cfg.stop_when_saturated},
-        "runs": runs,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "duration_s": round(time.perf_counter() - t_all, 3),
-        "versions": _versions(),
+
+def _sweep(generate: Callable[[int, int, int], tuple[int, int]], meter: Any, cfg: EptConfig, *,
+           required: float, model: str, engine: str) -> tuple[list[dict[str, Any]], int | None]:
+    """(one run per batch size measured, the batch size the sweep stopped at or None): stops
+    once output tokens/s grows less than eval.ept.stop_when_saturated."""
+    runs: list[dict[str, Any]] = []
+    for b in cfg.batch_sizes:
+        run = measure_batch_size(generate, meter, cfg, b, required=required, model=model,
+                                 engine=engine)
+        prev = runs[-1]["figures"]["output_tokens_per_s"] if runs else None
+        run["throughput_growth"] = throughput_growth(
+            prev["mean"] if prev else None,
+            (run["figures"]["output_tokens_per_s"] or {}).get("mean"))
+        runs.append(run)
+        _log_run(run)
+        g = run["throughput_growth"]
+        if cfg.stop_when_saturated is not None and g is not None \
+                and g < cfg.stop_when_saturated:
+            log.info("ept: output tokens/s grew %.1f %% from the previous batch size "
+                     "(< eval.ept.stop_when_saturated %.3g): sweep stops at batch %d",
+                     100 * g, cfg.stop_when_saturated, b)
+            return runs, b
+    return runs, None
+
+
+def _measurement(cfg: EptConfig, meter: Any, device_type: str, required: float) -> dict[str, Any]:
+    """How the windows were metered (ept.json `measurement`)."""
+    return {
+        "label": _label(device_type, meter),
+        "required_window_s": required,
+        "window_rule": ("one pass over the prompts" if required == 0 else
+                        f"whole batches until >= {required:.3g} s"),
+        "min_window_s": cfg.min_window_s,
+        "target_rel_uncertainty": cfg.target_rel_uncertainty,
+        "counter_period_s": getattr(meter, "counter_period_s", None),
+        "repeats": cfg.repeats,
+        "prefill_split": cfg.measure_prefill,
     }
-    p = Path(out_path)
-    target = p if p.suffix == ".json" else p / "ept.json"
-    write_json_atomic(target, result)
-    log.info("wrote %s", target)
-    return result
 
 
 def measure_batch_size(generate: Any, meter: Any, cfg: EptConfig, b: int, *,
@@ -493,8 +519,6 @@ def ept_for(result: dict[str, Any], batch_size: int, *, component: str = "gpu",
             key: str = "ept_total_j") -> float | None:
     """One figure from an ept.json result (e.g. EPT_total on GPU at batch 8), None if absent.
     wattkd.ept/2 figures (`j_per_output_token`, `ms_per_step`, ...) give their mean."""
-    from wattkd.eval.ept_protocol import figure
-
     for run in result.get("runs", []):
         if run["batch_size"] == batch_size:
             if key in (run.get("energy", {}).get(component) or {}):
@@ -505,10 +529,5 @@ def ept_for(result: dict[str, Any], batch_size: int, *, component: str = "gpu",
 
 
 def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import wattkd
-
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "wattkd": getattr(wattkd, "__version__", "unknown")}

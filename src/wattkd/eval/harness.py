@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoTokenizer
+
 from wattkd.config import EvalConfig
 from wattkd.errors import InputError
 from wattkd.eval.custom import bigbench_task_config, resolve_suite
@@ -31,6 +33,7 @@ from wattkd.eval.protocol import (
 )
 from wattkd.eval.suites import Suite, SuiteError, task_metadata
 from wattkd.eval.tasks import TASKS_DIR
+from wattkd.models import load_pretrained, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +65,12 @@ def load_model(model: str, *, adapter: str | None = None, device: str = "auto",
     An adapter (LoRA) is merged into the base so lm-eval and the EPT benchmark measure the
     model as it would be deployed.
     """
-    from transformers import AutoTokenizer
-
-    from wattkd.models import load_pretrained, resolve_device, resolve_dtype
-
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     try:
         net = load_pretrained(model, dtype=torch_dtype, device_map=device_map)
         if adapter is not None:
-            from peft import PeftModel
+            from peft import PeftModel  # lazy: slow import, LoRA only
 
             if not (Path(adapter) / "adapter_config.json").is_file() and Path(adapter).exists():
                 raise SuiteError(f"adapter {adapter} has no adapter_config.json")
@@ -97,14 +96,14 @@ def _has_tokenizer(path: str) -> bool:
 
 def make_lm(model: Any, tokenizer: Any, cfg: EvalConfig) -> Any:
     """Wrap a loaded HF model in lm-eval's HFLM (its own batching and scoring code)."""
-    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.huggingface import HFLM  # lazy: optional extra [eval]
 
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
 
 
 # ----------------------------------------------------------------------------- protocol
 def _task_manager(suite: Suite, metadata: dict[str, str]) -> Any:
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lazy: optional extra [eval]
 
     include = [str(TASKS_DIR), *suite.include_paths] if suite.include_paths else str(TASKS_DIR)
     return TaskManager(include_path=include, include_defaults=suite.hub, metadata=metadata)
@@ -113,7 +112,7 @@ def _task_manager(suite: Suite, metadata: dict[str, str]) -> Any:
 def load_tasks(suite: Suite, cfg: EvalConfig) -> tuple[Any, list[Any], dict[str, list[Any]]]:
     """(task manager, top-level task/group objects, leaves per suite task), few-shot set."""
     _quiet_lm_eval()
-    from lm_eval.api.group import Group
+    from lm_eval.api.group import Group  # lazy: optional extra [eval]
 
     tm = _task_manager(suite, task_metadata(suite, cfg))
     objs: list[Any] = []
@@ -138,7 +137,7 @@ def load_tasks(suite: Suite, cfg: EvalConfig) -> tuple[Any, list[Any], dict[str,
 
 def build_protocol(suite: Suite, cfg: EvalConfig, leaves: dict[str, list[Any]]) -> dict[str, Any]:
     """Everything that decides a score, and nothing about where files live."""
-    import lm_eval
+    import lm_eval  # lazy: optional extra [eval]
 
     limit = suite.effective_limit(cfg)
     tasks = []
@@ -191,7 +190,7 @@ def evaluate_lm(lm: Any, suite: str | Suite, cfg: EvalConfig, *,
     `evaluate_lm(make_lm(model, tokenizer, cfg), "offline", cfg)`). `tasks` is a
     `load_tasks` result when the caller loaded them already.
     """
-    import lm_eval
+    import lm_eval  # lazy: optional extra [eval]
 
     s = resolve_suite(suite, cfg)
     t0 = time.perf_counter()

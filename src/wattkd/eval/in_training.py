@@ -13,6 +13,7 @@ from typing import Any
 
 from wattkd.config import EvalConfig
 from wattkd.eval.custom import resolve_suite
+from wattkd.eval.harness import evaluate_lm, load_tasks, make_lm
 from wattkd.eval.suites import SuiteError
 
 log = logging.getLogger(__name__)
@@ -22,16 +23,12 @@ class TaskEvaluator:
     """`evaluator(model, tokenizer) -> {"suite", "protocol_hash", "tasks": {name: score}}`."""
 
     def __init__(self, ev: EvalConfig) -> None:
-        from wattkd.eval.harness import load_tasks
-
         assert ev.train_suite is not None
         self.ev = ev
         self.suite = resolve_suite(ev.train_suite, ev)
         self.tasks = load_tasks(self.suite, ev)
 
     def __call__(self, model: Any, tokenizer: Any) -> dict[str, Any]:
-        from wattkd.eval.harness import evaluate_lm, make_lm
-
         was_training = model.training
         model.eval()
         try:

@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from wattkd.config import EvalConfig
+from wattkd.data.loader import ShardDataset
+from wattkd.data.manifest import manifest_sha256, read_manifest
 from wattkd.errors import DataError
+from wattkd.eval.harness import load_model
 from wattkd.eval.protocol import PROTOCOL_FORMAT, protocol_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -53,8 +56,6 @@ def perplexity(model: Any, shards_path: Path, *, max_tokens: int, batch_size: in
     Leaves the model in the train/eval mode it came in (the training loop calls this every
     N steps). `device` None or "auto" means the model's own device.
     """
-    from wattkd.data.loader import ShardDataset
-
     if max_tokens <= 0 or batch_size <= 0:
         raise PerplexityError(f"max_tokens and batch_size must be > 0 (got {max_tokens}, "
                               f"{batch_size})")
@@ -133,9 +134,6 @@ def run_perplexity(model: str, shards_path: Path, cfg: EvalConfig, out_path: Pat
                    batch_size: int | None = None) -> dict[str, Any]:
     """Load a model folder, score `cfg.perplexity_tokens` held-out tokens, write
     eval/perplexity.json (`out_path`: the file, or a run directory)."""
-    from wattkd.data.manifest import manifest_sha256, read_manifest
-    from wattkd.eval.harness import load_model
-
     shards = Path(shards_path)
     manifest = read_manifest(shards)  # clear error when the folder is not a shard set
     net, _tok = load_model(model, adapter=adapter, device=device)

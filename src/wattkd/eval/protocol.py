@@ -18,6 +18,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from wattkd.atomic import atomic_write_json
 from wattkd.errors import InputError
 
 PROTOCOL_FORMAT = 1
@@ -90,14 +93,6 @@ def docs_digest(docs: Iterable[Mapping[str, Any]]) -> tuple[str, int]:
         h.update(b"\n")
         n += 1
     return h.hexdigest(), n
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -179,8 +174,6 @@ def compare_protocols(a: Mapping[str, Any], b: Mapping[str, Any], *,
 # ------------------------------------------------------------------------------ writing
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """Write JSON via wattkd.atomic (temp file + rename); numpy scalars become plain numbers."""
-    from wattkd.atomic import atomic_write_json
-
     plain = json.loads(json.dumps(data, default=_json_fallback, allow_nan=True))
     return atomic_write_json(path, _no_nan(plain))
 
@@ -198,8 +191,6 @@ def _no_nan(obj: Any) -> Any:
 
 def _json_fallback(obj: Any) -> Any:
     try:
-        import numpy as np
-
         if isinstance(obj, np.generic):
             return obj.item()
     except ImportError:  # pragma: no cover

@@ -11,8 +11,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from wattkd.config import EvalConfig, ExperimentConfig
+from wattkd.config import EvalConfig, ExperimentConfig, TelemetryConfig
+from wattkd.energy.ledger import make_meter
 from wattkd.errors import InputError
+from wattkd.eval.custom import resolve_suite
+from wattkd.eval.ept import run_ept
+from wattkd.eval.harness import run_eval
+from wattkd.eval.perplexity import run_perplexity
+from wattkd.train import teacher_path
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +35,6 @@ def resolve_target(target: str, cfg: ExperimentConfig | None) -> tuple[str, Path
     if (p / "config.json").exists() or (p / "adapter_config.json").exists():
         return str(p), None
     if cfg is not None and p.resolve() == (cfg.out / "teacher").resolve():
-        from wattkd.train import teacher_path
-
         model = teacher_path(cfg)
         if model is None:
             raise TargetError("the teacher is built from config without pretraining: there are "
@@ -52,10 +56,6 @@ def evaluate_target(target: str, cfg: ExperimentConfig | None, *, suite: str | N
                     limit: int | None = None, out: Path | None = None,
                     with_perplexity: bool = False) -> dict[str, str]:
     """Run the task suite (when it has data) and held-out perplexity; return result paths."""
-    from wattkd.eval.custom import resolve_suite
-    from wattkd.eval.harness import run_eval
-    from wattkd.eval.perplexity import run_perplexity
-
     ev = _eval_config(cfg, limit)
     spec = suite or ev.suite
     chosen = resolve_suite(spec, ev) if spec else None  # a bad suite fails before the model
@@ -81,10 +81,6 @@ def evaluate_target(target: str, cfg: ExperimentConfig | None, *, suite: str | N
 
 def ept_target(target: str, cfg: ExperimentConfig | None, *, out: Path | None = None) -> str:
     """Inference energy-per-token benchmark of a target, metered by the experiment's settings."""
-    from wattkd.config import TelemetryConfig
-    from wattkd.energy.ledger import make_meter
-    from wattkd.eval.ept import run_ept
-
     model, run_dir = resolve_target(target, cfg)
     ev = _eval_config(cfg, None)
     telemetry = cfg.telemetry if cfg is not None else TelemetryConfig()

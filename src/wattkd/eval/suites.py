@@ -8,11 +8,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from wattkd.config import ConfigError, EvalConfig
+from wattkd.errors import ConfigError
 from wattkd.eval.tasks import TASKS_DIR
 from wattkd.eval.tasks import utils as task_utils
+
+if TYPE_CHECKING:  # types only: config validates suites through eval.custom (no cycle)
+    from wattkd.config import EvalConfig
 
 
 class SuiteError(ConfigError):

@@ -16,18 +16,18 @@ import logging
 from pathlib import Path
 
 from wattkd.atomic import atomic_write_bytes, atomic_write_text
+from wattkd.report import html as html_mod
+from wattkd.report import markdown as md_mod
+from wattkd.report.analysis import analyze, definitions
+from wattkd.report.collect import ReportInputError, collect
+from wattkd.report.notebook import notebook_json
+from wattkd.report.sections import build_plots, build_tables
+from wattkd.report.tables import table_json, write_tables
+from wattkd.report.verdicts import statistics, statistics_tables
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ReportInputError", "build_report"]
-
-
-def __getattr__(name: str):  # lazy: `wattkd --help` must not import matplotlib
-    if name == "ReportInputError":
-        from wattkd.report.collect import ReportInputError
-
-        return ReportInputError
-    raise AttributeError(name)
 
 
 def build_report(runs: list[Path], *, teacher: Path, out: Path,
@@ -37,14 +37,6 @@ def build_report(runs: list[Path], *, teacher: Path, out: Path,
     Raises ReportInputError (before any work) when a path is not a run directory or `out`
     is a file; missing optional inputs become marked gaps. Returns the report.html path.
     """
-    from wattkd.report import html as html_mod
-    from wattkd.report import markdown as md_mod
-    from wattkd.report.analysis import analyze, definitions
-    from wattkd.report.collect import ReportInputError, collect
-    from wattkd.report.notebook import notebook_json
-    from wattkd.report.plots import build_plots
-    from wattkd.report.tables import build_tables, table_json, write_tables
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ReportInputError(f"--out {out} is a file; expected a directory for the report")
@@ -61,7 +53,6 @@ def build_report(runs: list[Path], *, teacher: Path, out: Path,
             missing.setdefault(what.split("/")[0], []).append(r.label)
     for what, labels in sorted(missing.items()):
         log.info("report: %s missing for %s (marked as gaps)", what, ", ".join(labels))
-    from wattkd.report.verdicts import statistics, statistics_tables
 
     stats = statistics(a)
     tables = build_tables(a) + statistics_tables(stats)

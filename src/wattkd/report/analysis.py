@@ -22,11 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from wattkd.energy.metrics import e_avg as ledger_e_avg
-from wattkd.energy.metrics import e_run as ledger_e_run
 from wattkd.energy.metrics import ept as ledger_ept
 from wattkd.energy.sources import NvmlSource
+from wattkd.eval.protocol import ProtocolMismatch, compare_protocols
 from wattkd.report.collect import RunData
+from wattkd.report.energy import COMP_LABEL, FLAG_NOTES, GPU_FLAGS, phase_energy
+from wattkd.report.ept_steady import steady_fields
 from wattkd.report.metrics import (
     MetricError,
     Quantity,
@@ -41,27 +45,12 @@ from wattkd.report.metrics import (
     total,
 )
 from wattkd.report.teacher_cost import finetune_share
+from wattkd.teacher_cache.manifest import CacheError, read_cache_manifest
+from wattkd.teacher_cache.usage import amortisation
 
 log = logging.getLogger(__name__)
 
-COMP_LABEL = {"gpu": "GPU", "cpu": "CPU", "dram": "DRAM"}
 KIND_ORDER = {"response": 0, "feature": 1, "relation": 2, "baseline": 3, "teacher": 9}
-FLAG_NOTES = {
-    "short-window": "window shorter than telemetry.min_window_s: counter quantisation at the "
-                    "edges dominates",
-    "high-uncertainty": "uncertainty above 10% of the figure",
-    "counter-reset": "an NVML counter reset inside the window; an interval may be missing",
-    "counter-power-mismatch": "integrated power and counter disagree by more than 20%",
-    "partial-gpu": "some GPUs have no energy counter; the figure sums the others",
-    "mig-shared-counter": "MIG: the counter covers every instance on the GPU",
-    "counter-glitch": "implausible NVML counter reads were excluded",
-    "recovered": "includes windows of sessions that died (closed at their last progress record "
-                 "or telemetry sample; the unmeasured tail is inside ±)",
-}
-# notes about the GPU counter: never shown on a CPU or DRAM figure
-GPU_FLAGS = {"short-window", "high-uncertainty", "counter-reset", "counter-power-mismatch",
-             "partial-gpu", "mig-shared-counter", "counter-glitch"}
-
 
 # ------------------------------------------------------------------------------- results
 @dataclass
@@ -175,48 +164,6 @@ class Analysis:
             self.quality_basis, "OM_perf")
 
 
-# -------------------------------------------------------------------------------- energy
-def _unavailable_reason(recs: Sequence[dict[str, Any]], comp: str) -> str:
-    for r in recs:
-        for note in r.get("notes") or []:
-            if note.startswith(f"{comp} unavailable"):
-                return f"{COMP_LABEL[comp]} energy unavailable ({note.split(':', 1)[-1].strip()})"
-        if "telemetry-disabled" in (r.get("flags") or []):
-            return f"{COMP_LABEL[comp]} energy unavailable (telemetry disabled for this run)"
-    return f"{COMP_LABEL[comp]} energy unavailable (source: unavailable)"
-
-
-def phase_energy(run: RunData, phase: str | None, comp: str) -> tuple[Quantity, Any]:
-    """Energy of every window named `phase` (None: the whole metered sessions) as a Quantity."""
-    if run.phases is None:
-        return Quantity.missing(run.gaps.get("phases", "no energy ledger"), "J"), None
-    try:
-        fig = ledger_e_run(run.phases, phase, comp)
-    except ValueError as exc:
-        return Quantity.missing(f"no {phase or 'run'} energy window: {exc}", "J"), None
-    if fig.value is None:
-        recs = [r for r in run.phases if phase is None or r.get("phase") == phase]
-        refused = [n for r in recs for n in r.get("notes") or []
-                   if "refused" in n and f" {comp} energy" in n]
-        partial = [f for f in fig.flags if f.startswith("partial")]
-        reason = (refused[0] if refused else partial[0] if partial
-                  else _unavailable_reason(recs, comp))
-        return Quantity.missing(reason, "J"), fig
-    q = Quantity(fig.value, "J", fig.uncertainty, fig.source, fig.estimated)
-    notes = [FLAG_NOTES[f] for f in fig.flags if f in FLAG_NOTES
-             and (comp == "gpu" or f not in GPU_FLAGS)]
-    if phase == "train":  # cut lines and refusals elsewhere in the ledger still concern E_run
-        notes += [n for n in run.energy_notes if "`train`" in n or "truncated line" in n]
-    if comp != "gpu" and fig.estimated:
-        notes.append("CPU energy estimated from CPU time × telemetry.cpu_watts_per_core; its "
-                     "uncertainty is not characterised")
-    elif q.unc is None:
-        notes.append("uncertainty not recorded by the energy ledger")
-    for n in notes:
-        q = q.with_note(n)
-    return q, fig
-
-
 def phase_rows(run: RunData, comps: Sequence[str]) -> list[PhaseRow]:
     """Top-level phase windows grouped by name, in first-seen order."""
     if run.phases is None:
@@ -283,9 +230,6 @@ def cache_share(run: RunData, comp: str) -> tuple[Quantity | None, str]:
 
 
 def _share_from_cache(path: Path, comp: str) -> Quantity:
-    from wattkd.teacher_cache.manifest import CacheError, read_cache_manifest
-    from wattkd.teacher_cache.usage import amortisation
-
     try:
         am = amortisation(path)
         energy = read_cache_manifest(path).get("energy") or {}
@@ -354,8 +298,6 @@ def _protocol_gap(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str],
     batch b compares across sweeps that both measured b). Each file's stored hash is still
     checked against its full protocol, so an edited file is refused.
     """
-    from wattkd.eval.protocol import ProtocolMismatch, compare_protocols
-
     try:
         if ignore:
             for doc, name in zip((a, b), names, strict=True):
@@ -468,8 +410,6 @@ def choose_ept_batch(students: Sequence[RunResult], teacher: RunResult) -> tuple
 def ept_points(run: RunData, comp: str) -> list[EptPoint]:
     """EPT figures of ept.json (wattkd.ept/1 and /2) for one energy component, per batch
     size; /2 adds the steady-state figures (ms per step, J per output token of decode, ...)."""
-    from wattkd.report.ept_section import steady_fields
-
     doc = run.ept
     if not doc:
         return []
@@ -506,8 +446,6 @@ def ept_points(run: RunData, comp: str) -> list[EptPoint]:
 # ------------------------------------------------------------------------------- student
 def student_id(run: RunData) -> str:
     """A short name of the student configuration (repeats of one configuration share it)."""
-    import yaml
-
     cfg_path = run.path / "config.yaml"
     st: dict[str, Any] = {}
     if cfg_path.is_file():

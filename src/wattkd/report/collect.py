@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,7 +249,6 @@ def labels_for(paths: list[Path]) -> list[str]:
     resolved = [p.resolve() for p in paths]
     if len(resolved) == 1:
         return [f"{resolved[0].parent.name}/{resolved[0].name}"]
-    import os
 
     common = Path(os.path.commonpath([str(r) for r in resolved]))
     labels = [str(r.relative_to(common)) if r != common else r.name for r in resolved]

@@ -8,48 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from wattkd.report.analysis import _protocol_gap
+from wattkd.report.energy import COMP_LABEL
+from wattkd.report.ept_steady import V1_GAP
 from wattkd.report.metrics import Quantity, pareto_front, ratio
-
-V1_GAP = "ept.json is wattkd.ept/1 (no steady-state figures): re-run wattkd ept"
-STEADY_KEYS = ("j_in_prefill", "j_out_decode", "j_per_request", "ms_per_step")
-
-
-def steady_fields(doc: dict[str, Any], run: dict[str, Any], comp: str) -> dict[str, Any]:
-    """EptPoint's steady-state fields from one wattkd.ept/2 `runs[]` entry (empty for /1)."""
-    f = run.get("figures")
-    if not isinstance(f, dict):
-        return {}
-    e = (f.get("energy") or {}).get(comp) or {}
-    src = e.get("source") or "unavailable"
-    est = bool(e.get("estimated"))
-
-    def q(val: Any, unit: str, energy: bool = True, why: str | None = None) -> Quantity:
-        if not isinstance(val, dict) or val.get("mean") is None:
-            return Quantity.missing(why or f"no {comp} energy in ept.json (source: {src})", unit)
-        return Quantity(float(val["mean"]), unit, val.get("uncertainty") if energy else None,
-                        src if energy else None, est if energy else False)
-
-    no_split = "prefill not measured separately (eval.ept.measure_prefill: false)"
-    split = f.get("split") == "prefill-decode"
-    steady = {
-        "ms_per_step": q(f.get("ms_per_step"), "ms", energy=False, why="not measured"),
-        "latency_ms": q(f.get("ms_per_request_batch"), "ms", energy=False, why="not measured"),
-        "tokens_per_s": q(f.get("tokens_per_s"), "tokens/s", energy=False, why="not measured"),
-        "j_in_prefill": q(e.get("j_per_input_token"), "J/token", why=None if split else no_split),
-        "j_out_decode": q(e.get("j_per_output_token"), "J/token"),
-        "j_per_request": q(e.get("j_per_request"), "J"),
-        "dyn_j_out_decode": q(e.get("dynamic_j_per_output_token"), "J/token",
-                              why=None if e.get("j_per_output_token") is None
-                              else "idle power not measured"),
-        "mean_power": q(e.get("mean_power_w"), "W"),
-    }
-    spread = {}
-    for key, val in (("j_out_decode", e.get("j_per_output_token")),
-                     ("ms_per_step", f.get("ms_per_step"))):
-        if isinstance(val, dict) and val.get("mean") is not None:
-            spread[key] = {k: val.get(k) for k in ("std", "min", "max", "n")}
-    return {"steady": steady, "engine": str((doc.get("engine") or {}).get("name", "")),
-            "spread": spread, "flags": list(run.get("flags") or [])}
+from wattkd.report.plots import Plot, _colour, _energy_axis, _footer, _plt, _render
+from wattkd.report.plots import energy_source_text as src_text
+from wattkd.report.tables import Column, Table
 
 
 def _get(p: Any, key: str, unit: str) -> Quantity:
@@ -69,9 +34,6 @@ def _steady_runs(a: Any) -> list[Any]:
 
 def steady_table(a: Any) -> Any:
     """Steady-state EPT per run and batch size (wattkd.ept/2)."""
-    from wattkd.report.analysis import COMP_LABEL
-    from wattkd.report.tables import Column, Table
-
     b = COMP_LABEL[a.basis]
     t = Table("ept_steady", "Inference EPT in steady state (prefill and decode)",
               f"From each run's ept.json (wattkd.ept/2; warm-up and compilation excluded), {b} "
@@ -107,9 +69,6 @@ def steady_table(a: Any) -> Any:
 
 def ratio_table(a: Any) -> Any:
     """Student/teacher ratio per batch size (same EPT protocol and engine, else the refusal)."""
-    from wattkd.report.analysis import _protocol_gap
-    from wattkd.report.tables import Column, Table
-
     t = Table("ept_ratio", "Student/teacher inference EPT per batch size",
               "Student figure / teacher figure at the same batch size, both from wattkd.ept/2 "
               "results measured under one EPT protocol (engine included); a student measured "
@@ -141,10 +100,6 @@ def ratio_table(a: Any) -> Any:
 
 def decode_vs_batch(a: Any) -> Any:
     """J per output token (decode) against batch size, one line per run."""
-    from wattkd.report.analysis import COMP_LABEL
-    from wattkd.report.plots import Plot, _colour, _energy_axis, _footer, _plt, _render
-    from wattkd.report.plots import energy_source_text as src_text
-
     plot = Plot("ept_decode_vs_batch", "J per output token (decode) vs batch size",
                 f"Decode energy per output token ({COMP_LABEL[a.basis]}, wattkd.ept/2: "
                 "request − prefill energy), mean over repeats; error bars ± counter "
@@ -180,10 +135,6 @@ def decode_vs_batch(a: Any) -> Any:
 def energy_vs_latency(a: Any) -> Any:
     """J per output token against time per decoding step (each run x batch size), with the
     Pareto front: the points no other point beats on both energy and latency."""
-    from wattkd.report.analysis import COMP_LABEL
-    from wattkd.report.plots import Plot, _colour, _energy_axis, _footer, _plt, _render
-    from wattkd.report.plots import energy_source_text as src_text
-
     plot = Plot("ept_energy_vs_latency", "Inference energy vs latency (Pareto front)",
                 f"J per output token of decode ({COMP_LABEL[a.basis]}) against ms per "
                 "decoding step, one point per run and batch size (labelled with the batch "

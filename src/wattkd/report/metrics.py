@@ -5,7 +5,7 @@ energy source label, whether it is `estimated`, and — when there is no value �
 (`gap`). Functions here never turn a missing input into 0: they return a gap instead, so a
 table shows "—" with the reason rather than a plausible-looking number.
 
-Definitions (DESIGN.md; unit-tested against hand-computed examples):
+Definitions (docs/metrics.md; unit-tested against hand-computed examples):
   E_run            sum of the run's `train` phase energies (GPU counter deltas, all devices)
   E_avg            mean E_run over repeats; spread = sample std (ddof 1), min, max
   EPT_train        E_train / tokens trained

@@ -17,7 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from wattkd.report.analysis import COMP_LABEL, Analysis, RunResult
+from wattkd.energy.metrics import read_telemetry
+from wattkd.report.analysis import Analysis, RunResult
+from wattkd.report.energy import COMP_LABEL
 from wattkd.report.metrics import Quantity, pareto_front
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ class Plot:
 
 
 def _plt() -> Any:
-    import matplotlib
+    import matplotlib  # lazy: slow import, report figures only
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -199,12 +201,11 @@ def _thin(xs: list[float], *ys: list[Any]) -> tuple[list[float], ...]:
 
 def power_traces(a: Analysis) -> list[Plot]:
     """One figure per run: GPU power (W) and utilisation (%) over time, one line per GPU."""
-    return [_power_trace(r) for r in [*a.students, a.teacher]]
+    return [power_trace(r) for r in [*a.students, a.teacher]]
 
 
-def _power_trace(r: RunResult) -> Plot:
-    from wattkd.energy.metrics import read_telemetry
-
+def power_trace(r: RunResult) -> Plot:
+    """GPU power and utilisation of one run over time (a gap when it has no telemetry)."""
     name = "power_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", r.label)
     plot = Plot(name, f"Power and utilisation — {r.label}",
                 "Per-GPU board power and utilisation from the telemetry sampler, over time "
@@ -302,6 +303,7 @@ def ept_vs_batch(a: Analysis) -> Plot:
                     yerr=[q.unc or 0 for _, q in pts], marker="o", ms=4, capsize=2,
                     lw=2 if r is a.teacher else 1, color=_colour(r.run.kind, i),
                     ls=["-", "--", ":", "-."][same % 4], label=r.label)
+    # lazy: slow import, report figures only
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     sizes = sorted({b for r in drawn for b in r.ept})
@@ -374,22 +376,6 @@ def _logged_components(a: Analysis) -> str:
             est = any(q.estimated for q in have)
             parts.append(f"{COMP_LABEL[comp]} {'estimated' if est else 'measured'}")
     return " + ".join(parts) if parts else "source unknown"
-
-
-def build_plots(a: Analysis, *, progress: bool = True) -> list[Plot]:
-    """Every figure of the report, in report order (a rich progress bar: each takes ~1 s)."""
-    from wattkd.energy.metrics import read_telemetry  # noqa: F401 - fail early if missing
-    from wattkd.report.ept_section import decode_vs_batch, energy_vs_latency
-
-    jobs: list[Any] = [energy_vs_quality, phase_bars, ept_vs_batch, decode_vs_batch,
-                       energy_vs_latency, loss_vs_energy]
-    jobs += [lambda a, r=r: _power_trace(r) for r in [*a.students, a.teacher]]
-    if not progress:
-        return [plot_notes(a, job(a)) for job in jobs]
-    from rich.progress import track
-
-    return [plot_notes(a, job(a)) for job in track(jobs, description="report figures",
-                                                   transient=True)]
 
 
 def plot_notes(a: Analysis, plot: Plot) -> Plot:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.atomic import atomic_write_text
-from wattkd.report.analysis import COMP_LABEL, Analysis, RunResult
+from wattkd.report.analysis import Analysis, RunResult
+from wattkd.report.energy import COMP_LABEL
 from wattkd.report.metrics import GAP_MARK, Quantity
 
 Cell = Quantity | str | int | float | None
@@ -119,14 +120,6 @@ class Footnotes:
 def _e_col(comp: str, est: bool, title: str = "E_run") -> Column:
     return Column(f"e_run_{comp}", f"{title} {COMP_LABEL[comp]}{' (estimated)' if est else ''}",
                   "J")
-
-
-def build_tables(a: Analysis) -> list[Table]:
-    from wattkd.report.ept_section import ratio_table, steady_table
-
-    steady = [t for t in (steady_table(a), ratio_table(a)) if t.rows]  # wattkd.ept/2 only
-    return [methods_table(a), runs_table(a), configs_table(a), phases_table(a), ept_table(a),
-            *steady, quality_table(a)]
 
 
 def methods_table(a: Analysis) -> Table:

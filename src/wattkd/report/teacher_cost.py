@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from wattkd.report.collect import RunData, load_run
+from wattkd.report.energy import COMP_LABEL, phase_energy
 from wattkd.report.metrics import Quantity
 
 
 def finetune_share(run: RunData, comp: str) -> Quantity | None:
     """None when the run did not use a teacher fine-tuned in its experiment."""
-    from wattkd.report.analysis import COMP_LABEL, phase_energy
     from wattkd.teacher_adapt import finetune_users
 
     rec = run.info.get("teacher_finetune")

@@ -25,6 +25,7 @@ import numpy as np
 from wattkd.report import stats
 from wattkd.report.analysis import Analysis, RunResult
 from wattkd.report.metrics import Quantity
+from wattkd.report.tables import Column, Table, fmt_number
 
 # figure key -> (title, lower is better, verdict wording)
 FIGURES: dict[str, tuple[str, bool, str]] = {
@@ -39,8 +40,6 @@ COMPARED = ("perplexity", "quality", "e_total", "ept")
 
 
 def _num(v: float) -> str:
-    from wattkd.report.tables import fmt_number
-
     return ("+" if v > 0 else "") + fmt_number(v)
 
 
@@ -230,8 +229,6 @@ def verdict_lines(st: dict[str, Any], limit: int | None = None) -> list[str]:
 
 def statistics_tables(st: dict[str, Any]) -> list[Any]:
     """Two report tables: spread over repeats per method, and the comparisons with verdicts."""
-    from wattkd.report.tables import Column, Table
-
     spread = Table("repeats", "Repeats: mean and spread per method",
                    "Every figure over the method's repeats: n, mean, sample std (n − 1), "
                    "min, max. Energy figures on the report's energy basis.",

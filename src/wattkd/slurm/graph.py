@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from wattkd.config import ExperimentConfig, SlurmConfig, SlurmResources
+from wattkd.config import RESERVED_METHOD_NAMES, ExperimentConfig, SlurmConfig, SlurmResources
 from wattkd.errors import InputError
 
 STAGES = ("shards", "teacher_pretrain", "teacher_finetune", "teacher_cache", "train", "eval",
@@ -24,8 +24,6 @@ RANK_STAGES = frozenset({"teacher_pretrain", "teacher_finetune", "train"})
 CPU_STAGES = frozenset({"shards", "report"})
 # Stages whose step saves a checkpoint on USR1 and exits 75: they get --signal and a requeue.
 PREEMPTIBLE = frozenset({"teacher_pretrain", "teacher_finetune", "train"})
-# Folders of the output directory that a method of the same name would collide with.
-RESERVED_METHOD_NAMES = frozenset({"shards", "teacher", "teacher_cache", "report", "slurm"})
 
 
 class SlurmError(InputError, RuntimeError):

@@ -46,6 +46,7 @@ from typing import Any
 
 from wattkd.atomic import atomic_write_json
 from wattkd.errors import DataError
+from wattkd.hashing import file_sha256  # re-exported: writer/reader import it from here
 
 __all__ = [
     "FORMAT",
@@ -84,14 +85,6 @@ def crc_column(column: str) -> str:
 
 def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def manifest_sha256(cache_dir: str | Path) -> str:

@@ -8,7 +8,6 @@ dtypes, row-group size. Its `identity` is what must match to reuse or resume a c
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,33 +30,19 @@ class CachePlan:
 
     def __init__(self, cfg: ExperimentConfig, signals: str | None, encoding: str | None,
                  batch_size: int | None) -> None:
-        from wattkd.data.manifest import read_manifest, sha256_file, verify_parts
-        from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
+        from wattkd.hashing import file_sha256
         from wattkd.models import check_tokenizer_match, resolve_device, resolve_dtype
-        from wattkd.preflight import check_vocab_sizes, model_config
+        from wattkd.preflight import check_stage_inputs, check_vocab_sizes, model_config
         from wattkd.train import teacher_path
 
         self.cfg = cfg
-        self.shards = cfg.shards_dir / "train"
-        if not (self.shards / "manifest.json").is_file():
-            raise CacheError(f"no shards at {self.shards}: run `wattkd data build` first")
-        self.shard_manifest = read_manifest(self.shards)
-        verify_parts(self.shards, self.shard_manifest, "size")
-        self.shards_sha = sha256_file(self.shards / "manifest.json")
-        self.spec: CacheSpec = resolve_spec(cfg, signals, encoding)
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        tok_sha = tokenizer_sha256(self.tokenizer)
-        if self.shard_manifest["tokenizer"]["sha256"] != tok_sha:
-            raise CacheError(f"stale shards: {self.shards} were built with a different "
-                             f"tokenizer than data.tokenizer={cfg.data.tokenizer!r}; rebuild "
-                             "them (`wattkd data build --overwrite`)")
-        self.vocab = len(self.tokenizer)
         self.teacher_path = teacher_path(cfg)
-        if self.teacher_path and (cfg.teacher.pretrain is not None or cfg.teacher.finetuned) \
-                and not Path(self.teacher_path).exists():
-            stage = "finetune" if cfg.teacher.finetuned else "pretrain"
-            raise CacheError(f"teacher {self.teacher_path} not found: run `wattkd teacher "
-                             f"{stage}` first")
+        inputs = check_stage_inputs(cfg, self.teacher_path, uses_teacher=True)
+        self.shards, self.shard_manifest = inputs.path, inputs.manifest
+        self.shards_sha = file_sha256(self.shards / "manifest.json")
+        self.spec: CacheSpec = resolve_spec(cfg, signals, encoding)
+        self.tokenizer, tok_sha = inputs.tokenizer, inputs.tokenizer_sha256
+        self.vocab = len(self.tokenizer)
         if self.teacher_path is not None:  # a missing folder, or config.json vs weights
             model_config(self.teacher_path, "teacher.model", cfg.teacher.revision,
                          cfg.teacher.trust_remote_code)

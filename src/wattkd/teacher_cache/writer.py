@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.progress import Progress, TaskProgressColumn
 
 from wattkd.atomic import atomic_write_bytes, atomic_write_json
 from wattkd.config import ExperimentConfig
-from wattkd.progress import NoBar
+from wattkd.progress import NoBar, TokenRate, progress_bar
 from wattkd.teacher_cache import encoding as enc
 from wattkd.teacher_cache.compute import TeacherBatch, teacher_batch
 from wattkd.teacher_cache.manifest import (
@@ -486,23 +487,7 @@ def _version(name: str) -> str | None:
 
 
 
-def _progress(enabled: bool) -> Any:
-    if not enabled:
-        return NoBar()
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        ProgressColumn,
-        TaskProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class _Speed(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            return Text("" if task.speed is None else f"{task.speed:,.0f} tok/s")
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-                    TextColumn("{task.completed:,.0f}/{task.total:,.0f} tokens"), _Speed(),
-                    TimeRemainingColumn(), transient=False)
+def _progress(enabled: bool) -> Progress | NoBar:
+    """Percent done, tokens done of total, rate, time left."""
+    return progress_bar(enabled, TaskProgressColumn(), "{task.completed:,.0f}/{task.total:,.0f} tokens",
+                        TokenRate())
