@@ -29,7 +29,7 @@ def resolve_target(target: str, cfg: ExperimentConfig | None) -> tuple[str, Path
     if (p / "config.json").exists() or (p / "adapter_config.json").exists():
         return str(p), None
     if cfg is not None and p.resolve() == (cfg.out / "teacher").resolve():
-        from wattkd.train import teacher_path
+        from wattkd.jobs import teacher_path
 
         model = teacher_path(cfg)
         if model is None:

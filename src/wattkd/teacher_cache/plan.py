@@ -33,9 +33,9 @@ class CachePlan:
                  batch_size: int | None) -> None:
         from wattkd.data.manifest import read_manifest, sha256_file, verify_parts
         from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
+        from wattkd.jobs import teacher_path
         from wattkd.models import check_tokenizer_match, resolve_device, resolve_dtype
         from wattkd.preflight import check_vocab_sizes, model_config
-        from wattkd.train import teacher_path
 
         self.cfg = cfg
         self.shards = cfg.shards_dir / "train"
