@@ -205,7 +205,7 @@ def eval_cmd(model: Annotated[str | None, typer.Argument(
                  "--list-tasks", help="list the tasks a suite can name, and exit")] = False,
              set_: SetOpt = None) -> None:
     """Evaluate a model with lm-eval under a locked protocol (and held-out perplexity)."""
-    from wattkd.eval.custom import list_tasks as listing  # torch (lm-eval task loading)
+    from wattkd.eval.custom import list_tasks as listing  # torch, like the two below
     from wattkd.eval.runner import evaluate_target
     from wattkd.eval.tasks.utils import TaskDataError
 
