@@ -126,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     from wattkd.data.manifest import ManifestError, sha256_file
     from wattkd.data.shards import build_shards
     from wattkd.data.tokenizer import load_tokenizer
+    from wattkd.jobs import student_job
     from wattkd.models import build_from_config
     from wattkd.teacher_cache import CacheError, CacheReader, build_cache
-    from wattkd.train import student_job, train
+    from wattkd.train import train
 
     t_start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="wattkd-bad-"))

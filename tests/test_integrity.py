@@ -31,9 +31,10 @@ from wattkd.data.loader import ShardDataset
 from wattkd.data.manifest import ManifestError, read_manifest
 from wattkd.errors import describe_os_error
 from wattkd.hashing import file_sha256
+from wattkd.jobs import student_job
 from wattkd.models import ModelError
 from wattkd.teacher_cache import CacheError, CacheReader, build_cache
-from wattkd.train import student_job, train
+from wattkd.train import train
 
 FLIPS = 12  # flips per file kind and run: fast, and seeded so a failure reproduces
 TEACHER = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,

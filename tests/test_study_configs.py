@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from wattkd.config import load, validate
-from wattkd.train import student_job, train
+from wattkd.jobs import student_job
+from wattkd.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

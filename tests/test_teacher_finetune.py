@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from wattkd.config import ConfigError, validate
-from wattkd.train import student_job, teacher_finetune_job, teacher_path, train
+from wattkd.jobs import student_job, teacher_finetune_job, teacher_path
+from wattkd.train import train
 
 TEACHER = {"model_type": "llama", "hidden_size": 48, "intermediate_size": 96,
            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

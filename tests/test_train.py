@@ -15,7 +15,10 @@ import yaml
 
 from wattkd.config import ConfigError, validate
 from wattkd.distill import fused_path
-from wattkd.train import DivergenceError, heldout_loss, student_job, teacher_pretrain_job, train
+from wattkd.jobs import student_job, teacher_pretrain_job
+from wattkd.train import train
+from wattkd.training.guard import DivergenceError, DivergenceGuard
+from wattkd.training.heldout import heldout_loss
 
 TEACHER = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -196,8 +199,6 @@ def test_bad_inputs_refused_before_training(workspace: Path) -> None:
 
 
 def test_divergence_guard_stops_with_message() -> None:
-    from wattkd.train import DivergenceGuard
-
     guard = DivergenceGuard(window=3, max_ratio=2.0)
     for step, value in enumerate([1.0, 1.0, 1.0, 1.5, 1.8], 1):
         guard.update(value, step)

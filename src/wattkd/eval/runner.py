@@ -18,7 +18,7 @@ from wattkd.eval.custom import resolve_suite
 from wattkd.eval.ept import run_ept
 from wattkd.eval.harness import run_eval
 from wattkd.eval.perplexity import run_perplexity
-from wattkd.train import teacher_path
+from wattkd.jobs import teacher_path
 
 log = logging.getLogger(__name__)
 

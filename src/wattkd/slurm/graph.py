@@ -15,6 +15,7 @@ from typing import Literal
 
 from wattkd.config import RESERVED_METHOD_NAMES, ExperimentConfig, SlurmConfig, SlurmResources
 from wattkd.errors import InputError
+from wattkd.jobs import teacher_path
 
 STAGES = ("shards", "teacher_pretrain", "teacher_finetune", "teacher_cache", "train", "eval",
           "ept", "report")
@@ -180,8 +181,7 @@ def build_graph(cfg: ExperimentConfig, only: set[str] | None = None) -> list[Sta
         kept = {j.key for j in jobs}
         for j in jobs:
             j.deps = [d for d in j.deps if d.key in kept]
-    if cfg.teacher.model is None and cfg.teacher.pretrain is None and any(
-            j.method == "teacher" for j in jobs):
+    if teacher_path(cfg) is None and any(j.method == "teacher" for j in jobs):
         raise SlurmError("teacher.build without teacher.pretrain: there are no teacher weights "
                          "for the teacher's eval/EPT jobs (and the report needs them); set "
                          "teacher.pretrain or teacher.model")

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from wattkd.runinfo import effective_status
 from wattkd.slurm.graph import SlurmError
 
@@ -213,9 +216,6 @@ STYLE = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "FAILED":
 
 def print_status(run_dir: Path) -> None:
     """A table of every stage job of the experiment in `run_dir` (its output directory)."""
-    from rich.console import Console
-    from rich.table import Table
-
     rows = collect_status(Path(run_dir))
     table = Table(title=f"Slurm jobs of {run_dir}")
     for col in ("job", "stage", "job id", "state", "exit", "restarts", "notes"):

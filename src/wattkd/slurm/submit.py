@@ -29,6 +29,7 @@ from wattkd.atomic import atomic_write_json, atomic_write_text
 from wattkd.config import ExperimentConfig, dump
 from wattkd.slurm.graph import SlurmError, StageJob, build_graph, dependency_arg, format_graph
 from wattkd.slurm.scripts import Target, render
+from wattkd.slurm.status import load_jobs, query_states
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,6 @@ def _refuse_if_active(jobs_file: Path) -> None:
     """A second submission while the first is queued would run every stage twice."""
     if not jobs_file.exists():
         return
-    from wattkd.slurm.status import load_jobs, query_states
-
     try:
         record = load_jobs(jobs_file)
     except SlurmError:

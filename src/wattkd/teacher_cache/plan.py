@@ -31,9 +31,9 @@ class CachePlan:
     def __init__(self, cfg: ExperimentConfig, signals: str | None, encoding: str | None,
                  batch_size: int | None) -> None:
         from wattkd.hashing import file_sha256
+        from wattkd.jobs import teacher_path
         from wattkd.models import check_tokenizer_match, resolve_device, resolve_dtype
         from wattkd.preflight import check_stage_inputs, check_vocab_sizes, model_config
-        from wattkd.train import teacher_path
 
         self.cfg = cfg
         self.teacher_path = teacher_path(cfg)

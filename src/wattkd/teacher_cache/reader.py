@@ -47,8 +47,8 @@ def check_cache(cfg: ExperimentConfig, shards_path: Path, *,
     or that lacks a signal `request` needs; return its manifest. Cheap: no weights are read
     (the teacher is identified by its config and sampled weight bytes)."""
     from wattkd.data.manifest import read_manifest, sha256_file
+    from wattkd.jobs import teacher_path
     from wattkd.teacher_cache.manifest import teacher_fingerprint
-    from wattkd.train import teacher_path
 
     root = cfg.cache_dir
     m = read_cache_manifest(root)
