@@ -19,6 +19,7 @@ What it checks:
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import json
 import logging
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.config import ConfigError
+from wattkd.distill.methods import get_method
 from wattkd.models import ModelError
 
 log = logging.getLogger(__name__)
@@ -184,8 +186,6 @@ def check_vocab_sizes(cfg: Any, teacher_conf: Any, teacher_source: str | None,
 
 # ----------------------------------------------------------------------------------- layers
 def check_layers(job: Any, teacher_conf: Any | None, student_conf: Any | None) -> None:
-    from wattkd.distill.feature import check_layer_map
-
     t_layers = None if teacher_conf is None else int(teacher_conf.num_hidden_layers)
     layers = job.student.from_teacher_layers
     if layers is not None and t_layers is not None:
@@ -198,19 +198,20 @@ def check_layers(job: Any, teacher_conf: Any | None, student_conf: Any | None) -
         s_layers = len(layers)
     elif student_conf is not None:
         s_layers = int(student_conf.num_hidden_layers)
-    if job.method.mode == "feature" and s_layers is not None and t_layers is not None:
-        try:
-            check_layer_map(job.method.layer_map or [], s_layers, t_layers)
+    if s_layers is not None and t_layers is not None:
+        student = student_conf
+        if layers is not None:  # teacher layers copied: the teacher's widths, fewer layers
+            student = copy.copy(teacher_conf)
+            student.num_hidden_layers = s_layers
+        try:  # the method's own model checks (distill/methods/<name>.py)
+            get_method(job.method.mode).check_models(job.method, student, teacher_conf)
         except ModelError as exc:
             raise ModelError(f"method {job.method.name!r}: {exc}") from None
 
 
 def check_batch(job: Any) -> None:
     method = job.method
-    if method.mode != "relation":
-        return
-    need = max((3 if t.name == "rkd_angle" else 2 for t in method.losses
-                if t.name.startswith("rkd_")), default=0)
+    need = get_method(method.mode).min_batch(method)
     if job.train.micro_batch_size < need:
         raise ConfigError(f"train.micro_batch_size: method {method.name!r} compares sequences "
                           f"within a micro-batch ({', '.join(t.name for t in method.losses)}) "

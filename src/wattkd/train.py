@@ -293,6 +293,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
 
     from wattkd.data.loader import ShardDataset
     from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
+    from wattkd.distill.methods import get_method
     from wattkd.distill.modes import make_mode
     from wattkd.distill.objective import DistillObjective, StepInputs
     from wattkd.distill.teacher import OnlineTeacher
@@ -473,7 +474,7 @@ def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> Trai
         stream = provider.prefetch(stream)  # cache rows read ahead, same batches, same order
     guard = None
     has_ce = any(t.name == "ce" and t.weight > 0 for t in method.losses)
-    if method.mode in ("feature", "relation") and method.guard.enabled and not has_ce:
+    if get_method(method.mode).guard and method.guard.enabled and not has_ce:
         guard = DivergenceGuard(method.guard.window, method.guard.max_ratio)
         guard.values = list(resumed_guard or [])
     metrics = MetricsLog(run_dir, tc.tensorboard, accelerator.is_main_process)

@@ -14,7 +14,8 @@ from torch import nn
 
 from wattkd.config import MethodConfig
 from wattkd.distill.registry import LossSpec, get_loss
-from wattkd.distill.teacher import SignalRequest, TeacherSignals, logit_softcap
+from wattkd.distill.signals import SignalRequest, TeacherSignals
+from wattkd.distill.teacher import logit_softcap
 from wattkd.models import unwrap
 
 Term = tuple[LossSpec, float, dict]

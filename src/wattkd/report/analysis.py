@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wattkd.distill.methods.registry import report_order
 from wattkd.energy.metrics import e_avg as ledger_e_avg
 from wattkd.energy.metrics import e_run as ledger_e_run
 from wattkd.energy.metrics import ept as ledger_ept
@@ -44,7 +45,7 @@ from wattkd.report.teacher_cost import finetune_share
 log = logging.getLogger(__name__)
 
 COMP_LABEL = {"gpu": "GPU", "cpu": "CPU", "dram": "DRAM"}
-KIND_ORDER = {"response": 0, "feature": 1, "relation": 2, "baseline": 3, "teacher": 9}
+KIND_ORDER = report_order()  # each method's declared place; the teacher last
 FLAG_NOTES = {
     "short-window": "window shorter than telemetry.min_window_s: counter quantisation at the "
                     "edges dominates",

@@ -28,7 +28,14 @@ import numpy as np
 import torch
 
 from wattkd.config import ExperimentConfig
-from wattkd.distill.teacher import SignalRequest, TeacherSignals, TopK
+from wattkd.distill.signals import (
+    SIGNALS,
+    TOPK_COLUMNS,
+    SignalRequest,
+    TeacherSignals,
+    hidden_column,
+    pooled_column,
+)
 from wattkd.teacher_cache import encoding as enc
 from wattkd.teacher_cache.manifest import CacheError, crc_column, read_cache_manifest
 
@@ -91,6 +98,9 @@ def _check_request(m: dict[str, Any], request: SignalRequest, root: Path) -> Non
         missing.append(f"hidden states of layers {lacking}")
     if request.pooled and request.pooled not in sig.get("pooled", []):
         missing.append(f"{request.pooled}-pooled embeddings")
+    for name, params in request.extra:
+        if any(c not in m["columns"] for c in SIGNALS[name].column_names(params)):
+            missing.append(f"{SIGNALS[name].canonical(params)} ({name})")
     if missing:
         raise CacheError(f"teacher cache {root} ({sig.get('spec')}) lacks "
                          f"{', '.join(missing)} that this method needs; rebuild it with "
@@ -294,10 +304,12 @@ class CachedTeacher:
         self.check_rows = check_rows
         cols: list[str] = []
         if request.logits:
-            cols += ["topk_ids", "topk_logprobs", "topk_tail"]
-        cols += [f"hidden_L{i}" for i in request.hidden_layers]
+            cols += TOPK_COLUMNS
+        cols += [hidden_column(i) for i in request.hidden_layers]
         if request.pooled:
-            cols.append(f"pooled_{request.pooled}")
+            cols.append(pooled_column(request.pooled))
+        for name, params in request.extra:
+            cols += SIGNALS[name].column_names(params)
         self._columns = tuple(cols)
         order = self.reader.id_order
         self._id_order = None if order is None else torch.from_numpy(order).to(self.device)
@@ -348,19 +360,25 @@ class CachedTeacher:
         dev = self.device
         cols = self.reader.columns
         if self.request.logits:
-            t = enc.decode_topk(self.reader.encoding, cols,
-                                {k: cells[k] for k in ("topk_ids", "topk_logprobs",
-                                                       "topk_tail")}, self._id_order, dev)
-            sig.topk = TopK(ids=t.ids, logprobs=t.logprobs, tail_logprob=t.tail)
+            sig.topk = enc.decode_topk(self.reader.encoding, cols,
+                                       {k: cells[k] for k in TOPK_COLUMNS}, self._id_order, dev)
         sig.hidden_stride = int((self.manifest["signals"].get("hidden") or {}).get("stride", 1))
         for i in self.request.hidden_layers:
-            c = cols[f"hidden_L{i}"]
-            sig.hidden[i] = enc.decode_hidden(self.reader.encoding, cells[f"hidden_L{i}"],
-                                              c["shape"], c["values"], dev)
+            sig.hidden[i] = self._decode16(cells, hidden_column(i))
         if self.request.pooled:
-            name = f"pooled_{self.request.pooled}"
+            name = pooled_column(self.request.pooled)
             sig.pooled = enc.decode_f32(cells[name], int(cols[name]["shape"][0]), dev)
+        for name, params in self.request.extra:
+            kind = SIGNALS[name]
+            sig.extra[name] = kind.from_columns(
+                {c: self._decode16(cells, c) for c in kind.column_names(params)}, params)
         return sig
+
+    def _decode16(self, cells: dict[str, list[Any]], column: str) -> torch.Tensor:
+        """A 16-bit float column (hidden states, registered kinds) of the batch's rows."""
+        c = self.reader.columns[column]
+        return enc.decode_hidden(self.reader.encoding, cells[column], c["shape"], c["values"],
+                                 self.device)
 
 
 def _check_crc(input_ids: torch.Tensor, crcs: list[int], rows: np.ndarray, root: Path) -> None:

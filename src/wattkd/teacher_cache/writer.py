@@ -35,6 +35,7 @@ import torch
 
 from wattkd.atomic import atomic_write_bytes, atomic_write_json
 from wattkd.config import ExperimentConfig
+from wattkd.distill.signals import hidden_column, pooled_column
 from wattkd.progress import NoBar
 from wattkd.teacher_cache import encoding as enc
 from wattkd.teacher_cache.compute import TeacherBatch, teacher_batch
@@ -283,7 +284,7 @@ def _id_rank(plan: CachePlan, teacher: Any, root: Path, state: dict[str, Any]
             x = torch.from_numpy(ids[b0:b0 + plan.batch_size].astype(np.int64)).to(plan.device)
             out = teacher_batch(teacher, x, spec, plan.vocab,
                                 plan.cfg.distill.logit_chunk_tokens, None)
-            seen.append(out.topk_ids.cpu())
+            seen.append(out.topk.ids.cpu())
         order = enc.candidate_order(torch.cat(seen), plan.vocab)
         atomic_write_bytes(path, order.astype("<u4").tobytes())
         state["id_order"] = {"file": ID_ORDER, "sha256": file_sha256(path),
@@ -401,13 +402,15 @@ def _encode(plan: CachePlan, out: TeacherBatch, ids: np.ndarray, row0: int,
     n = ids.shape[0]
     cells: dict[str, Any] = {"row": list(range(row0, row0 + n)),
                              "input_crc32": row_crc32(ids)}
-    if out.topk_ids is not None:
-        cells.update(enc.stage_topk(plan.spec.encoding, out.topk_ids, out.topk_logprobs,
-                                    out.tail, plan.vocab, id_rank=id_rank))
+    if out.topk is not None:
+        cells.update(enc.stage_topk(plan.spec.encoding, out.topk.ids, out.topk.logprobs,
+                                    out.topk.tail_logprob, plan.vocab, id_rank=id_rank))
     for i, h in out.hidden.items():
-        cells[f"hidden_L{i}"] = enc.stage_hidden(plan.spec.encoding, h)
+        cells[hidden_column(i)] = enc.stage_hidden(plan.spec.encoding, h)
     for how, p in out.pooled.items():
-        cells[f"pooled_{how}"] = enc.stage_f32(p)
+        cells[pooled_column(how)] = enc.stage_f32(p)
+    for col, t in out.extra.items():  # registered signal kinds: 16-bit arrays like hidden
+        cells[col] = enc.stage_hidden(plan.spec.encoding, t)
     return cells
 
 
@@ -422,14 +425,10 @@ def _column_bytes(meta: Any) -> dict[str, int]:
     return out
 
 
-def _signal_of(column: str) -> str:
-    if column.startswith("topk_"):
-        return "topk"
-    if column.startswith("hidden_"):
-        return "hidden"
-    if column.startswith("pooled_"):
-        return "pooled"
-    return "meta"
+def _signal_of(column: str, columns: dict[str, dict[str, Any]]) -> str:
+    """Signal a column belongs to (crc and row columns count as meta)."""
+    return columns[column].get("signal", column.split("_", 1)[0]) if column in columns \
+        else "meta"
 
 
 def _finish(plan: CachePlan, root: Path, state: dict[str, Any],
@@ -445,7 +444,8 @@ def _finish(plan: CachePlan, root: Path, state: dict[str, Any],
     by_signal: dict[str, int] = {}
     for p in parts:
         for col, b in p["column_bytes"].items():
-            by_signal[_signal_of(col)] = by_signal.get(_signal_of(col), 0) + b
+            kind = _signal_of(col, plan.columns)
+            by_signal[kind] = by_signal.get(kind, 0) + b
     energy = summarize_energy(root, state["sessions"], tokens)
     built = sum(s.get("tokens", 0) for s in state["sessions"])
     manifest = {
