@@ -23,8 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SIGNALS", "TOPK_COLUMNS", "SignalKind", "SignalRequest", "TeacherSignals", "TopK",
-           "hidden_column", "pool", "pooled_column", "register_signal"]
+from wattkd.models import decoder_layers
+
+__all__ = ["PROJECTIONS", "SIGNALS", "TOPK_COLUMNS", "AttentionProjections", "SignalKind",
+           "SignalRequest", "TeacherSignals", "TopK", "capture_projections", "hidden_column",
+           "hook_projections", "pool", "pooled_column", "projection_widths", "register_signal"]
 
 TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "topk_tail")
 
@@ -146,3 +149,106 @@ def merge_extra(requests: list[SignalRequest]) -> tuple[tuple[str, Any], ...]:
         for name, params in r.extra:
             wanted.setdefault(name, []).append(params)
     return tuple(sorted((n, SIGNALS[n].merge(v)) for n, v in wanted.items()))
+
+
+# ------------------------------------------------------------------ attention projections
+PROJECTIONS = ("q", "k", "v")
+
+
+def attention_projections(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The q_proj, k_proj, v_proj Linear modules of one HF decoder layer (Llama, Gemma, Qwen,
+    Mistral name them so, under `self_attn`)."""
+    attn = getattr(layer, "self_attn", layer)
+    try:
+        return tuple(getattr(attn, f"{p}_proj") for p in PROJECTIONS)  # type: ignore[return-value]
+    except AttributeError:
+        raise ValueError(f"{type(layer).__name__} has no self_attn.q_proj/k_proj/v_proj "
+                         "modules to read attention projections from") from None
+
+
+def hook_projections(layers: list[nn.Module]) -> tuple[list[dict[str, torch.Tensor]], list]:
+    """Forward hooks on the q/k/v projections of `layers`: every forward then leaves each
+    layer's outputs in its slot ({"q": [B, L, d_q], "k": ..., "v": ...}). Returns (slots,
+    hook handles)."""
+    slots: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+    handles = []
+    for slot, layer in zip(slots, layers):
+        for name, module in zip(PROJECTIONS, attention_projections(layer)):
+            def hook(_m: nn.Module, _args: Any, out: torch.Tensor, slot=slot, name=name) -> None:
+                slot[name] = out
+            handles.append(module.register_forward_hook(hook))
+    return slots, handles
+
+
+@contextlib.contextmanager
+def capture_projections(layers: list[nn.Module]) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """`hook_projections` for the duration of one forward."""
+    slots, handles = hook_projections(layers)
+    try:
+        yield slots
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def projection_widths(conf: Any) -> dict[str, int]:
+    """Output widths of q/k/v_proj from an HF config (grouped-query attention included)."""
+    heads = int(conf.num_attention_heads)
+    head_dim = getattr(conf, "head_dim", None) or int(conf.hidden_size) // heads
+    kv = int(getattr(conf, "num_key_value_heads", None) or heads)
+    return {"q": heads * head_dim, "k": kv * head_dim, "v": kv * head_dim}
+
+
+def qkv_column(layer: int, projection: str) -> str:
+    return f"qkv_L{layer}_{projection}"
+
+
+@register_signal
+class AttentionProjections(SignalKind):
+    """Q, K and V (q_proj/k_proj/v_proj outputs) of chosen decoder layers, for self-attention
+    relation KD (MiniLM). params: sorted tuple of decoder layer indices (0-based). Value:
+    {layer: {"q": [B, L, d_q], "k": [B, L, d_kv], "v": [B, L, d_kv]}}."""
+
+    name = "qkv"
+    grammar = "qkv:L[:L...] (decoder layers, 0-based)"
+
+    def parse(self, args: list[str], item: str) -> tuple[int, ...]:
+        if not args or not all(a.isdigit() for a in args):
+            raise ValueError("name at least one decoder layer index, e.g. qkv:3")
+        return tuple(sorted({int(a) for a in args}))
+
+    def canonical(self, params: tuple[int, ...]) -> str:
+        return "qkv:" + ":".join(str(i) for i in params)
+
+    def merge(self, values: list[tuple[int, ...]]) -> tuple[int, ...]:
+        return tuple(sorted({i for v in values for i in v}))
+
+    def check(self, params: tuple[int, ...], teacher_conf: Any) -> str | None:
+        n = int(teacher_conf.num_hidden_layers)
+        bad = [i for i in params if not 0 <= i < n]
+        return (f"decoder layers {bad} out of range: the teacher has {n} layers (0..{n - 1})"
+                if bad else None)
+
+    @contextlib.contextmanager
+    def capture(self, model: nn.Module, params: tuple[int, ...]
+                ) -> Iterator[dict[str, Any]]:
+        layers = decoder_layers(model)
+        with capture_projections([layers[i] for i in params]) as slots:
+            yield {"slots": slots}
+
+    def online(self, captured: dict[str, Any], params: tuple[int, ...]) -> dict[int, dict]:
+        return {i: dict(slot) for i, slot in zip(params, captured["slots"])}
+
+    def column_names(self, params: tuple[int, ...]) -> list[str]:
+        return [qkv_column(i, p) for i in params for p in PROJECTIONS]
+
+    def column_shape(self, column: str, seq_len: int, teacher_conf: Any) -> list[int]:
+        return [seq_len, projection_widths(teacher_conf)[column.rsplit("_", 1)[1]]]
+
+    def to_columns(self, value: dict[int, dict], params: tuple[int, ...]
+                   ) -> dict[str, torch.Tensor]:
+        return {qkv_column(i, p): value[i][p] for i in params for p in PROJECTIONS}
+
+    def from_columns(self, arrays: dict[str, torch.Tensor], params: tuple[int, ...]
+                     ) -> dict[int, dict]:
+        return {i: {p: arrays[qkv_column(i, p)] for p in PROJECTIONS} for i in params}
