@@ -14,9 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
 from wattkd.config import ExperimentConfig
+from wattkd.data.manifest import read_manifest, sha256_file, verify_parts
+from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
 from wattkd.distill.signals import SIGNALS, hidden_column, pooled_column
+from wattkd.models import check_tokenizer_match, resolve_device, resolve_dtype
+from wattkd.preflight import check_vocab_sizes, model_config
 from wattkd.teacher_cache import encoding as enc
 from wattkd.teacher_cache.compute import hidden_positions
 from wattkd.teacher_cache.manifest import CacheError, teacher_fingerprint
@@ -33,10 +38,6 @@ class CachePlan:
 
     def __init__(self, cfg: ExperimentConfig, signals: str | None, encoding: str | None,
                  batch_size: int | None) -> None:
-        from wattkd.data.manifest import read_manifest, sha256_file, verify_parts
-        from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
-        from wattkd.models import check_tokenizer_match, resolve_device, resolve_dtype
-        from wattkd.preflight import check_vocab_sizes, model_config
         from wattkd.train import teacher_path
 
         self.cfg = cfg
@@ -192,8 +193,6 @@ def plan_cache(cfg: ExperimentConfig, signals: str | None = None, *,
 
 
 def _teacher_config(cfg: ExperimentConfig, path: str | None, vocab: int) -> Any:
-    from transformers import AutoConfig
-
     t = cfg.teacher
     try:
         if path is None:

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from wattkd.config import ExperimentConfig
+from wattkd.data.manifest import read_manifest, sha256_file
 from wattkd.distill.signals import (
     SIGNALS,
     TOPK_COLUMNS,
@@ -36,8 +38,15 @@ from wattkd.distill.signals import (
     hidden_column,
     pooled_column,
 )
+from wattkd.models import resolve_device
 from wattkd.teacher_cache import encoding as enc
-from wattkd.teacher_cache.manifest import CacheError, crc_column, read_cache_manifest
+from wattkd.teacher_cache.manifest import (
+    CacheError,
+    crc_column,
+    file_sha256,
+    read_cache_manifest,
+    teacher_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +62,6 @@ def check_cache(cfg: ExperimentConfig, shards_path: Path, *,
     """Refuse a cache that does not belong to these shards, this tokenizer and this teacher,
     or that lacks a signal `request` needs; return its manifest. Cheap: no weights are read
     (the teacher is identified by its config and sampled weight bytes)."""
-    from wattkd.data.manifest import read_manifest, sha256_file
-    from wattkd.teacher_cache.manifest import teacher_fingerprint
     from wattkd.train import teacher_path
 
     root = cfg.cache_dir
@@ -107,8 +114,6 @@ def _check_request(m: dict[str, Any], request: SignalRequest, root: Path) -> Non
                          "`wattkd teacher cache CONFIG --signals ...` including them")
 
 def _verify_parts(root: Path, m: dict[str, Any], level: str) -> None:
-    from wattkd.teacher_cache.manifest import file_sha256
-
     if level not in ("none", "size", "sha256"):
         raise ValueError(f"verify must be 'none', 'size' or 'sha256', got {level!r}")
     if level == "none":
@@ -149,9 +154,7 @@ class CacheReader:
 
     def _id_order(self) -> np.ndarray | None:
         """Candidate rank -> token id of a packed cache (None: ids are stored as they are)."""
-        from wattkd.teacher_cache.manifest import file_sha256
-
-        info = self.columns.get("topk_ids", {}).get("id_order")
+        info = self.columns.get(TOPK_COLUMNS[0], {}).get("id_order")
         if not info:
             return None
         path = self.root / info["file"]
@@ -165,8 +168,6 @@ class CacheReader:
         return int(self.manifest["rows"])
 
     def _file(self, part: int) -> Any:
-        import pyarrow.parquet as pq
-
         files = self._files.__dict__.setdefault("open", {})
         f = files.get(part)
         if f is None:
@@ -183,8 +184,6 @@ class CacheReader:
     def _check_part(self, part: int, path: Path) -> None:
         """sha256 of the whole part against the manifest, once per part (one sequential read;
         cost measured in benchmarks/RESULTS.md): no altered byte reaches a loss."""
-        from wattkd.teacher_cache.manifest import file_sha256
-
         if not self.verify:
             return
         with self._verify_lock:
@@ -391,8 +390,6 @@ def _check_crc(input_ids: torch.Tensor, crcs: list[int], rows: np.ndarray, root:
 
 
 def _default_device(cfg: ExperimentConfig) -> torch.device:
-    from wattkd.models import resolve_device
-
     dev = resolve_device(cfg.train.device)
     if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

@@ -22,20 +22,29 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import time
 import zlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
+from wattkd import __version__
 from wattkd.atomic import atomic_write_bytes, atomic_write_json
 from wattkd.config import ExperimentConfig
-from wattkd.distill.signals import hidden_column, pooled_column
+from wattkd.data.loader import ShardDataset
+from wattkd.distill.signals import TOPK_COLUMNS, hidden_column, pooled_column
+from wattkd.energy.ledger import make_meter
+from wattkd.models import load_teacher
+from wattkd.preflight import human_bytes
 from wattkd.progress import NoBar
 from wattkd.teacher_cache import encoding as enc
 from wattkd.teacher_cache.compute import TeacherBatch, teacher_batch
@@ -53,6 +62,7 @@ from wattkd.teacher_cache.manifest import (
 )
 from wattkd.teacher_cache.plan import CachePlan, plan_cache
 from wattkd.teacher_cache.spec import CacheSpec
+from wattkd.teacher_cache.usage import summarize_energy
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +181,6 @@ def check_cache_room(plan: CachePlan, root: Path, done: dict[int, Any]) -> None:
     """Say how big the cache will be (bytes per token per signal x tokens) and refuse to start
     a build the disk cannot hold. The figure is the encoded size before zstd, an upper bound
     (top-k columns typically compress further; hidden states hardly: measured in RESULTS)."""
-    import shutil
-
-    from wattkd.preflight import human_bytes
 
     parts = plan.shard_manifest["parts"]
     todo_rows = sum(p["rows"] for i, p in enumerate(parts) if i not in done)
@@ -210,8 +217,6 @@ def _verified_parts(root: Path, state: dict[str, Any]) -> dict[int, dict[str, An
 
 def _build(plan: CachePlan, root: Path, state: dict[str, Any], done: dict[int, dict[str, Any]],
            progress: bool) -> None:
-    from wattkd.energy.ledger import make_meter
-    from wattkd.models import load_teacher
 
     cfg = plan.cfg
     parts = plan.shard_manifest["parts"]
@@ -298,8 +303,6 @@ def _id_rank(plan: CachePlan, teacher: Any, root: Path, state: dict[str, Any]
 def _write_part(plan: CachePlan, teacher: Any, root: Path, index: int, row_start: int,
                 id_rank: torch.Tensor | None, advance: Any) -> dict[str, Any]:
     """Stream one part to a temp file, row group by row group, then rename it into place."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     info = plan.shard_manifest["parts"][index]
     ids = _read_shard_part(plan, index)
@@ -374,15 +377,12 @@ def _write_part(plan: CachePlan, teacher: Any, root: Path, index: int, row_start
 def _read_shard_part(plan: CachePlan, index: int) -> np.ndarray:
     """Token ids of shard part `index`, checked like training reads them (sha256, rows,
     vocabulary), so a cache is never built from corrupt shards."""
-    from wattkd.data.loader import ShardDataset
 
     return ShardDataset(plan.shards, shuffle=False, verify="size"
                         ).part_ids(index)
 
 
 def _schema(plan: CachePlan) -> Any:
-    import pyarrow as pa
-
     fields = [pa.field("row", pa.int64()), pa.field("input_crc32", pa.uint32())]
     fields += [pa.field(name, pa.large_binary()) for name in plan.columns]
     fields += [pa.field(crc_column(name), pa.uint32()) for name in plan.columns]
@@ -434,8 +434,6 @@ def _signal_of(column: str, columns: dict[str, dict[str, Any]]) -> str:
 def _finish(plan: CachePlan, root: Path, state: dict[str, Any],
             done: dict[int, dict[str, Any]], seconds: float) -> None:
     """All parts present: write manifest.json (the cache becomes usable), drop the state."""
-    from wattkd import __version__
-    from wattkd.teacher_cache.usage import summarize_energy
 
     parts = [done[i] for i in sorted(done)]
     rows = sum(p["rows"] for p in parts)
@@ -465,7 +463,7 @@ def _finish(plan: CachePlan, root: Path, state: dict[str, Any],
                                "pyarrow": _version("pyarrow")}},
     }
     if state.get("id_order"):
-        manifest["columns"]["topk_ids"]["id_order"] = state["id_order"]
+        manifest["columns"][TOPK_COLUMNS[0]]["id_order"] = state["id_order"]
     write_cache_manifest(root, manifest)
     with contextlib.suppress(FileNotFoundError):
         (root / STATE).unlink()
@@ -477,8 +475,6 @@ def _finish(plan: CachePlan, root: Path, state: dict[str, Any],
 
 
 def _version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(name)
     except PackageNotFoundError:
