@@ -149,7 +149,8 @@ def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None = None,
     from wattkd.config import LossTerm, MethodConfig
     from wattkd.distill.modes import make_mode
     from wattkd.distill.objective import DistillObjective, StepInputs
-    from wattkd.distill.teacher import OnlineTeacher, TeacherSignals, TopK
+    from wattkd.distill.signals import TeacherSignals, TopK
+    from wattkd.distill.teacher import OnlineTeacher
     from wattkd.models import hidden_size, num_layers
 
     method = MethodConfig(name="response", mode="response",

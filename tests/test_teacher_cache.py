@@ -15,7 +15,8 @@ import torch
 
 from wattkd.config import validate
 from wattkd.distill.losses import LogitChunk, TopKTeacher, forward_kl, reverse_kl
-from wattkd.distill.teacher import OnlineTeacher, SignalRequest
+from wattkd.distill.signals import SignalRequest
+from wattkd.distill.teacher import OnlineTeacher
 from wattkd.teacher_cache import (
     CachedTeacher,
     CacheError,
@@ -367,7 +368,7 @@ def test_hidden_token_subset_is_written_and_read_by_feature_training(ws: dict) -
     """A strided cache (distill.cache_hidden_stride / hidden:...:stride=S) holds positions
     0, S, 2S, ...: the cached teacher returns exactly those positions of the full cache, and
     feature KD aligns the student's hidden states at the same positions."""
-    from wattkd.distill.feature import FeatureMode
+    from wattkd.distill.methods.feature import FeatureMode
     from wattkd.distill.objective import StepInputs
 
     data = experiment(ws["root"], "cache_stride")

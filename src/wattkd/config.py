@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from wattkd.distill.methods.registry import check_method
+from wattkd.distill.registry import check_loss_term
 from wattkd.errors import ConfigError
 from wattkd.names import safe_name as _safe_name
 
@@ -213,7 +215,8 @@ class DivergenceGuard(Strict):
 
 class MethodConfig(Strict):
     name: str
-    mode: Literal["response", "feature", "relation", "none"]
+    mode: str = Field(description="KD method: a name registered in wattkd/distill/methods/ "
+                      "(response, feature, relation, none, ...)")
     losses: list[LossTerm]
     layer_map: list[tuple[int, int]] | None = Field(
         default=None, description="feature mode: (student layer, teacher layer) pairs; hidden "
@@ -221,6 +224,8 @@ class MethodConfig(Strict):
     token_subsample: float = Field(default=1.0, gt=0, le=1)
     pooling: Literal["mean", "last"] = "mean"
     guard: DivergenceGuard = Field(default_factory=DivergenceGuard)
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's own "
+                                   "settings, checked against its declaration")
 
     _name = field_validator("name")(lambda v: _reserved(_safe_name(v, "method name")))
 
@@ -228,8 +233,6 @@ class MethodConfig(Strict):
     def _mode_needs(self) -> MethodConfig:
         if not self.losses:
             raise ValueError(f"method {self.name!r}: losses must not be empty")
-        if self.mode == "feature" and not self.layer_map:
-            raise ValueError(f"method {self.name!r}: feature mode needs layer_map")
         return self
 
 
@@ -597,7 +600,7 @@ def validate(data: dict[str, Any], source: str = "<config>") -> ExperimentConfig
                     line += f"; expected one of: {', '.join(allowed)}"
             lines.append("  - " + line)
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(lines)) from None
-    _check_losses(cfg, source)
+    _check_methods(cfg, source)
     _check_suites(cfg, source)
     return cfg
 
@@ -611,12 +614,15 @@ def _check_suites(cfg: ExperimentConfig, source: str) -> None:
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def _check_losses(cfg: ExperimentConfig, source: str) -> None:
-    """Loss names and params are checked against the registry at load time."""
-    from wattkd.distill.registry import check_loss_term
-
+def _check_methods(cfg: ExperimentConfig, source: str) -> None:
+    """Modes, their params and checks, loss names and params are checked against the method
+    and loss registries at load time."""
     problems = []
     for i, method in enumerate(cfg.distill.methods):
+        found = check_method(method, cfg)
+        problems += [f"  - distill.methods.{i} ({method.name}): {p}" for p in found]
+        if found:
+            continue
         for j, term in enumerate(method.losses):
             msg = check_loss_term(term.name, term.params, method.mode)
             if msg:

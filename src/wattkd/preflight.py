@@ -40,7 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from wattkd.config import ConfigError, ExperimentConfig
 from wattkd.data.manifest import ManifestError, read_manifest, verify_parts
 from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
-from wattkd.distill.feature import check_layer_map
+from wattkd.distill.methods import get_method
 from wattkd.models import ModelError
 
 log = logging.getLogger(__name__)
@@ -244,19 +244,20 @@ def check_layers(job: Any, teacher_conf: Any | None, student_conf: Any | None) -
         s_layers = len(layers)
     elif student_conf is not None:
         s_layers = int(student_conf.num_hidden_layers)
-    if job.method.mode == "feature" and s_layers is not None and t_layers is not None:
-        try:
-            check_layer_map(job.method.layer_map or [], s_layers, t_layers)
+    if s_layers is not None and t_layers is not None:
+        student = student_conf
+        if layers is not None:  # teacher layers copied: the teacher's widths, fewer layers
+            student = copy.copy(teacher_conf)
+            student.num_hidden_layers = s_layers
+        try:  # the method's own model checks (distill/methods/<name>.py)
+            get_method(job.method.mode).check_models(job.method, student, teacher_conf)
         except ModelError as exc:
             raise ModelError(f"method {job.method.name!r}: {exc}") from None
 
 
 def check_batch(job: Any) -> None:
     method = job.method
-    if method.mode != "relation":
-        return
-    need = max((3 if t.name == "rkd_angle" else 2 for t in method.losses
-                if t.name.startswith("rkd_")), default=0)
+    need = get_method(method.mode).min_batch(method)
     if job.train.micro_batch_size < need:
         raise ConfigError(f"train.micro_batch_size: method {method.name!r} compares sequences "
                           f"within a micro-batch ({', '.join(t.name for t in method.losses)}) "

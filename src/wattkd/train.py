@@ -35,6 +35,7 @@ from wattkd import checkpoint, sharding
 from wattkd.config import ExperimentConfig, MethodConfig, TrainConfig, dump
 from wattkd.data.loader import ShardDataset
 from wattkd.distill import fused_path
+from wattkd.distill.methods import get_method
 from wattkd.distill.modes import make_mode
 from wattkd.distill.objective import DistillObjective, StepInputs
 from wattkd.distill.registry import get_loss
@@ -444,7 +445,7 @@ def divergence_guard(method: MethodConfig, resumed: list[float] | None
     """Feature/relation runs without a CE term are watched for a climbing LM loss."""
     guard = None
     has_ce = any(t.name == "ce" and t.weight > 0 for t in method.losses)
-    if method.mode in ("feature", "relation") and method.guard.enabled and not has_ce:
+    if get_method(method.mode).guard and method.guard.enabled and not has_ce:
         guard = DivergenceGuard(method.guard.window, method.guard.max_ratio)
         guard.values = list(resumed or [])
     return guard

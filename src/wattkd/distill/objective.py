@@ -13,8 +13,11 @@ import torch
 from torch import nn
 
 from wattkd.config import MethodConfig
+from wattkd.distill.fused import TeacherHidden, fused_logit_loss
+from wattkd.distill.losses import TopKTeacher
 from wattkd.distill.registry import LossSpec, get_loss
-from wattkd.distill.teacher import SignalRequest, TeacherSignals, logit_softcap
+from wattkd.distill.signals import SignalRequest, TeacherSignals
+from wattkd.distill.teacher import logit_softcap
 from wattkd.models import unwrap
 
 Term = tuple[LossSpec, float, dict]
@@ -47,9 +50,6 @@ def head_slice(model: nn.Module, vocab: int) -> tuple[torch.Tensor, torch.Tensor
 def teacher_source(signals: TeacherSignals | None, vocab: int):
     """Teacher logits for positions 0..L-2 (each predicting the next token) as the fused loss
     takes them: cached top-k, or the teacher's hidden state + head (logits made per chunk)."""
-    from wattkd.distill.fused import TeacherHidden
-    from wattkd.distill.losses import TopKTeacher
-
     if signals is None:
         raise ValueError("this method needs teacher logits but no teacher signals were given")
     if signals.topk is not None:
@@ -110,8 +110,6 @@ class DistillObjective(nn.Module):
 
     def logit_loss(self, inputs: StepInputs, last: torch.Tensor,
                    signals: TeacherSignals | None) -> tuple[torch.Tensor, dict[str, float]]:
-        from wattkd.distill.fused import fused_logit_loss
-
         h = last[:, :-1].reshape(-1, last.shape[-1])
         source = teacher_source(signals, self.vocab) if self.needs_teacher_logits else None
         return fused_logit_loss(
@@ -126,8 +124,6 @@ class DistillObjective(nn.Module):
     @torch.no_grad()
     def lm_loss(self, inputs: StepInputs) -> float:
         """Plain next-token cross-entropy, for the divergence guard and held-out checks."""
-        from wattkd.distill.fused import fused_logit_loss
-
         last, _ = self.student_forward(inputs, False)
         h = last[:, :-1].reshape(-1, last.shape[-1])
         loss, _ = fused_logit_loss(h, head_slice(self.student, self.vocab), None,

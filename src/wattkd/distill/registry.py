@@ -18,15 +18,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-LossKind = Literal["logit", "feature", "relation"]
+from wattkd.distill.methods.registry import METHODS, known_methods
 
-# Which loss kinds each distillation mode may use ("ce" is a logit loss allowed everywhere).
-MODE_KINDS: dict[str, set[str]] = {
-    "response": {"logit"},
-    "feature": {"feature"},
-    "relation": {"relation"},
-    "none": set(),
-}
+LossKind = Literal["logit", "feature", "relation"]
 
 # A value check: (predicate, what is expected, in words).
 Check = tuple[Callable[[Any], bool], str]
@@ -161,11 +155,12 @@ def check_loss_term(name: str, params: dict[str, Any], mode: str) -> str | None:
     spec = LOSSES.get(name)
     if spec is None:
         return f"unknown loss {name!r}; expected one of: {', '.join(sorted(LOSSES))}"
-    if mode not in MODE_KINDS:
-        return f"unknown mode {mode!r}; expected one of: {', '.join(MODE_KINDS)}"
-    if spec.kind not in MODE_KINDS[mode] and name != "ce":
+    if mode not in known_methods():  # which loss kinds a mode accepts: distill/methods/
+        return f"unknown mode {mode!r}; expected one of: {', '.join(METHODS)}"
+    kinds = METHODS[mode].loss_kinds
+    if spec.kind not in kinds and name != "ce":
         return (f"loss {name!r} is a {spec.kind} loss; mode {mode!r} accepts "
-                f"{', '.join(sorted(MODE_KINDS[mode])) or 'only ce'} losses")
+                f"{', '.join(sorted(kinds)) or 'only ce'} losses")
     return check_params(spec, params)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from wattkd.distill.methods.registry import report_order
 from wattkd.energy.metrics import e_avg as ledger_e_avg
 from wattkd.energy.metrics import ept as ledger_ept
 from wattkd.energy.sources import NvmlSource
@@ -50,7 +51,7 @@ from wattkd.teacher_cache.usage import amortisation
 
 log = logging.getLogger(__name__)
 
-KIND_ORDER = {"response": 0, "feature": 1, "relation": 2, "baseline": 3, "teacher": 9}
+KIND_ORDER = report_order()  # each method's declared place; the teacher last
 
 # ------------------------------------------------------------------------------- results
 @dataclass

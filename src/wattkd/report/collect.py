@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wattkd.distill.methods.registry import report_kinds
 from wattkd.energy.metrics import read_jsonl_lines
 from wattkd.energy.metrics import read_phases as ledger_read_phases
 from wattkd.errors import InputError
@@ -23,8 +24,7 @@ from wattkd.runinfo import effective_status
 log = logging.getLogger(__name__)
 
 TELEMETRY_SCHEMA = 1
-KINDS = {"response": "response", "feature": "feature", "relation": "relation",
-         "none": "baseline", "baseline": "baseline"}
+KINDS = report_kinds()  # run.json mode -> kind, from each method's declaration
 
 
 class ReportInputError(InputError, ValueError):

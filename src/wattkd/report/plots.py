@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from wattkd.distill.methods.registry import report_colours
 from wattkd.energy.metrics import read_telemetry
 from wattkd.report.analysis import Analysis, RunResult
 from wattkd.report.energy import COMP_LABEL
@@ -25,8 +26,7 @@ from wattkd.report.metrics import Quantity, pareto_front
 log = logging.getLogger(__name__)
 
 MAX_POINTS = 2000
-KIND_COLOURS = {"response": "#1f77b4", "feature": "#ff7f0e", "relation": "#2ca02c",
-                "baseline": "#7f7f7f", "teacher": "#000000"}
+KIND_COLOURS = report_colours()  # each method's declared colour; the teacher black
 
 
 @dataclass

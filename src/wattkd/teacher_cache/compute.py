@@ -8,13 +8,15 @@ formed in chunks of tokens, so a 262k vocabulary never needs [tokens x vocab] at
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wattkd.distill.teacher import decoder_forward, logit_softcap, pool
+from wattkd.distill.signals import SIGNALS, TopK, pool
+from wattkd.distill.teacher import decoder_forward, logit_softcap
 from wattkd.models import unwrap
 from wattkd.teacher_cache.spec import CacheSpec
 
@@ -23,13 +25,12 @@ __all__ = ["TeacherBatch", "hidden_positions", "teacher_batch", "topk_logprobs"]
 
 @dataclass
 class TeacherBatch:
-    """Signals of one batch, still on the teacher's device."""
+    """Signals of one batch as the cache stores them, still on the teacher's device."""
 
-    topk_ids: torch.Tensor | None = None       # [B, L, K] int64
-    topk_logprobs: torch.Tensor | None = None  # [B, L, K] fp32, full-softmax log-probs
-    tail: torch.Tensor | None = None           # [B, L] fp32, log of the mass outside the K
+    topk: TopK | None = None      # [B, L, K] int64 ids, fp32 full-softmax log-probs; [B, L] tail
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, P, H] fp16/bf16
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, H] fp32
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)   # column -> [B, ...] 16-bit
 
 
 def hidden_positions(seq_len: int, stride: int) -> torch.Tensor:
@@ -73,7 +74,10 @@ def teacher_batch(model: nn.Module, input_ids: torch.Tensor, spec: CacheSpec, vo
                   chunk_tokens: int, hidden_dtype: torch.dtype | None) -> TeacherBatch:
     """Run the teacher once on [B, L] ids and compute every signal `spec` asks for."""
     want_hidden = bool(spec.hidden_layers)
-    last, all_hidden = decoder_forward(model, input_ids, want_hidden)
+    with contextlib.ExitStack() as stack:
+        captured = {name: stack.enter_context(SIGNALS[name].capture(model, params))
+                    for name, params in spec.extra}
+        last, all_hidden = decoder_forward(model, input_ids, want_hidden)
     out = TeacherBatch()
     b, seq = input_ids.shape
     if spec.topk is not None:
@@ -83,9 +87,7 @@ def teacher_batch(model: nn.Module, input_ids: torch.Tensor, spec: CacheSpec, vo
         bias = None if bias is None else bias[:vocab]
         ids, lps, tail = topk_logprobs(last.reshape(b * seq, -1), weight, bias,
                                        logit_softcap(model), spec.topk, chunk_tokens)
-        out.topk_ids = ids.view(b, seq, -1)
-        out.topk_logprobs = lps.view(b, seq, -1)
-        out.tail = tail.view(b, seq)
+        out.topk = TopK(ids.view(b, seq, -1), lps.view(b, seq, -1), tail.view(b, seq))
     if want_hidden:
         assert all_hidden is not None and hidden_dtype is not None
         pos = hidden_positions(seq, spec.hidden_stride)
@@ -95,10 +97,15 @@ def teacher_batch(model: nn.Module, input_ids: torch.Tensor, spec: CacheSpec, vo
             out.hidden[i] = _narrow(h, hidden_dtype, i)
     for how in spec.pooled:
         out.pooled[how] = pool(last, how)
+    for name, params in spec.extra:
+        kind = SIGNALS[name]
+        assert hidden_dtype is not None
+        for col, t in kind.to_columns(kind.online(captured[name], params), params).items():
+            out.extra[col] = _narrow(t, hidden_dtype, col)
     return out
 
 
-def _narrow(h: torch.Tensor, dtype: torch.dtype, layer: int) -> torch.Tensor:
+def _narrow(h: torch.Tensor, dtype: torch.dtype, layer: int | str) -> torch.Tensor:
     """Hidden states to the cache dtype; an fp16 overflow is an error, never a silent inf."""
     if dtype == torch.float16 and h.dtype != torch.float16:
         peak = float(h.detach().abs().max())

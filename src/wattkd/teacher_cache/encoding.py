@@ -33,9 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from wattkd.distill.signals import TOPK_COLUMNS, TopK
+
+IDS, LOGPROBS, TAIL = TOPK_COLUMNS
+
 __all__ = [
     "PACKED_SCALE",
-    "TopKArrays",
     "candidate_order",
     "cells_tensor",
     "decode_f32",
@@ -111,43 +114,34 @@ def _bits16(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- top-k
-@dataclass
-class TopKArrays:
-    """Decoded top-k of some rows, on the device they were decoded on."""
-
-    ids: torch.Tensor        # [n, L, K] int64
-    logprobs: torch.Tensor   # [n, L, K] float32
-    tail: torch.Tensor       # [n, L] float32
-
-
 def topk_columns(encoding: str, seq_len: int, k: int, vocab: int) -> dict[str, dict]:
     """Manifest description of the top-k columns (documentation and reader parameters)."""
     shape = [seq_len, k]
     if encoding == "raw":
-        return {"topk_ids": {"values": "int32", "shape": shape, "codec": "le",
+        return {IDS: {"values": "int32", "shape": shape, "codec": "le",
                              "order": "rank"},
-                "topk_logprobs": {"values": "float32", "shape": shape, "codec": "le",
+                LOGPROBS: {"values": "float32", "shape": shape, "codec": "le",
                                   "order": "rank"},
-                "topk_tail": {"values": "float32", "shape": [seq_len], "codec": "le"}}
+                TAIL: {"values": "float32", "shape": [seq_len], "codec": "le"}}
     nb = id_bytes(vocab)
     tail = {"values": "float16", "shape": [seq_len], "codec": "planes", "bytes": 2}
     if encoding == "fp16":
-        return {"topk_ids": {"values": "uint32", "shape": shape, "codec": "planes",
+        return {IDS: {"values": "uint32", "shape": shape, "codec": "planes",
                              "bytes": nb, "order": "rank"},
-                "topk_logprobs": {"values": "float16", "shape": shape, "codec": "planes",
+                LOGPROBS: {"values": "float16", "shape": shape, "codec": "planes",
                                   "bytes": 2, "order": "rank"},
-                "topk_tail": tail}
+                TAIL: tail}
     if encoding == "packed":
-        return {"topk_ids": {"values": "uint32", "shape": shape, "codec": "planes",
+        return {IDS: {"values": "uint32", "shape": shape, "codec": "planes",
                              "bytes": nb, "order": "ascending candidate rank",
                              "transform": "id -> rank (id_order), sort, delta"},
-                "topk_logprobs": {"values": "uint16", "shape": [seq_len + seq_len * k],
+                LOGPROBS: {"values": "uint16", "shape": [seq_len + seq_len * k],
                                   "codec": "planes", "bytes": 2,
                                   "order": "as topk_ids",
                                   "transform": "code = round(-logp * scale); stored: L "
                                                "per-position max codes, then max - code",
                                   "scale": PACKED_SCALE},
-                "topk_tail": tail}
+                TAIL: tail}
     raise ValueError(f"unknown top-k encoding {encoding!r}")
 
 
@@ -184,15 +178,15 @@ def stage_topk(encoding: str, ids: torch.Tensor, logprobs: torch.Tensor,
                          "teacher.dtype; fp16 overflows in some models, use bfloat16)")
     n = ids.shape[0]
     if encoding == "raw":
-        return {"topk_ids": Staged(ids.to(torch.int32).cpu().numpy().reshape(n, -1)),
-                "topk_logprobs": Staged(logprobs.float().cpu().numpy().reshape(n, -1)),
-                "topk_tail": Staged(tail.float().cpu().numpy().reshape(n, -1))}
+        return {IDS: Staged(ids.to(torch.int32).cpu().numpy().reshape(n, -1)),
+                LOGPROBS: Staged(logprobs.float().cpu().numpy().reshape(n, -1)),
+                TAIL: Staged(tail.float().cpu().numpy().reshape(n, -1))}
     nb = id_bytes(vocab)
-    out = {"topk_tail": Staged(_half_bits(tail.reshape(n, -1)), 2)}
+    out = {TAIL: Staged(_half_bits(tail.reshape(n, -1)), 2)}
     if encoding == "fp16":
-        out["topk_ids"] = Staged(ids.to(torch.int32).cpu().numpy().astype(np.uint32)
+        out[IDS] = Staged(ids.to(torch.int32).cpu().numpy().astype(np.uint32)
                                  .reshape(n, -1), nb)
-        out["topk_logprobs"] = Staged(_half_bits(logprobs.reshape(n, -1)), 2)
+        out[LOGPROBS] = Staged(_half_bits(logprobs.reshape(n, -1)), 2)
         return out
     if encoding == "packed":
         keys = ids if id_rank is None else id_rank.to(ids.device)[ids]
@@ -202,9 +196,9 @@ def stage_topk(encoding: str, ids: torch.Tensor, logprobs: torch.Tensor,
         codes = torch.round(-lp.clamp(max=0.0) * scale).clamp(0, MAX_CODE).to(torch.int32)
         top = codes.max(dim=-1).values                                  # [n, L]
         packed = torch.cat([top, (top[..., None] - codes).flatten(1)], dim=1)
-        out["topk_ids"] = Staged(gaps.to(torch.int32).cpu().numpy().astype(np.uint32)
+        out[IDS] = Staged(gaps.to(torch.int32).cpu().numpy().astype(np.uint32)
                                  .reshape(n, -1), nb)
-        out["topk_logprobs"] = Staged(packed.cpu().numpy().astype(np.uint16), 2)
+        out[LOGPROBS] = Staged(packed.cpu().numpy().astype(np.uint16), 2)
         return out
     raise ValueError(f"unknown top-k encoding {encoding!r}")
 
@@ -219,16 +213,17 @@ def encode_topk(encoding: str, ids: torch.Tensor, logprobs: torch.Tensor,
 
 def decode_topk(encoding: str, columns: dict[str, dict], cells: dict[str, list[bytes]],
                 id_order: torch.Tensor | None = None, device: torch.device | str = "cpu"
-                ) -> TopKArrays:
-    """Decode the top-k cells of some rows on `device`, with the manifest's parameters.
+                ) -> TopK:
+    """Decode the top-k cells of some rows on `device`, with the manifest's parameters
+    (ids [n, L, K] int64, log-probs [n, L, K] and tail [n, L] float32).
     `id_order` [vocab]: token id of each candidate rank (packed caches have one)."""
-    ci, cl = columns["topk_ids"], columns["topk_logprobs"]
+    ci, cl = columns[IDS], columns[LOGPROBS]
     seq, k = ci["shape"]
     m = seq * k
-    n = len(cells["topk_ids"])
-    raw_ids = cells_tensor(cells["topk_ids"], device)
-    raw_lp = cells_tensor(cells["topk_logprobs"], device)
-    raw_tail = cells_tensor(cells["topk_tail"], device)
+    n = len(cells[IDS])
+    raw_ids = cells_tensor(cells[IDS], device)
+    raw_lp = cells_tensor(cells[LOGPROBS], device)
+    raw_tail = cells_tensor(cells[TAIL], device)
     if encoding == "raw":
         ids = raw_ids.view(torch.int32).long()
         lp = raw_lp.view(torch.float32)
@@ -248,7 +243,7 @@ def decode_topk(encoding: str, columns: dict[str, dict], cells: dict[str, list[b
         tail = _bits16(planes_to_int(raw_tail, seq, 2), torch.float16).float()
     else:
         raise ValueError(f"unknown top-k encoding {encoding!r}")
-    return TopKArrays(ids.reshape(n, seq, k), lp.reshape(n, seq, k), tail.reshape(n, seq))
+    return TopK(ids.reshape(n, seq, k), lp.reshape(n, seq, k), tail.reshape(n, seq))
 
 
 def candidate_order(ids: torch.Tensor, vocab: int) -> np.ndarray:

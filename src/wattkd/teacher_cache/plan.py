@@ -8,12 +8,19 @@ dtypes, row-group size. Its `identity` is what must match to reuse or resume a c
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
 from wattkd.config import ExperimentConfig
+from wattkd.distill.signals import SIGNALS, hidden_column, pooled_column
+from wattkd.hashing import file_sha256
+from wattkd.jobs import teacher_path
+from wattkd.models import check_tokenizer_match, resolve_device, resolve_dtype
+from wattkd.preflight import check_stage_inputs, check_vocab_sizes, model_config
 from wattkd.teacher_cache import encoding as enc
 from wattkd.teacher_cache.compute import hidden_positions
 from wattkd.teacher_cache.manifest import CacheError, teacher_fingerprint
@@ -30,10 +37,6 @@ class CachePlan:
 
     def __init__(self, cfg: ExperimentConfig, signals: str | None, encoding: str | None,
                  batch_size: int | None) -> None:
-        from wattkd.hashing import file_sha256
-        from wattkd.jobs import teacher_path
-        from wattkd.models import check_tokenizer_match, resolve_device, resolve_dtype
-        from wattkd.preflight import check_stage_inputs, check_vocab_sizes, model_config
 
         self.cfg = cfg
         self.teacher_path = teacher_path(cfg)
@@ -54,7 +57,7 @@ class CachePlan:
         self.dtype = resolve_dtype(cfg.teacher.dtype, self.device)
         self.dtype_name = str(self.dtype).replace("torch.", "")
         hidden_dtype = self.spec.hidden_dtype
-        if self.spec.hidden_layers and hidden_dtype is None:
+        if (self.spec.hidden_layers or self.spec.extra) and hidden_dtype is None:
             hidden_dtype = "bfloat16" if self.dtype == torch.bfloat16 else "float16"
         self.hidden_dtype = hidden_dtype
         self.fingerprint = teacher_fingerprint(cfg, self.teacher_path, self.vocab)
@@ -83,12 +86,15 @@ class CachePlan:
         if spec.hidden_stride > int(self.shard_manifest["seq_len"]):
             raise CacheError(f"hidden stride {spec.hidden_stride} exceeds seq_len "
                              f"{self.shard_manifest['seq_len']}")
+        for name, params in spec.extra:
+            problem = SIGNALS[name].check(params, tc)
+            if problem:
+                raise CacheError(f"--signals {SIGNALS[name].canonical(params)}: {problem}")
 
     def _canonical(self) -> str:
         s = self.spec
         if s.hidden_layers:
-            s = CacheSpec(s.topk, s.hidden_layers, self.hidden_dtype, s.hidden_stride, s.pooled,
-                          s.encoding)
+            s = dataclasses.replace(s, hidden_dtype=self.hidden_dtype)
         return s.canonical()
 
     # ------------------------------------------------------------------ layout
@@ -104,12 +110,18 @@ class CachePlan:
         hsz = int(self.teacher_config.hidden_size)
         codec = "le" if spec.encoding == "raw" else "planes"
         for i in spec.hidden_layers:
-            cols[f"hidden_L{i}"] = {"values": self.hidden_dtype, "shape": [self.positions, hsz],
-                                    "codec": codec, "bytes": 2,
-                                    "stride": spec.hidden_stride}
+            cols[hidden_column(i)] = {"values": self.hidden_dtype,
+                                      "shape": [self.positions, hsz], "codec": codec,
+                                      "bytes": 2, "stride": spec.hidden_stride}
         for how in spec.pooled:
-            cols[f"pooled_{how}"] = {"values": "float32", "shape": [hsz], "codec": "le",
-                                     "pooling": how}
+            cols[pooled_column(how)] = {"values": "float32", "shape": [hsz], "codec": "le",
+                                        "pooling": how}
+        for name, params in spec.extra:  # registered kinds: 16-bit arrays, coded like hidden
+            kind = SIGNALS[name]
+            for col in kind.column_names(params):
+                cols[col] = {"values": self.hidden_dtype, "codec": codec, "bytes": 2,
+                             "shape": kind.column_shape(col, seq, self.teacher_config),
+                             "signal": name}
         return cols
 
     def bytes_per_token_by_signal(self) -> dict[str, float]:
@@ -151,7 +163,9 @@ class CachePlan:
                         "hidden": None if not spec.hidden_layers else {
                             "layers": list(spec.hidden_layers), "dtype": self.hidden_dtype,
                             "stride": spec.hidden_stride, "positions": self.positions},
-                        "pooled": list(spec.pooled)},
+                        "pooled": list(spec.pooled),
+                        **({"extra": {n: SIGNALS[n].canonical(p) for n, p in spec.extra}}
+                           if spec.extra else {})},
             "encoding": spec.encoding,
             "columns": self.columns,
         }
@@ -164,8 +178,6 @@ def plan_cache(cfg: ExperimentConfig, signals: str | None = None, *,
 
 
 def _teacher_config(cfg: ExperimentConfig, path: str | None, vocab: int) -> Any:
-    from transformers import AutoConfig
-
     t = cfg.teacher
     try:
         if path is None:

@@ -25,12 +25,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from wattkd.config import ExperimentConfig
-from wattkd.distill.teacher import SignalRequest, TeacherSignals, TopK
+from wattkd.data.manifest import read_manifest, sha256_file
+from wattkd.distill.signals import (
+    SIGNALS,
+    TOPK_COLUMNS,
+    SignalRequest,
+    TeacherSignals,
+    hidden_column,
+    pooled_column,
+)
+from wattkd.jobs import teacher_path
+from wattkd.models import resolve_device
 from wattkd.teacher_cache import encoding as enc
-from wattkd.teacher_cache.manifest import CacheError, crc_column, read_cache_manifest
+from wattkd.teacher_cache.manifest import (
+    CacheError,
+    crc_column,
+    file_sha256,
+    read_cache_manifest,
+    teacher_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +63,6 @@ def check_cache(cfg: ExperimentConfig, shards_path: Path, *,
     """Refuse a cache that does not belong to these shards, this tokenizer and this teacher,
     or that lacks a signal `request` needs; return its manifest. Cheap: no weights are read
     (the teacher is identified by its config and sampled weight bytes)."""
-    from wattkd.data.manifest import read_manifest, sha256_file
-    from wattkd.jobs import teacher_path
-    from wattkd.teacher_cache.manifest import teacher_fingerprint
 
     root = cfg.cache_dir
     m = read_cache_manifest(root)
@@ -91,14 +105,15 @@ def _check_request(m: dict[str, Any], request: SignalRequest, root: Path) -> Non
         missing.append(f"hidden states of layers {lacking}")
     if request.pooled and request.pooled not in sig.get("pooled", []):
         missing.append(f"{request.pooled}-pooled embeddings")
+    for name, params in request.extra:
+        if any(c not in m["columns"] for c in SIGNALS[name].column_names(params)):
+            missing.append(f"{SIGNALS[name].canonical(params)} ({name})")
     if missing:
         raise CacheError(f"teacher cache {root} ({sig.get('spec')}) lacks "
                          f"{', '.join(missing)} that this method needs; rebuild it with "
                          "`wattkd teacher cache CONFIG --signals ...` including them")
 
 def _verify_parts(root: Path, m: dict[str, Any], level: str) -> None:
-    from wattkd.teacher_cache.manifest import file_sha256
-
     if level not in ("none", "size", "sha256"):
         raise ValueError(f"verify must be 'none', 'size' or 'sha256', got {level!r}")
     if level == "none":
@@ -139,9 +154,7 @@ class CacheReader:
 
     def _id_order(self) -> np.ndarray | None:
         """Candidate rank -> token id of a packed cache (None: ids are stored as they are)."""
-        from wattkd.teacher_cache.manifest import file_sha256
-
-        info = self.columns.get("topk_ids", {}).get("id_order")
+        info = self.columns.get(TOPK_COLUMNS[0], {}).get("id_order")
         if not info:
             return None
         path = self.root / info["file"]
@@ -155,8 +168,6 @@ class CacheReader:
         return int(self.manifest["rows"])
 
     def _file(self, part: int) -> Any:
-        import pyarrow.parquet as pq
-
         files = self._files.__dict__.setdefault("open", {})
         f = files.get(part)
         if f is None:
@@ -173,8 +184,6 @@ class CacheReader:
     def _check_part(self, part: int, path: Path) -> None:
         """sha256 of the whole part against the manifest, once per part (one sequential read;
         cost measured in benchmarks/RESULTS.md): no altered byte reaches a loss."""
-        from wattkd.teacher_cache.manifest import file_sha256
-
         if not self.verify:
             return
         with self._verify_lock:
@@ -294,10 +303,12 @@ class CachedTeacher:
         self.check_rows = check_rows
         cols: list[str] = []
         if request.logits:
-            cols += ["topk_ids", "topk_logprobs", "topk_tail"]
-        cols += [f"hidden_L{i}" for i in request.hidden_layers]
+            cols += TOPK_COLUMNS
+        cols += [hidden_column(i) for i in request.hidden_layers]
         if request.pooled:
-            cols.append(f"pooled_{request.pooled}")
+            cols.append(pooled_column(request.pooled))
+        for name, params in request.extra:
+            cols += SIGNALS[name].column_names(params)
         self._columns = tuple(cols)
         order = self.reader.id_order
         self._id_order = None if order is None else torch.from_numpy(order).to(self.device)
@@ -348,19 +359,25 @@ class CachedTeacher:
         dev = self.device
         cols = self.reader.columns
         if self.request.logits:
-            t = enc.decode_topk(self.reader.encoding, cols,
-                                {k: cells[k] for k in ("topk_ids", "topk_logprobs",
-                                                       "topk_tail")}, self._id_order, dev)
-            sig.topk = TopK(ids=t.ids, logprobs=t.logprobs, tail_logprob=t.tail)
+            sig.topk = enc.decode_topk(self.reader.encoding, cols,
+                                       {k: cells[k] for k in TOPK_COLUMNS}, self._id_order, dev)
         sig.hidden_stride = int((self.manifest["signals"].get("hidden") or {}).get("stride", 1))
         for i in self.request.hidden_layers:
-            c = cols[f"hidden_L{i}"]
-            sig.hidden[i] = enc.decode_hidden(self.reader.encoding, cells[f"hidden_L{i}"],
-                                              c["shape"], c["values"], dev)
+            sig.hidden[i] = self._decode16(cells, hidden_column(i))
         if self.request.pooled:
-            name = f"pooled_{self.request.pooled}"
+            name = pooled_column(self.request.pooled)
             sig.pooled = enc.decode_f32(cells[name], int(cols[name]["shape"][0]), dev)
+        for name, params in self.request.extra:
+            kind = SIGNALS[name]
+            sig.extra[name] = kind.from_columns(
+                {c: self._decode16(cells, c) for c in kind.column_names(params)}, params)
         return sig
+
+    def _decode16(self, cells: dict[str, list[Any]], column: str) -> torch.Tensor:
+        """A 16-bit float column (hidden states, registered kinds) of the batch's rows."""
+        c = self.reader.columns[column]
+        return enc.decode_hidden(self.reader.encoding, cells[column], c["shape"], c["values"],
+                                 self.device)
 
 
 def _check_crc(input_ids: torch.Tensor, crcs: list[int], rows: np.ndarray, root: Path) -> None:
@@ -373,8 +390,6 @@ def _check_crc(input_ids: torch.Tensor, crcs: list[int], rows: np.ndarray, root:
 
 
 def _default_device(cfg: ExperimentConfig) -> torch.device:
-    from wattkd.models import resolve_device
-
     dev = resolve_device(cfg.train.device)
     if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

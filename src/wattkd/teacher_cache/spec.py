@@ -5,19 +5,25 @@
                                    hidden states of layers L (HF hidden_states index, 0 =
                                    embeddings), every S-th position only when stride > 1
     pooled[:mean][:last]           pooled final hidden state per row (fp32)
+    <kind>[:...]                   a signal kind registered in distill/signals.py (its own
+                                   grammar, e.g. qkv:L)
 
 Without `--signals` the config decides (one cache serves every method of the experiment):
-top-k (k = distill.cache_top_k) if any method has a logit loss that needs the teacher; hidden
-layers = distill.cache_hidden_layers, else the teacher side of every feature method's layer_map;
-pooled (with each relation method's pooling) if distill.cache_pooled or any relation method.
+what each method declares it needs (`get_method(mode).signals(method)`, distill/methods/),
+counting only its losses of weight > 0: top-k (k = distill.cache_top_k) for teacher logits;
+hidden layers = distill.cache_hidden_layers, else the layers the methods ask for; the
+poolings the methods ask for (mean if distill.cache_pooled and none does).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from wattkd.config import ExperimentConfig
+from wattkd.distill.methods import get_method
+from wattkd.distill.signals import SIGNALS, merge_extra
 from wattkd.errors import InputError
 
 __all__ = [
@@ -36,8 +42,12 @@ DEFAULT_ENCODING = "packed"
 HIDDEN_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "float16": "float16",
                  "bfloat16": "bfloat16"}
 POOLINGS = ("mean", "last")
-GRAMMAR = ("topk[:K], hidden:L[:L...][:fp16|:bf16][:stride=S], pooled[:mean][:last] "
-           "(comma-separated, e.g. 'topk:64,hidden:2:4,pooled')")
+GRAMMAR = ("topk[:K], hidden:L[:L...][:fp16|:bf16][:stride=S], pooled[:mean][:last]"
+           "{extra} (comma-separated, e.g. 'topk:64,hidden:2:4,pooled')")
+
+
+def _grammar() -> str:
+    return GRAMMAR.format(extra="".join(f", {k.grammar}" for k in SIGNALS.values()))
 
 
 class SpecError(InputError, ValueError):
@@ -54,10 +64,12 @@ class CacheSpec:
     hidden_stride: int = 1
     pooled: tuple[str, ...] = ()
     encoding: str = DEFAULT_ENCODING
+    extra: tuple[tuple[str, Any], ...] = ()   # registered kinds: (name, params), by name
 
     @property
     def empty(self) -> bool:
-        return self.topk is None and not self.hidden_layers and not self.pooled
+        return self.topk is None and not self.hidden_layers and not self.pooled \
+            and not self.extra
 
     def canonical(self) -> str:
         parts = []
@@ -72,6 +84,7 @@ class CacheSpec:
             parts.append(h)
         if self.pooled:
             parts.append("pooled:" + ":".join(self.pooled))
+        parts += [SIGNALS[name].canonical(params) for name, params in self.extra]
         return ",".join(parts)
 
 
@@ -79,12 +92,13 @@ def parse_signals(text: str, *, default_k: int, default_pooled: tuple[str, ...] 
                   encoding: str = DEFAULT_ENCODING) -> CacheSpec:
     """Parse a `--signals` string; every problem names the item and the expected grammar."""
     if not isinstance(text, str) or not text.strip():
-        raise SpecError(f"--signals must not be empty; expected {GRAMMAR}")
+        raise SpecError(f"--signals must not be empty; expected {_grammar()}")
     topk: int | None = None
     layers: set[int] = set()
     dtype: str | None = None
     stride = 1
     pooled: list[str] = []
+    extra: dict[str, Any] = {}
     seen: set[str] = set()
     for raw in text.split(","):
         item = raw.strip()
@@ -118,32 +132,35 @@ def parse_signals(text: str, *, default_k: int, default_pooled: tuple[str, ...] 
                     raise SpecError(f"--signals item {item!r}: pooling {a!r} unknown; "
                                     f"expected {' or '.join(POOLINGS)}")
             pooled = sorted(set(args) or set(default_pooled), key=POOLINGS.index)
+        elif name in SIGNALS:
+            try:
+                extra[name] = SIGNALS[name].parse(args, item)
+            except ValueError as exc:
+                raise SpecError(f"--signals item {item!r}: {exc}; expected "
+                                f"{SIGNALS[name].grammar}") from None
         else:
             raise SpecError(f"--signals item {item!r}: unknown signal {name!r}; "
-                            f"expected {GRAMMAR}")
+                            f"expected {_grammar()}")
     return CacheSpec(topk=topk, hidden_layers=tuple(sorted(layers)), hidden_dtype=dtype,
-                     hidden_stride=stride, pooled=tuple(pooled), encoding=_encoding(encoding))
+                     hidden_stride=stride, pooled=tuple(pooled), encoding=_encoding(encoding),
+                     extra=tuple(sorted(extra.items())))
 
 
 def default_spec(cfg: ExperimentConfig, encoding: str = DEFAULT_ENCODING) -> CacheSpec:
     """The signals the config's methods need (see module docstring)."""
-    from wattkd.distill.registry import get_loss
-
     d = cfg.distill
-    kd = [m for m in d.methods if m.mode != "none"]
-    wants_topk = any(get_loss(t.name).kind == "logit" and get_loss(t.name).needs_teacher
-                     and t.weight > 0 for m in kd for t in m.losses)
-    layers = set(d.cache_hidden_layers)
-    if not layers:
-        layers = {int(t) for m in kd if m.mode == "feature" for _, t in (m.layer_map or [])}
-    pooled = {m.pooling for m in kd if m.mode == "relation"}
+    requests = [get_method(m.mode).signals(
+        m.model_copy(update={"losses": [t for t in m.losses if t.weight > 0]}))
+        for m in d.methods]
+    layers = set(d.cache_hidden_layers) or {i for r in requests for i in r.hidden_layers}
+    pooled = {r.pooled for r in requests if r.pooled}
     if d.cache_pooled and not pooled:
         pooled = {"mean"}
-    return CacheSpec(topk=d.cache_top_k if wants_topk else None,
+    return CacheSpec(topk=d.cache_top_k if any(r.logits for r in requests) else None,
                      hidden_layers=tuple(sorted(layers)),
                      hidden_stride=d.cache_hidden_stride if layers else 1,
                      pooled=tuple(sorted(pooled, key=POOLINGS.index)),
-                     encoding=_encoding(encoding))
+                     encoding=_encoding(encoding), extra=merge_extra(requests))
 
 
 def resolve_spec(cfg: ExperimentConfig, signals: str | None,
@@ -158,10 +175,11 @@ def resolve_spec(cfg: ExperimentConfig, signals: str | None,
         if spec.empty:
             raise SpecError("nothing to cache: no method of this config needs teacher signals "
                             "(no logit loss with a teacher, no feature or relation method); "
-                            f"pass --signals {GRAMMAR}")
+                            f"pass --signals {_grammar()}")
         return spec
-    pooled = tuple(sorted({m.pooling for m in cfg.distill.methods if m.mode == "relation"}
-                          or {"mean"}, key=POOLINGS.index))
+    pooled = tuple(sorted({p for m in cfg.distill.methods
+                           if (p := get_method(m.mode).signals(m).pooled)} or {"mean"},
+                          key=POOLINGS.index))
     return parse_signals(signals, default_k=cfg.distill.cache_top_k, default_pooled=pooled,
                          encoding=enc)
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from wattkd.energy.metrics import read_phases, read_telemetry, telemetry_energy
 from wattkd.teacher_cache.manifest import CacheError, manifest_sha256, read_cache_manifest
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,6 @@ def session_energy(cache_dir: Path, session: dict[str, Any],
     if start is None or not (cache_dir / "telemetry").is_dir():
         return out
     try:
-        from wattkd.energy.metrics import read_telemetry, telemetry_energy
-
         tel = read_telemetry(cache_dir / "telemetry")
         sid = session.get("session")
         mine = type(tel)(s for s in tel if not sid or s.get("session") == sid)
@@ -86,7 +85,6 @@ def session_energy(cache_dir: Path, session: dict[str, Any],
 
 def _recovered_record(cache_dir: Path, session: dict[str, Any]) -> dict[str, Any] | None:
     """The energy ledger's recovered `teacher_cache` window of a killed build session."""
-    from wattkd.energy.metrics import read_phases
 
     if not session.get("session") or not (cache_dir / "phases.jsonl").is_file():
         return None

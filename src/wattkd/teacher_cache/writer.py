@@ -22,20 +22,30 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import time
 import zlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from rich.progress import Progress, TaskProgressColumn
 
+from wattkd import __version__
 from wattkd.atomic import atomic_write_bytes, atomic_write_json
 from wattkd.config import ExperimentConfig
+from wattkd.data.loader import ShardDataset
+from wattkd.distill.signals import TOPK_COLUMNS, hidden_column, pooled_column
+from wattkd.energy.ledger import make_meter
+from wattkd.models import load_teacher
+from wattkd.preflight import human_bytes
 from wattkd.progress import NoBar, TokenRate, progress_bar
 from wattkd.teacher_cache import encoding as enc
 from wattkd.teacher_cache.compute import TeacherBatch, teacher_batch
@@ -53,6 +63,7 @@ from wattkd.teacher_cache.manifest import (
 )
 from wattkd.teacher_cache.plan import CachePlan, plan_cache
 from wattkd.teacher_cache.spec import CacheSpec
+from wattkd.teacher_cache.usage import summarize_energy
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +182,6 @@ def check_cache_room(plan: CachePlan, root: Path, done: dict[int, Any]) -> None:
     """Say how big the cache will be (bytes per token per signal x tokens) and refuse to start
     a build the disk cannot hold. The figure is the encoded size before zstd, an upper bound
     (top-k columns typically compress further; hidden states hardly: measured in RESULTS)."""
-    import shutil
-
-    from wattkd.preflight import human_bytes
 
     parts = plan.shard_manifest["parts"]
     todo_rows = sum(p["rows"] for i, p in enumerate(parts) if i not in done)
@@ -210,8 +218,6 @@ def _verified_parts(root: Path, state: dict[str, Any]) -> dict[int, dict[str, An
 
 def _build(plan: CachePlan, root: Path, state: dict[str, Any], done: dict[int, dict[str, Any]],
            progress: bool) -> None:
-    from wattkd.energy.ledger import make_meter
-    from wattkd.models import load_teacher
 
     cfg = plan.cfg
     parts = plan.shard_manifest["parts"]
@@ -284,7 +290,7 @@ def _id_rank(plan: CachePlan, teacher: Any, root: Path, state: dict[str, Any]
             x = torch.from_numpy(ids[b0:b0 + plan.batch_size].astype(np.int64)).to(plan.device)
             out = teacher_batch(teacher, x, spec, plan.vocab,
                                 plan.cfg.distill.logit_chunk_tokens, None)
-            seen.append(out.topk_ids.cpu())
+            seen.append(out.topk.ids.cpu())
         order = enc.candidate_order(torch.cat(seen), plan.vocab)
         atomic_write_bytes(path, order.astype("<u4").tobytes())
         state["id_order"] = {"file": ID_ORDER, "sha256": file_sha256(path),
@@ -298,8 +304,6 @@ def _id_rank(plan: CachePlan, teacher: Any, root: Path, state: dict[str, Any]
 def _write_part(plan: CachePlan, teacher: Any, root: Path, index: int, row_start: int,
                 id_rank: torch.Tensor | None, advance: Any) -> dict[str, Any]:
     """Stream one part to a temp file, row group by row group, then rename it into place."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     info = plan.shard_manifest["parts"][index]
     ids = _read_shard_part(plan, index)
@@ -374,15 +378,12 @@ def _write_part(plan: CachePlan, teacher: Any, root: Path, index: int, row_start
 def _read_shard_part(plan: CachePlan, index: int) -> np.ndarray:
     """Token ids of shard part `index`, checked like training reads them (sha256, rows,
     vocabulary), so a cache is never built from corrupt shards."""
-    from wattkd.data.loader import ShardDataset
 
     return ShardDataset(plan.shards, shuffle=False, verify="size"
                         ).part_ids(index)
 
 
 def _schema(plan: CachePlan) -> Any:
-    import pyarrow as pa
-
     fields = [pa.field("row", pa.int64()), pa.field("input_crc32", pa.uint32())]
     fields += [pa.field(name, pa.large_binary()) for name in plan.columns]
     fields += [pa.field(crc_column(name), pa.uint32()) for name in plan.columns]
@@ -402,13 +403,15 @@ def _encode(plan: CachePlan, out: TeacherBatch, ids: np.ndarray, row0: int,
     n = ids.shape[0]
     cells: dict[str, Any] = {"row": list(range(row0, row0 + n)),
                              "input_crc32": row_crc32(ids)}
-    if out.topk_ids is not None:
-        cells.update(enc.stage_topk(plan.spec.encoding, out.topk_ids, out.topk_logprobs,
-                                    out.tail, plan.vocab, id_rank=id_rank))
+    if out.topk is not None:
+        cells.update(enc.stage_topk(plan.spec.encoding, out.topk.ids, out.topk.logprobs,
+                                    out.topk.tail_logprob, plan.vocab, id_rank=id_rank))
     for i, h in out.hidden.items():
-        cells[f"hidden_L{i}"] = enc.stage_hidden(plan.spec.encoding, h)
+        cells[hidden_column(i)] = enc.stage_hidden(plan.spec.encoding, h)
     for how, p in out.pooled.items():
-        cells[f"pooled_{how}"] = enc.stage_f32(p)
+        cells[pooled_column(how)] = enc.stage_f32(p)
+    for col, t in out.extra.items():  # registered signal kinds: 16-bit arrays like hidden
+        cells[col] = enc.stage_hidden(plan.spec.encoding, t)
     return cells
 
 
@@ -423,21 +426,15 @@ def _column_bytes(meta: Any) -> dict[str, int]:
     return out
 
 
-def _signal_of(column: str) -> str:
-    if column.startswith("topk_"):
-        return "topk"
-    if column.startswith("hidden_"):
-        return "hidden"
-    if column.startswith("pooled_"):
-        return "pooled"
-    return "meta"
+def _signal_of(column: str, columns: dict[str, dict[str, Any]]) -> str:
+    """Signal a column belongs to (crc and row columns count as meta)."""
+    return columns[column].get("signal", column.split("_", 1)[0]) if column in columns \
+        else "meta"
 
 
 def _finish(plan: CachePlan, root: Path, state: dict[str, Any],
             done: dict[int, dict[str, Any]], seconds: float) -> None:
     """All parts present: write manifest.json (the cache becomes usable), drop the state."""
-    from wattkd import __version__
-    from wattkd.teacher_cache.usage import summarize_energy
 
     parts = [done[i] for i in sorted(done)]
     rows = sum(p["rows"] for p in parts)
@@ -446,7 +443,8 @@ def _finish(plan: CachePlan, root: Path, state: dict[str, Any],
     by_signal: dict[str, int] = {}
     for p in parts:
         for col, b in p["column_bytes"].items():
-            by_signal[_signal_of(col)] = by_signal.get(_signal_of(col), 0) + b
+            kind = _signal_of(col, plan.columns)
+            by_signal[kind] = by_signal.get(kind, 0) + b
     energy = summarize_energy(root, state["sessions"], tokens)
     built = sum(s.get("tokens", 0) for s in state["sessions"])
     manifest = {
@@ -466,7 +464,7 @@ def _finish(plan: CachePlan, root: Path, state: dict[str, Any],
                                "pyarrow": _version("pyarrow")}},
     }
     if state.get("id_order"):
-        manifest["columns"]["topk_ids"]["id_order"] = state["id_order"]
+        manifest["columns"][TOPK_COLUMNS[0]]["id_order"] = state["id_order"]
     write_cache_manifest(root, manifest)
     with contextlib.suppress(FileNotFoundError):
         (root / STATE).unlink()
@@ -478,8 +476,6 @@ def _finish(plan: CachePlan, root: Path, state: dict[str, Any],
 
 
 def _version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(name)
     except PackageNotFoundError:

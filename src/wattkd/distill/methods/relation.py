@@ -6,14 +6,20 @@ teacher widths may differ without a projector.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
 
-from wattkd.config import MethodConfig
+from wattkd.distill.methods.registry import register_method
 from wattkd.distill.objective import StepInputs, terms_of
-from wattkd.distill.teacher import SignalRequest, TeacherSignals, pool
+from wattkd.distill.signals import SignalRequest, TeacherSignals, pool
+
+if TYPE_CHECKING:
+    from wattkd.config import MethodConfig
 
 
+@register_method("relation", loss_kinds={"relation"}, guard=True, order=2, colour="#2ca02c")
 class RelationMode(nn.Module):
     needs_student_hidden = False
 
@@ -21,7 +27,21 @@ class RelationMode(nn.Module):
         super().__init__()
         self.pooling = method.pooling
         self.terms = terms_of(method, {"relation"})
-        self.request = SignalRequest(pooled=self.pooling)
+        self.request = self.signals(method)
+
+    @staticmethod
+    def signals(method: MethodConfig) -> SignalRequest:
+        return SignalRequest(pooled=method.pooling)
+
+    @staticmethod
+    def min_batch(method: MethodConfig) -> int:
+        """Distances compare two sequences of a micro-batch, angles three."""
+        return max((3 if t.name == "rkd_angle" else 2 for t in method.losses
+                    if t.name.startswith("rkd_")), default=0)
+
+    @classmethod
+    def build(cls, method: MethodConfig, student: nn.Module, teacher_dims: Any) -> nn.Module:
+        return cls(method)
 
     def forward(self, inputs: StepInputs, last: torch.Tensor, all_hidden, signals: TeacherSignals
                 ) -> tuple[torch.Tensor, dict[str, float]]:

@@ -6,13 +6,18 @@ the student, are saved in checkpoints and beside the final student (projector.pt
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
 
-from wattkd.config import MethodConfig
+from wattkd.distill.methods.registry import register_method
 from wattkd.distill.objective import StepInputs, terms_of
-from wattkd.distill.teacher import SignalRequest, TeacherSignals
-from wattkd.models import ModelError
+from wattkd.distill.signals import SignalRequest, TeacherSignals
+from wattkd.models import ModelError, hidden_size, num_layers
+
+if TYPE_CHECKING:
+    from wattkd.config import ExperimentConfig, MethodConfig
 
 
 def check_layer_map(layer_map: list[tuple[int, int]], student_layers: int,
@@ -27,8 +32,30 @@ def check_layer_map(layer_map: list[tuple[int, int]], student_layers: int,
                              f"so its hidden-state indices are 0..{teacher_layers}")
 
 
+@register_method("feature", loss_kinds={"feature"}, guard=True, order=1, colour="#ff7f0e")
 class FeatureMode(nn.Module):
     needs_student_hidden = True
+
+    @staticmethod
+    def signals(method: MethodConfig) -> SignalRequest:
+        return SignalRequest(hidden_layers=tuple(sorted({t for _, t in method.layer_map or []})))
+
+    @staticmethod
+    def validate(method: MethodConfig, cfg: ExperimentConfig | None) -> list[str]:
+        return [] if method.layer_map else ["feature mode needs layer_map"]
+
+    @staticmethod
+    def check_models(method: MethodConfig, student: Any, teacher: Any) -> None:
+        """`student`/`teacher`: HF configs (num_hidden_layers)."""
+        check_layer_map(method.layer_map or [], int(student.num_hidden_layers),
+                        int(teacher.num_hidden_layers))
+
+    @classmethod
+    def build(cls, method: MethodConfig, student: nn.Module, teacher_dims: tuple[int, int]
+              ) -> nn.Module:
+        t_layers, t_hidden = teacher_dims
+        check_layer_map(method.layer_map or [], num_layers(student), t_layers)
+        return cls(method, hidden_size(student), t_hidden)
 
     def __init__(self, method: MethodConfig, student_hidden: int, teacher_hidden: int) -> None:
         super().__init__()
@@ -40,7 +67,7 @@ class FeatureMode(nn.Module):
             nn.Linear(student_hidden, teacher_hidden, bias=False) for _ in self.pairs)
         for proj in self.projectors:
             nn.init.xavier_uniform_(proj.weight)
-        self.request = SignalRequest(hidden_layers=tuple(sorted({t for _, t in self.pairs})))
+        self.request = self.signals(method)
 
     def forward(self, inputs: StepInputs, last: torch.Tensor, all_hidden, signals: TeacherSignals
                 ) -> tuple[torch.Tensor, dict[str, float]]:
