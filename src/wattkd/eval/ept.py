@@ -38,9 +38,9 @@ import transformers
 
 import wattkd
 from wattkd.config import EptConfig
-from wattkd.energy.sources import NvmlSource
 from wattkd.corpus import documents, fingerprint
 from wattkd.energy.ledger import NullMeter
+from wattkd.energy.sources import NvmlSource
 from wattkd.errors import InputError
 from wattkd.eval.engine import EngineError, generation_config, resolve_engine, set_attention
 from wattkd.eval.ept_protocol import ept_protocol, figure
