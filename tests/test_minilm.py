@@ -15,9 +15,13 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from wattkd.config import ConfigError, MethodConfig, validate
+from wattkd.data.shards import build_shards
 from wattkd.distill.modes import make_mode
 from wattkd.distill.objective import DistillObjective, StepInputs
 from wattkd.distill.teacher import OnlineTeacher
+from wattkd.jobs import student_job, teacher_pretrain_job
+from wattkd.teacher_cache import build_cache
+from wattkd.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
@@ -197,10 +201,6 @@ def test_bad_params_are_refused_at_config_load(tmp_path: Path, params: dict,
 
 
 def test_example_config_trains_two_steps_on_cpu(tmp_path: Path) -> None:
-    from wattkd.data.shards import build_shards
-    from wattkd.teacher_cache import build_cache
-    from wattkd.train import student_job, teacher_pretrain_job, train
-
     data = yaml.safe_load((ROOT / "configs" / "examples" / "minilm.yaml").read_text())
     data["output_dir"] = str(tmp_path / "out")
     data["data"].update(total_tokens=16384, seq_len=32, heldout_fraction=0.0,
