@@ -20,7 +20,6 @@ from wattkd.cli_errors import ErrorReportingGroup, set_debug
 from wattkd.config import ConfigError, dump, load
 from wattkd.energy.monitor import run_monitor
 from wattkd.jobs import TrainResult, student_job, teacher_finetune_job, teacher_pretrain_job
-from wattkd.report import ReportInputError, build_report
 from wattkd.slurm import SlurmError, print_status, submit_pipeline
 
 # Errors leaving any command are reported by ErrorReportingGroup (one `error:` line, exit codes
@@ -245,6 +244,8 @@ def report_cmd(runs: Annotated[list[Path], typer.Argument(help="run directories"
                teacher: Annotated[Path, typer.Option(help="teacher run directory")],
                out: Annotated[Path, typer.Option(help="output directory")]) -> None:
     """Tables, plots, report.html and report.md from run directories."""
+    from wattkd.report import ReportInputError, build_report  # torch (methods' registry)
+
     try:
         path = build_report(runs, teacher=teacher, out=out)
     except ReportInputError as exc:

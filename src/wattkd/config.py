@@ -23,8 +23,6 @@ from pydantic import (
     model_validator,
 )
 
-from wattkd.distill.methods.registry import check_method
-from wattkd.distill.registry import check_loss_term
 from wattkd.errors import ConfigError
 from wattkd.names import safe_name as _safe_name
 
@@ -234,6 +232,13 @@ class MethodConfig(Strict):
         if not self.losses:
             raise ValueError(f"method {self.name!r}: losses must not be empty")
         return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the method reads teacher signals, as its registered declaration says."""
+        from wattkd.distill.methods.registry import get_method  # lazy: see _check_methods
+
+        return get_method(self.mode).needs_teacher
 
 
 def _default_methods() -> list[MethodConfig]:
@@ -617,6 +622,11 @@ def _check_suites(cfg: ExperimentConfig, source: str) -> None:
 def _check_methods(cfg: ExperimentConfig, source: str) -> None:
     """Modes, their params and checks, loss names and params are checked against the method
     and loss registries at load time."""
+    # lazy: the registries load the methods and losses (torch); a config read for `--help`,
+    # `config show` or Slurm status stays light
+    from wattkd.distill.methods.registry import check_method
+    from wattkd.distill.registry import check_loss_term
+
     problems = []
     for i, method in enumerate(cfg.distill.methods):
         found = check_method(method, cfg)

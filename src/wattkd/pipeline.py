@@ -61,7 +61,7 @@ def stages(cfg: ExperimentConfig) -> list[Stage]:
         out.append(Stage("teacher finetune", lambda: training_done(teacher_dir),
                          lambda: _train_or_fail(teacher_finetune_job(cfg))))
     if cfg.distill.teacher_signals == "cache" and any(
-            m.mode != "none" for m in cfg.distill.methods):
+            m.needs_teacher for m in cfg.distill.methods):
         out.append(Stage("teacher cache", lambda: False,  # resumable, skips when done
                          lambda: build_cache(cfg)))
     runs: list[Path] = []

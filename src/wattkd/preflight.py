@@ -336,7 +336,7 @@ def check_training(job: Any, tokenizer_size: int, resume: str = "auto") -> None:
         raise ConfigError(f"--repeat {job.repeat}: the repeat index must be >= 0 (seed = "
                           "train.seed + repeat; train.repeats says how many a study runs)")
     check_batch(job)
-    needs_teacher = job.method.mode != "none"
+    needs_teacher = job.method.needs_teacher
     uses_teacher = needs_teacher or job.student.from_teacher_layers is not None
     t_source = job.teacher_path or cfg.teacher.model
     teacher_conf = None

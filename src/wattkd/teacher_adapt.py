@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wattkd.teacher_cache.usage import _append_line
+from wattkd.teacher_cache.usage import append_line
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def record_finetune_use(teacher_dir: str | Path, run_dir: str | Path) -> dict[st
     if run not in finetune_users(root):
         line = json.dumps({"schema": 1, "run_dir": run, "t_wall": round(time.time(), 3),
                            "host": socket.gethostname().split(".")[0]}) + "\n"
-        _append_line(root / USERS, line.encode())
+        append_line(root / USERS, line.encode())
     return {"run_dir": str(root), "final": str(root / "final")}
 
 

@@ -173,7 +173,7 @@ def check_inputs(job: TrainJob, resume: str) -> Inputs:
     """Validate shards, tokenizer, teacher, cache, --resume, eval suite and the configs before
     anything expensive (no model is loaded here)."""
     cfg, tc = job.cfg, job.train
-    needs_teacher = job.method.mode != "none"
+    needs_teacher = job.method.needs_teacher
     uses_teacher = needs_teacher or job.student.from_teacher_layers is not None
     probe = check_stage_inputs(cfg, job.teacher_path, uses_teacher)  # shards, tokenizer, teacher
     shards, tokenizer = probe.path, probe.tokenizer

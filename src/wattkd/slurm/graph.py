@@ -149,7 +149,7 @@ def build_graph(cfg: ExperimentConfig, only: set[str] | None = None) -> list[Sta
         add("teacher_finetune", "teacher_finetune", "fine-tune the teacher on the shards", shards)
         teacher_ready = shards + [Dep("afterok", "teacher_finetune")]
     kd_ready = teacher_ready
-    needs_teacher = [m for m in cfg.distill.methods if m.mode != "none"]
+    needs_teacher = [m for m in cfg.distill.methods if m.needs_teacher]
     if cfg.distill.teacher_signals == "cache" and needs_teacher:
         add("teacher_cache", "teacher_cache", "cache the teacher's signals", teacher_ready)
         kd_ready = teacher_ready + [Dep("afterok", "teacher_cache")]
@@ -158,7 +158,7 @@ def build_graph(cfg: ExperimentConfig, only: set[str] | None = None) -> list[Sta
     run_dirs: list[Path] = []
     for method in cfg.distill.methods:
         # a baseline initialised from the teacher's layers waits for the teacher too
-        deps = kd_ready if method.mode != "none" else (
+        deps = kd_ready if method.needs_teacher else (
             teacher_ready if cfg.student.from_teacher_layers is not None else shards)
         train_key = f"train-{method.name}"
         add(train_key, "train", f"train {method.name} ({method.mode}), repeats 0-{repeats - 1}",

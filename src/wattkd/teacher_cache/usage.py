@@ -163,7 +163,7 @@ def record_cache_use(cache_dir: str | Path, run_dir: str | Path) -> dict[str, An
         line = json.dumps({"schema": 1, "run_dir": run, "cache_sha256": sha,
                            "t_wall": round(time.time(), 3),
                            "host": socket.gethostname().split(".")[0]}) + "\n"
-        _append_line(root / USERS, line.encode())
+        append_line(root / USERS, line.encode())
     e = m.get("energy") or {}
     return {"path": str(root), "sha256": sha, "energy_j": e.get("energy_j"),
             "source": e.get("source", "unavailable"), "estimated": bool(e.get("estimated")),
@@ -210,7 +210,7 @@ def amortisation(cache_dir: str | Path) -> dict[str, Any]:
             "share_j": None if value is None or not users else value / len(users)}
 
 
-def _append_line(path: Path, data: bytes) -> None:
+def append_line(path: Path, data: bytes) -> None:
     """One write on an O_APPEND descriptor under an exclusive lock: concurrent students of a
     Slurm array never interleave their lines."""
     if not path.parent.is_dir():
