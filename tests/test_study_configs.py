@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from wattkd.config import load, validate
+from wattkd.distill.methods import get_method
 from wattkd.jobs import student_job
 from wattkd.train import train
 
@@ -102,3 +103,16 @@ def test_study_config_runs_every_method_on_its_architecture(tmp_path_factory, na
             assert lora_b and all(v.abs().sum() > 0 for v in lora_b), method.name
         else:
             assert (final / "config.json").exists()
+
+
+@pytest.mark.parametrize("config", sorted(p.relative_to(REPO).as_posix() for p in
+                                          (REPO / "configs").rglob("*.yaml")))
+def test_every_shipped_config_gives_each_method_the_batch_it_needs(config: str) -> None:
+    """A shipped config must not be refused by its own pre-flight: relation KD compares the
+    sequences of a micro-batch (RKD angle needs 3), so micro_batch_size 1 would stop it."""
+    cfg = load(REPO / config)
+    for method in cfg.distill.methods:
+        need = get_method(method.mode).min_batch(method)
+        assert cfg.train.micro_batch_size >= need, (
+            f"{config}: method {method.name} needs micro_batch_size >= {need}, "
+            f"the config has {cfg.train.micro_batch_size}")
