@@ -436,3 +436,43 @@ def test_cli_teacher_cache_command(ws: dict, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["teacher", "cache", str(path), "--signals", SIGNALS])
     assert res.exit_code == 0, res.output
     assert str(ws["cfg"].cache_dir) in res.output
+
+
+def test_training_checks_the_cache_once_and_before_any_model_loads(ws: dict,
+                                                                   monkeypatch) -> None:
+    """`wattkd train` from the cache reads and checks its manifest once (not again when the
+    provider opens it), and a cache that lacks the method's signal is refused before the
+    teacher or the student is built."""
+    import wattkd.teacher_cache.reader as reader
+    import wattkd.train as train_mod
+    from wattkd.jobs import student_job
+
+    calls: list[object] = []
+    real = reader.check_cache
+
+    def counting(*a, **k):
+        calls.append(k.get("request"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(reader, "check_cache", counting)
+    monkeypatch.setattr(train_mod, "check_cache", counting)
+    cfg = validate(experiment(ws["root"], distill={"teacher_signals": "cache"},
+                              output_dir=str(ws["root"] / "once"),
+                              train={"max_steps": 1, "micro_batch_size": 8, "device": "cpu",
+                                     "tensorboard": False}))
+    train_mod.train(student_job(cfg, "feature"), progress=False)
+    assert len(calls) == 1 and calls[0] is not None, calls  # once, with the method's request
+
+    # the raw cache holds top-k only: the feature method's hidden states are missing
+    raw = validate(experiment(ws["root"], "cache_raw", distill={"teacher_signals": "cache"},
+                              output_dir=str(ws["root"] / "lacking"),
+                              train={"max_steps": 1, "micro_batch_size": 8, "device": "cpu",
+                                     "tensorboard": False}))
+
+    def no_models(*a, **k):
+        raise AssertionError("a model was built before the cache was refused")
+
+    monkeypatch.setattr(train_mod, "build_student", no_models)
+    monkeypatch.setattr(train_mod, "load_teacher", no_models)
+    with pytest.raises(CacheError, match="lacks hidden states"):
+        train_mod.train(student_job(raw, "feature"), progress=False)

@@ -105,6 +105,7 @@ class Inputs:
     uses_teacher: bool    # ... or the student starts from the teacher's layers
     device: torch.device
     task_eval: Any        # eval.train_suite's scorer, or None
+    cache_manifest: dict[str, Any] | None  # the teacher cache, checked once (signals included)
 
 
 @dataclass
@@ -177,8 +178,10 @@ def check_inputs(job: TrainJob, resume: str) -> Inputs:
     uses_teacher = needs_teacher or job.student.from_teacher_layers is not None
     probe = check_stage_inputs(cfg, job.teacher_path, uses_teacher)  # shards, tokenizer, teacher
     shards, tokenizer = probe.path, probe.tokenizer
+    cache_manifest = None
     if needs_teacher and cfg.distill.teacher_signals == "cache":
-        check_cache(cfg, shards)
+        request = get_method(job.method.mode).signals(job.method)
+        cache_manifest = check_cache(cfg, shards, request=request)
     device = resolve_device(tc.device)
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
@@ -186,7 +189,7 @@ def check_inputs(job: TrainJob, resume: str) -> Inputs:
     task_eval = task_evaluator(cfg.eval, eval_every=tc.eval_every, strategy=tc.strategy)
     check_training(job, len(tokenizer), resume)  # configs, layers, vocab, disk: nothing loaded
     return Inputs(shards, tokenizer, probe.seq_len, needs_teacher, uses_teacher, device,
-                  task_eval)
+                  task_eval, cache_manifest)
 
 
 def use_bf16(train: TrainConfig, device: torch.device) -> bool:
@@ -319,7 +322,8 @@ def teacher_signals(job: TrainJob, inputs: Inputs, teacher: Any, mode: Any,
     if teacher is not None:
         return OnlineTeacher(teacher, mode.request), None
     provider = CachedTeacher(job.cfg, mode.request, rank=accelerator.process_index,
-                             world_size=accelerator.num_processes, device=accelerator.device)
+                             world_size=accelerator.num_processes, device=accelerator.device,
+                             manifest=inputs.cache_manifest)
     cache_use = (record_cache_use(job.cfg.cache_dir, job.run_dir)
                  if accelerator.is_main_process else None)
     return provider, cache_use

@@ -292,11 +292,13 @@ class CachedTeacher:
 
     def __init__(self, cfg: ExperimentConfig, request: SignalRequest, *, rank: int = 0,
                  world_size: int = 1, device: torch.device | str | None = None,
-                 check_rows: bool = True) -> None:
+                 check_rows: bool = True, manifest: dict[str, Any] | None = None) -> None:
+        """`manifest`: what `check_cache(cfg, shards, request=request)` returned, when the
+        caller has checked it already (the trainer does, before any model loads)."""
         self.request = request
         self.rank, self.world_size = rank, world_size
-        shards = cfg.shards_dir / "train"
-        manifest = check_cache(cfg, shards, request=request)
+        if manifest is None:
+            manifest = check_cache(cfg, cfg.shards_dir / "train", request=request)
         self.reader = CacheReader(cfg.cache_dir, manifest)
         self.manifest = manifest
         self.device = torch.device(device) if device is not None else _default_device(cfg)
