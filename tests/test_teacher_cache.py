@@ -443,9 +443,9 @@ def test_training_checks_the_cache_once_and_before_any_model_loads(ws: dict,
     """`wattkd train` from the cache reads and checks its manifest once (not again when the
     provider opens it), and a cache that lacks the method's signal is refused before the
     teacher or the student is built."""
-    import wattkd.teacher_cache.reader as reader
     import wattkd.train as train_mod
     from wattkd.jobs import student_job
+    from wattkd.teacher_cache import reader
 
     calls: list[object] = []
     real = reader.check_cache
