@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from wattkd.config import ConfigError, validate
+from wattkd.config import ConfigError, load, validate
+from wattkd.jobs import experiment_stages
+from wattkd.pipeline import stages as pipeline_stages
 from wattkd.slurm import SlurmError, build_graph, plan, submit_pipeline
 from wattkd.slurm.status import expand_tasks, states_from_lines
 
@@ -294,3 +296,23 @@ def test_status_parsers_read_slurm_output() -> None:
     comp = states_from_lines(JOBCOMP, "jobcomp")
     assert comp["5"]["-"].state == "COMPLETED"     # the requeue line is superseded
     assert comp["6"]["1"].state == "CANCELLED" and comp["6"]["1"].job_id == "7"
+
+
+@pytest.mark.parametrize("config", ["demo.yaml", "gemma-270m/study.yaml",
+                                    "llama-3.1-70b-8b/study.yaml"])
+def test_pipeline_and_slurm_graph_run_the_same_stages(config: str) -> None:
+    """One stage list: `wattkd pipeline` and `wattkd slurm submit` run the same stages in the
+    same order (teacher pretrain in the demo, fine-tune in the Gemma study, cache for Llama)."""
+    cfg = load(Path(__file__).resolve().parents[1] / "configs" / config)
+
+    def kinds(names: list[str]) -> list[str]:
+        out: list[str] = []
+        for n in names:
+            if n not in out:
+                out.append(n)
+        return out
+
+    local = kinds([s.name.split(" ")[0] if s.name.split(" ")[0] in ("train", "eval", "ept")
+                   else s.name.replace(" ", "_") for s in pipeline_stages(cfg)])
+    slurm = kinds([j.stage for j in build_graph(cfg)])
+    assert local == slurm == experiment_stages(cfg)

@@ -21,6 +21,25 @@ from wattkd.config import (
     TrainConfig,
 )
 
+# Every stage an experiment can have, in the order they run; the pipeline and the Slurm graph
+# both take the list of an experiment from `experiment_stages`.
+STAGES = ("shards", "teacher_pretrain", "teacher_finetune", "teacher_cache", "train", "eval",
+          "ept", "report")
+
+
+def experiment_stages(cfg: ExperimentConfig) -> list[str]:
+    """The stages this experiment runs, in order: the optional teacher stages only where the
+    config asks for them (a cache only when some method reads teacher signals)."""
+    wanted = {"shards", "train", "eval", "ept", "report"}
+    if cfg.teacher.pretrain is not None:
+        wanted.add("teacher_pretrain")
+    if cfg.teacher.finetuned:
+        wanted.add("teacher_finetune")
+    if cfg.distill.teacher_signals == "cache" and any(m.needs_teacher
+                                                      for m in cfg.distill.methods):
+        wanted.add("teacher_cache")
+    return [s for s in STAGES if s in wanted]
+
 
 @dataclass
 class TrainJob:

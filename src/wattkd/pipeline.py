@@ -24,6 +24,7 @@ from wattkd.eval.custom import suite_name
 from wattkd.eval.runner import ept_target, evaluate_target
 from wattkd.jobs import (
     TrainJob,
+    experiment_stages,
     student_job,
     teacher_finetune_job,
     teacher_path,
@@ -49,19 +50,19 @@ class Stage:
 def stages(cfg: ExperimentConfig) -> list[Stage]:
     """The experiment's stage list; what each needs is made by an earlier one."""
     out: list[Stage] = []
+    planned = experiment_stages(cfg)
     shards = cfg.shards_dir
 
     out.append(Stage("shards", lambda: False,
                      lambda: build_shards(cfg.data, shards)))  # the builder itself skips a match
     teacher_dir = cfg.out / "teacher"
-    if cfg.teacher.pretrain is not None:
+    if "teacher_pretrain" in planned:
         out.append(Stage("teacher pretrain", lambda: training_done(teacher_dir),
                          lambda: _train_or_fail(teacher_pretrain_job(cfg))))
-    if cfg.teacher.finetuned:
+    if "teacher_finetune" in planned:
         out.append(Stage("teacher finetune", lambda: training_done(teacher_dir),
                          lambda: _train_or_fail(teacher_finetune_job(cfg))))
-    if cfg.distill.teacher_signals == "cache" and any(
-            m.needs_teacher for m in cfg.distill.methods):
+    if "teacher_cache" in planned:
         out.append(Stage("teacher cache", lambda: False,  # resumable, skips when done
                          lambda: build_cache(cfg)))
     runs: list[Path] = []

@@ -15,10 +15,8 @@ from typing import Literal
 
 from wattkd.config import RESERVED_METHOD_NAMES, ExperimentConfig, SlurmConfig, SlurmResources
 from wattkd.errors import InputError
-from wattkd.jobs import teacher_path
+from wattkd.jobs import STAGES, experiment_stages, teacher_path
 
-STAGES = ("shards", "teacher_pretrain", "teacher_finetune", "teacher_cache", "train", "eval",
-          "ept", "report")
 # Stages that run one task per GPU and may span nodes; the others run one task on one node.
 RANK_STAGES = frozenset({"teacher_pretrain", "teacher_finetune", "train"})
 # Stages that never use a GPU: slurm.defaults.gpus_per_node does not apply to them.
@@ -142,15 +140,15 @@ def build_graph(cfg: ExperimentConfig, only: set[str] | None = None) -> list[Sta
     shards = [Dep("afterok", "shards")]
     add("shards", "shards", "build token shards", [])
     teacher_ready = list(shards)
-    if cfg.teacher.pretrain is not None:
+    planned = experiment_stages(cfg)
+    if "teacher_pretrain" in planned:
         add("teacher_pretrain", "teacher_pretrain", "pretrain the teacher", shards)
         teacher_ready = shards + [Dep("afterok", "teacher_pretrain")]
-    if cfg.teacher.finetuned:
+    if "teacher_finetune" in planned:
         add("teacher_finetune", "teacher_finetune", "fine-tune the teacher on the shards", shards)
         teacher_ready = shards + [Dep("afterok", "teacher_finetune")]
     kd_ready = teacher_ready
-    needs_teacher = [m for m in cfg.distill.methods if m.needs_teacher]
-    if cfg.distill.teacher_signals == "cache" and needs_teacher:
+    if "teacher_cache" in planned:
         add("teacher_cache", "teacher_cache", "cache the teacher's signals", teacher_ready)
         kd_ready = teacher_ready + [Dep("afterok", "teacher_cache")]
 
