@@ -123,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     from wattkd import checkpoint
     from wattkd.config import validate
     from wattkd.data.loader import ShardDataset
-    from wattkd.data.manifest import ManifestError, sha256_file
+    from wattkd.data.manifest import ManifestError
     from wattkd.data.shards import build_shards
     from wattkd.data.tokenizer import load_tokenizer
+    from wattkd.hashing import file_sha256
     from wattkd.jobs import student_job
     from wattkd.models import build_from_config
     from wattkd.teacher_cache import CacheError, CacheReader, build_cache
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         pq.write_table(table.set_column(0, "input_ids", pa.array(ids, table.schema.field(0)
                                                                  .type)), p)
         m = json.loads((sh / "manifest.json").read_text())
-        m["parts"][1].update(bytes=p.stat().st_size, sha256=sha256_file(p))
+        m["parts"][1].update(bytes=p.stat().st_size, sha256=file_sha256(p))
         (sh / "manifest.json").write_text(json.dumps(m, indent=2))
         r.case("shard part: token id 5000 >= vocab 4096 (sha256 re-recorded)",
                r.cli("train", str(r.config(data, "oov")), "--method", "baseline"),

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from wattkd.config import validate
     from wattkd.data.loader import ShardDataset
     from wattkd.data.shards import build_shards
-    from wattkd.teacher_cache.manifest import file_sha256
+    from wattkd.hashing import file_sha256
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -17,6 +17,7 @@ from wattkd.config import validate
 from wattkd.distill.losses import LogitChunk, TopKTeacher, forward_kl, reverse_kl
 from wattkd.distill.signals import SignalRequest
 from wattkd.distill.teacher import OnlineTeacher
+from wattkd.hashing import file_sha256
 from wattkd.teacher_cache import (
     CachedTeacher,
     CacheError,
@@ -27,7 +28,6 @@ from wattkd.teacher_cache import (
     read_cache_manifest,
     record_cache_use,
 )
-from wattkd.teacher_cache.manifest import file_sha256
 
 VOCAB = 4096
 # initializer_range 1.0 makes the random teacher's next-token distributions peaked, like a

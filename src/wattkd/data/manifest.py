@@ -34,9 +34,6 @@ from wattkd.atomic import atomic_write_json
 from wattkd.errors import DataError
 from wattkd.hashing import file_sha256
 
-# `sha256_file` stays importable for teacher_cache.plan/reader until they import wattkd.hashing
-from wattkd.hashing import file_sha256 as sha256_file
-
 __all__ = [
     "FORMAT",
     "MANIFEST",
@@ -46,7 +43,6 @@ __all__ = [
     "part_name",
     "read_manifest",
     "read_part_verified",
-    "sha256_file",
     "verify_parts",
     "write_manifest",
 ]

@@ -16,6 +16,7 @@ teacher cache and the online teacher handle every registered kind without knowin
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,24 +84,25 @@ def pool(hidden: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"unknown pooling {how!r}; expected mean or last")
 
 
-class SignalKind:
+class SignalKind(ABC):
     """One registered teacher-signal kind. `params` is the kind's hashable request value (for
-    example a tuple of layer indices); a subclass fills in every method below."""
+    example a tuple of layer indices); a subclass implements every abstract method
+    (registration instantiates it, so a missing one fails there)."""
 
     name: str = ""
     grammar: str = ""          # its `--signals` item, for error messages
 
+    @abstractmethod
     def parse(self, args: list[str], item: str) -> Any:
         """`--signals` item `name:arg:arg` -> params; raises ValueError naming the item."""
-        raise NotImplementedError
 
+    @abstractmethod
     def canonical(self, params: Any) -> str:
         """The item text for `params` (part of a cache's identity)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def merge(self, values: list[Any]) -> Any:
         """One request covering all of `values` (one cache serves every method)."""
-        raise NotImplementedError
 
     def check(self, params: Any, teacher_conf: Any) -> str | None:
         """A problem of `params` for a teacher of this HF config, else None."""
@@ -111,24 +113,25 @@ class SignalKind:
         """Active around the teacher's forward (hooks); yields what `online` reads."""
         yield {}
 
+    @abstractmethod
     def online(self, captured: dict[str, Any], params: Any) -> Any:
         """The signal's value from one teacher forward (goes to TeacherSignals.extra)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def column_names(self, params: Any) -> list[str]:
         """Cache columns of `params`; each holds one 16-bit float array per row."""
-        raise NotImplementedError
 
+    @abstractmethod
     def column_shape(self, column: str, seq_len: int, teacher_conf: Any) -> list[int]:
-        raise NotImplementedError
+        """Per-row shape of one of its columns, for a teacher of this HF config."""
 
+    @abstractmethod
     def to_columns(self, value: Any, params: Any) -> dict[str, torch.Tensor]:
         """Value -> {column: [B, *shape] tensor} (the cache narrows them to 16 bits)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def from_columns(self, arrays: dict[str, torch.Tensor], params: Any) -> Any:
         """Inverse of `to_columns`, on decoded arrays of some rows."""
-        raise NotImplementedError
 
 
 SIGNALS: dict[str, SignalKind] = {}

@@ -46,7 +46,7 @@ from typing import Any
 
 from wattkd.atomic import atomic_write_json
 from wattkd.errors import DataError
-from wattkd.hashing import file_sha256  # re-exported: writer/reader import it from here
+from wattkd.hashing import file_sha256
 
 __all__ = [
     "FORMAT",
@@ -56,7 +56,6 @@ __all__ = [
     "VERSION",
     "CacheError",
     "crc_column",
-    "file_sha256",
     "manifest_sha256",
     "part_name",
     "read_cache_manifest",

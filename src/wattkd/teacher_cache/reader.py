@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from wattkd.config import ExperimentConfig
-from wattkd.data.manifest import read_manifest, sha256_file
+from wattkd.data.manifest import read_manifest
 from wattkd.distill.signals import (
     SIGNALS,
     TOPK_COLUMNS,
@@ -38,13 +38,13 @@ from wattkd.distill.signals import (
     hidden_column,
     pooled_column,
 )
+from wattkd.hashing import file_sha256
 from wattkd.jobs import teacher_path
 from wattkd.models import resolve_device
 from wattkd.teacher_cache import encoding as enc
 from wattkd.teacher_cache.manifest import (
     CacheError,
     crc_column,
-    file_sha256,
     read_cache_manifest,
     teacher_fingerprint,
 )
@@ -67,7 +67,7 @@ def check_cache(cfg: ExperimentConfig, shards_path: Path, *,
     root = cfg.cache_dir
     m = read_cache_manifest(root)
     shards_path = Path(shards_path)
-    shard_sha = sha256_file(shards_path / "manifest.json")
+    shard_sha = file_sha256(shards_path / "manifest.json")
     ident = m["identity"]
     shard_tok = read_manifest(shards_path)["tokenizer"]
     if ident["tokenizer_sha256"] != shard_tok["sha256"]:

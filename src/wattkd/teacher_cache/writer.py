@@ -44,6 +44,7 @@ from wattkd.config import ExperimentConfig
 from wattkd.data.loader import ShardDataset
 from wattkd.distill.signals import TOPK_COLUMNS, hidden_column, pooled_column
 from wattkd.energy.ledger import make_meter
+from wattkd.hashing import file_sha256
 from wattkd.models import load_teacher
 from wattkd.preflight import human_bytes
 from wattkd.progress import NoBar, TokenRate, progress_bar
@@ -56,7 +57,6 @@ from wattkd.teacher_cache.manifest import (
     VERSION,
     CacheError,
     crc_column,
-    file_sha256,
     part_name,
     read_cache_manifest,
     write_cache_manifest,
