@@ -25,8 +25,8 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from wattkd.distill import fused
-from wattkd.distill.fused_inputs import Terms, prepare
+from wattkd.distill.fused import loop as fused
+from wattkd.distill.fused.inputs import Terms, prepare
 from wattkd.distill.losses import IGNORE_INDEX, TopKTeacher
 from wattkd.distill.registry import get_loss
 

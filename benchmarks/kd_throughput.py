@@ -134,7 +134,7 @@ def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None = None,
     WATTKD_FUSED_KERNEL (None: the product default, auto)."""
     import os
 
-    from wattkd.distill import fused_path
+    from wattkd.distill.fused import path as fused_path
 
     os.environ["WATTKD_FAST_LOSS"] = "1" if fast else "0"
     if kernel is None:

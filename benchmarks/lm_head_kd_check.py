@@ -24,7 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from wattkd.distill import fused, fused_inputs, fused_path
+from wattkd.distill.fused import inputs as fused_inputs
+from wattkd.distill.fused import loop as fused
+from wattkd.distill.fused import path as fused_path
 from wattkd.distill.kernels import lm_head_kd as K
 from wattkd.distill.losses import DenseTeacher
 from wattkd.distill.registry import get_loss

@@ -11,10 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wattkd.distill import fused, fused_fast, fused_inputs, losses, registry
-from wattkd.distill.fused import TeacherHidden, _run, fused_logit_loss
-from wattkd.distill.fused_fast import fast_cfg as _fast_cfg
-from wattkd.distill.fused_inputs import prepare as _prepare
+from wattkd.distill import losses, registry
+from wattkd.distill.fused import TeacherHidden, fused_logit_loss
+from wattkd.distill.fused import fast as fused_fast
+from wattkd.distill.fused import inputs as fused_inputs
+from wattkd.distill.fused import loop as fused
+from wattkd.distill.fused.fast import fast_cfg as _fast_cfg
+from wattkd.distill.fused.inputs import prepare as _prepare
+from wattkd.distill.fused.loop import _run
 from wattkd.distill.losses import DenseTeacher, TopKTeacher
 from wattkd.distill.registry import get_loss
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wattkd.distill import fused_path
 from wattkd.distill.fused import TeacherHidden, fused_logit_loss
+from wattkd.distill.fused import path as fused_path
 from wattkd.distill.losses import DenseTeacher, TopKTeacher
 from wattkd.distill.registry import get_loss
 
@@ -153,7 +153,7 @@ def test_unsupported_terms_fall_back_and_forcing_says_why(monkeypatch, caplog):
              _terms(("forward_kl", 1.0, {})), None, 16)
     # auto on CPU: never the kernel (the interpreter is for tests), decision recorded once
     fused_path.reset()
-    with caplog.at_level(logging.INFO, logger="wattkd.distill.fused_path"):
+    with caplog.at_level(logging.INFO, logger="wattkd.distill.fused.path"):
         for _ in range(2):
             _run("auto", monkeypatch, h, w, b, TeacherHidden(th, tw), labels, mask,
                  _terms(("forward_kl", 1.0, {})), None, 16)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from wattkd.config import ConfigError, validate
-from wattkd.distill import fused_path
+from wattkd.distill.fused import path as fused_path
 from wattkd.jobs import student_job, teacher_pretrain_job
 from wattkd.train import train
 from wattkd.training.guard import DivergenceError, DivergenceGuard

@@ -266,7 +266,7 @@ class DistillConfig(Strict):
                                     description="tokens per chunk of the fused logit losses")
     fused_kernel: Literal["auto", "triton", "compiled", "generic"] = Field(
         default="auto", description="fused logit loss implementation: auto (compiled on CUDA, "
-                                    "eager on CPU; see distill/fused_path.py), or force one; "
+                                    "eager on CPU; see distill/fused/path.py), or force one; "
                                     "triton: the Triton LM-head kernel (env "
                                     "WATTKD_FUSED_KERNEL wins)")
 

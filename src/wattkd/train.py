@@ -34,7 +34,7 @@ from transformers import (
 from wattkd import checkpoint, sharding
 from wattkd.config import ExperimentConfig, MethodConfig, TrainConfig, dump
 from wattkd.data.loader import ShardDataset
-from wattkd.distill import fused_path
+from wattkd.distill.fused import path as fused_path
 from wattkd.distill.methods import get_method
 from wattkd.distill.modes import make_mode
 from wattkd.distill.objective import DistillObjective, StepInputs

@@ -2,7 +2,7 @@
 
 Three kinds, three call shapes:
 
-* **logit** (per token, unreduced; the caller masks and averages, usually `fused.py`):
+* **logit** (per token, unreduced; the caller masks and averages, usually `distill/fused`):
   ``fn(s_logits [N,V], teacher: DenseTeacher | TopKTeacher | None, labels [N], *, params)
   -> Tensor[N]``. Student logits may be a plain tensor or a `LogitChunk`, which memoises the
   log-softmax so several terms on one chunk share it.
@@ -220,7 +220,7 @@ def _t2(value: Tensor, temperature: float, scale_by_t2: bool) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- logit losses
-# A closed form beside a loss (registered with it) lets fused.py's fast path compute the value
+# A closed form beside a loss (registered with it) lets the fused loss's fast path compute the value
 # and d(value)/d(logits) without autograd: no graph, no [chunk x V] fp32 copies once compiled.
 # It must compute exactly what the loss computes (tests/test_fused_fast.py checks each).
 _T_CHECK = {"temperature": POSITIVE}

@@ -4,7 +4,7 @@ Each loss is a pure tensor function. Its keyword-only arguments with defaults ar
 `params` a config may set; anything else is refused by `check_loss_term` at config load.
 Value ranges (e.g. temperature > 0) are declared beside the function with `checks=`, so a bad
 value is refused at config load too, not minutes into a run. A logit loss may also declare its
-`closed_form` (value and gradient w.r.t. the logits), which fused.py's fast path then uses
+`closed_form` (value and gradient w.r.t. the logits), which distill/fused's fast path then uses
 instead of autograd.
 
 This module imports no loss: `wattkd.distill` (its __init__) imports the modules that register

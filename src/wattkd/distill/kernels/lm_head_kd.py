@@ -38,7 +38,7 @@ gradient q_j (g_tail / Q_tail - sum g_b) and the ids' exact values are scattered
 
 Teacher log-probs are not clamped at LOG_FLOOR (exact whenever they are > -1e4, i.e. for any
 finite logits of spread < 1e4 T). Anything else (tv, dense-logit teachers, other temperatures
-per term, jsd terms with different betas) is refused by `kernel_spec`, and fused.py takes its
+per term, jsd terms with different betas) is refused by `kernel_spec`, and distill/fused/loop.py takes its
 compiled/generic path. Runs on CUDA, and on CPU under TRITON_INTERPRET=1 (tests).
 """
 
@@ -430,7 +430,7 @@ def chunk(spec: KernelSpec, coef: list[float], h: Tensor, w: Tensor, b: Tensor |
           grad: bool, dz_dtype: torch.dtype,
           topk: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor | None, Tensor]:
     """One chunk: (d loss/d logits [rows, V] in dz_dtype or None, per-term sums [terms] fp32),
-    with the conventions of fused_fast.dense_body (sums include the T^2 factor; loss = coef . sums).
+    with the conventions of fused/fast.dense_body (sums include the T^2 factor; loss = coef . sums).
 
     h [M,K] and w [V,K] share a dtype (bf16/fp16/fp32), as do th [M,KT] and tw [V,KT]. A
     top-k teacher (spec.topk) comes as `topk` = (ids [M,k], log-probs [M,k], tail [M]) of the

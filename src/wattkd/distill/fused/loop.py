@@ -13,10 +13,10 @@ or padding tokens cost nothing and can never inject NaN.
 Loss = sum_i weight_i * (sum of term_i over counted tokens) / (number of counted tokens), where
 counted = mask != 0, and for label terms (ce) additionally label != -100.
 
-Layout: this module is the chunk loop and its dispatch (Triton kernel, compiled or eager closed
-form, generic autograd) and holds the run-time state; fused_inputs.py validates the inputs into
-a Plan; fused_fast.py evaluates a chunk from the closed forms registered with the losses;
-fused_triton.py is the Triton glue; fused_path.py records which path ran.
+Layout: this module (fused/loop.py) is the chunk loop and its dispatch (Triton kernel, compiled or eager closed
+form, generic autograd) and holds the run-time state; inputs.py validates the inputs into
+a Plan; fast.py evaluates a chunk from the closed forms registered with the losses;
+triton_backend.py is the Triton glue; path.py records which path ran.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wattkd.distill import fused_path
-from wattkd.distill.fused_fast import FastCfg, body_for, fast_cfg
-from wattkd.distill.fused_inputs import (
+from wattkd.distill.fused import path as fused_path
+from wattkd.distill.fused.fast import FastCfg, body_for, fast_cfg
+from wattkd.distill.fused.inputs import (
     Plan,
     TeacherHidden,
     TeacherSource,
@@ -40,10 +40,10 @@ from wattkd.distill.fused_inputs import (
     head_params,
     prepare,
 )
-from wattkd.distill.fused_triton import triton_chunk, triton_spec
+from wattkd.distill.fused.triton_backend import triton_chunk, triton_spec
 from wattkd.distill.losses import DenseTeacher, LogitChunk, TopKTeacher, upcast
 
-__all__ = ["TeacherHidden", "TeacherSource", "Terms", "fused_logit_loss", "head_params"]
+__all__ = ["fused_logit_loss"]
 
 log = logging.getLogger(__name__)
 

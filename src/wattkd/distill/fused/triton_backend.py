@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from wattkd.distill import fused_path, losses
-from wattkd.distill.fused_inputs import Plan, TeacherHidden, same_device
+from wattkd.distill import losses
+from wattkd.distill.fused import path as fused_path
+from wattkd.distill.fused.inputs import Plan, TeacherHidden, same_device
 from wattkd.distill.losses import TopKTeacher
 
 

@@ -1,9 +1,9 @@
 """The closed-form fast path of the fused loss: one chunk's loss and d(loss)/d(logits) from the
 closed forms registered with the losses (registry.TeacherForm / LabelForm), so no autograd graph
-and no [chunk x V] fp32 intermediates once torch.compile fuses it (fused.py compiles and
+and no [chunk x V] fp32 intermediates once torch.compile fuses it (loop.py compiles and
 dispatches). This module owns what is common to every term: temperature, T^2, the softcap's
 chain rule and, for top-k teachers, the map from K+1 buckets back to the vocabulary. A plan
-with any term without a closed form takes fused.py's generic autograd path; both give the
+with any term without a closed form takes loop.py's generic autograd path; both give the
 same numbers within fp32 rounding.
 """
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wattkd.distill.fused_inputs import Plan, TeacherHidden
+from wattkd.distill.fused.inputs import Plan, TeacherHidden
 from wattkd.distill.losses import LOG_FLOOR, TopKTeacher, upcast
 from wattkd.distill.registry import LabelForm, TeacherForm
 

@@ -1,6 +1,6 @@
 """Which implementation computes the fused logit loss: the switch, and the record of what ran.
 
-Paths: `triton` (kernels/lm_head_kd.py: logits never in HBM), `compiled` (fused.py's closed-form
+Paths: `triton` (kernels/lm_head_kd.py: logits never in HBM), `compiled` (fast.py's closed-form
 chunk compiled by inductor), `generic` (autograd on each chunk; any registered term), or `auto`
 (the default): compiled on CUDA, the eager closed-form path on CPU, and the Triton kernel only
 once it measures faster (AUTO_USES_TRITON). Measured on an H200 (benchmarks/RESULTS.md): the
