@@ -10,6 +10,9 @@ from torch import Tensor, nn
 from wattkd.generation.sampling import SamplingParams, sample_next
 
 
+ENGINES = ("auto", "eager")
+
+
 @dataclass
 class Rollout:
     """sequences [B, P + N]: the (left-padded) prompts then N generated positions;
@@ -30,11 +33,12 @@ class Rollout:
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
              params: SamplingParams, *, generator: torch.Generator | None = None,
-             engine: str = "eager") -> Rollout:
+             engine: str = "auto") -> Rollout:
     """Decode `params.max_new_tokens` positions after each prompt of `input_ids` [B, P]
-    (left-padded where `attention_mask` has zeros). `engine`: `eager` (any device)."""
-    if engine != "eager":
-        raise ValueError(f"unknown generation engine {engine!r}; known: eager")
+    (left-padded where `attention_mask` has zeros). `engine`: `eager` (any device) or `auto`
+    (the fastest engine for the device)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown generation engine {engine!r}; known: {', '.join(ENGINES)}")
     return _eager(model, input_ids, attention_mask, params, generator)
 
 
