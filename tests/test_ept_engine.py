@@ -169,13 +169,19 @@ def test_repeats_spread_and_no_split():
 # ------------------------------------------------------------------------------ engine
 def test_engine_resolution_and_generation_config():
     cfg = EptConfig()
-    assert resolve_engine(cfg, "cuda").name == "static-compiled"
+    graph = resolve_engine(cfg, "cuda")
+    assert (graph.name, graph.cache, graph.compile, graph.compile_mode) == (
+        "graph-compiled", "static", True, "default")
     assert resolve_engine(cfg, "cpu").name == "dynamic-eager"
+    with pytest.raises(EngineError, match="engine: graph needs CUDA"):
+        resolve_engine(cfg.model_copy(update={"engine": "graph"}), "cpu")
     eager = resolve_engine(cfg.model_copy(update={"engine": "dynamic"}), "cuda")
     assert (eager.cache, eager.compile) == ("dynamic", False)
     with pytest.raises(EngineError, match="eval.ept.compile: true needs eval.ept.engine: static"):
         resolve_engine(cfg.model_copy(update={"engine": "dynamic", "compile": True}), "cuda")
-    g = generation_config(resolve_engine(cfg, "cuda"), new_tokens=7, pad_id=0, eos_id=2)
+    hf_static = resolve_engine(cfg.model_copy(update={"engine": "static"}), "cuda")
+    assert hf_static.name == "static-compiled"
+    g = generation_config(hf_static, new_tokens=7, pad_id=0, eos_id=2)
     assert g.cache_implementation == "static" and g.compile_config.mode == "reduce-overhead"
     assert (g.max_new_tokens, g.min_new_tokens, g.do_sample) == (7, 7, False)
     g = generation_config(resolve_engine(cfg.model_copy(update={"engine": "static"}), "cpu"),

@@ -357,11 +357,12 @@ class EptConfig(Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
     warmup_batches: int = Field(default=2, ge=0)
     # Engine and steady-state measurement (wattkd.eval.engine, wattkd.eval.ept_window).
-    engine: Literal["auto", "static", "dynamic"] = Field(
-        default="auto", description="auto: static KV cache + compiled decoding on CUDA, "
-        "dynamic cache eager elsewhere; static/dynamic force one")
-    compile: bool | None = Field(default=None, description="compile decoding (CUDA graphs); "
-                                 "None: with the static cache on CUDA")
+    engine: Literal["auto", "graph", "static", "dynamic"] = Field(
+        default="auto", description="auto: wattkd's graph engine on CUDA (static KV cache, "
+        "decode steps captured as CUDA graphs; generation/graph_engine.py), HF's dynamic cache "
+        "eager elsewhere; graph / static (HF generate, static cache) / dynamic force one")
+    compile: bool | None = Field(default=None, description="compile decoding; None: on CUDA "
+                                 "with the graph or static engine")
     compile_mode: str = Field(default="reduce-overhead", description="torch.compile mode")
     compile_backend: str = Field(default="inductor", description="torch.compile backend")
     attn_implementation: str | None = Field(default=None, description="e.g. sdpa, eager; "

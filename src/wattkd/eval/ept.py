@@ -37,6 +37,7 @@ import torch
 import transformers
 
 import wattkd
+from wattkd import generation
 from wattkd.config import EptConfig
 from wattkd.corpus import documents, fingerprint
 from wattkd.energy.ledger import NullMeter
@@ -55,6 +56,7 @@ from wattkd.eval.ept_window import (
 )
 from wattkd.eval.harness import load_model
 from wattkd.eval.protocol import protocol_hash, write_json_atomic
+from wattkd.generation import SamplingParams
 from wattkd.models import resolve_device
 
 log = logging.getLogger(__name__)
@@ -379,10 +381,18 @@ def _generator(model: str, net: Any, tok: Any, texts: list[str], cfg: EptConfig,
     gen = {n: generation_config(engine, new_tokens=n, pad_id=pad_id, eos_id=tok.eos_token_id)
            for n in {cfg.max_new_tokens, 1}}
 
+    def decode(a: torch.Tensor, m: torch.Tensor, new: int) -> torch.Tensor:
+        """[b, P + new] sequences on the configured engine (EOS never stops a row)."""
+        if engine.name.startswith("graph"):
+            params = SamplingParams(max_new_tokens=new, pad_token_id=pad_id, ignore_eos=True)
+            return generation.generate(net, a, m, params, engine="graph",
+                                       compile=engine.compile).sequences
+        return net.generate(input_ids=a, attention_mask=m, generation_config=gen[new])
+
     def generate(lo: int, hi: int, new: int) -> tuple[int, int]:
         a, m = ids[lo:hi].to(dev), att[lo:hi].to(dev)
         with torch.no_grad():
-            out = net.generate(input_ids=a, attention_mask=m, generation_config=gen[new])
+            out = decode(a, m, new)
         _sync(dev)
         got = out.shape[1] - a.shape[1]
         if got != new:

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from wattkd.generation.graph_engine import (
+    EngineUnavailable,
+    GraphDecoder,
+    bucket_for,
+    forward_kwargs,
+)
 from wattkd.generation.sampling import SamplingParams, sample_next
 
+log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "eager")
+
+ENGINES = ("auto", "graph", "eager")
+LEN_STEP = 64   # decoders are kept per (bucket, length rounded up to this, sampling params)
 
 
 @dataclass
@@ -33,26 +43,85 @@ class Rollout:
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
              params: SamplingParams, *, generator: torch.Generator | None = None,
-             engine: str = "auto") -> Rollout:
+             engine: str = "auto", compile: bool = True) -> Rollout:
     """Decode `params.max_new_tokens` positions after each prompt of `input_ids` [B, P]
-    (left-padded where `attention_mask` has zeros). `engine`: `eager` (any device) or `auto`
-    (the fastest engine for the device)."""
+    (left-padded where `attention_mask` has zeros). `engine`: `graph` (CUDA graphs over a
+    static KV cache; CUDA only), `eager` (any device, the reference) or `auto` (graph where it
+    can serve the request, else eager, with the reason logged once). `compile`: the graph
+    engine's forward compiled by inductor before capture (fuses the small kernels)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown generation engine {engine!r}; known: {', '.join(ENGINES)}")
-    return _eager(model, input_ids, attention_mask, params, generator)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if engine == "eager" or (engine == "auto" and input_ids.device.type != "cuda"):
+        return _eager(model, input_ids, attention_mask, params, generator)
+    if input_ids.device.type != "cuda":
+        raise EngineUnavailable(f"the graph engine needs CUDA; these inputs are on "
+                                f"{input_ids.device.type} (use engine='auto' or 'eager')")
+    try:
+        dec = decoder_for(model, input_ids.shape[0], input_ids.shape[1], params,
+                          compile=compile)
+    except EngineUnavailable as exc:
+        if engine == "graph":
+            raise
+        _note_fallback(model, str(exc))
+        return _eager(model, input_ids, attention_mask, params, generator)
+    new, live = dec.decode(input_ids, attention_mask, generator=generator)
+    return _assemble(input_ids, attention_mask, new, live.long())
 
 
-def _eager(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
+def engine_used(model: nn.Module, device_type: str, engine: str = "auto") -> str:
+    """The engine `generate` runs for this model (for protocols and logs)."""
+    if engine == "eager" or (engine == "auto" and device_type != "cuda"):
+        return "eager"
+    return "eager" if getattr(model, "_wattkd_graph_fallback", None) else "graph"
+
+
+def decoder_for(model: nn.Module, batch: int, prompt_len: int, params: SamplingParams, *,
+                compile: bool = True) -> GraphDecoder:
+    """The model's captured decoder for this request's bucket, built on first use."""
+    rows = bucket_for(batch)
+    need = prompt_len + params.max_new_tokens
+    length = -(-need // LEN_STEP) * LEN_STEP
+    store = model.__dict__.setdefault("_wattkd_decoders", {})
+    key = (rows, length, params, compile)
+    if key not in store:
+        store[key] = GraphDecoder(model, batch=rows, max_len=length, params=params,
+                                  compile=compile)
+    return store[key]
+
+
+def release_decoders(model: nn.Module) -> None:
+    """Free the captured graphs and KV caches (e.g. before training resumes)."""
+    model.__dict__.pop("_wattkd_decoders", None)
+
+
+def _note_fallback(model: nn.Module, why: str) -> None:
+    if model.__dict__.get("_wattkd_graph_fallback") != why:
+        log.warning("generation: graph engine unavailable (%s); using the eager engine", why)
+    model.__dict__["_wattkd_graph_fallback"] = why
+
+
+def _assemble(input_ids: Tensor, prompt_mask: Tensor, new: Tensor, live: Tensor) -> Rollout:
+    prompt_mask = prompt_mask.long()
+    return Rollout(sequences=torch.cat([input_ids, new], dim=1),
+                   attention_mask=torch.cat([prompt_mask, live], dim=1),
+                   generated_mask=torch.cat([torch.zeros_like(prompt_mask), live], dim=1),
+                   prompt_len=input_ids.shape[1])
+
+
+def _eager(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
            params: SamplingParams, generator: torch.Generator | None) -> Rollout:
     """The reference loop: HF forward with its dynamic KV cache, one position at a time."""
     b, p = input_ids.shape
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    mask = attention_mask.long()
     position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     out_tokens, out_live = [], []
+    name = forward_kwargs(model)["cache"]
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                 use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = _cache_of(out), out.logits[:, -1]
     pos = position_ids[:, -1:]
     for _ in range(params.max_new_tokens):
         nxt = sample_next(logits, params, generator)
@@ -67,13 +136,13 @@ def _eager(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
         mask = torch.cat([mask, live.long()[:, None]], dim=-1)
         pos = pos + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-    new = torch.stack(out_tokens, dim=1)
-    live = torch.stack(out_live, dim=1).long()
-    prompt_mask = (torch.ones_like(input_ids) if attention_mask is None
-                   else attention_mask.long())
-    return Rollout(sequences=torch.cat([input_ids, new], dim=1),
-                   attention_mask=torch.cat([prompt_mask, live], dim=1),
-                   generated_mask=torch.cat([torch.zeros_like(prompt_mask), live], dim=1),
-                   prompt_len=p)
+                    use_cache=True, **{name: cache})
+        cache, logits = _cache_of(out), out.logits[:, -1]
+    return _assemble(input_ids, mask[:, :p], torch.stack(out_tokens, dim=1),
+                     torch.stack(out_live, dim=1).long())
+
+
+def _cache_of(out: object) -> object:
+    """The KV cache an HF forward returned (`cache`, formerly `past_key_values`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

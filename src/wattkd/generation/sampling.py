@@ -35,12 +35,13 @@ class SamplingParams:
 
 
 def sample_next(logits: Tensor, params: SamplingParams,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | None = None, *, uniform: Tensor | None = None
+                ) -> Tensor:
     """[B, V] logits of the last position -> [B] next token ids (int64).
 
-    Sampling draws one uniform per row from `generator` and inverts the (top-p cut) CDF, so it
-    needs no host sync and is capturable in a CUDA graph; the same generator state gives the
-    same tokens on every engine."""
+    Sampling inverts the (top-p cut) CDF at one uniform per row: `uniform` [B, 1] if given (a
+    CUDA graph reads them from a buffer filled before each replay), else drawn from
+    `generator`. No host sync, so the step is capturable."""
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
@@ -50,6 +51,8 @@ def sample_next(logits: Tensor, params: SamplingParams,
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device,
-                   dtype=cdf.dtype) * cdf[:, -1:]
+    if uniform is None:
+        uniform = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device,
+                             dtype=cdf.dtype)
+    u = uniform.to(cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=logits.shape[-1] - 1)

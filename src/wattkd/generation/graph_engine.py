@@ -1,0 +1,211 @@
+"""The graph engine: static KV cache, decode steps compiled and captured as one CUDA graph.
+
+Why: HF `generate` spends milliseconds of host time per decoding step (stopping criteria,
+logits processors, cache bookkeeping, a host sync per step), so a small model's step is
+host-bound and its measured J/token is mostly an idle card (benchmarks/RESULTS.md, EPT by
+engine). Here, as in gpt-fast and vLLM's CUDA-graph decode: the model's forward over a
+static KV cache is compiled once (inductor fuses the elementwise work), then `steps`
+consecutive decode steps (forward, sampling or argmax, stop flags, position and cache
+advance) are captured as ONE CUDA graph per batch bucket and replayed; the host checks the
+stop flags once per replay (one sync per `steps` tokens). Prefill runs outside the graph.
+
+The same step code runs uncaptured (`capture=False`): on CPU that is how the tests check the
+static-cache logic token for token against the eager reference. Sampling reads uniforms from a
+buffer that is filled from the caller's generator before each replay, so a seeded run draws
+the same tokens on every replay and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import StaticCache
+
+from wattkd.generation.sampling import SamplingParams, sample_next
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class EngineUnavailable(RuntimeError):
+    """The graph engine cannot serve this model or request (the reason says why)."""
+
+
+def bucket_for(batch: int) -> int:
+    """The smallest capture bucket holding `batch` rows (rows beyond it are padding)."""
+    for b in BUCKETS:
+        if b >= batch:
+            return b
+    raise EngineUnavailable(f"batch {batch} is above the largest graph bucket {BUCKETS[-1]}")
+
+
+def check_servable(model: nn.Module) -> None:
+    """Refuse what the captured step cannot do: FSDP-sharded modules (a collective per
+    step)."""
+    if any("FSDP" in type(m).__name__ for m in model.modules()):
+        raise EngineUnavailable("FSDP-sharded modules are not captured (collectives per step)")
+
+
+def static_cache(config: Any, max_len: int) -> StaticCache:
+    """A static KV cache with every layer full-length. HF's sliding-window layers keep their
+    fill level in a Python int (a replayed graph would not advance it, and torch.compile
+    recompiles on each value); full-length layers keep it in a device tensor, and the model's
+    own sliding-window mask (absolute slot positions) gives the same attention."""
+    flat = copy.deepcopy(config)
+    n = getattr(flat, "num_hidden_layers", None)
+    if getattr(flat, "layer_types", None) and n:
+        flat.layer_types = ["full_attention"] * n
+    if hasattr(flat, "sliding_window"):
+        flat.sliding_window = None
+    return StaticCache(config=flat, max_cache_len=max_len)
+
+
+class GraphDecoder:
+    """Decodes batches of up to `batch` rows with prompt + new tokens <= `max_len`, for one
+    model and one SamplingParams (temperature, top-p, eos are baked into the graph)."""
+
+    def __init__(self, model: nn.Module, *, batch: int, max_len: int, params: SamplingParams,
+                 steps: int = 16, capture: bool = True, compile: bool = True) -> None:
+        check_servable(model)
+        self.model, self.params, self.steps = model, params, steps
+        self.batch, self.max_len = batch, max_len
+        self.capture = capture and torch.cuda.is_available()
+        dev = next(model.parameters()).device
+        if self.capture and dev.type != "cuda":
+            raise EngineUnavailable(f"CUDA graphs need a CUDA model, this one is on {dev}")
+        self.device = dev
+        self.cache = static_cache(model.config, max_len + steps)
+        long = {"dtype": torch.long, "device": dev}
+        self.tok = torch.zeros(batch, 1, **long)
+        self.pos = torch.zeros(batch, 1, **long)
+        self.slot = torch.zeros(1, **long)
+        self.mask = torch.ones(batch, max_len + steps, **long)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.out = torch.zeros(batch, steps, **long)
+        self.live = torch.zeros(batch, steps, dtype=torch.bool, device=dev)
+        self.uniform = torch.zeros(steps, batch, 1, dtype=torch.float32, device=dev)
+        self._kw = forward_kwargs(model)
+        self._logits = (torch.compile(self._last_logits, fullgraph=True, dynamic=False)
+                        if compile else self._last_logits)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    # -- the step ---------------------------------------------------------------------------
+    def _forward(self, ids: Tensor, pos: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
+        kw = {self._kw["cache"]: self.cache, "use_cache": True}
+        if self._kw["cache_position"]:
+            kw["cache_position"] = slots
+        return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, **kw).logits
+
+    def _last_logits(self, tok: Tensor, pos: Tensor, slot: Tensor, mask: Tensor) -> Tensor:
+        return self._forward(tok, pos, slot, mask)[:, -1]
+
+    def _steps(self) -> None:
+        """`steps` decode steps on the static buffers (what the graph holds)."""
+        p = self.params
+        for i in range(self.steps):
+            logits = self._logits(self.tok, self.pos, self.slot, self.mask)
+            nxt = sample_next(logits, p, uniform=self.uniform[i])
+            nxt = torch.where(self.done, torch.full_like(nxt, p.pad_token_id), nxt)
+            self.out[:, i] = nxt
+            self.live[:, i] = ~self.done
+            if not p.ignore_eos and p.eos_token_id is not None:
+                self.done |= nxt == p.eos_token_id
+            self.tok.copy_(nxt[:, None])
+            self.pos.add_(1)
+            self.slot.add_(1)
+
+    def _capture(self) -> None:
+        """Warm up (compiles) on a side stream, then capture `steps` steps as one graph."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._reset()
+                self._steps()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._steps()
+        self.graph = graph
+
+    def _reset(self) -> None:
+        self.cache.reset()
+        self.slot.zero_()
+        self.pos.zero_()
+        self.done.zero_()
+
+    # -- one batch --------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, input_ids: Tensor, attention_mask: Tensor, *,
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Prompts [b, P] (left-padded, b <= batch) -> (new tokens [b, N], live [b, N])."""
+        b, prompt = input_ids.shape
+        p = self.params
+        if b > self.batch or prompt + p.max_new_tokens > self.max_len:
+            raise EngineUnavailable(f"request [{b} x {prompt}+{p.max_new_tokens}] does not fit "
+                                    f"the decoder [{self.batch} x {self.max_len}]")
+        if self.capture and self.graph is None:
+            self._capture()
+        ids, mask = _pad_rows(input_ids, attention_mask.long(), self.batch)
+        self._reset()
+        self.mask.fill_(1)
+        self.mask[:, :prompt] = mask
+        pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+        slots = torch.arange(prompt, device=self.device)
+        logits = self._forward(ids, pos, slots, self.mask)[:, -1]
+        first = sample_next(logits, p, generator)
+        tokens, live = [first[:, None]], [torch.ones_like(first, dtype=torch.bool)[:, None]]
+        if not p.ignore_eos and p.eos_token_id is not None:
+            self.done |= first == p.eos_token_id
+        self.tok.copy_(first[:, None])
+        self.pos.copy_(pos[:, -1:] + 1)
+        self.slot.fill_(prompt)
+        made = 1
+        while made < p.max_new_tokens:
+            if not p.greedy:
+                self.uniform.copy_(torch.rand(self.uniform.shape, generator=generator,
+                                              device=self.device))
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._steps()
+            tokens.append(self.out.clone())
+            live.append(self.live.clone())
+            made += self.steps
+            if not p.ignore_eos and p.eos_token_id is not None and bool(self.done.all()):
+                break
+        new = torch.cat(tokens, dim=1)[:b, :p.max_new_tokens]
+        alive = torch.cat(live, dim=1)[:b, :p.max_new_tokens]
+        width = p.max_new_tokens
+        if new.shape[1] < width:   # every row stopped early: the rest is padding
+            pad = new.new_full((b, width - new.shape[1]), p.pad_token_id)
+            new = torch.cat([new, pad], dim=1)
+            alive = torch.cat([alive, torch.zeros_like(pad, dtype=torch.bool)], dim=1)
+        return new, alive
+
+
+def _pad_rows(ids: Tensor, mask: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """Fill a batch up to its bucket with copies of row 0 (their output is dropped)."""
+    extra = rows - ids.shape[0]
+    if extra == 0:
+        return ids, mask
+    return (torch.cat([ids, ids[:1].expand(extra, -1)]),
+            torch.cat([mask, mask[:1].expand(extra, -1)]))
+
+
+def forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    """The cache argument's name and whether `cache_position` is taken: transformers renamed
+    `past_key_values` to `cache` and derives slots from position ids in newer releases."""
+    params = inspect.signature(model.forward).parameters
+    inner = getattr(model, "model", None)
+    inner_params = inspect.signature(inner.forward).parameters if inner is not None else {}
+    names = set(params) | set(inner_params)
+    return {"cache": "past_key_values" if "past_key_values" in names else "cache",
+            "cache_position": "cache_position" in names}
