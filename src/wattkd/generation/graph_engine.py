@@ -31,6 +31,7 @@ from wattkd.generation.sampling import SamplingParams, sample_next
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+RECOMPILE_LIMIT = 64   # one compiled step per (model, bucket) lives in dynamo's cache
 
 
 class EngineUnavailable(RuntimeError):
@@ -91,7 +92,9 @@ class GraphDecoder:
         self.live = torch.zeros(batch, steps, dtype=torch.bool, device=dev)
         self.uniform = torch.zeros(steps, batch, 1, dtype=torch.float32, device=dev)
         self._kw = forward_kwargs(model)
-        self._logits = (torch.compile(self._last_logits, fullgraph=True, dynamic=False)
+        if compile:
+            _allow_recompiles()
+        self._logits = (torch.compile(self._last_logits, fullgraph=True)
                         if compile else self._last_logits)
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -189,6 +192,16 @@ class GraphDecoder:
             new = torch.cat([new, pad], dim=1)
             alive = torch.cat([alive, torch.zeros_like(pad, dtype=torch.bool)], dim=1)
         return new, alive
+
+
+def _allow_recompiles() -> None:
+    """Each decoder (model x bucket) is one more compiled graph of the same code: keep
+    dynamo's per-code limit above that, or fullgraph compiles fail once it is reached."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
 
 
 def _pad_rows(ids: Tensor, mask: Tensor, rows: int) -> tuple[Tensor, Tensor]:
