@@ -70,6 +70,22 @@ def test_graph_step_matches_eager_token_for_token(arch, eos):
         assert torch.equal(live, ref.generated_mask[:, 7:].bool())
 
 
+def test_graph_step_serves_an_unmerged_lora_student():
+    from peft import LoraConfig, get_peft_model
+
+    m = get_peft_model(_model("qwen2"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                    init_lora_weights=False)).eval()
+    ids, mask = _prompts()
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    ref = generate(m, ids, mask, params, engine="eager")
+    dec = GraphDecoder(m, batch=4, max_len=32, params=params, steps=4, capture=False,
+                       compile=False)
+    assert torch.equal(dec.decode(ids, mask)[0], ref.sequences[:, 7:])
+    merged = m.merge_and_unload()
+    assert torch.equal(generate(merged, ids, mask, params, engine="eager").sequences,
+                       ref.sequences)
+
+
 def test_eos_stops_rows_and_pads_the_rest():
     m = _model("llama")
     ids, mask = _prompts()

@@ -215,9 +215,11 @@ def _pad_rows(ids: Tensor, mask: Tensor, rows: int) -> tuple[Tensor, Tensor]:
 
 def forward_kwargs(model: nn.Module) -> dict[str, Any]:
     """The cache argument's name and whether `cache_position` is taken: transformers renamed
-    `past_key_values` to `cache` and derives slots from position ids in newer releases."""
-    params = inspect.signature(model.forward).parameters
-    inner = getattr(model, "model", None)
+    `past_key_values` to `cache` and derives slots from position ids in newer releases. A peft
+    wrapper (LoRA, unmerged) takes **kwargs: its base model's signature decides."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    inner = getattr(base, "model", None)
     inner_params = inspect.signature(inner.forward).parameters if inner is not None else {}
     names = set(params) | set(inner_params)
     return {"cache": "past_key_values" if "past_key_values" in names else "cache",
