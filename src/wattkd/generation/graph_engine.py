@@ -18,6 +18,7 @@ the same tokens on every replay and resumes exactly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 from typing import Any
@@ -147,15 +148,20 @@ class GraphDecoder:
     # -- one batch --------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, input_ids: Tensor, attention_mask: Tensor, *,
-               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Prompts [b, P] (left-padded, b <= batch) -> (new tokens [b, N], live [b, N])."""
+               generator: torch.Generator | None = None,
+               max_new_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+        """Prompts [b, P] (left-padded, b <= batch) -> (new tokens [b, N], live [b, N]);
+        N = max_new_tokens, else the decoder's params.max_new_tokens (the graph does not
+        depend on N)."""
         b, prompt = input_ids.shape
         p = self.params
+        if max_new_tokens is not None:
+            p = dataclasses.replace(p, max_new_tokens=max_new_tokens)
         if b > self.batch or prompt + p.max_new_tokens > self.max_len:
             raise EngineUnavailable(f"request [{b} x {prompt}+{p.max_new_tokens}] does not fit "
                                     f"the decoder [{self.batch} x {self.max_len}]")
-        if self.capture and self.graph is None:
-            self._capture()
+        if self.capture and self.graph is None and p.max_new_tokens > 1:
+            self._capture()   # before the prefill: capturing runs steps on the cache
         ids, mask = _pad_rows(input_ids, attention_mask.long(), self.batch)
         self._reset()
         self.mask.fill_(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 ENGINES = ("auto", "graph", "eager")
-LEN_STEP = 64   # decoders are kept per (bucket, length rounded up to this, sampling params)
+MIN_LEN = 64   # decoders are kept per (bucket, length: a power of two >= this, sampling)
 
 
 @dataclass
@@ -66,7 +67,8 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
             raise
         _note_fallback(model, str(exc))
         return _eager(model, input_ids, attention_mask, params, generator)
-    new, live = dec.decode(input_ids, attention_mask, generator=generator)
+    new, live = dec.decode(input_ids, attention_mask, generator=generator,
+                           max_new_tokens=params.max_new_tokens)
     return _assemble(input_ids, attention_mask, new, live.long())
 
 
@@ -81,12 +83,12 @@ def decoder_for(model: nn.Module, batch: int, prompt_len: int, params: SamplingP
                 compile: bool = True) -> GraphDecoder:
     """The model's captured decoder for this request's bucket, built on first use."""
     rows = bucket_for(batch)
-    need = prompt_len + params.max_new_tokens
-    length = -(-need // LEN_STEP) * LEN_STEP
+    length = max(MIN_LEN, 1 << (prompt_len + params.max_new_tokens - 1).bit_length())
+    step_params = dataclasses.replace(params, max_new_tokens=1)   # the graph does not use it
     store = model.__dict__.setdefault("_wattkd_decoders", {})
-    key = (rows, length, params, compile)
+    key = (rows, length, step_params, compile)
     if key not in store:
-        store[key] = GraphDecoder(model, batch=rows, max_len=length, params=params,
+        store[key] = GraphDecoder(model, batch=rows, max_len=length, params=step_params,
                                   compile=compile)
     return store[key]
 
