@@ -39,6 +39,7 @@ from pair import GEMMA_270M
 from wattkd.config import EptConfig
 from wattkd.eval.engine import generation_config, resolve_engine
 from wattkd.generation import SamplingParams, generate
+from wattkd.generation.rollout import decoder_for
 
 
 def build(layers: int, tiny: bool, device: str) -> torch.nn.Module:
@@ -57,12 +58,16 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+GRAPH_MODES = {"graph": True, "graph-autotune": "max-autotune-no-cudagraphs"}
+
+
 def runner(engine: str, net: torch.nn.Module, device: str) -> Any:
     """decode(ids, mask, new) for one engine."""
-    if engine == "graph":
+    if engine in GRAPH_MODES:
         def decode(ids, mask, new):
             return generate(net, ids, mask, SamplingParams(max_new_tokens=new, ignore_eos=True),
-                            engine="graph" if device == "cuda" else "eager").sequences
+                            engine="graph" if device == "cuda" else "eager",
+                            compile=GRAPH_MODES[engine]).sequences
         return decode
     kind = "static" if engine == "hf-static" else "dynamic"
     eng = resolve_engine(EptConfig(engine=kind), device)
@@ -102,6 +107,26 @@ def step_bytes(net: torch.nn.Module, batch: int, ctx: int) -> int:
     return w + kv
 
 
+def profile_replay(net: torch.nn.Module, b: int, prompt: int, new: int,
+                   compile: bool | str) -> dict[str, Any]:
+    """Kernels launched and GPU-busy time per decoding step, from one profiled replay of the
+    captured graph (busy << step time: gaps between kernels, i.e. launch latency, dominate)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dec = decoder_for(net, b, prompt, SamplingParams(max_new_tokens=new, ignore_eos=True),
+                      compile=compile)
+    if dec.graph is None:
+        return {}
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.graph.replay()
+        sync()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy_us = sum(e.device_time for e in kernels)
+    return {"kernels_per_step": len(kernels) / dec.steps,
+            "gpu_busy_ms_per_step": busy_us / dec.steps / 1e3}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -114,6 +139,8 @@ def main() -> None:
     ap.add_argument("--dynamic-max-batch", type=int, default=32,
                     help="hf-dynamic only up to this batch (it is ~20 ms/step)")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="graph engines: kernels and GPU-busy time per step (profiler)")
     ap.add_argument("--deadline", type=float, default=None)
     a = ap.parse_args()
     t0 = time.perf_counter()
@@ -150,7 +177,10 @@ def main() -> None:
                        "out_tokens_per_s": b / ms * 1e3, "first_call_s": first,
                        "floor_ms": floor, "x_floor": ms / floor if floor else None,
                        "long_s": long, "short_s": short}
-                if engine == "graph" and b == batches[0]:
+                if engine in GRAPH_MODES and device == "cuda" and a.profile:
+                    row.update(profile_replay(net, b, a.prompt_tokens, a.new_tokens,
+                                              GRAPH_MODES[engine]))
+                if engine in GRAPH_MODES and b == batches[0]:
                     ref = generate(net, ids, mask, SamplingParams(max_new_tokens=a.new_tokens,
                                                                    ignore_eos=True),
                                    engine="eager").sequences
@@ -169,13 +199,15 @@ def main() -> None:
 
 
 def table(rec: dict[str, Any]) -> str:
-    lines = ["| model | engine | batch | ms/step | out tok/s | floor ms | x floor | first call s |",
-             "|---|---|---|---|---|---|---|---|"]
+    head = ("| model | engine | batch | ms/step | out tok/s | floor ms | x floor | first call s "
+            "| kernels/step | GPU busy ms/step |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
         fl = "—" if r["floor_ms"] is None else f"{r['floor_ms']:.3f}"
         xf = "—" if r["x_floor"] is None else f"{r['x_floor']:.1f}"
         lines.append(f"| {r['model']} | {r['engine']} | {r['batch']} | {r['ms_per_step']:.3f} "
-                     f"| {r['out_tokens_per_s']:.0f} | {fl} | {xf} | {r['first_call_s']:.1f} |")
+                     f"| {r['out_tokens_per_s']:.0f} | {fl} | {xf} | {r['first_call_s']:.1f} "
+                     f"| {r.get('kernels_per_step', '—')} | {r.get('gpu_busy_ms_per_step', '—')} |")
     return "\n".join(lines)
 
 

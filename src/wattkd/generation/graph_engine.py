@@ -70,10 +70,12 @@ def static_cache(config: Any, max_len: int) -> StaticCache:
 
 class GraphDecoder:
     """Decodes batches of up to `batch` rows with prompt + new tokens <= `max_len`, for one
-    model and one SamplingParams (temperature, top-p, eos are baked into the graph)."""
+    model and one SamplingParams (temperature, top-p, eos are baked into the graph).
+    `compile`: False, True (inductor's default mode) or a torch.compile mode without its own
+    CUDA graphs (e.g. "max-autotune-no-cudagraphs")."""
 
     def __init__(self, model: nn.Module, *, batch: int, max_len: int, params: SamplingParams,
-                 steps: int = 16, capture: bool = True, compile: bool = True) -> None:
+                 steps: int = 16, capture: bool = True, compile: bool | str = True) -> None:
         check_servable(model)
         self.model, self.params, self.steps = model, params, steps
         self.batch, self.max_len = batch, max_len
@@ -93,10 +95,12 @@ class GraphDecoder:
         self.live = torch.zeros(batch, steps, dtype=torch.bool, device=dev)
         self.uniform = torch.zeros(steps, batch, 1, dtype=torch.float32, device=dev)
         self._kw = forward_kwargs(model)
-        if compile:
+        if compile:   # True = inductor's default mode; a string names the mode
             _allow_recompiles()
-        self._logits = (torch.compile(self._last_logits, fullgraph=True)
-                        if compile else self._last_logits)
+            mode = compile if isinstance(compile, str) else None
+            self._logits = torch.compile(self._last_logits, fullgraph=True, mode=mode)
+        else:
+            self._logits = self._last_logits
         self.graph: torch.cuda.CUDAGraph | None = None
 
     # -- the step ---------------------------------------------------------------------------

@@ -44,12 +44,13 @@ class Rollout:
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
              params: SamplingParams, *, generator: torch.Generator | None = None,
-             engine: str = "auto", compile: bool = True) -> Rollout:
+             engine: str = "auto", compile: bool | str = True) -> Rollout:
     """Decode `params.max_new_tokens` positions after each prompt of `input_ids` [B, P]
     (left-padded where `attention_mask` has zeros). `engine`: `graph` (CUDA graphs over a
     static KV cache; CUDA only), `eager` (any device, the reference) or `auto` (graph where it
     can serve the request, else eager, with the reason logged once). `compile`: the graph
-    engine's forward compiled by inductor before capture (fuses the small kernels)."""
+    engine's forward compiled by inductor before capture (fuses the small kernels); a string
+    names the torch.compile mode."""
     if engine not in ENGINES:
         raise ValueError(f"unknown generation engine {engine!r}; known: {', '.join(ENGINES)}")
     if attention_mask is None:
@@ -80,7 +81,7 @@ def engine_used(model: nn.Module, device_type: str, engine: str = "auto") -> str
 
 
 def decoder_for(model: nn.Module, batch: int, prompt_len: int, params: SamplingParams, *,
-                compile: bool = True) -> GraphDecoder:
+                compile: bool | str = True) -> GraphDecoder:
     """The model's captured decoder for this request's bucket, built on first use."""
     rows = bucket_for(batch)
     length = max(MIN_LEN, 1 << (prompt_len + params.max_new_tokens - 1).bit_length())
