@@ -26,8 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from wattkd.energy.components import CORE, components_of
 from wattkd.energy.monitor import ensure_trailing_newline
-from wattkd.energy.source import COMPONENTS, UNAVAILABLE
+from wattkd.energy.source import UNAVAILABLE
 from wattkd.energy.sources import source_class
 from wattkd.energy.telemetry import (
     Telemetry,
@@ -172,15 +173,16 @@ def recover_window(begin: dict[str, Any], progress: Sequence[dict[str, Any]],
     telemetry its sampler wrote (same session)."""
     last = max(progress, key=lambda p: p.get("t_wall", 0.0)) if progress else None
     start = float(begin.get("start_wall", 0.0))
-    sources = dict(begin.get("source") or dict.fromkeys(COMPONENTS, UNAVAILABLE))
+    comps = components_of(begin, last)
+    sources = dict(begin.get("source") or dict.fromkeys(CORE, UNAVAILABLE))
     t_meas = float(last["t_wall"]) if last else start
     energy = {c: (last["energy_j"].get(c) if last else
                   (0.0 if sources.get(c, UNAVAILABLE) != UNAVAILABLE else None))
-              for c in COMPONENTS}
+              for c in comps}
     unc = {c: (last.get("uncertainty_j") or {}).get(c) if last else
            (0.0 if _source_types(sources.get(c)) and all(
                t.CHARACTERISED for t in _source_types(sources.get(c))) else None)
-           for c in COMPONENTS}
+           for c in comps}
     tokens = int(last.get("tokens", begin.get("tokens", 0))) if last else int(
         begin.get("tokens", 0))
     sid = begin.get("session")
@@ -194,7 +196,7 @@ def recover_window(begin: dict[str, Any], progress: Sequence[dict[str, Any]],
     secs = max(unmeasured.values(), default=max(alive - t_meas, 0.0))
     info.update(closed_at=closed_at, last_progress_wall=None if last is None else t_meas,
                 alive_until_wall=round(alive, 4), unmeasured_s=round(secs, 4))
-    est = [c for c in COMPONENTS if _estimated(sources.get(c)) and energy[c] is not None]
+    est = [c for c in comps if _estimated(sources.get(c)) and energy[c] is not None]
     flags = [*begin.get("flags", []), "recovered"] + [f"estimated-{c}" for c in est]
     notes = [*begin.get("notes", []),
              (f"session {sid} ended without closing this window (killed?): closed at its last "
@@ -209,11 +211,11 @@ def recover_window(begin: dict[str, Any], progress: Sequence[dict[str, Any]],
             "status": "recovered",
             "energy_j": {c: None if v is None else round(float(v), 6) for c, v in energy.items()},
             "source": {c: sources.get(c, UNAVAILABLE) if energy[c] is not None
-                       else UNAVAILABLE for c in COMPONENTS},
+                       else UNAVAILABLE for c in comps},
             "estimated": bool(est),
             "uncertainty_j": {c: None if v is None else round(float(v), 6)
                               for c, v in unc.items()},
-            "dynamic_energy_j": dict.fromkeys(COMPONENTS), "per_gpu": {},
+            "dynamic_energy_j": dict.fromkeys(comps), "per_gpu": {},
             "flags": flags, "notes": notes, "meta": begin.get("meta", {}), "recovered": info}
 
 
@@ -230,7 +232,7 @@ def _extend_from_telemetry(begin: dict[str, Any], sources: dict[str, str],
     unmeasured: dict[str, float] = {}
     n_samples = 0
     sid = begin.get("session")
-    for comp in COMPONENTS:
+    for comp in list(energy):
         if energy[comp] is None or not _readable(sources.get(comp), comp):
             continue
         t_end = t_meas

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from wattkd.energy.components import check
 from wattkd.energy.counters import CounterTracker, PowerIntegrator
-from wattkd.energy.source import COMPONENTS
 from wattkd.energy.sources import source_types
 
 log = logging.getLogger(__name__)
@@ -221,8 +221,7 @@ def telemetry_energy(samples: Sequence[dict[str, Any]], start_wall: float | None
     records power (labelled, e.g. `nvml-power-integrated`).
     Returns {"energy_j", "source", "devices": {key: J}, "samples", "t0", "t1", "glitches"}.
     """
-    if component not in COMPONENTS:
-        raise ValueError(f"component must be gpu, cpu or dram, got {component!r}")
+    check(component)
     headers = getattr(samples, "headers", [])
     window = [s for s in samples if (start_wall is None or s["t_wall"] >= start_wall)
               and (end_wall is None or s["t_wall"] <= end_wall)]

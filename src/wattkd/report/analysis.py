@@ -25,12 +25,13 @@ from typing import Any
 import yaml
 
 from wattkd.distill.methods.registry import report_order
+from wattkd.energy.components import basis_order, components_of, label_of, shown
 from wattkd.energy.metrics import e_avg as ledger_e_avg
 from wattkd.energy.metrics import ept as ledger_ept
-from wattkd.energy.sources import NvmlSource
+from wattkd.energy.sources import source_class
 from wattkd.eval.protocol import ProtocolMismatch, compare_protocols
 from wattkd.report.collect import RunData
-from wattkd.report.energy import COMP_LABEL, FLAG_NOTES, GPU_FLAGS, phase_energy
+from wattkd.report.energy import FLAG_NOTES, GPU_FLAGS, phase_energy
 from wattkd.report.ept_steady import steady_fields
 from wattkd.report.metrics import (
     MetricError,
@@ -151,7 +152,7 @@ class Analysis:
     def basis_label(self) -> str:
         ok = [r for r in self.students if r.e_run[self.basis].ok]
         est = bool(ok) and all(r.e_run[self.basis].estimated for r in ok)
-        return COMP_LABEL[self.basis] + (", estimated" if est else "")
+        return label_of(self.basis) + (", estimated" if est else "")
 
     def missing_inputs(self, r: RunResult) -> dict[str, str]:
         """The run's missing inputs that matter for this report (a perplexity file is not
@@ -240,7 +241,7 @@ def _share_from_cache(path: Path, comp: str) -> Quantity:
     e = (energy.get("components") or {}).get(comp)
     src = (energy.get("sources") or {}).get(comp)
     if e is None:
-        return Quantity.missing(f"teacher cache {path.name}: no {COMP_LABEL[comp]} energy "
+        return Quantity.missing(f"teacher cache {path.name}: no {label_of(comp)} energy "
                                 f"figure for its build", "J")
     if not users:
         return Quantity.missing(f"teacher cache {path.name}: no run registered in users.jsonl "
@@ -269,8 +270,8 @@ def _share_from_record(tc: dict[str, Any], comp: str, path: str | None) -> Quant
         u = unc.get(comp) if isinstance(unc, dict) else None
     elif isinstance(energy, int | float):
         src = source if isinstance(source, str) else None
-        rec_comp = tc.get("component") or ("gpu" if src == NvmlSource.LABEL else
-                                           "cpu" if src else None)
+        cls = source_class(src) if src else None
+        rec_comp = tc.get("component") or (cls.COMPONENTS[0] if cls else None)
         if rec_comp is None:
             return Quantity.missing("run.json teacher_cache.energy_j has no source or component "
                                     "label", "J")
@@ -279,7 +280,7 @@ def _share_from_record(tc: dict[str, Any], comp: str, path: str | None) -> Quant
     else:
         e, src, u = None, None, None
     if e is None:
-        return Quantity.missing(f"teacher cache record has no {COMP_LABEL[comp]} energy figure",
+        return Quantity.missing(f"teacher cache record has no {label_of(comp)} energy figure",
                                 "J")
     return Quantity(e / students, "J", None if u is None else u / students, src,
                     is_estimated_source(src) or bool(tc.get("estimated")),
@@ -429,7 +430,7 @@ def ept_points(run: RunData, comp: str) -> list[EptPoint]:
             if v is None:
                 why = ("idle power not measured" if key.startswith("dynamic") and
                        e.get("ept_total_j") is not None else
-                       f"no {COMP_LABEL[comp]} energy in ept.json (source: {src})")
+                       f"no {label_of(comp)} energy in ept.json (source: {src})")
                 return Quantity.missing(why, "J/token")
             tokens = r.get(tokens_key) or 0
             u = unc / tokens if unc is not None and tokens else None
@@ -508,20 +509,24 @@ def _run_result(run: RunData, comps: Sequence[str], basis: str) -> RunResult:
                      Quantity.missing("not computed"), finetune_share=ft)
 
 
+def report_components(runs: Sequence[RunData]) -> list[str]:
+    """The energy components the report tabulates: those always shown (GPU, CPU) and every
+    other one some window measured (DRAM, node, ...), in declaration order."""
+    recs = [p for r in runs for p in r.phases or []]
+    measured = {c for p in recs for c, v in (p.get("energy_j") or {}).items() if v is not None}
+    return [c for c in components_of(*recs) if shown(c, c in measured)]
+
+
 def analyze(students: Sequence[RunData], teacher: RunData, *, ept_batch: int | None = None
             ) -> Analysis:
     """Every number of the report, computed once from the collected runs."""
     warnings: list[str] = []
-    comps = ["gpu", "cpu"]
-    if any(r.phases and any((p.get("energy_j") or {}).get("dram") is not None for p in r.phases)
-           for r in list(students) + [teacher]):
-        comps.append("dram")
-    basis = "gpu"
-    if not any(phase_energy(r, "train", "gpu")[0].ok for r in students) \
-            and any(phase_energy(r, "train", "cpu")[0].ok for r in students):
-        basis = "cpu"
+    comps = report_components([*students, teacher])
+    basis = next((c for c in basis_order(comps)
+                  if any(phase_energy(r, "train", c)[0].ok for r in students)), "gpu")
+    if basis != "gpu":
         warnings.append("no student run has GPU energy: derived figures (EPT, E_total, "
-                        "Eff_overall, J per point) use CPU energy")
+                        f"Eff_overall, J per point) use {label_of(basis)} energy")
     students = sorted(students, key=lambda r: (KIND_ORDER.get(r.kind, 5), r.method, r.repeat,
                                                r.label))
     results = [_run_result(r, comps, basis) for r in students]

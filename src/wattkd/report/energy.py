@@ -8,13 +8,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from wattkd.energy.components import label_of
 from wattkd.energy.metrics import e_run as ledger_e_run
 from wattkd.report.collect import RunData
 from wattkd.report.metrics import Quantity
 
-__all__ = ["COMP_LABEL", "FLAG_NOTES", "GPU_FLAGS", "phase_energy"]
+__all__ = ["FLAG_NOTES", "GPU_FLAGS", "phase_energy"]
 
-COMP_LABEL = {"gpu": "GPU", "cpu": "CPU", "dram": "DRAM"}
 FLAG_NOTES = {
     "short-window": "window shorter than telemetry.min_window_s: counter quantisation at the "
                     "edges dominates",
@@ -36,10 +36,10 @@ def _unavailable_reason(recs: Sequence[dict[str, Any]], comp: str) -> str:
     for r in recs:
         for note in r.get("notes") or []:
             if note.startswith(f"{comp} unavailable"):
-                return f"{COMP_LABEL[comp]} energy unavailable ({note.split(':', 1)[-1].strip()})"
+                return f"{label_of(comp)} energy unavailable ({note.split(':', 1)[-1].strip()})"
         if "telemetry-disabled" in (r.get("flags") or []):
-            return f"{COMP_LABEL[comp]} energy unavailable (telemetry disabled for this run)"
-    return f"{COMP_LABEL[comp]} energy unavailable (source: unavailable)"
+            return f"{label_of(comp)} energy unavailable (telemetry disabled for this run)"
+    return f"{label_of(comp)} energy unavailable (source: unavailable)"
 
 
 def phase_energy(run: RunData, phase: str | None, comp: str) -> tuple[Quantity, Any]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from wattkd.energy.components import label_of
 from wattkd.report.collect import RunData, load_run
-from wattkd.report.energy import COMP_LABEL, phase_energy
+from wattkd.report.energy import phase_energy
 from wattkd.report.metrics import Quantity
 
 
@@ -28,7 +29,7 @@ def finetune_share(run: RunData, comp: str) -> Quantity | None:
                                 "shared", "J")
     e, _ = phase_energy(load_run(tdir, "teacher"), "train", comp)
     if not e.ok:
-        return Quantity.missing(f"teacher fine-tune: no {COMP_LABEL[comp]} energy ({e.gap})",
+        return Quantity.missing(f"teacher fine-tune: no {label_of(comp)} energy ({e.gap})",
                                 "J")
     users = len(finetune_users(tdir))
     if users < 1:
