@@ -104,7 +104,7 @@ def _read_jsonl(path: Path, what: str, skipped: list[str] | None = None
     """Objects of a JSONL file; cut lines a crash can leave are skipped (named in `skipped`)."""
     objs, _, cut = read_jsonl_lines(path, what)
     if skipped is not None:
-        skipped.extend(f"{path.name}:{n}: {why}" for n, why in cut)
+        skipped.extend(f"{path.parent.name}/{path.name}:{n}: {why}" for n, why in cut)
     return objs
 
 

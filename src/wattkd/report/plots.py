@@ -19,7 +19,6 @@ from typing import Any
 
 from wattkd.distill.methods.registry import report_colours
 from wattkd.energy.components import additive, label_of
-from wattkd.energy.metrics import read_telemetry
 from wattkd.report.analysis import Analysis, RunResult
 from wattkd.report.metrics import Quantity, pareto_front
 
@@ -211,15 +210,10 @@ def power_trace(r: RunResult) -> Plot:
                 "Per-GPU board power and utilisation from the telemetry sampler, over time "
                 "since the first sample (all hosts).")
     gap = r.run.gaps.get("telemetry")
-    if gap:
-        plot.gap = gap
+    if gap or r.run.telemetry is None:
+        plot.gap = gap or "no telemetry"
         return plot
-    try:
-        tel = read_telemetry(r.run.path)
-    except (ValueError, FileNotFoundError) as exc:
-        plot.gap = f"telemetry unreadable: {exc}"
-        return plot
-    return _trace_figure(plot, tel)
+    return _trace_figure(plot, r.run.telemetry)
 
 
 def _trace_figure(plot: Plot, tel: Any) -> Plot:

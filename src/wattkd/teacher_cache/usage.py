@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from wattkd.energy.components import CORE, basis_order, components_of, label_of
 from wattkd.energy.metrics import read_phases, read_telemetry, telemetry_energy
 from wattkd.teacher_cache.manifest import CacheError, manifest_sha256, read_cache_manifest
 
@@ -37,7 +38,6 @@ __all__ = [
 ]
 
 USERS = "users.jsonl"
-COMPONENTS = ("gpu", "cpu", "dram")
 
 
 # ----------------------------------------------------------------------------- build energy
@@ -57,8 +57,8 @@ def session_energy(cache_dir: Path, session: dict[str, Any],
                 "source": dict(rec["source"]), "estimated": bool(rec.get("estimated")),
                 "uncertainty_j": rec.get("uncertainty_j", {}).get("gpu"),
                 "duration_s": rec.get("duration_s"), "flags": rec.get("flags", [])}
-    out: dict[str, Any] = {"status": "unmetered", "energy_j": dict.fromkeys(COMPONENTS),
-                           "source": dict.fromkeys(COMPONENTS, "unavailable"),
+    out: dict[str, Any] = {"status": "unmetered", "energy_j": dict.fromkeys(CORE),
+                           "source": dict.fromkeys(CORE, "unavailable"),
                            "estimated": False, "uncertainty_j": None, "duration_s": None,
                            "flags": ["interrupted"]}
     start = session.get("start_wall")
@@ -113,22 +113,21 @@ def summarize_energy(cache_dir: Path, sessions: list[dict[str, Any]], tokens: in
     sources: dict[str, str] = {}
     notes: list[str] = []
     partial: list[str] = []
-    for comp in COMPONENTS:
-        vals = [p["energy_j"][comp] for p in per]
+    for comp in components_of(*per):
+        vals = [p["energy_j"].get(comp) for p in per]
         have = [v for v in vals if v is not None]
         totals[comp] = round(sum(have), 6) if have else None
-        labels = sorted({p["source"][comp] for p in per if p["energy_j"][comp] is not None})
+        labels = sorted({p["source"][comp] for p in per if p["energy_j"].get(comp) is not None})
         sources[comp] = ("+".join(labels) if labels else "unavailable")
         if have and len(have) < len(vals):
             partial.append(comp)
             notes.append(f"{comp}: {len(vals) - len(have)} of {len(vals)} build sessions have "
                          "no figure (interrupted, no telemetry): the total is a lower bound")
-    headline = "gpu" if totals["gpu"] is not None else "cpu" if totals["cpu"] is not None \
-        else None
+    headline = next((c for c in basis_order(totals) if totals[c] is not None), None)
     value = totals[headline] if headline else None
     estimated = headline is not None and sources[headline].startswith("estimated")
-    if headline == "cpu":
-        notes.append("no GPU energy counter: the headline figure is the CPU's")
+    if headline not in (None, "gpu"):
+        notes.append(f"no GPU energy counter: the headline figure is the {label_of(headline)}'s")
     unmetered = sum(p["status"] == "unmetered" for p in per)
     recovered = sum(p["status"] == "recovered-from-telemetry" for p in per)
     if recovered:
