@@ -15,7 +15,7 @@ Configured in the experiment YAML, and opened only then:
           command: [/usr/local/bin/node-energy, --joules]   # an argv list, run without a shell
           scale_j: 1.0            # J per unit read (1e-6 for µJ, 3.6e6 for kWh)
           wrap: null              # raw value at which the counter wraps to 0, if it does
-          max_power_w: null       # plausibility bound for counter increases (glitch rule)
+          max_power_w: 20000      # plausibility bound for counter increases (glitch rule)
           timeout_s: 2.0          # a command slower than this is a failed read
 
 The file or the command's stdout holds one number: the meter's cumulative energy. A read
@@ -46,7 +46,8 @@ from wattkd.errors import ConfigError
 log = logging.getLogger(__name__)
 
 NODE = Component("node", "Node", contains=("gpu", "cpu", "dram"), rank=1)
-SHELL_SYNTAX = set("|&;<>`$(){}*?!\\\n")
+NODE_MAX_POWER_W = 20_000.0   # default plausibility bound: above an 8-GPU node's ~10 kW
+SHELL_OPERATORS = ("|", "&", ";", "<", ">", "$(", "`")
 
 
 class NodePowerOptions(BaseModel):
@@ -57,7 +58,7 @@ class NodePowerOptions(BaseModel):
     command: list[str] | str | None = None
     scale_j: float = Field(default=1.0, gt=0)
     wrap: float | None = Field(default=None, gt=0)
-    max_power_w: float | None = Field(default=None, gt=0)
+    max_power_w: float = Field(default=NODE_MAX_POWER_W, gt=0)
     timeout_s: float = Field(default=2.0, gt=0)
 
     @model_validator(mode="after")
@@ -69,13 +70,19 @@ class NodePowerOptions(BaseModel):
 
 
 def command_argv(command: list[str] | str) -> list[str]:
-    """The argv a command runs as (no shell ever): its program must exist and be executable,
-    and no argument may carry shell syntax (it would be passed literally, not interpreted)."""
-    argv = shlex.split(command) if isinstance(command, str) else list(command)
+    """The argv a command runs as (no shell ever): its program must exist and be executable;
+    a command written as one string may not use shell operators (pipes, redirections, `$(`),
+    which would be passed literally, not interpreted."""
+    try:
+        argv = shlex.split(command) if isinstance(command, str) else list(command)
+    except ValueError as exc:
+        raise ConfigError(f"telemetry.sources.node-power.command: {exc}") from None
     if not argv or not all(isinstance(a, str) and a for a in argv):
         raise ConfigError("telemetry.sources.node-power.command: expected a non-empty list of "
                           "non-empty strings (the program and its arguments)")
-    bad = [a for a in argv if SHELL_SYNTAX & set(a)]
+    # a list is an argv as it stands; a string written for a shell would silently mean
+    # something else without one
+    bad = [a for a in argv if isinstance(command, str) and any(op in a for op in SHELL_OPERATORS)]
     if bad:
         raise ConfigError(f"telemetry.sources.node-power.command: {bad[0]!r} contains shell "
                           "syntax; the command runs without a shell, so pipes, redirections "
