@@ -29,7 +29,7 @@ from wattkd.eval.ept_window import point_figures, window_from_record
 from wattkd.report import build_report
 from wattkd.report.analysis import analyze
 from wattkd.report.collect import collect
-from wattkd.teacher_cache.usage import summarize_energy
+from wattkd.teacher_cache.build_energy import summarize_energy
 
 FAST = {"idle_seconds": 0, "interval_s": 0.02, "slow_interval_s": 0.05}
 

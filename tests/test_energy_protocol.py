@@ -9,6 +9,7 @@ import pytest
 
 from test_energy_fakes import FakeCounterSource, FakeDevice, FakeNvml, make_powercap, two_gpus
 from wattkd.config import TelemetryConfig
+from wattkd.energy.components import components
 from wattkd.energy.ledger import EnergyMeter
 from wattkd.energy.metrics import (
     e_run,
@@ -18,7 +19,6 @@ from wattkd.energy.metrics import (
     telemetry_energy,
 )
 from wattkd.energy.recovery import recover_window
-from wattkd.energy.components import components
 from wattkd.energy.sources import (
     CpuTimeSource,
     discover,
