@@ -13,9 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from typer.testing import CliRunner
 
 from report_synth import make_run
 from test_energy_fakes import FakeCounterSource, FakeDevice, FakeNvml, two_gpus
+from wattkd.cli import app
 from wattkd.config import TelemetryConfig
 from wattkd.energy.components import Component, additive, components, total_j
 from wattkd.energy.ledger import EnergyMeter
@@ -234,3 +237,13 @@ def test_a_component_clash_is_refused() -> None:
     with pytest.raises(ValueError, match="already declared"):
         register_source(Clash)
     assert sys.modules["wattkd.energy.sources.node_power"]  # loaded by the package itself
+
+
+def test_the_cli_refuses_a_bad_source_section_before_any_work(tmp_path: Path) -> None:
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
+    cfg["telemetry"]["sources"] = {"node-power": {"command": "ipmitool dcmi power | awk x"}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(app, ["config", "show", str(path)])
+    assert res.exit_code == 2
+    assert "error: telemetry.sources.node-power.command" in res.output and "shell" in res.output

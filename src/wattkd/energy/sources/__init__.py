@@ -11,6 +11,7 @@ from wattkd.energy.sources.cpu_time import CpuSource, CpuTimeSource
 from wattkd.energy.sources.nvml import GpuInfo, NvmlSource, parse_visible_devices
 from wattkd.energy.sources.rapl import PERMISSION_FIX, RaplSource, RaplZone
 from wattkd.energy.sources.registry import (
+    check_options,
     discover,
     register_source,
     source_class,
@@ -19,7 +20,7 @@ from wattkd.energy.sources.registry import (
 )
 
 __all__ = ["PERMISSION_FIX", "CpuSource", "CpuTimeSource", "GpuInfo", "NvmlSource",
-           "RaplSource", "RaplZone", "discover", "parse_visible_devices", "register_source",
+           "RaplSource", "RaplZone", "check_options", "discover", "parse_visible_devices", "register_source",
            "source_class", "source_types", "unregister_source"]
 
 for _mod in pkgutil.iter_modules(__path__):

@@ -67,16 +67,21 @@ def source_class(label: str) -> type[EnergySource] | None:
     return next((c for c in _TYPES if c.LABEL == label), None)
 
 
-def _check_options(cfg: TelemetryConfig) -> None:
-    """Every `telemetry.sources` key names a registered source (a typo is not ignored)."""
+def check_options(cfg: TelemetryConfig) -> None:
+    """Every `telemetry.sources` key names a registered source (a typo is not ignored), and
+    each configured source accepts its options (`create`, no hardware touched): called when
+    the config is loaded, before any work, and again at discovery. Raises ConfigError."""
     labels = [c.LABEL for c in _TYPES]
     for key, opts in cfg.sources.items():
         if key not in labels:
             raise ConfigError(f"telemetry.sources.{key}: no energy source has this label; "
-                              f"expected one of {labels}")
+                              f"expected one of {sorted(labels)}")
         if not isinstance(opts, Mapping):
             raise ConfigError(f"telemetry.sources.{key}: expected a mapping of options, got "
                               f"{type(opts).__name__}")
+        cls = source_class(key)
+        if cls is not None:
+            cls.create(Discovery(cfg, {}))
 
 
 def discover(cfg: TelemetryConfig | None = None, options: Mapping[str, Any] | None = None
@@ -87,7 +92,7 @@ def discover(cfg: TelemetryConfig | None = None, options: Mapping[str, Any] | No
     estimate on a machine with RAPL); a CONFIGURED_ONLY source only with its config section.
     Logs one line on what is (not) available."""
     cfg = cfg or TelemetryConfig()
-    _check_options(cfg)
+    check_options(cfg)
     found: list[EnergySource] = []
     for cls in source_types():
         covered = {c for s in found if s.available and not s.ESTIMATED for c in s.COMPONENTS}
