@@ -32,6 +32,7 @@ from wattkd.eval.ept_window import point_figures, window_from_record
 from wattkd.report import build_report
 from wattkd.report.analysis import analyze
 from wattkd.report.collect import collect
+from wattkd.report.plots import _logged_components
 from wattkd.teacher_cache.build_energy import summarize_energy
 
 FAST = {"idle_seconds": 0, "interval_s": 0.02, "slow_interval_s": 0.05}
@@ -165,6 +166,9 @@ def test_a_node_run_in_the_report_and_the_cache_summary(tmp_path: Path) -> None:
     runs = json.loads((html.parent / "tables" / "runs.json").read_text())
     text = json.dumps(runs)
     assert "E_run Node" in text and "node-power" in text
+    md = (html.parent / "report.md").read_text()
+    assert "it already contains GPU, CPU, DRAM" in md
+    assert _logged_components(a) == "Node measured"    # what the budget total summed
     sessions = [{"session": "s", "record": rec} for rec in read_phases(root / "response/rep0")
                 if rec.get("kind") == "phase"]
     summary = summarize_energy(tmp_path, sessions, tokens=1000)

@@ -26,7 +26,7 @@ import yaml
 
 from wattkd.amortisation import Share, cache_share, finetune_share
 from wattkd.distill.methods.registry import report_order
-from wattkd.energy.components import basis_order, components_of, label_of, shown
+from wattkd.energy.components import basis_order, component, components_of, label_of, shown
 from wattkd.energy.metrics import e_avg as ledger_e_avg
 from wattkd.energy.metrics import ept as ledger_ept
 from wattkd.eval.protocol import ProtocolMismatch, compare_protocols
@@ -696,4 +696,10 @@ def definitions(a: Analysis) -> list[tuple[str, str]]:
                          + (f" (suite {a.suite!r})" if a.suite else "") + "; gaps are shown as "
                          "— with a numbered reason, never as 0.")),
     ]
+    inside = {c: component(c).contains for c in a.teacher.e_run if component(c).contains}
+    for c, parts in inside.items():  # e.g. a node meter: it already holds the GPUs and CPUs
+        out.insert(1, (f"E_run {label_of(c)}", (
+            f"The {label_of(c)} meter's energy of the same windows; it already contains "
+            f"{', '.join(label_of(p) for p in parts)}, so it is shown beside them, never "
+            "added to them.")))
     return out
