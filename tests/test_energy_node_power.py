@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from typer.testing import CliRunner
 
 from report_synth import make_run
 from test_energy_fakes import FakeCounterSource, FakeDevice, FakeNvml, two_gpus
+from test_eval_common import build_model
 from wattkd.cli import app
-from wattkd.config import TelemetryConfig
+from wattkd.config import EptConfig, TelemetryConfig
 from wattkd.energy.components import Component, additive, components, total_j
 from wattkd.energy.ledger import EnergyMeter
 from wattkd.energy.metrics import e_run, read_phases, read_telemetry, telemetry_energy
@@ -27,7 +29,7 @@ from wattkd.energy.recovery import recover_window
 from wattkd.energy.sources import discover, register_source, unregister_source
 from wattkd.energy.sources.node_power import NodePowerSource
 from wattkd.errors import ConfigError
-from wattkd.eval.ept import ept_from_record
+from wattkd.eval.ept import ept_from_record, run_ept
 from wattkd.eval.ept_window import point_figures, window_from_record
 from wattkd.report import build_report
 from wattkd.report.analysis import analyze
@@ -251,3 +253,60 @@ def test_the_cli_refuses_a_bad_source_section_before_any_work(tmp_path: Path) ->
     res = CliRunner().invoke(app, ["config", "show", str(path)])
     assert res.exit_code == 2
     assert "error: telemetry.sources.node-power.command" in res.output and "shell" in res.output
+
+
+def tiny_model_dir(path: Path) -> Path:
+    """A tiny real llama + a byte-level BPE trained on a few lines (no shared data needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["energy per token of a node meter"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", model_max_length=2048)
+    build_model(fast).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def test_an_ept_run_reports_the_node_beside_the_gpu(tmp_path: Path) -> None:
+    """`run_ept` on a tiny real model with a node meter (a file a 100 W stand-in keeps
+    current): ept.json carries a node row whose EPT is its own energy over the tokens."""
+    f, stop = tmp_path / "node_j", threading.Event()
+    t0 = time.monotonic()
+
+    def meter_file() -> None:
+        while not stop.is_set():
+            tmp = f.with_suffix(".tmp")
+            tmp.write_text(f"{100.0 * (time.monotonic() - t0):.6f}\n")
+            os.replace(tmp, f)                       # never a half-written reading
+            time.sleep(0.005)
+
+    meter_file_once = threading.Thread(target=meter_file, daemon=True)
+    f.write_text("0\n")
+    meter_file_once.start()
+    try:
+        meter = EnergyMeter(TelemetryConfig(**FAST, sources={"node-power": {"file": str(f)}}),
+                            tmp_path / "run", nvml_lib=FakeNvml([]),
+                            powercap_root=tmp_path / "none")
+        cfg = EptConfig(num_prompts=2, prompt_tokens=8, max_new_tokens=3, batch_sizes=[2],
+                        warmup_batches=0, repeats=1)
+        res = run_ept(str(tiny_model_dir(tmp_path / "model")), cfg, meter, tmp_path / "run",
+                      device="cpu", min_window_s=0.2)
+    finally:
+        stop.set()
+        meter_file_once.join()
+    run = res["runs"][0]
+    node = run["energy"]["node"]
+    assert node["source"] == "node-power" and not node["estimated"]
+    assert node["average_power_w"] == pytest.approx(100.0, rel=0.25)
+    assert node["ept_total_j"] * run["total_tokens"] == pytest.approx(node["energy_j"])
+    steady = run["figures"]["energy"]["node"]
+    assert steady["mean_power_w"]["mean"] == pytest.approx(100.0, rel=0.25)
+    assert steady["j_per_request"]["mean"] > 0
+    assert run["energy"]["gpu"]["source"] == "unavailable"
+    assert "dram" not in run["energy"]
