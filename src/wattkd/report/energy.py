@@ -27,6 +27,9 @@ FLAG_NOTES = {
     "recovered": "includes windows of sessions that died (closed at their last progress record "
                  "or telemetry sample; the unmeasured tail is inside ±)",
 }
+# what an estimate is, by source label (others: named generically)
+ESTIMATE_NOTES = {"estimated-cpu-time": "CPU energy estimated from CPU time × "
+                  "telemetry.cpu_watts_per_core; its uncertainty is not characterised"}
 # notes about the GPU counter: never shown on a CPU or DRAM figure
 GPU_FLAGS = {"short-window", "high-uncertainty", "counter-reset", "counter-power-mismatch",
              "partial-gpu", "mig-shared-counter", "counter-glitch"}
@@ -63,9 +66,9 @@ def phase_energy(run: RunData, phase: str | None, comp: str) -> tuple[Quantity, 
              and (comp == "gpu" or f not in GPU_FLAGS)]
     if phase == "train":  # cut lines and refusals elsewhere in the ledger still concern E_run
         notes += [n for n in run.energy_notes if "`train`" in n or "truncated line" in n]
-    if comp != "gpu" and fig.estimated:
-        notes.append("CPU energy estimated from CPU time × telemetry.cpu_watts_per_core; its "
-                     "uncertainty is not characterised")
+    if fig.estimated:
+        notes.append(ESTIMATE_NOTES.get(str(fig.source), f"{label_of(comp)} energy estimated "
+                                        f"({fig.source}); its uncertainty is not characterised"))
     elif q.unc is None:
         notes.append("uncertainty not recorded by the energy ledger")
     for n in notes:
