@@ -23,7 +23,7 @@ from wattkd.config import TelemetryConfig
 from wattkd.energy.ledger import EnergyMeter
 from wattkd.energy.metrics import read_phases
 from wattkd.energy.sources import register_source, unregister_source
-from wattkd.report.analysis import analyze
+from wattkd.report.analysis import analyze, phase_rows
 from wattkd.report.collect import load_run
 
 CHILD = r'''
@@ -151,6 +151,8 @@ def test_recovered_windows_carry_their_sessions_idle_power(tmp_path: Path) -> No
     assert rec["idle_power_w"]["gpu"] == idle["gpu"]         # old code: no idle power
     assert rec["dynamic_energy_j"]["gpu"] is not None
     assert rec["dynamic_energy_j"]["gpu"] < rec["energy_j"]["gpu"]
+    row = next(r for r in phase_rows(load_run(dead, "r"), ["gpu"]) if r.phase == "train")
+    assert row.dynamic["gpu"].ok                  # the report's "above idle" is not blank
 
 
 def _ledger_lines(tmp_path: Path) -> list[bytes]:
