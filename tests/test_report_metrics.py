@@ -313,7 +313,7 @@ def test_real_energy_meter_output(tmp_path: Path):
 
 def test_cache_share_from_the_cache_folder(tmp_path: Path):
     """Amortisation through wattkd.teacher_cache: build energy / runs in users.jsonl."""
-    from wattkd.teacher_cache.usage import record_cache_use
+    from wattkd.amortisation import record_cache_use
 
     cache = make_cache(tmp_path / "cache", gpu=600.0, cpu=90.0, session_unc=[4.0, 2.0])
     make_run(tmp_path, "teacher", info={"method": "teacher", "mode": "none"})
@@ -337,14 +337,14 @@ def test_cache_share_from_the_cache_folder(tmp_path: Path):
     assert not r2.cache_share.ok and "no teacher_cache record" in r2.cache_share.gap
     assert not r2.e_total.ok                      # never E_run alone, silently
     # the CPU component of the same cache, for a CPU-basis report
-    from wattkd.report.analysis import cache_share
+    from wattkd.amortisation import cache_share
 
-    q, _ = cache_share(r0.run, "cpu")
+    q, _ = cache_share(r0.run.info, r0.run.kind, "cpu")
     assert q.value == 45.0 and q.estimated and q.unc is None
     # an interrupted build: the energy is a lower bound, and says so
     cache2 = make_cache(tmp_path / "cache2", gpu=600.0, session_unc=[4.0, None], complete=False)
     r0.run.info["teacher_cache"] = record_cache_use(cache2, dirs[0])
-    q, _ = cache_share(r0.run, "gpu")
+    q, _ = cache_share(r0.run.info, r0.run.kind, "gpu")
     assert q.value == 600.0 and q.unc is None and "lower bound" in q.note
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from wattkd.amortisation import amortisation, cache_users, record_cache_use
 from wattkd.config import validate
 from wattkd.distill.losses import LogitChunk, TopKTeacher, forward_kl, reverse_kl
 from wattkd.distill.signals import SignalRequest
@@ -21,12 +22,9 @@ from wattkd.hashing import file_sha256
 from wattkd.teacher_cache import (
     CachedTeacher,
     CacheError,
-    amortisation,
     build_cache,
-    cache_users,
     check_cache,
     read_cache_manifest,
-    record_cache_use,
 )
 
 VOCAB = 4096

@@ -211,7 +211,8 @@ def test_training_from_teacher_cache_matches_online(workspace: Path) -> None:
     response and feature students from it; the response run tracks the online run's losses
     (top-k + tail vs full logits; exact equality with k = vocab is tested in
     test_teacher_cache.py), and the cache's use is recorded for amortisation."""
-    from wattkd.teacher_cache import amortisation, build_cache
+    from wattkd.amortisation import amortisation
+    from wattkd.teacher_cache import build_cache
 
     results = {}
     for signals in ("online", "cache"):

@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 from wattkd.cli_errors import ErrorReportingGroup, set_debug
 from wattkd.config import ConfigError, dump, load
 from wattkd.energy.monitor import run_monitor
+from wattkd.energy.sources import check_options
 from wattkd.jobs import TrainResult, student_job, teacher_finetune_job, teacher_pretrain_job
 from wattkd.slurm import SlurmError, print_status, submit_pipeline
 
@@ -59,7 +60,9 @@ def _load(path: Path, sets: list[str] | None = None):
         key, value = item.split("=", 1)
         overrides[key.strip()] = yaml.safe_load(value)
     try:
-        return load(path, overrides)
+        cfg = load(path, overrides)
+        check_options(cfg.telemetry)  # each energy source's own section, before any work
+        return cfg
     except ConfigError as exc:
         _fail(str(exc))
 

@@ -345,6 +345,9 @@ class TelemetryConfig(Strict):
     min_window_s: float = Field(default=10.0, ge=0, description="shorter phases are flagged")
     progress_every_s: float = Field(default=30.0, gt=0, description="open energy windows write "
                                     "a progress record at least this often (crash recovery)")
+    sources: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-source options by source label, e.g. "
+        "{node-power: {file: /sys/.../energy_uj, scale_j: 1e-6}} (docs/energy-formats.md)")
 
 
 # --------------------------------------------------------------------------------------- eval

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from wattkd import checkpoint, sharding
+from wattkd.amortisation import record_cache_use, record_finetune_use
 from wattkd.config import ExperimentConfig, MethodConfig, TrainConfig, dump
 from wattkd.data.loader import ShardDataset
 from wattkd.distill.fused import path as fused_path
@@ -59,8 +60,7 @@ from wattkd.models import (
 from wattkd.preflight import check_stage_inputs, check_training
 from wattkd.progress import progress_bar
 from wattkd.runinfo import write_run_json
-from wattkd.teacher_adapt import record_finetune_use
-from wattkd.teacher_cache import CachedTeacher, check_cache, record_cache_use
+from wattkd.teacher_cache import CachedTeacher, check_cache
 from wattkd.training.batches import batches
 from wattkd.training.final import save_final
 from wattkd.training.guard import DivergenceError, DivergenceGuard

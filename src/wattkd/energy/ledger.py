@@ -31,7 +31,9 @@ session on the host starts. Schema-1 ledgers (end records only) still read.
   end       {"schema": 2, "kind": "phase" | "run" | "idle", "phase": name, "seq": n (per meter session),
    "depth": 0 for top level, "parent": name | null, "host", "session", "start_wall", "end_wall",
    "duration_s", "tokens", "status": "ok" | "error",
-   "energy_j":      {"gpu": J|null, "cpu": J|null, "dram": J|null},
+   "energy_j":      {"gpu": J|null, "cpu": J|null, "dram": J|null [, "node": J|null, ...]},
+                    (the core three always; another component, e.g. `node`, only in sessions
+                     where a source measures it: energy.components)
    "source":        {component: the LABEL of the source(s) that measured it ("nvml-counter",
                      "rapl", "estimated-cpu-time", several joined by "+") | "unavailable"},
    "estimated": true if any component is an estimate,
@@ -70,6 +72,7 @@ from types import TracebackType
 from typing import Any
 
 from wattkd.config import TelemetryConfig
+from wattkd.energy.components import CORE, record_components, total_j
 from wattkd.energy.monitor import (
     Sampler,
     Snapshot,
@@ -78,7 +81,7 @@ from wattkd.energy.monitor import (
     host_name,
 )
 from wattkd.energy.recovery import close_dead_windows
-from wattkd.energy.source import COMPONENTS, UNAVAILABLE, Device, EnergySource
+from wattkd.energy.source import UNAVAILABLE, Device, EnergySource
 from wattkd.energy.sources import CpuSource, discover
 
 log = logging.getLogger(__name__)
@@ -164,6 +167,9 @@ class _MeterBase:
         self._pending: list[bytes] = []          # records a failed write still holds
         self._write_error: str | None = None
         self._append_lock = threading.Lock()
+        # energy_j / source / uncertainty_j keys of this session's records: the core, plus
+        # each other component a source of this session measures (energy.components)
+        self._components: tuple[str, ...] = CORE
 
     # ---- public
     @property
@@ -220,7 +226,7 @@ class _MeterBase:
     @property
     def sources(self) -> dict[str, str]:
         """Component -> source label ("nvml-counter", "rapl", "estimated-cpu-time", ...)."""
-        return dict.fromkeys(COMPONENTS, UNAVAILABLE)
+        return dict.fromkeys(self._components, UNAVAILABLE)
 
     def progress(self, reason: str = "checkpoint") -> None:
         """Write a progress record for every open window (the train loop calls this at each
@@ -271,15 +277,15 @@ class _MeterBase:
         if a is not None and b is not None:
             t0, t1 = (a.t_mono, a.t_wall), (b.t_mono, b.t_wall)
         duration = max(t1[0] - t0[0], 0.0)
+        comps = self._components
         rec: dict[str, Any] = {
             "schema": SCHEMA, "kind": kind, "phase": name, "seq": 0, "depth": 0,
             "parent": None, "host": self.host, "session": self.session,
             "start_wall": round(t0[1], 4), "end_wall": round(t1[1], 4),
             "duration_s": round(duration, 6), "tokens": tokens, "status": "ok",
-            "energy_j": dict.fromkeys(COMPONENTS), "source": dict.fromkeys(COMPONENTS,
-                                                                           UNAVAILABLE),
-            "estimated": False, "uncertainty_j": dict.fromkeys(COMPONENTS),
-            "dynamic_energy_j": dict.fromkeys(COMPONENTS), "per_gpu": {},
+            "energy_j": dict.fromkeys(comps), "source": dict.fromkeys(comps, UNAVAILABLE),
+            "estimated": False, "uncertainty_j": dict.fromkeys(comps),
+            "dynamic_energy_j": dict.fromkeys(comps), "per_gpu": {},
             "idle_power_w": self.idle_power_w,
             "integrated_power_j": {"gpu": None, "power_source": None, "samples": 0,
                                    "ratio": None, "diff_j": None},
@@ -382,7 +388,7 @@ class EnergyMeter(_MeterBase):
         self._stopped = False
         self._run_start: Snapshot | None = None
         self._run_t0 = (0.0, 0.0)
-        self._sources = dict.fromkeys(COMPONENTS, UNAVAILABLE)
+        self._sources = dict.fromkeys(CORE, UNAVAILABLE)
         self._idle: dict[str, Any] = _no_idle()
         self.counter_period_s = DEFAULT_COUNTER_PERIOD_S
         self.counter_period_source = "default (~100 ms, docs/metrics.md)"
@@ -409,7 +415,11 @@ class EnergyMeter(_MeterBase):
                                 interval=self.cfg.interval_s,
                                 slow_interval=self.cfg.slow_interval_s, output=out)
         self.session = self._sampler.session
-        for comp in COMPONENTS:
+        self._components = record_components(
+            d.component for src in self.energy_sources for d in src.devices if d.counter)
+        self._sources = dict.fromkeys(self._components, UNAVAILABLE)
+        self._idle = _no_idle(self._components)
+        for comp in self._components:
             labels = [src.LABEL for src in self.energy_sources
                       if any(d.counter and d.component == comp for d in src.devices)]
             self._sources[comp] = "+".join(labels) or UNAVAILABLE
@@ -435,7 +445,7 @@ class EnergyMeter(_MeterBase):
         for src in found:
             comp = src.COMPONENTS[0]
             if (not src.available and src.reason and not src.ESTIMATED
-                    and self._sources[comp] == UNAVAILABLE):
+                    and self._sources.get(comp, UNAVAILABLE) == UNAVAILABLE):
                 hints = [e.reason for e in found if e.ESTIMATED and not e.available
                          and comp in e.COMPONENTS and e.reason]
                 self._base_notes.append(f"{comp} unavailable: " + "; ".join([src.reason,
@@ -517,8 +527,7 @@ class EnergyMeter(_MeterBase):
         if self._sampler is None or self._run_start is None:
             return None
         e = self._energies(self._run_start, self._sampler.snapshot(), 0.0)
-        vals = [e[c] for c in COMPONENTS if e[c] is not None]
-        return float(sum(vals)) if vals else None
+        return total_j({c: e[c] for c in self._components})
 
     @property
     def idle_power_w(self) -> dict[str, Any]:
@@ -536,8 +545,8 @@ class EnergyMeter(_MeterBase):
         (`devices`: (source, device, figures); GPUs also as ledger `per_gpu` entries) and the
         GPUs' integrated power (`gpu_int`)."""
         devices: list[tuple[EnergySource, Device, dict[str, Any]]] = []
-        vals: dict[str, list[float]] = {c: [] for c in COMPONENTS}
-        uncs: dict[str, list[float | None]] = {c: [] for c in COMPONENTS}
+        vals: dict[str, list[float]] = {c: [] for c in self._components}
+        uncs: dict[str, list[float | None]] = {c: [] for c in self._components}
         missing: set[str] = set()
         for src in self.energy_sources:
             for dev in src.devices:
@@ -553,7 +562,7 @@ class EnergyMeter(_MeterBase):
                 uncs[dev.component].append(f["uncertainty_j"])
         out: dict[str, Any] = {"devices": devices, "per_gpu": {
             d.key: {**d.info, **f} for _, d, f in devices if d.component == "gpu"}}
-        for comp in COMPONENTS:
+        for comp in self._components:
             ok = vals[comp] and comp not in missing
             out[comp] = sum(vals[comp]) if ok else None
             out[f"{comp}_unc"] = sum(uncs[comp]) if ok and None not in uncs[comp] else None
@@ -585,7 +594,7 @@ class EnergyMeter(_MeterBase):
         e = self._energies(a, b, duration)
         rec["source"] = dict(self._sources)
         estimated = []
-        for comp in COMPONENTS:
+        for comp in self._components:
             rec["energy_j"][comp] = _r(e[comp])
             rec["uncertainty_j"][comp] = _r(e[f"{comp}_unc"])
             if rec["energy_j"][comp] is None:
@@ -598,7 +607,7 @@ class EnergyMeter(_MeterBase):
         rec["counter_period_s"] = self.counter_period_s
         rec["counter_period_source"] = self.counter_period_source
         idle = self._idle
-        for comp in COMPONENTS:
+        for comp in self._components:
             if e[comp] is not None and idle.get(comp) is not None:
                 rec["dynamic_energy_j"][comp] = _r(e[comp] - idle[comp] * duration)
         if e["gpu"] is not None:
@@ -659,7 +668,7 @@ class EnergyMeter(_MeterBase):
         e = self._energies(a, b, dt)
         idle: dict[str, Any] = {"window_s": round(dt, 4), "per_gpu": {},
                                 "source": dict(self._sources)}
-        for comp in COMPONENTS:
+        for comp in self._components:
             idle[comp] = _r(e[comp] / dt) if e[comp] is not None and dt > 0 else None
         for u, p in e["per_gpu"].items():
             idle["per_gpu"][u] = _r(p["energy_j"] / dt) if p["energy_j"] is not None else None
@@ -692,8 +701,8 @@ class EnergyMeter(_MeterBase):
         return changes
 
 
-def _no_idle() -> dict[str, Any]:
-    return {"gpu": None, "cpu": None, "dram": None, "per_gpu": {}, "window_s": 0.0,
+def _no_idle(components: tuple[str, ...] = CORE) -> dict[str, Any]:
+    return {**dict.fromkeys(components), "per_gpu": {}, "window_s": 0.0,
             "source": "not measured"}
 
 

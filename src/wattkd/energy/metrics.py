@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wattkd.energy.components import check
 from wattkd.energy.recovery import read_ledger
-from wattkd.energy.source import COMPONENTS
 from wattkd.energy.telemetry import (
     KNOWN_SCHEMAS,
     Telemetry,
@@ -34,7 +34,7 @@ from wattkd.energy.telemetry import (
 )
 
 # the file readers live in energy.telemetry; they are part of this module's public interface
-__all__ = ["COMPONENTS", "E_RUN_PHASE", "KNOWN_SCHEMAS", "EnergyFigure", "PowerFigure",
+__all__ = ["E_RUN_PHASE", "KNOWN_SCHEMAS", "EnergyFigure", "PowerFigure",
            "Telemetry", "average_power", "e_avg", "e_metered", "e_run", "ept", "ept_train",
            "read_jsonl_lines", "read_phases", "read_telemetry", "telemetry_energy"]
 
@@ -130,8 +130,7 @@ def e_metered(phases: Sequence[dict[str, Any]], component: str = "gpu") -> Energ
 
 def _energy(phases: Sequence[dict[str, Any]], phase: str | None, component: str
             ) -> EnergyFigure:
-    if component not in COMPONENTS:
-        raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
+    check(component)
     recs, flags = _select(phases, phase)
     values = [r["energy_j"].get(component) for r in recs]
     sources = sorted({r["source"].get(component, "unavailable") for r in recs})

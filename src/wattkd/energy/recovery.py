@@ -26,15 +26,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from wattkd.energy.components import CORE, components_of
+from wattkd.energy.killed_tokens import count_killed_tokens
 from wattkd.energy.monitor import ensure_trailing_newline
-from wattkd.energy.source import COMPONENTS, UNAVAILABLE
+from wattkd.energy.source import UNAVAILABLE
 from wattkd.energy.sources import source_class
 from wattkd.energy.telemetry import (
     Telemetry,
     counter_times,
+    peak_power_w,
     read_jsonl_lines,
     read_telemetry,
-    sample_power_w,
     telemetry_energy,
 )
 from wattkd.runinfo import pid_alive
@@ -97,9 +99,15 @@ def read_ledger(path: Path, telemetry: Telemetry | None = None,
     if open_keys and recover:
         if telemetry is None:
             telemetry = _telemetry_near(path)
+        idle = idle_by_session(objs)
         for k in open_keys:
-            rec = recover_window(begins[k], progress.get(k, []), telemetry)
+            rec = recover_window(begins[k], progress.get(k, []), telemetry,
+                                 idle.get((k[0], k[1])))
             led.append(rec)
+        count_killed_tokens(path.parent / "metrics.jsonl", objs,
+                            [r for r in led if r.get("status") == "recovered"
+                             and (r.get("host"), r.get("session"), r.get("kind"),
+                                  r.get("seq", 0)) in open_keys])
     for rec in led:
         if rec.get("status") == "recovered":
             led.recovered.append({"session": rec.get("session"), "host": rec.get("host"),
@@ -166,27 +174,35 @@ def _estimated(label: str | None) -> bool:
     return any(c.ESTIMATED for c in _source_types(label))
 
 
+def idle_by_session(objs: Sequence[dict[str, Any]]) -> dict[tuple[Any, Any], dict[str, Any]]:
+    """(host, session) -> the idle power its meter measured (its `idle` record)."""
+    return {(o.get("host"), o.get("session")): o["idle_power_w"] for o in objs
+            if o.get("kind") == "idle" and isinstance(o.get("idle_power_w"), dict)}
+
+
 def recover_window(begin: dict[str, Any], progress: Sequence[dict[str, Any]],
-                   telemetry: Telemetry | None) -> dict[str, Any]:
-    """The end record of a window whose session died, from its begin/progress records and the
-    telemetry its sampler wrote (same session)."""
+                   telemetry: Telemetry | None,
+                   idle_power_w: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The end record of a window whose session died, from its begin/progress records, the
+    telemetry its sampler wrote (same session) and the idle power that session measured."""
     last = max(progress, key=lambda p: p.get("t_wall", 0.0)) if progress else None
     start = float(begin.get("start_wall", 0.0))
-    sources = dict(begin.get("source") or dict.fromkeys(COMPONENTS, UNAVAILABLE))
+    comps = components_of(begin, last)
+    sources = dict(begin.get("source") or dict.fromkeys(CORE, UNAVAILABLE))
     t_meas = float(last["t_wall"]) if last else start
     energy = {c: (last["energy_j"].get(c) if last else
                   (0.0 if sources.get(c, UNAVAILABLE) != UNAVAILABLE else None))
-              for c in COMPONENTS}
+              for c in comps}
     unc = {c: (last.get("uncertainty_j") or {}).get(c) if last else
            (0.0 if _source_types(sources.get(c)) and all(
                t.CHARACTERISED for t in _source_types(sources.get(c))) else None)
-           for c in COMPONENTS}
+           for c in comps}
     tokens = int(last.get("tokens", begin.get("tokens", 0))) if last else int(
         begin.get("tokens", 0))
     sid = begin.get("session")
     mine = [s for s in (telemetry or []) if s.get("session") == sid]
     alive = max([t_meas, *(float(s["t_wall"]) for s in mine)])
-    closed_at, unmeasured, n_samples = _extend_from_telemetry(
+    closed_at, unmeasured, n_samples, t_ends = _extend_from_telemetry(
         begin, sources, energy, unc, mine, telemetry, t_meas, alive, start)
     closed_at = closed_at or ("progress record" if last else "begin record")
     info: dict[str, Any] = {"progress_records": len(progress), "telemetry_samples": n_samples}
@@ -194,13 +210,23 @@ def recover_window(begin: dict[str, Any], progress: Sequence[dict[str, Any]],
     secs = max(unmeasured.values(), default=max(alive - t_meas, 0.0))
     info.update(closed_at=closed_at, last_progress_wall=None if last is None else t_meas,
                 alive_until_wall=round(alive, 4), unmeasured_s=round(secs, 4))
-    est = [c for c in COMPONENTS if _estimated(sources.get(c)) and energy[c] is not None]
+    est = [c for c in comps if _estimated(sources.get(c)) and energy[c] is not None]
     flags = [*begin.get("flags", []), "recovered"] + [f"estimated-{c}" for c in est]
     notes = [*begin.get("notes", []),
              (f"session {sid} ended without closing this window (killed?): closed at its last "
               f"{closed_at}; {secs:.3g} s after that are not measured and are inside the "
               "uncertainty")]
     notes += [f"estimated {c.upper()} energy ends at the last progress record" for c in est]
+    unbounded = [c for c in comps if energy[c] is not None and unc[c] is None
+                 and c in unmeasured and _characterised(sources.get(c))]
+    notes += [f"{c}: no power was seen before the session died, so its {unmeasured[c]:.3g} s "
+              "unmeasured span cannot be bounded: no uncertainty given" for c in unbounded]
+    dynamic = dict.fromkeys(comps)
+    for c in comps:
+        idle_w = (idle_power_w or {}).get(c)
+        if energy[c] is not None and isinstance(idle_w, int | float):
+            dynamic[c] = round(float(energy[c]) - idle_w * max(t_ends.get(c, t_meas) - start,
+                                                               0.0), 6)
     return {"schema": begin.get("schema", 2), "kind": begin.get("window", "phase"),
             "phase": begin.get("phase"), "seq": begin.get("seq", 0),
             "depth": begin.get("depth", 0), "parent": begin.get("parent"),
@@ -209,11 +235,12 @@ def recover_window(begin: dict[str, Any], progress: Sequence[dict[str, Any]],
             "status": "recovered",
             "energy_j": {c: None if v is None else round(float(v), 6) for c, v in energy.items()},
             "source": {c: sources.get(c, UNAVAILABLE) if energy[c] is not None
-                       else UNAVAILABLE for c in COMPONENTS},
+                       else UNAVAILABLE for c in comps},
             "estimated": bool(est),
             "uncertainty_j": {c: None if v is None else round(float(v), 6)
                               for c, v in unc.items()},
-            "dynamic_energy_j": dict.fromkeys(COMPONENTS), "per_gpu": {},
+            "dynamic_energy_j": dynamic, "per_gpu": {},
+            **({"idle_power_w": idle_power_w} if idle_power_w is not None else {}),
             "flags": flags, "notes": notes, "meta": begin.get("meta", {}), "recovered": info}
 
 
@@ -221,16 +248,21 @@ def _extend_from_telemetry(begin: dict[str, Any], sources: dict[str, str],
                            energy: dict[str, Any], unc: dict[str, Any],
                            mine: list[dict[str, Any]], telemetry: Telemetry | None,
                            t_meas: float, alive: float, start: float
-                           ) -> tuple[str | None, dict[str, float], int]:
+                           ) -> tuple[str | None, dict[str, float], int, dict[str, float]]:
     """Add the counter samples written after the last progress record to `energy` (in place)
-    and the unmeasured tail x the highest power seen to `unc`; returns (closed at, unmeasured
-    seconds per component, telemetry samples used)."""
-    interval = float(begin.get("interval_s") or 0.1)
+    and the unmeasured spans x the highest power seen to `unc` (None when no power was ever
+    seen: nothing bounds them); returns (closed at, unmeasured seconds per component,
+    telemetry samples used, wall time each component's measured energy ends)."""
+    # the sampler writes a line at least every slow interval (only then, where no source
+    # has fast reads): a live session would have written one within that
+    interval = max(float(begin.get("interval_s") or 0.1),
+                   float(begin.get("slow_interval_s") or 0.0))
     closed_at: str | None = None
     unmeasured: dict[str, float] = {}
+    t_ends: dict[str, float] = {}
     n_samples = 0
     sid = begin.get("session")
-    for comp in COMPONENTS:
+    for comp in list(energy):
         if energy[comp] is None or not _readable(sources.get(comp), comp):
             continue
         t_end = t_meas
@@ -249,21 +281,27 @@ def _extend_from_telemetry(begin: dict[str, Any], sources: dict[str, str],
         tail = max(alive - t_end, 0.0) + (interval if mine else float(
             begin.get("progress_every_s") or 0.0))
         unmeasured[comp] = gap + tail
+        t_ends[comp] = t_end
         if unc[comp] is not None:
             watts = _max_power(mine, comp, float(energy[comp]), t_end - start)
-            unc[comp] = float(unc[comp]) + watts * unmeasured[comp]
-    return closed_at, unmeasured, n_samples
+            unc[comp] = None if watts <= 0 < unmeasured[comp] else \
+                float(unc[comp]) + watts * unmeasured[comp]
+    return closed_at, unmeasured, n_samples, t_ends
 
 
 def _max_power(samples: Sequence[dict[str, Any]], comp: str, energy: float,
                duration: float) -> float:
-    """The highest power the window is known to have drawn: its mean, or a power sample."""
+    """The highest power the session is known to have drawn: the window's mean, a power
+    sample, or the counter's increase between two telemetry samples (the power just before a
+    kill can be far above the window's mean)."""
     watts = energy / duration if duration > 0 else 0.0
-    for s in samples:
-        p = sample_power_w(s, comp)
-        if p is not None:
-            watts = max(watts, p)
-    return watts
+    peak = peak_power_w(samples, comp)
+    return watts if peak is None else max(watts, peak)
+
+
+def _characterised(label: str | None) -> bool:
+    types = _source_types(label)
+    return bool(types) and all(t.CHARACTERISED for t in types)
 
 
 # ------------------------------------------------------------------------------ writing
@@ -288,7 +326,10 @@ def close_dead_windows(run_dir: Path, host: str, session: str) -> list[dict[str,
     for o in objs:
         if o.get("kind") == "progress":
             progress.setdefault(_key(o, o.get("window", "phase")), []).append(o)
-    out = [recover_window(begins[k], progress.get(k, []), telemetry) for k in dead]
+    idle = idle_by_session(objs)
+    out = [recover_window(begins[k], progress.get(k, []), telemetry, idle.get((k[0], k[1])))
+           for k in dead]
+    count_killed_tokens(path.parent / "metrics.jsonl", objs, out)
     ensure_trailing_newline(path)
     data = "".join(json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in out)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND)

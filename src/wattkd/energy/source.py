@@ -1,7 +1,7 @@
 """The one interface every energy source implements (NVML, RAPL, CPU time, ... one file each).
 
-A source meters one or more `Device`s, each of one component of the ledger schema (`gpu`,
-`cpu`, `dram`: docs/energy-formats.md). It reads a cumulative energy counter per device (raw
+A source meters one or more `Device`s, each of one energy component (`gpu`, `cpu`, `dram`,
+or one the source declares itself in `DECLARES`, e.g. `node`: `energy.components`). It reads a cumulative energy counter per device (raw
 units x `Device.scale_j` = J; the meter turns reads into a monotonic total with the source's
 `tracker`) and, where it can, instantaneous power. It says what it is (`LABEL`, the source label
 written in ledger records), whether its figure is an estimate (`ESTIMATED`), what it cannot see
@@ -10,8 +10,9 @@ value. A source that writes telemetry owns its section of a sample line (`TELEME
 reads it back (`telemetry_counters`, `telemetry_power`, `telemetry_tracker`), so the offline
 readers need no knowledge of any one source.
 
-Adding a source: a subclass in `energy/sources/<name>.py` and `register_source` in
-`energy/sources/__init__.py` (ARCHITECTURE.md, "Add an energy source").
+Adding a source: one file `energy/sources/<name>.py` with the subclass, decorated with
+`@register_source` (ARCHITECTURE.md, "Adding a piece: an energy source"); its options come from
+`telemetry.sources.<LABEL>` (`Discovery.own`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from wattkd.config import TelemetryConfig
+from wattkd.energy.components import Component
 from wattkd.energy.counters import CounterTracker, LevelCounter
 
-# The ledger schema's components (energy_j / source / uncertainty_j keys of every record).
-COMPONENTS = ("gpu", "cpu", "dram")
 UNAVAILABLE = "unavailable"
 
 
@@ -66,6 +66,10 @@ class Discovery:
     cfg: TelemetryConfig
     options: Mapping[str, Any]
 
+    def own(self, cls: type[EnergySource]) -> dict[str, Any]:
+        """The source's own section of the telemetry config (`telemetry.sources.<LABEL>`)."""
+        return dict(self.cfg.sources.get(cls.LABEL) or {})
+
 
 class EnergySource(ABC):
     """One kind of energy counter. Subclasses set the class constants and implement `create`,
@@ -76,7 +80,10 @@ class EnergySource(ABC):
     LABEL: ClassVar[str]                        # source label in records ("nvml-counter")
     NAME: ClassVar[str]                         # in words, for notes ("NVML")
     COMPONENTS: ClassVar[tuple[str, ...]]       # components its devices can belong to
+    DECLARES: ClassVar[tuple[Component, ...]] = ()  # new components it introduces (node, ...)
     ESTIMATED: ClassVar[bool] = False           # an estimate, not a measurement
+    ORDER: ClassVar[int] = 100                  # discovery order among measured sources
+    CONFIGURED_ONLY: ClassVar[bool] = False     # opened only with telemetry.sources.<LABEL>
     BLIND_TO: ClassVar[str] = ""                # what this source cannot see, in one sentence
     COUNTER_PERIOD_S: ClassVar[float | None] = None  # published counter update period
     CHARACTERISED: ClassVar[bool] = False       # `uncertainty_j` gives a figure

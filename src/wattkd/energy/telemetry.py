@@ -16,8 +16,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from wattkd.energy.components import check
 from wattkd.energy.counters import CounterTracker, PowerIntegrator
-from wattkd.energy.source import COMPONENTS
 from wattkd.energy.sources import source_types
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,10 @@ KNOWN_SCHEMAS = {1, 2}
 
 
 _SESSION = re.compile(r'"session"\s*:\s*"([^"]*)"')
+# a record's wall-clock stamp, complete (the comma after it was written): with the fields
+# before it, it tells one record from every other (two records never share host, session,
+# kind and time to 0.1 ms)
+_STAMP = re.compile(r'"(?:t_wall|start_wall)"\s*:\s*-?[0-9][0-9.eE+-]*\s*,')
 
 
 def _session_of(line: str) -> str | None:
@@ -84,7 +88,10 @@ def _cut_line_ok(raw: list[str], i: int, session: str | None) -> str | None:
     if nxt is None:
         return "a writer stopped mid-line at the end of the file"
     if nxt.startswith(raw[i]):
-        return "a short write (disk full?); the record follows whole"
+        if _STAMP.search(raw[i]):
+            return "a short write (disk full?); the record follows whole on the next line"
+        return (f"cut after {len(raw[i])} characters, too few to tell which record it was (no "
+                "time stamp yet): if the next line is not its rewrite, that record is lost")
     try:
         obj = json.loads(nxt)
     except json.JSONDecodeError:
@@ -104,7 +111,7 @@ def _read_jsonl(path: Path, what: str, skipped: list[str] | None = None
     """Objects of a JSONL file; cut lines a crash can leave are skipped (named in `skipped`)."""
     objs, _, cut = read_jsonl_lines(path, what)
     if skipped is not None:
-        skipped.extend(f"{path.name}:{n}: {why}" for n, why in cut)
+        skipped.extend(f"{path.parent.name}/{path.name}:{n}: {why}" for n, why in cut)
     return objs
 
 
@@ -221,8 +228,7 @@ def telemetry_energy(samples: Sequence[dict[str, Any]], start_wall: float | None
     records power (labelled, e.g. `nvml-power-integrated`).
     Returns {"energy_j", "source", "devices": {key: J}, "samples", "t0", "t1", "glitches"}.
     """
-    if component not in COMPONENTS:
-        raise ValueError(f"component must be gpu, cpu or dram, got {component!r}")
+    check(component)
     headers = getattr(samples, "headers", [])
     window = [s for s in samples if (start_wall is None or s["t_wall"] >= start_wall)
               and (end_wall is None or s["t_wall"] <= end_wall)]
@@ -269,3 +275,33 @@ def sample_power_w(sample: dict[str, Any], component: str) -> float | None:
     types = [c for c in _telemetry_types() if component in c.COMPONENTS and c.POWER_LABEL]
     p = [w for c in types for w in c.telemetry_power(sample.get(c.TELEMETRY_KEY)).values()]
     return float(sum(p)) if p and None not in p else None
+
+
+def peak_power_w(samples: Sequence[dict[str, Any]], component: str) -> float | None:
+    """The highest power (W) of `component` the samples show: power fields, and the counter's
+    increase between consecutive counter samples of a session (devices summed). A bound for
+    an unmeasured span of the same session that needs no power field (RAPL, node meters)."""
+    headers = getattr(samples, "headers", [])
+    types = [c for c in _telemetry_types() if component in c.COMPONENTS]
+    peak: float | None = None
+    for s in samples:
+        p = sample_power_w(s, component)
+        if p is not None:
+            peak = p if peak is None else max(peak, p)
+    trackers: dict[str, CounterTracker] = {}
+    last: dict[str, tuple[float, float]] = {}      # session -> (t, total J) at its last counter
+    for s in sorted(samples, key=lambda x: (x.get("session", ""), x["t_mono"])):
+        sid, t, seen = s.get("session", ""), float(s["t_mono"]), False
+        for cls in types:
+            for k, raw in cls.telemetry_counters(s.get(cls.TELEMETRY_KEY), component).items():
+                tr = trackers.setdefault(f"{sid}:{k}", cls.telemetry_tracker(headers, sid, k))
+                tr.update(raw, t)
+                seen = True
+        if not seen:
+            continue
+        total = sum(tr.total_j for key, tr in trackers.items() if key.startswith(f"{sid}:"))
+        if sid in last and t > last[sid][0]:
+            rate = (total - last[sid][1]) / (t - last[sid][0])
+            peak = rate if peak is None else max(peak, rate)
+        last[sid] = (t, total)
+    return peak

@@ -15,7 +15,8 @@ counter it is one pass over the prompts. The prefill/decode split and every figu
 power, total and dynamic) are computed in ept_window.point_figures, with their spread.
 
 Definitions of the legacy per-run `energy` block (all request windows together; docs/metrics.md),
-per energy component (gpu, cpu, dram), E = the windows' energy:
+per energy component (gpu, cpu, dram, and any other a source measures, e.g. node: see
+wattkd.energy.components), E = the windows' energy:
   EPT_in = E / input tokens, EPT_out = E / output tokens, EPT_total = E / (input + output);
   dynamic EPT_x = (E - P_idle x duration) / tokens_x, with P_idle the meter's idle power.
 Components are reported side by side and never summed; a missing source gives nulls, and an
@@ -40,6 +41,7 @@ import wattkd
 from wattkd import generation
 from wattkd.config import EptConfig
 from wattkd.corpus import documents, fingerprint
+from wattkd.energy.components import components_of, label_of, shown
 from wattkd.energy.ledger import NullMeter
 from wattkd.energy.sources import NvmlSource
 from wattkd.errors import InputError
@@ -62,7 +64,6 @@ from wattkd.models import resolve_device
 log = logging.getLogger(__name__)
 
 EPT_SCHEMA = "wattkd.ept/2"
-COMPONENTS = ("gpu", "cpu", "dram")
 CHARS_PER_PROMPT_TOKEN = 8  # generous: any sane tokenizer gives >= 1 token per 8 characters
 
 
@@ -109,11 +110,11 @@ def ept_from_record(record: dict[str, Any], *, input_tokens: int,
     """Per-component EPT from a phases.jsonl record, with its source and `estimated` label."""
     idle = record.get("idle_power_w") or {}
     out: dict[str, dict[str, Any]] = {}
-    for comp in COMPONENTS:
+    for comp in components_of(record):
         source = (record.get("source") or {}).get(comp, "unavailable")
         energy = (record.get("energy_j") or {}).get(comp)
-        if comp == "dram" and energy is None and source == "unavailable":
-            continue  # gpu and cpu always appear (null when unavailable); dram only if read
+        if not shown(comp, energy is not None or source != "unavailable"):
+            continue  # gpu and cpu always appear (null when unavailable); others only if read
         row = ept_metrics(energy_j=energy, duration_s=float(record["duration_s"]),
                           input_tokens=input_tokens, output_tokens=output_tokens,
                           idle_power_w=idle.get(comp) if isinstance(idle, dict) else None,
@@ -241,6 +242,10 @@ def _label(device_type: str, meter: Any) -> str:
         return f"{device_type}, estimated energy (CPU time x telemetry.cpu_watts_per_core)"
     if sources.get("cpu") == "rapl":
         return f"{device_type}, CPU energy from RAPL"
+    measured = {c: s for c, s in sources.items() if s != "unavailable"}
+    if measured:
+        return f"{device_type}, " + ", ".join(f"{label_of(c)} energy from {s}"
+                                            for c, s in measured.items())
     return f"{device_type}, timings only (no energy counter)"
 
 
@@ -248,7 +253,7 @@ def _merge(windows: list[Window]) -> dict[str, Any]:
     """One phase-like record over several windows (energies and uncertainties summed)."""
     rec: dict[str, Any] = {"duration_s": sum(w.duration_s for w in windows),
                            "energy_j": {}, "uncertainty_j": {}, "source": {}}
-    for comp in ("gpu", "cpu", "dram"):
+    for comp in components_of(*({"source": w.source} for w in windows)):
         es = [w.energy_j.get(comp) for w in windows]
         us = [w.uncertainty_j.get(comp) for w in windows]
         rec["energy_j"][comp] = None if None in es or not es else sum(es)  # type: ignore[arg-type]

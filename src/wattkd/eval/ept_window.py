@@ -28,9 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from wattkd.energy.components import components_of, shown
 from wattkd.errors import InputError
-
-COMPONENTS = ("gpu", "cpu", "dram")
 
 
 class WindowError(InputError, ValueError):
@@ -142,8 +141,9 @@ def pair_figures(req: Window, pre: Window | None, *, batch_size: int, new_tokens
 
 def point_figures(requests: Sequence[Window], prefills: Sequence[Window], *, batch_size: int,
                   new_tokens: int, idle_power_w: dict[str, Any] | None = None,
-                  components: Sequence[str] = COMPONENTS) -> dict[str, Any]:
-    """Every reported figure of one batch size, over its repeats (module docstring)."""
+                  components: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every reported figure of one batch size, over its repeats (module docstring);
+    `components`: default, every component the request windows name (energy.components)."""
     if prefills and len(prefills) != len(requests):
         raise ValueError(f"{len(requests)} request windows but {len(prefills)} prefill windows")
     split = bool(prefills) and new_tokens > 1
@@ -165,10 +165,12 @@ def point_figures(requests: Sequence[Window], prefills: Sequence[Window], *, bat
         "energy": {},
     }
     idle = idle_power_w or {}
+    if components is None:
+        components = components_of(*({"source": w.source} for w in requests))
     for comp in components:
         sources = {w.source.get(comp, "unavailable") for w in requests}
-        if comp == "dram" and sources == {"unavailable"}:
-            continue  # gpu and cpu always appear (null when unavailable); dram only if read
+        if not shown(comp, sources != {"unavailable"}):
+            continue  # gpu and cpu always appear (null when unavailable); others only if read
         idle_w = idle.get(comp) if isinstance(idle.get(comp), int | float) else None
         row: dict[str, Any] = {"source": "+".join(sorted(sources))}
         row["estimated"] = any(str(s).startswith("estimated") for s in sources)

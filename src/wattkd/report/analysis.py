@@ -24,13 +24,14 @@ from typing import Any
 
 import yaml
 
+from wattkd.amortisation import Share, cache_share, finetune_share
 from wattkd.distill.methods.registry import report_order
+from wattkd.energy.components import basis_order, component, components_of, label_of, shown
 from wattkd.energy.metrics import e_avg as ledger_e_avg
 from wattkd.energy.metrics import ept as ledger_ept
-from wattkd.energy.sources import NvmlSource
 from wattkd.eval.protocol import ProtocolMismatch, compare_protocols
 from wattkd.report.collect import RunData
-from wattkd.report.energy import COMP_LABEL, FLAG_NOTES, GPU_FLAGS, phase_energy
+from wattkd.report.energy import FLAG_NOTES, GPU_FLAGS, phase_energy
 from wattkd.report.ept_steady import steady_fields
 from wattkd.report.metrics import (
     MetricError,
@@ -45,9 +46,6 @@ from wattkd.report.metrics import (
     ratio,
     total,
 )
-from wattkd.report.teacher_cost import finetune_share
-from wattkd.teacher_cache.manifest import CacheError, read_cache_manifest
-from wattkd.teacher_cache.usage import amortisation
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +149,7 @@ class Analysis:
     def basis_label(self) -> str:
         ok = [r for r in self.students if r.e_run[self.basis].ok]
         est = bool(ok) and all(r.e_run[self.basis].estimated for r in ok)
-        return COMP_LABEL[self.basis] + (", estimated" if est else "")
+        return label_of(self.basis) + (", estimated" if est else "")
 
     def missing_inputs(self, r: RunResult) -> dict[str, str]:
         """The run's missing inputs that matter for this report (a perplexity file is not
@@ -207,83 +205,14 @@ def _tokens(recs: Sequence[dict[str, Any]]) -> int:
     return max(per_host.values(), default=0)
 
 
-def cache_share(run: RunData, comp: str) -> tuple[Quantity | None, str]:
-    """The run's share of the teacher-cache energy: cache energy / runs that used the cache.
-
-    The cache folder (run.json `teacher_cache.path`) is the source of truth: its manifest's
-    per-component build energy and its users.jsonl, through wattkd.teacher_cache's
-    `amortisation`. Without the folder, run.json's own record is used if it names the number
-    of `students` sharing the cache.
-    """
-    signals = run.info.get("teacher_signals")
-    if run.kind in ("baseline", "teacher") or signals is None:
-        return None, "no teacher signals (n/a)"
-    if signals == "online":
-        return None, "online teacher: its forward passes are inside E_run"
-    tc = run.info.get("teacher_cache")
-    if not isinstance(tc, dict):
-        return Quantity.missing("teacher_signals=cache but run.json has no teacher_cache "
-                                "record: the cache's energy is unknown", "J"), "cache"
-    path = tc.get("path")
-    if path and (Path(path) / "manifest.json").is_file():
-        return _share_from_cache(Path(path), comp), "cache"
-    return _share_from_record(tc, comp, path), "cache"
-
-
-def _share_from_cache(path: Path, comp: str) -> Quantity:
-    try:
-        am = amortisation(path)
-        energy = read_cache_manifest(path).get("energy") or {}
-    except (CacheError, OSError, ValueError) as exc:
-        return Quantity.missing(f"teacher cache {path}: {exc}", "J")
-    users = len(am["users"])
-    e = (energy.get("components") or {}).get(comp)
-    src = (energy.get("sources") or {}).get(comp)
-    if e is None:
-        return Quantity.missing(f"teacher cache {path.name}: no {COMP_LABEL[comp]} energy "
-                                f"figure for its build", "J")
-    if not users:
-        return Quantity.missing(f"teacher cache {path.name}: no run registered in users.jsonl "
-                                "to share its energy", "J")
-    u = None
-    if comp == "gpu":
-        uncs = [s.get("uncertainty_j") for s in energy.get("sessions") or []]
-        u = math.fsum(uncs) if uncs and None not in uncs else None
-    q = Quantity(e / users, "J", None if u is None else u / users, src,
-                 is_estimated_source(src), note=f"cache energy {e:.6g} J / {users} runs")
-    if not energy.get("complete", True):
-        q = q.with_note("cache energy is a lower bound (a build session was not metered)")
-    return q
-
-
-def _share_from_record(tc: dict[str, Any], comp: str, path: str | None) -> Quantity:
-    students = tc.get("students")
-    where = f"teacher cache folder {path} not found" if path else "no teacher cache path"
-    if not isinstance(students, int) or isinstance(students, bool) or students < 1:
-        return Quantity.missing(f"{where}, and run.json teacher_cache has no `students` count "
-                                "(>= 1) to amortise its energy over", "J")
-    energy, source, unc = tc.get("energy_j"), tc.get("source"), tc.get("uncertainty_j")
-    if isinstance(energy, dict):
-        e = energy.get(comp)
-        src = source.get(comp) if isinstance(source, dict) else source
-        u = unc.get(comp) if isinstance(unc, dict) else None
-    elif isinstance(energy, int | float):
-        src = source if isinstance(source, str) else None
-        rec_comp = tc.get("component") or ("gpu" if src == NvmlSource.LABEL else
-                                           "cpu" if src else None)
-        if rec_comp is None:
-            return Quantity.missing("run.json teacher_cache.energy_j has no source or component "
-                                    "label", "J")
-        e = energy if rec_comp == comp else None
-        u = unc if isinstance(unc, int | float) else None
-    else:
-        e, src, u = None, None, None
-    if e is None:
-        return Quantity.missing(f"teacher cache record has no {COMP_LABEL[comp]} energy figure",
-                                "J")
-    return Quantity(e / students, "J", None if u is None else u / students, src,
-                    is_estimated_source(src) or bool(tc.get("estimated")),
-                    note=f"cache energy {e:.6g} J / {students} students")
+def _quantity(share: Share | None) -> Quantity | None:
+    """A teacher-side share (wattkd.amortisation) as a report figure."""
+    if share is None:
+        return None
+    if share.value is None:
+        return Quantity.missing(share.gap or "unavailable", "J")
+    return Quantity(share.value, "J", share.unc, share.source, share.estimated,
+                    note=share.note)
 
 
 # ------------------------------------------------------------------------------- quality
@@ -429,7 +358,7 @@ def ept_points(run: RunData, comp: str) -> list[EptPoint]:
             if v is None:
                 why = ("idle power not measured" if key.startswith("dynamic") and
                        e.get("ept_total_j") is not None else
-                       f"no {COMP_LABEL[comp]} energy in ept.json (source: {src})")
+                       f"no {label_of(comp)} energy in ept.json (source: {src})")
                 return Quantity.missing(why, "J/token")
             tokens = r.get(tokens_key) or 0
             u = unc / tokens if unc is not None and tokens else None
@@ -494,11 +423,12 @@ def _run_result(run: RunData, comps: Sequence[str], basis: str) -> RunResult:
         ept_train = Quantity.missing("no tokens recorded for the train windows", "J/token")
     else:
         ept_train = Quantity.missing(e[basis].gap or "", "J/token")
-    share, note = cache_share(run, basis)
+    cache, note = cache_share(run.info, run.kind, basis)
+    share = _quantity(cache)
     e_total = e[basis] if share is None else total([e[basis], share], unit="J")
     if share is not None and e_total.ok and share.ok:
         e_total = e_total.with_note("includes the amortised teacher-cache share")
-    ft = finetune_share(run, basis) if run.kind != "teacher" else None
+    ft = _quantity(finetune_share(run.info, basis)) if run.kind != "teacher" else None
     if ft is not None:
         e_total = total([e_total, ft], unit="J")
         if e_total.ok:
@@ -508,20 +438,24 @@ def _run_result(run: RunData, comps: Sequence[str], basis: str) -> RunResult:
                      Quantity.missing("not computed"), finetune_share=ft)
 
 
+def report_components(runs: Sequence[RunData]) -> list[str]:
+    """The energy components the report tabulates: those always shown (GPU, CPU) and every
+    other one some window measured (DRAM, node, ...), in declaration order."""
+    recs = [p for r in runs for p in r.phases or []]
+    measured = {c for p in recs for c, v in (p.get("energy_j") or {}).items() if v is not None}
+    return [c for c in components_of(*recs) if shown(c, c in measured)]
+
+
 def analyze(students: Sequence[RunData], teacher: RunData, *, ept_batch: int | None = None
             ) -> Analysis:
     """Every number of the report, computed once from the collected runs."""
     warnings: list[str] = []
-    comps = ["gpu", "cpu"]
-    if any(r.phases and any((p.get("energy_j") or {}).get("dram") is not None for p in r.phases)
-           for r in list(students) + [teacher]):
-        comps.append("dram")
-    basis = "gpu"
-    if not any(phase_energy(r, "train", "gpu")[0].ok for r in students) \
-            and any(phase_energy(r, "train", "cpu")[0].ok for r in students):
-        basis = "cpu"
+    comps = report_components([*students, teacher])
+    basis = next((c for c in basis_order(comps)
+                  if any(phase_energy(r, "train", c)[0].ok for r in students)), "gpu")
+    if basis != "gpu":
         warnings.append("no student run has GPU energy: derived figures (EPT, E_total, "
-                        "Eff_overall, J per point) use CPU energy")
+                        f"Eff_overall, J per point) use {label_of(basis)} energy")
     students = sorted(students, key=lambda r: (KIND_ORDER.get(r.kind, 5), r.method, r.repeat,
                                                r.label))
     results = [_run_result(r, comps, basis) for r in students]
@@ -762,4 +696,10 @@ def definitions(a: Analysis) -> list[tuple[str, str]]:
                          + (f" (suite {a.suite!r})" if a.suite else "") + "; gaps are shown as "
                          "— with a numbered reason, never as 0.")),
     ]
+    inside = {c: component(c).contains for c in a.teacher.e_run if component(c).contains}
+    for c, parts in inside.items():  # e.g. a node meter: it already holds the GPUs and CPUs
+        out.insert(1, (f"E_run {label_of(c)}", (
+            f"The {label_of(c)} meter's energy of the same windows; it already contains "
+            f"{', '.join(label_of(p) for p in parts)}, so it is shown beside them, never "
+            "added to them.")))
     return out

@@ -18,12 +18,12 @@ from typing import Any
 from wattkd.distill.methods.registry import report_kinds
 from wattkd.energy.metrics import read_jsonl_lines
 from wattkd.energy.metrics import read_phases as ledger_read_phases
+from wattkd.energy.telemetry import Telemetry, read_telemetry
 from wattkd.errors import InputError
 from wattkd.runinfo import effective_status
 
 log = logging.getLogger(__name__)
 
-TELEMETRY_SCHEMA = 1
 KINDS = report_kinds()  # run.json mode -> kind, from each method's declaration
 
 
@@ -32,22 +32,12 @@ class ReportInputError(InputError, ValueError):
 
 
 @dataclass
-class Telemetry:
-    """One host's telemetry: GPU descriptions from the headers, samples in file order."""
-
-    host: str
-    gpus: dict[str, dict[str, Any]] = field(default_factory=dict)   # uuid -> header entry
-    samples: list[dict[str, Any]] = field(default_factory=list)
-    unavailable: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
 class RunData:
     path: Path
     label: str
     info: dict[str, Any]
     phases: list[dict[str, Any]] | None = None
-    telemetry: list[Telemetry] = field(default_factory=list)
+    telemetry: Telemetry | None = None      # every host's samples, merged (energy.telemetry)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)   # suite -> result doc
     perplexity: dict[str, Any] | None = None
@@ -149,27 +139,6 @@ def read_phases(path: Path) -> list[dict[str, Any]]:
     return ledger_read_phases(path)
 
 
-def read_telemetry(path: Path, skipped: list[str] | None = None) -> Telemetry:
-    recs, _ = _jsonl(path, skipped)
-    tel = Telemetry(host=path.stem)
-    for r in recs:
-        if r.get("schema") != TELEMETRY_SCHEMA:
-            raise ValueError(f"{path}: telemetry schema {r.get('schema')!r} is not supported "
-                             f"(this wattkd reads schema {TELEMETRY_SCHEMA})")
-        kind = r.get("type")
-        if kind == "header":
-            tel.host = r.get("host") or tel.host
-            for g in r.get("gpus") or []:
-                if g.get("uuid"):
-                    tel.gpus[g["uuid"]] = g
-            tel.unavailable.update(r.get("unavailable") or {})
-        elif kind == "sample":
-            tel.samples.append(r)
-        elif kind == "note" and r.get("key"):
-            tel.unavailable[r["key"]] = r.get("reason") or "unavailable"
-    return tel
-
-
 def load_run(path: Path, label: str | None = None) -> RunData:
     """Everything a report needs from one run directory; missing parts recorded as gaps."""
     path = Path(path)
@@ -197,16 +166,16 @@ def load_run(path: Path, label: str | None = None) -> RunData:
         gaps["phases"] = "no energy ledger (phases.jsonl missing)"
 
     tdir = path / "telemetry"
-    files = sorted(tdir.glob("*.jsonl")) if tdir.is_dir() else []
-    for f in files:
-        try:
-            run.telemetry.append(read_telemetry(f, run.read_notes))
-        except ValueError as exc:
-            gaps[f"telemetry/{f.name}"] = str(exc)
-    if not files:
+    if not (tdir.is_dir() and any(tdir.glob("*.jsonl"))):
         gaps["telemetry"] = "no telemetry (telemetry/<host>.jsonl missing)"
-    elif not any(t.samples for t in run.telemetry):
-        gaps["telemetry"] = "telemetry files hold no samples"
+    else:
+        try:
+            run.telemetry = read_telemetry(tdir)
+            run.read_notes.extend(run.telemetry.skipped)
+            if not run.telemetry:
+                gaps["telemetry"] = "telemetry files hold no samples"
+        except (OSError, ValueError) as exc:
+            gaps["telemetry"] = f"telemetry unreadable: {exc}"
 
     mf = path / "metrics.jsonl"
     if mf.is_file():

@@ -8,13 +8,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from wattkd.energy.components import label_of
 from wattkd.energy.metrics import e_run as ledger_e_run
 from wattkd.report.collect import RunData
 from wattkd.report.metrics import Quantity
 
-__all__ = ["COMP_LABEL", "FLAG_NOTES", "GPU_FLAGS", "phase_energy"]
+__all__ = ["FLAG_NOTES", "GPU_FLAGS", "phase_energy"]
 
-COMP_LABEL = {"gpu": "GPU", "cpu": "CPU", "dram": "DRAM"}
 FLAG_NOTES = {
     "short-window": "window shorter than telemetry.min_window_s: counter quantisation at the "
                     "edges dominates",
@@ -27,6 +27,9 @@ FLAG_NOTES = {
     "recovered": "includes windows of sessions that died (closed at their last progress record "
                  "or telemetry sample; the unmeasured tail is inside ±)",
 }
+# what an estimate is, by source label (others: named generically)
+ESTIMATE_NOTES = {"estimated-cpu-time": "CPU energy estimated from CPU time × "
+                  "telemetry.cpu_watts_per_core; its uncertainty is not characterised"}
 # notes about the GPU counter: never shown on a CPU or DRAM figure
 GPU_FLAGS = {"short-window", "high-uncertainty", "counter-reset", "counter-power-mismatch",
              "partial-gpu", "mig-shared-counter", "counter-glitch"}
@@ -36,10 +39,10 @@ def _unavailable_reason(recs: Sequence[dict[str, Any]], comp: str) -> str:
     for r in recs:
         for note in r.get("notes") or []:
             if note.startswith(f"{comp} unavailable"):
-                return f"{COMP_LABEL[comp]} energy unavailable ({note.split(':', 1)[-1].strip()})"
+                return f"{label_of(comp)} energy unavailable ({note.split(':', 1)[-1].strip()})"
         if "telemetry-disabled" in (r.get("flags") or []):
-            return f"{COMP_LABEL[comp]} energy unavailable (telemetry disabled for this run)"
-    return f"{COMP_LABEL[comp]} energy unavailable (source: unavailable)"
+            return f"{label_of(comp)} energy unavailable (telemetry disabled for this run)"
+    return f"{label_of(comp)} energy unavailable (source: unavailable)"
 
 
 def phase_energy(run: RunData, phase: str | None, comp: str) -> tuple[Quantity, Any]:
@@ -63,9 +66,9 @@ def phase_energy(run: RunData, phase: str | None, comp: str) -> tuple[Quantity, 
              and (comp == "gpu" or f not in GPU_FLAGS)]
     if phase == "train":  # cut lines and refusals elsewhere in the ledger still concern E_run
         notes += [n for n in run.energy_notes if "`train`" in n or "truncated line" in n]
-    if comp != "gpu" and fig.estimated:
-        notes.append("CPU energy estimated from CPU time × telemetry.cpu_watts_per_core; its "
-                     "uncertainty is not characterised")
+    if fig.estimated:
+        notes.append(ESTIMATE_NOTES.get(str(fig.source), f"{label_of(comp)} energy estimated "
+                                        f"({fig.source}); its uncertainty is not characterised"))
     elif q.unc is None:
         notes.append("uncertainty not recorded by the energy ledger")
     for n in notes:

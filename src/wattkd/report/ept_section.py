@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from wattkd.energy.components import label_of
 from wattkd.report.analysis import _protocol_gap
-from wattkd.report.energy import COMP_LABEL
 from wattkd.report.ept_steady import V1_GAP
 from wattkd.report.metrics import Quantity, pareto_front, ratio
 from wattkd.report.plots import Plot, _colour, _energy_axis, _footer, _plt, _render
@@ -34,7 +34,7 @@ def _steady_runs(a: Any) -> list[Any]:
 
 def steady_table(a: Any) -> Any:
     """Steady-state EPT per run and batch size (wattkd.ept/2)."""
-    b = COMP_LABEL[a.basis]
+    b = label_of(a.basis)
     t = Table("ept_steady", "Inference EPT in steady state (prefill and decode)",
               f"From each run's ept.json (wattkd.ept/2; warm-up and compilation excluded), {b} "
               "energy, mean over repeats ± the counter's uncertainty. J/in-token = prefill "
@@ -101,7 +101,7 @@ def ratio_table(a: Any) -> Any:
 def decode_vs_batch(a: Any) -> Any:
     """J per output token (decode) against batch size, one line per run."""
     plot = Plot("ept_decode_vs_batch", "J per output token (decode) vs batch size",
-                f"Decode energy per output token ({COMP_LABEL[a.basis]}, wattkd.ept/2: "
+                f"Decode energy per output token ({label_of(a.basis)}, wattkd.ept/2: "
                 "request − prefill energy), mean over repeats; error bars ± counter "
                 "uncertainty; the teacher in black.")
     drawn = [r for r in _steady_runs(a)
@@ -136,7 +136,7 @@ def energy_vs_latency(a: Any) -> Any:
     """J per output token against time per decoding step (each run x batch size), with the
     Pareto front: the points no other point beats on both energy and latency."""
     plot = Plot("ept_energy_vs_latency", "Inference energy vs latency (Pareto front)",
-                f"J per output token of decode ({COMP_LABEL[a.basis]}) against ms per "
+                f"J per output token of decode ({label_of(a.basis)}) against ms per "
                 "decoding step, one point per run and batch size (labelled with the batch "
                 "size); the dashed line joins the Pareto front (lower energy and lower "
                 "latency are better).")

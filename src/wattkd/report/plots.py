@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wattkd.distill.methods.registry import report_colours
-from wattkd.energy.metrics import read_telemetry
+from wattkd.energy.components import additive, label_of
 from wattkd.report.analysis import Analysis, RunResult
-from wattkd.report.energy import COMP_LABEL
 from wattkd.report.metrics import Quantity, pareto_front
 
 log = logging.getLogger(__name__)
@@ -75,13 +74,13 @@ def energy_source_text(qs: Sequence[Quantity], component: str) -> str:
     """'GPU energy: nvml-counter (measured); ± measurement uncertainty' for a figure footer."""
     have = [q for q in qs if q.ok]
     if not have:
-        return f"{COMP_LABEL[component]} energy: unavailable"
+        return f"{label_of(component)} energy: unavailable"
     sources = sorted({s for q in have for s in (q.source or "unknown").split("+")})
     est = any(q.estimated for q in have)
     kind = "estimated" if est else "measured"
     unc = ("error bars: ± measurement uncertainty" if all(q.unc is not None for q in have)
            else "uncertainty not characterised for some or all points (no error bar)")
-    return f"{COMP_LABEL[component]} energy: {', '.join(sources)} ({kind}); {unc}"
+    return f"{label_of(component)} energy: {', '.join(sources)} ({kind}); {unc}"
 
 
 def _footer(fig: Any, text: str, *, bottom: float = 0.12, left: float = 0.1,
@@ -97,7 +96,7 @@ def _footer(fig: Any, text: str, *, bottom: float = 0.12, left: float = 0.1,
 
 def _energy_axis(a: Analysis, what: str, unit: str = "J") -> str:
     est = "estimated" in a.basis_label
-    return f"{what} [{unit}] — {COMP_LABEL[a.basis]}{', estimated' if est else ', measured'}"
+    return f"{what} [{unit}] — {label_of(a.basis)}{', estimated' if est else ', measured'}"
 
 
 # ----------------------------------------------------------------------------- figures
@@ -151,14 +150,14 @@ def energy_vs_quality(a: Analysis) -> Plot:
 
 def phase_bars(a: Analysis) -> Plot:
     plot = Plot("phase_energy", "Energy per phase (stacked)",
-                f"{COMP_LABEL[a.basis]} energy of each top-level phase window per run, stacked; "
+                f"{label_of(a.basis)} energy of each top-level phase window per run, stacked; "
                 "the error bar is the summed uncertainty of the stack.")
     runs = [*a.students, a.teacher]
     drawn = [r for r in runs if any(p.energy[a.basis].ok for p in r.phases)]
-    plot.omitted = [f"{r.label}: {r.run.gaps.get('phases') or 'no ' + COMP_LABEL[a.basis] + ' energy'}"
+    plot.omitted = [f"{r.label}: {r.run.gaps.get('phases') or 'no ' + label_of(a.basis) + ' energy'}"
                     for r in runs if r not in drawn]
     if not drawn:
-        plot.gap = f"no run has {COMP_LABEL[a.basis]} energy per phase"
+        plot.gap = f"no run has {label_of(a.basis)} energy per phase"
         return plot
     plt = _plt()
     phases: list[str] = []
@@ -211,15 +210,10 @@ def power_trace(r: RunResult) -> Plot:
                 "Per-GPU board power and utilisation from the telemetry sampler, over time "
                 "since the first sample (all hosts).")
     gap = r.run.gaps.get("telemetry")
-    if gap:
-        plot.gap = gap
+    if gap or r.run.telemetry is None:
+        plot.gap = gap or "no telemetry"
         return plot
-    try:
-        tel = read_telemetry(r.run.path)
-    except (ValueError, FileNotFoundError) as exc:
-        plot.gap = f"telemetry unreadable: {exc}"
-        return plot
-    return _trace_figure(plot, tel)
+    return _trace_figure(plot, r.run.telemetry)
 
 
 def _trace_figure(plot: Plot, tel: Any) -> Plot:
@@ -284,11 +278,11 @@ def _trace_figure(plot: Plot, tel: Any) -> Plot:
 
 def ept_vs_batch(a: Analysis) -> Plot:
     plot = Plot("ept_vs_batch", "Inference EPT vs batch size",
-                f"EPT_total ({COMP_LABEL[a.basis]}) from each run's ept.json; the teacher in "
+                f"EPT_total ({label_of(a.basis)}) from each run's ept.json; the teacher in "
                 "black. Error bars: ± measurement uncertainty per token.")
     runs = [a.teacher, *a.students]
     drawn = [r for r in runs if any(p.ept_total.ok for p in r.ept.values())]
-    plot.omitted = [f"{r.label}: {r.run.gaps.get('ept') or 'no ' + COMP_LABEL[a.basis] + ' EPT'}"
+    plot.omitted = [f"{r.label}: {r.run.gaps.get('ept') or 'no ' + label_of(a.basis) + ' EPT'}"
                     for r in runs if r not in drawn]
     if not drawn:
         plot.gap = "no run has an EPT result with energy"
@@ -369,12 +363,11 @@ def loss_vs_energy(a: Analysis) -> Plot:
 def _logged_components(a: Analysis) -> str:
     """What meter.energy_j() summed for these runs: every available component."""
     parts = []
-    for comp in ("gpu", "cpu", "dram"):
-        qs = [r.e_run.get(comp) for r in a.students if r.e_run.get(comp) is not None]
-        have = [q for q in qs if q is not None and q.ok]
-        if have:
-            est = any(q.estimated for q in have)
-            parts.append(f"{COMP_LABEL[comp]} {'estimated' if est else 'measured'}")
+    have = {c: [q for r in a.students for q in [r.e_run.get(c)] if q is not None and q.ok]
+            for c in a.teacher.e_run}
+    for comp in additive(c for c, qs in have.items() if qs):  # a node meter holds GPU and CPU
+        est = any(q.estimated for q in have[comp])
+        parts.append(f"{label_of(comp)} {'estimated' if est else 'measured'}")
     return " + ".join(parts) if parts else "source unknown"
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from wattkd.atomic import atomic_write_text
+from wattkd.energy.components import label_of
 from wattkd.report.analysis import Analysis, RunResult
-from wattkd.report.energy import COMP_LABEL
 from wattkd.report.metrics import GAP_MARK, Quantity
 
 Cell = Quantity | str | int | float | None
@@ -118,7 +118,7 @@ class Footnotes:
 
 # -------------------------------------------------------------------------------- builders
 def _e_col(comp: str, est: bool, title: str = "E_run") -> Column:
-    return Column(f"e_run_{comp}", f"{title} {COMP_LABEL[comp]}{' (estimated)' if est else ''}",
+    return Column(f"e_run_{comp}", f"{title} {label_of(comp)}{' (estimated)' if est else ''}",
                   "J")
 
 
@@ -218,11 +218,11 @@ def _sources(r: RunResult) -> str:
     parts = []
     for c, q in r.e_run.items():
         if q.ok:
-            parts.append(f"{COMP_LABEL[c]}: {q.source}" + (" (estimated)" if q.estimated
+            parts.append(f"{label_of(c)}: {q.source}" + (" (estimated)" if q.estimated
                                                             and "estimated" not in (q.source or "")
                                                             else ""))
         else:
-            parts.append(f"{COMP_LABEL[c]}: unavailable")
+            parts.append(f"{label_of(c)}: unavailable")
     return "; ".join(parts)
 
 
@@ -252,9 +252,9 @@ def phases_table(a: Analysis) -> Table:
     cols = [Column("run", "Run", numeric=False), Column("phase", "Phase", numeric=False),
             Column("windows", "Windows"), Column("duration_s", "Duration", "s"),
             Column("tokens", "Tokens")]
-    cols += [Column(f"e_{c}", f"{COMP_LABEL[c]}{' (estimated)' if _est(a, c) else ''}", "J")
+    cols += [Column(f"e_{c}", f"{label_of(c)}{' (estimated)' if _est(a, c) else ''}", "J")
              for c in comps]
-    cols += [Column(f"dyn_{c}", f"{COMP_LABEL[c]} above idle", "J") for c in comps]
+    cols += [Column(f"dyn_{c}", f"{label_of(c)} above idle", "J") for c in comps]
     t = Table("phases", "Energy per phase",
               "Top-level windows of each run's energy ledger (phases.jsonl), grouped by name. "
               "'Above idle' subtracts idle power × duration (dynamic energy).", cols)
@@ -275,7 +275,7 @@ def phases_table(a: Analysis) -> Table:
 
 
 def ept_table(a: Analysis) -> Table:
-    b = COMP_LABEL[a.basis]
+    b = label_of(a.basis)
     t = Table("ept", "Inference energy per token",
               f"From each run's ept.json (warm-up excluded), {b} energy. EPT_in = E / input "
               "tokens, EPT_out = E / output tokens, EPT_total = E / all tokens; dynamic = "

@@ -3,20 +3,17 @@
     build_cache(cfg, "topk,hidden:2:4,pooled") -> cache folder   (`wattkd teacher cache`)
     check_cache(cfg, shards_path)                                 refuse a mismatched cache
     CachedTeacher(cfg, request, rank=r, world_size=w).signals(batch) -> TeacherSignals
-    record_cache_use(cache_dir, run_dir) -> dict for run.json     amortisation bookkeeping
-    amortisation(cache_dir) -> the cache energy split over the runs that used it
 
 Modules: spec (what is cached), plan (checks + layout before loading weights), compute
 (teacher forward -> signals), encoding (bytes), manifest (format + identity), writer
 (resumable build), reader (random rows for training),
-usage (energy of the build and its amortisation).
+build_energy (what the build cost). Who shares that cost: wattkd.amortisation.
 """
 
 from wattkd.teacher_cache.manifest import CacheError, read_cache_manifest
 from wattkd.teacher_cache.plan import plan_cache
 from wattkd.teacher_cache.reader import CachedTeacher, CacheReader, check_cache
 from wattkd.teacher_cache.spec import CacheSpec, SpecError, parse_signals
-from wattkd.teacher_cache.usage import amortisation, cache_users, record_cache_use
 from wattkd.teacher_cache.writer import build_cache
 
 __all__ = [
@@ -25,12 +22,9 @@ __all__ = [
            "CacheSpec",
            "CachedTeacher",
            "SpecError",
-           "amortisation",
            "build_cache",
-           "cache_users",
            "check_cache",
            "parse_signals",
            "plan_cache",
            "read_cache_manifest",
-           "record_cache_use",
 ]

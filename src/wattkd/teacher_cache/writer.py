@@ -49,6 +49,7 @@ from wattkd.models import load_teacher
 from wattkd.preflight import human_bytes
 from wattkd.progress import NoBar, TokenRate, progress_bar
 from wattkd.teacher_cache import encoding as enc
+from wattkd.teacher_cache.build_energy import summarize_energy
 from wattkd.teacher_cache.compute import TeacherBatch, teacher_batch
 from wattkd.teacher_cache.manifest import (
     FORMAT,
@@ -63,7 +64,6 @@ from wattkd.teacher_cache.manifest import (
 )
 from wattkd.teacher_cache.plan import CachePlan, plan_cache
 from wattkd.teacher_cache.spec import CacheSpec
-from wattkd.teacher_cache.usage import summarize_energy
 
 log = logging.getLogger(__name__)
 

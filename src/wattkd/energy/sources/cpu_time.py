@@ -9,6 +9,7 @@ import psutil
 
 from wattkd.energy.counters import LevelCounter
 from wattkd.energy.source import Device, Discovery, EnergySource
+from wattkd.energy.sources.registry import register_source
 
 HINT = "set telemetry.cpu_watts_per_core for an estimate"
 
@@ -53,6 +54,7 @@ def _cpu_s(p: Any) -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+@register_source
 class CpuTimeSource(EnergySource):
     """CPU energy estimated as CPU seconds x telemetry.cpu_watts_per_core.
 
@@ -60,6 +62,7 @@ class CpuTimeSource(EnergySource):
     skips estimates of a measured component). Read at the slow cadence and at window edges."""
 
     LABEL = "estimated-cpu-time"
+    ORDER = 2
     NAME = "CPU time"
     COMPONENTS = ("cpu",)
     ESTIMATED = True

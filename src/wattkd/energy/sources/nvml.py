@@ -18,6 +18,7 @@ from typing import Any
 from wattkd.config import TelemetryConfig
 from wattkd.energy.counters import CounterTracker
 from wattkd.energy.source import Device, Discovery, EnergySource, Reading
+from wattkd.energy.sources.registry import register_source
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def _nvml_lib() -> Any:
     return pynvml
 
 
+@register_source
 class NvmlSource(EnergySource):
     """NVIDIA GPUs via NVML. `lib` is the pynvml module, or a simulated one in tests.
 
@@ -77,6 +79,7 @@ class NvmlSource(EnergySource):
     """
 
     LABEL = "nvml-counter"
+    ORDER = 0
     NAME = "NVML"
     COMPONENTS = ("gpu",)
     BLIND_TO = ("NVML: GPU board only (no host CPU, DRAM, fans or power-supply losses); under "

@@ -13,6 +13,7 @@ from typing import Any
 
 from wattkd.energy.counters import CounterTracker
 from wattkd.energy.source import Device, Discovery, EnergySource, Reading
+from wattkd.energy.sources.registry import register_source
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ PERMISSION_FIX = (
     "cluster admin can make it permanent)")
 
 
+@register_source
 class RaplSource(EnergySource):
     """CPU package and DRAM energy from /sys/class/powercap (Intel, and AMD via intel-rapl).
 
@@ -43,6 +45,7 @@ class RaplSource(EnergySource):
     """
 
     LABEL = "rapl"
+    ORDER = 1
     NAME = "RAPL"
     COMPONENTS = ("cpu", "dram")
     BLIND_TO = ("RAPL: CPU packages and DRAM only (no GPUs, disks, fans or power-supply "
