@@ -21,9 +21,9 @@ ARCHS = ("llama", "qwen2", "gemma3_text")
 
 
 def _model(arch: str, window: int = 16) -> torch.nn.Module:
-    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-              max_position_embeddings=256)
+    kw = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+          "max_position_embeddings": 256}
     if arch == "gemma3_text":
         kw.update(sliding_window=window, layer_types=["sliding_attention", "full_attention"])
     torch.manual_seed(0)
