@@ -99,7 +99,7 @@ if [ "$DRY" = 1 ]; then
 else
   # targets first (a cut run keeps them), then the body rows, then the ceilings' rows
   KD_ARGS=(--batches 64 --steps 4 --warmup 2 --impls
-           liger_chunked,wattkd,wattkd_topk,wattkd_body_compile,wattkd_topk_body_compile,wattkd_body_triton,wattkd_topk_body_triton,body_only,body_only_body_compile,body_only_student)
+           liger_chunked,wattkd,wattkd_topk,wattkd_body_compile,wattkd_topk_body_compile,wattkd_body_triton,wattkd_topk_body_triton,wattkd_topk_triton,body_only,body_only_body_compile,body_only_student)
   KT_ARGS=(--timeout 60 --budget 150)
   DIAG_ARGS=(--timeout 75 --budget 75 --match "jsd(0.3)" --fp32-blocks 128,128,64,8,3)
   KD_LIMIT=$(( TOTAL - 160 ))

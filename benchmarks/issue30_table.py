@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_tests_cuda import markdown as kernel_markdown
 
 PEER = "liger_chunked"
-TOPK_ROWS = ("wattkd_topk", "wattkd_topk_body_compile", "wattkd_topk_body_triton")
+TOPK_ROWS = ("wattkd_topk", "wattkd_topk_body_compile", "wattkd_topk_body_triton",
+             "wattkd_topk_triton")
 ONLINE_ROWS = ("wattkd", "wattkd_body_compile", "wattkd_body_triton")
 TOPK_MIN_TPS = 220_000     # issue 30, on an H200
 TOPK_OVER_PEER = 1.9

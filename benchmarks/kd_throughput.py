@@ -21,6 +21,8 @@ excluded for every one of them equally.
                the timed steps).
   wattkd_triton  the same with WATTKD_FUSED_KERNEL=triton (distill/kernels/lm_head_kd.py:
                LM-head matmuls fused with online softmax and the KD terms, logits never in HBM).
+  wattkd_topk_triton  the top-k step through the same kernels (no teacher matmul: a stats and a
+               gradient sweep + the two head-gradient GEMMs).
   liger_chunked  Liger-Kernel `chunked_loss.LigerFusedLinearJSDLoss` (beta=0 = forward KL,
                hard-loss weight 0, compiled, chunk 1024: what TRL's trainers use with Liger).
   liger_triton  Liger-Kernel `transformers.LigerFusedLinearJSD` (Triton, jsd_beta=0).
@@ -549,6 +551,7 @@ IMPLS = {"wattkd": (run_wattkd, {}),
          "wattkd_topk": (run_wattkd, {"topk": 64}),
          "wattkd_topk_compile": (run_wattkd, {"topk": 64, "compile": True}),
          "wattkd_triton": (run_wattkd, {"kernel": "triton"}),
+         "wattkd_topk_triton": (run_wattkd, {"topk": 64, "kernel": "triton"}),
          "liger_chunked": (run_liger, {"kind": "chunked"}),
          "liger_triton": (run_liger, {"kind": "triton"}),
          "body_only": (run_body_only, {}),

@@ -63,10 +63,11 @@ def _events(log: Path) -> list[dict]:
     return rows
 
 
-def _where_killed(events: list[dict], node: str) -> dict:
+def _where_killed(events: list[dict], node: str, ids: list[str]) -> dict:
     """The compiles a killed case finished, and the kernel it was compiling when killed
     (None: it was running, not compiling)."""
-    starts = [i for i, e in enumerate(events) if e["event"] == "start" and e["node"] == node]
+    starts = [i for i, e in enumerate(events)
+              if e["event"] == "start" and _own_id(e["node"], ids) == node]
     mine = events[starts[-1] + 1:] if starts else []
     done = [{"kernel": e["kernel"], "seconds": e["seconds"]} for e in mine
             if e["event"] == "compile_end"]
@@ -74,6 +75,12 @@ def _where_killed(events: list[dict], node: str) -> dict:
     compiling = opened[-1] if len(opened) > len(done) else None
     return {"compiles": done, "compile_s": round(sum(c["seconds"] for c in done), 3),
             "killed_while_compiling": compiling}
+
+
+def _own_id(node: str, ids: list[str]) -> str:
+    """The id in `ids` pytest reports as `node` (pytest names a file outside its rootdir
+    relative to the file's folder)."""
+    return next((i for i in ids if i == node or i.endswith("/" + node)), node)
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -98,10 +105,13 @@ def run_cases(ids: list[str], out: Path, timeout: float, budget: float) -> dict[
         if not todo or time.monotonic() - t_start > budget:
             break
         seen = len(_events(log))
-        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                 "-p", "kernel_case_timing", "-o", "faulthandler_timeout=0",
-                                 *todo], cwd=REPO, env=env, start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        console = Path(cache) / "pytest-output.txt"   # a file: a full pipe would block pytest
+        with console.open("w") as sink:
+            proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p",
+                                     "no:cacheprovider", "-p", "kernel_case_timing", "-o",
+                                     "faulthandler_timeout=0", *todo], cwd=REPO, env=env,
+                                    start_new_session=True, stdout=sink,
+                                    stderr=subprocess.STDOUT)
         started: dict[str, float] = {}
         current = None
         while proc.poll() is None:
@@ -109,9 +119,10 @@ def run_cases(ids: list[str], out: Path, timeout: float, budget: float) -> dict[
             for ev in _events(log)[seen:]:
                 seen += 1
                 if ev["event"] == "start":
-                    current, started[ev["node"]] = ev["node"], time.monotonic()
+                    current = _own_id(ev["node"], ids)
+                    started[current] = time.monotonic()
                 elif ev["event"] == "end":
-                    results[ev["node"]] = ev
+                    results[_own_id(ev["node"], ids)] = ev
                     current = None
             over_budget = time.monotonic() - t_start > budget
             if current and (time.monotonic() - started[current] > timeout or over_budget):
@@ -119,17 +130,18 @@ def run_cases(ids: list[str], out: Path, timeout: float, budget: float) -> dict[
                 results[current] = {
                     "node": current, "outcome": "timeout" if not over_budget else "budget",
                     "wall_s": round(time.monotonic() - started[current], 1),
-                    **_where_killed(_events(log), current)}
+                    **_where_killed(_events(log), current, ids)}
                 break
             if over_budget and not current:
                 _kill(proc)
                 break
-        tail = proc.stdout.read() if proc.stdout else ""
+        tail = console.read_text(errors="replace")
         for ev in _events(log)[seen:]:
             if ev["event"] == "end":
-                results[ev["node"]] = ev
-        if proc.returncode not in (0, 1, -9, None) and not any(i in results for i in todo):
-            # pytest died before any case (e.g. import error): record it once and stop
+                results[_own_id(ev["node"], ids)] = ev
+        if not any(i in results for i in todo):
+            # no case of this process got a result (pytest could not start them, e.g. an
+            # import error): record it once and stop rather than start it again
             results[todo[0]] = {"node": todo[0], "outcome": f"pytest exit {proc.returncode}",
                                 "output": tail[-3000:]}
             break
