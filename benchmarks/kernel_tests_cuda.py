@@ -63,6 +63,14 @@ def _events(log: Path) -> list[dict]:
     return rows
 
 
+def cuda_kernels() -> bool:
+    """True when the kernels will run compiled on a GPU (CUDA present, TRITON_INTERPRET not
+    asked for)."""
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
 def _where_killed(events: list[dict], node: str, ids: list[str]) -> dict:
     """The compiles a killed case finished, and the kernel it was compiling when killed
     (None: it was running, not compiling)."""
@@ -91,13 +99,17 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_cases(ids: list[str], out: Path, timeout: float, budget: float) -> dict[str, dict]:
-    """node id -> its record; cases left when the budget runs out are `not run`."""
+def run_cases(ids: list[str], out: Path, timeout: float, budget: float
+              ) -> tuple[dict[str, dict], dict]:
+    """(node id -> its record, how the compiles were timed: the plugin's session record);
+    cases left when the budget runs out are `not run`."""
     log, tracebacks = out / "kernel_tests_events.jsonl", out / "kernel_tests_tracebacks.txt"
     for p in (log, tracebacks):
         p.unlink(missing_ok=True)
     cache = tempfile.mkdtemp(prefix="triton-cache-")
     env = _env(log, tracebacks, timeout, cache)
+    if cuda_kernels():   # compiled kernels on the GPU, whatever tests/conftest.py guesses
+        env["TRITON_INTERPRET"] = "0"
     results: dict[str, dict] = {}
     t_start = time.monotonic()
     while True:
@@ -147,7 +159,8 @@ def run_cases(ids: list[str], out: Path, timeout: float, budget: float) -> dict[
             break
     for i in ids:
         results.setdefault(i, {"node": i, "outcome": "not run"})
-    return results
+    sessions = [e for e in _events(log) if e["event"] == "session"]
+    return results, sessions[0] if sessions else {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,19 +190,19 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--match: no case of {args.tests} contains {args.match!r}")
     import torch
 
-    cuda = torch.cuda.is_available()
+    cuda = cuda_kernels()
     t0 = time.monotonic()
-    results = ({i: {"node": i, "outcome": "not run (dry run)"} for i in ids} if args.dry_run
-               else run_cases(ids, args.out, args.timeout, args.budget))
+    results, timing = (({i: {"node": i, "outcome": "not run (dry run)"} for i in ids}, {})
+                       if args.dry_run else run_cases(ids, args.out, args.timeout, args.budget))
     counts: dict[str, int] = {}
     for r in results.values():
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
     record = {"name": "kernel_tests_cuda", "date": datetime.now(timezone.utc).isoformat(
                   timespec="seconds"),
               "card": torch.cuda.get_device_name() if cuda else platform.processor(),
-              "cuda": cuda, "versions": _versions(), "command": " ".join(sys.argv),
+              "cuda": cuda, "versions": _versions(),   # cuda: kernels compiled on the GPU "command": " ".join(sys.argv),
               "timeout_s": args.timeout, "budget_s": args.budget,
-              "fp32_blocks": args.fp32_blocks,
+              "fp32_blocks": args.fp32_blocks, "compile_timing": timing,
               "seconds": round(time.monotonic() - t0, 1), "counts": counts,
               "cases": [results[i] for i in ids]}
     (args.out / "kernel_tests.json").write_text(json.dumps(record, indent=2))

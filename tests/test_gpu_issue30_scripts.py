@@ -52,7 +52,8 @@ def test_a_hanging_case_is_killed_recorded_and_the_rest_still_run(tmp_path):
                                            "test_last")]
     out = tmp_path / "out"
     out.mkdir()
-    results = kernel_tests_cuda.run_cases(ids, out, timeout=6.0, budget=120.0)
+    results, timing = kernel_tests_cuda.run_cases(ids, out, timeout=6.0, budget=120.0)
+    assert timing["event"] == "session"   # the plugin ran in the child
     outcomes = {i.split("::")[1]: r["outcome"] for i, r in results.items()}
     assert outcomes == {"test_first": "passed", "test_hangs": "timeout", "test_fails": "failed",
                         "test_last": "passed"}
