@@ -149,3 +149,17 @@ def test_reference_conventions_are_the_hf_modules():
     gate = torch.randn(50) * 3
     _close(F.gelu(gate, approximate="tanh"), _act_reference(gate, torch.ones(50),
                                                             body.GELU_TANH), 1e-6)
+
+
+def test_config_key_defaults_to_none_and_refuses_compile_under_fsdp():
+    from pydantic import ValidationError
+
+    from wattkd.config import TrainConfig
+
+    assert TrainConfig().body_kernels == "none"
+    assert TrainConfig(body_kernels="triton", strategy="fsdp").body_kernels == "triton"
+    with pytest.raises(ValidationError, match="body_kernels=compile is not supported with "
+                                              "strategy=fsdp"):
+        TrainConfig(body_kernels="compile", strategy="fsdp")
+    with pytest.raises(ValidationError, match="body_kernels"):
+        TrainConfig(body_kernels="fast")

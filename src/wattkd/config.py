@@ -330,6 +330,10 @@ class TrainConfig(Strict):
     def _budget(self) -> TrainConfig:
         if self.max_steps is None and self.max_tokens is None and self.energy_budget_j is None:
             raise ValueError("give at least one of max_steps, max_tokens, energy_budget_j")
+        if self.body_kernels == "compile" and self.strategy == "fsdp":
+            raise ValueError("body_kernels=compile is not supported with strategy=fsdp "
+                             "(compiled blocks under FSDP2's hooks are untested); use triton "
+                             "or none")
         return self
 
 
