@@ -617,7 +617,8 @@ def measure(impls: list[str], batches: str, pair, arch: dict, seq: int, steps: i
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            rec = {"impl": impl, "batch": batch, "seq": seq, "card": name}
+            rec = {"impl": impl, "batch": batch, "seq": seq, "card": name,
+                   "body_kernels": IMPLS[impl][1].get("body", "none")}
             wall0 = time.perf_counter()
             try:
                 teacher, student, kwargs = build_row(impl, pair, device)
