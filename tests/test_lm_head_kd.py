@@ -157,7 +157,7 @@ def test_ce_only_without_teacher_and_bf16_inputs(monkeypatch):
 
 
 def test_unsupported_terms_fall_back_and_forcing_says_why(monkeypatch, caplog):
-    h, w, b, th, tw, labels, mask = _inputs(device=torch.device("cpu"))  # auto: CPU's choice
+    h, w, b, th, tw, labels, mask = _inputs()
     tv = _terms(("tv", 1.0, {}))
     with pytest.raises(ValueError, match="forced.*'tv' has no Triton kernel"):
         _run("triton", monkeypatch, h, w, b, TeacherHidden(th, tw), labels, mask, tv, None, 16)
@@ -165,6 +165,7 @@ def test_unsupported_terms_fall_back_and_forcing_says_why(monkeypatch, caplog):
         _run("triton", monkeypatch, h, w, b, DenseTeacher(th @ tw.T), labels, mask,
              _terms(("forward_kl", 1.0, {})), None, 16)
     # auto on CPU: never the kernel (the interpreter is for tests), decision recorded once
+    h, w, b, th, tw, labels, mask = _inputs(device=torch.device("cpu"))
     fused_path.reset()
     with caplog.at_level(logging.INFO, logger="wattkd.distill.fused.path"):
         for _ in range(2):
