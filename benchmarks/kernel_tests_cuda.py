@@ -1,6 +1,7 @@
-"""Run the Triton kernel tests (tests/test_lm_head_kd.py) on a GPU, each case under a timeout,
-and record per case: outcome, wall time, Triton compile time (kernel by kernel) vs the rest
-(run), and, for a case that times out, where every thread stood 5 s before it was killed.
+"""Run the Triton kernel tests (tests/test_lm_head_kd.py, tests/test_body_kernels.py) on a GPU,
+each case under a timeout, and record per case: outcome, wall time, Triton compile time (kernel
+by kernel) vs the rest (run), and, for a case that times out, where every thread stood 5 s
+before it was killed.
 
     python benchmarks/kernel_tests_cuda.py --out DIR [--timeout 90] [--budget 300]
 
@@ -26,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_FILE = "tests/test_lm_head_kd.py"
+TEST_FILES = ("tests/test_lm_head_kd.py", "tests/test_body_kernels.py")
 
 
 def _env(log: Path, tracebacks: Path, timeout: float, cache: str) -> dict[str, str]:
@@ -38,15 +39,15 @@ def _env(log: Path, tracebacks: Path, timeout: float, cache: str) -> dict[str, s
     return env
 
 
-def collect(test_file: str) -> list[str]:
-    """The test ids of `test_file`, in pytest's order."""
+def collect(test_files: list[str]) -> list[str]:
+    """The test ids of `test_files`, in pytest's order."""
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
-                          "-p", "no:cacheprovider", test_file], cwd=REPO, capture_output=True,
+                          "-p", "no:cacheprovider", *test_files], cwd=REPO, capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")},
                          check=False)
     ids = [line.strip() for line in out.stdout.splitlines() if "::" in line]
     if not ids:
-        raise SystemExit(f"error: no test collected from {test_file}:\n{out.stdout[-2000:]}"
+        raise SystemExit(f"error: no test collected from {test_files}:\n{out.stdout[-2000:]}"
                          f"{out.stderr[-2000:]}")
     return ids
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--timeout", type=float, default=90.0, help="seconds per case")
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for all cases")
-    ap.add_argument("--tests", default=TEST_FILE)
+    ap.add_argument("--tests", nargs="+", default=list(TEST_FILES), help="test files")
     ap.add_argument("--match", default=None, help="only the cases whose id contains this")
     ap.add_argument("--fp32-blocks", default=None, metavar="BM,BV,BK,WARPS,STAGES",
                     help="lm_head_kd's fp32 tiles for this run (diagnosis of compile times)")
@@ -182,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--fp32-blocks: expected five positive integers BM,BV,BK,WARPS,STAGES, "
                      f"got {args.fp32_blocks!r}")
         os.environ["KERNEL_TIMING_FP32_BLOCKS"] = args.fp32_blocks
-    if not (REPO / args.tests).exists():
-        ap.error(f"--tests: {args.tests} does not exist under {REPO}")
+    for name in args.tests:
+        if not (REPO / name).exists():
+            ap.error(f"--tests: {name} does not exist under {REPO}")
     args.out.mkdir(parents=True, exist_ok=True)
     ids = [i for i in collect(args.tests) if args.match is None or args.match in i]
     if not ids:
