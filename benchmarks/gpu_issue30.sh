@@ -12,7 +12,12 @@
 # kernel_tests_tracebacks.txt, kernel_tests_events.jsonl}, diag/kernel_tests.json,
 # summary.md, log.txt.
 #
-#   bash benchmarks/gpu_issue30.sh [--dry-run] [--fetch-wheels] [--total SECONDS]
+#   bash benchmarks/gpu_issue30.sh [--dry-run] [--fetch-wheels] [--total SECONDS] [--part 2]
+#
+# --part 2 (a second call): where the cached top-k step's time goes and whether larger logit
+#   chunks help it: the top-k rows with and without compiled bodies, the cache path's body
+#   rows, a torch.profiler table of wattkd_topk_body_compile (kd/), and the top-k rows again
+#   at --chunk 4096 (kd4096/); no kernel tests. 4 files come back.
 #
 # --fetch-wheels: download the wheels of benchmarks/gpu_issue30_wheels.txt into .whl/ (here,
 #   where pip works) and stop; carry .whl to the GPU machine. There, the ones whose module does
@@ -21,14 +26,16 @@
 # --total: the seconds the stages may take together (default 460).
 set -u
 cd "$(dirname "$0")/.."
-DRY=0; FETCH=0; TOTAL=460
+DRY=0; FETCH=0; TOTAL=460; PART=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --fetch-wheels) FETCH=1 ;;
+    --part) shift; PART="${1:-}"
+            case "$PART" in 1|2) ;; *) echo "error: --part must be 1 or 2, got '$PART'" >&2; exit 2 ;; esac ;;
     --total) shift; TOTAL="${1:-}"
              case "$TOTAL" in ''|*[!0-9]*) echo "error: --total needs whole seconds, got '$TOTAL'" >&2; exit 2 ;; esac ;;
-    *) echo "error: unknown argument '$1' (expected --dry-run, --fetch-wheels, --total SECONDS)" >&2; exit 2 ;;
+    *) echo "error: unknown argument '$1' (expected --dry-run, --fetch-wheels, --total SECONDS, --part 1|2)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -108,6 +115,25 @@ else
   KT_ARGS=(--timeout 60 --budget 150)
   DIAG_ARGS=(--timeout 75 --budget 75 --match "jsd(0.3)" --fp32-blocks 128,128,64,8,3)
   KD_LIMIT=$(( TOTAL - 160 ))
+fi
+
+if [ "$PART" = 2 ]; then
+  [ "$DRY" = 1 ] && P2=(--tiny --batches 2 --steps 1 --warmup 1) \
+                 || P2=(--batches 64 --steps 4 --warmup 2)
+  echo "== part 2: top-k rows, cache-path bodies, profile (limit $(( TOTAL * 6 / 10 ))s)"
+  timeout -k 10 $(( TOTAL * 6 / 10 )) "$PY" benchmarks/kd_throughput.py --out "$OUT/kd" \
+    "${P2[@]}" --impls liger_chunked,wattkd_topk,wattkd_topk_body_compile,wattkd_topk_body_triton,body_only_student,body_only_student_body_compile,body_only_student_body_triton \
+    --profile wattkd_topk_body_compile=$([ "$DRY" = 1 ] && echo 2 || echo 64)
+  echo "exit $?  ($(left)s left)"
+  echo "== part 2: top-k rows at --chunk 4096"
+  timeout -k 10 $(( $(left) > 30 ? $(left) - 10 : 20 )) "$PY" benchmarks/kd_throughput.py \
+    --out "$OUT/kd4096" "${P2[@]}" --chunk 4096 --impls wattkd_topk,wattkd_topk_body_compile
+  echo "exit $?"
+  { "$PY" benchmarks/issue30_table.py --kd "$OUT/kd/kd_throughput.json"; echo;
+    "$PY" benchmarks/issue30_table.py --kd "$OUT/kd4096/kd_throughput.json"; } > "$OUT/summary.md"
+  cat "$OUT/summary.md"
+  echo "== done in $(( $(date +%s) - START ))s"
+  exit 0
 fi
 
 echo "== 1. kd_throughput (limit ${KD_LIMIT}s)"

@@ -21,6 +21,7 @@ import kernel_tests_cuda
 @pytest.mark.parametrize("args, message", [
     (["--bogus"], "error: unknown argument '--bogus'"),
     (["--total", "8min"], "error: --total needs whole seconds, got '8min'"),
+    (["--part", "3"], "error: --part must be 1 or 2, got '3'"),
 ])
 def test_gpu_script_refuses_bad_arguments_before_any_work(args, message, tmp_path):
     out = subprocess.run(["bash", str(BENCH / "gpu_issue30.sh"), *args], capture_output=True,
