@@ -16,8 +16,9 @@
 #
 # --part 2 (a second call): where the cached top-k step's time goes and whether larger logit
 #   chunks help it: the top-k rows with and without compiled bodies, the cache path's body
-#   rows, a torch.profiler table of wattkd_topk_body_compile (kd/), and the top-k rows again
-#   at --chunk 4096 (kd4096/); no kernel tests. 4 files come back.
+#   rows (also with flex attention, an experiment), a torch.profiler table of
+#   wattkd_topk_body_compile (kd/), and the top-k rows again at --chunk 4096 (kd4096/); no
+#   kernel tests. 5 files come back.
 #
 # --fetch-wheels: download the wheels of benchmarks/gpu_issue30_wheels.txt into .whl/ (here,
 #   where pip works) and stop; carry .whl to the GPU machine. There, the ones whose module does
@@ -122,7 +123,7 @@ if [ "$PART" = 2 ]; then
                  || P2=(--batches 64 --steps 4 --warmup 2)
   echo "== part 2: top-k rows, cache-path bodies, profile (limit $(( TOTAL * 6 / 10 ))s)"
   timeout -k 10 $(( TOTAL * 6 / 10 )) "$PY" benchmarks/kd_throughput.py --out "$OUT/kd" \
-    "${P2[@]}" --impls liger_chunked,wattkd_topk,wattkd_topk_body_compile,wattkd_topk_body_triton,body_only_student,body_only_student_body_compile,body_only_student_body_triton \
+    "${P2[@]}" --impls liger_chunked,wattkd_topk,wattkd_topk_body_compile,wattkd_topk_body_triton,body_only_student,body_only_student_body_compile,body_only_student_body_triton,body_only_student_body_flex,wattkd_topk_body_flex \
     --profile wattkd_topk_body_compile=$([ "$DRY" = 1 ] && echo 2 || echo 64)
   echo "exit $?  ($(left)s left)"
   echo "== part 2: top-k rows at --chunk 4096"

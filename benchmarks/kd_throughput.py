@@ -36,6 +36,9 @@ excluded for every one of them equally.
                each decoder block) or triton (fused RMSNorm and GeGLU kernels), applied to the
                student and to the teacher where the timed step runs it (body_kernels.py);
                the first compiled row of a run pays the compile in its warm-up.
+  <row>_body_flex  experiment: the same models with Hugging Face's flex attention (compiled
+               block-sparse kernels: Gemma's sliding-window layers skip the masked blocks)
+               instead of SDPA with a materialised mask; CUDA only (no backward on CPU).
   trl          TRL GKDTrainer as plain off-policy forward KL (beta=0, lmbda=0, no generation).
   naive        full [tokens x vocab] fp32 logits for teacher and student (the original code).
 
@@ -562,7 +565,7 @@ IMPLS = {"wattkd": (run_wattkd, {}),
 # student and, where the step runs it, teacher blocks torch.compiled or through the Triton
 # RMSNorm / GeGLU kernels. The peers (liger_*, trl) keep the plain body.
 for _row in ("wattkd", "wattkd_topk", "body_only", "body_only_student"):
-    for _how in ("compile", "triton"):
+    for _how in ("compile", "triton", "flex"):
         IMPLS[f"{_row}_body_{_how}"] = (IMPLS[_row][0], {**IMPLS[_row][1], "body": _how})
 
 
@@ -575,9 +578,13 @@ def build_row(impl: str, pair, device: torch.device):
     kwargs = dict(IMPLS[impl][1])
     body = kwargs.pop("body", "none")
     teacher, student = pair(device)
-    apply_body_kernels(student, body, device)
-    if kwargs.get("topk") is None and kwargs.get("with_teacher", True):
-        apply_body_kernels(teacher, body, device)
+    models = [student] + ([teacher] if kwargs.get("topk") is None
+                          and kwargs.get("with_teacher", True) else [])
+    for model in models:
+        if body == "flex":   # an experiment, not a train setting (yet): HF's flex attention
+            model.set_attn_implementation("flex_attention")
+        else:
+            apply_body_kernels(model, body, device)
     return teacher, student, kwargs
 
 
