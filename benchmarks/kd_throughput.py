@@ -340,7 +340,7 @@ def timed(step, steps: int, warmup: int) -> dict:
     for _ in range(warmup):
         step()
     sync()
-    # the peak of setup + warm-up (e.g. building top-k tensors), before the timed steps'
+    # the peak of build, setup (e.g. the top-k tensors) and warm-up, before the timed steps
     setup_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     e0, t0 = nvml_energy_j(), time.perf_counter()
