@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,6 +162,7 @@ def run_cases(ids: list[str], out: Path, timeout: float, budget: float
     for i in ids:
         results.setdefault(i, {"node": i, "outcome": "not run"})
     sessions = [e for e in _events(log) if e["event"] == "session"]
+    shutil.rmtree(cache, ignore_errors=True)
     return results, sessions[0] if sessions else {}
 
 
