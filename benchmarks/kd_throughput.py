@@ -15,8 +15,14 @@ excluded for every one of them equally.
   wattkd_generic  the same with WATTKD_FAST_LOSS=0 (the generic autograd chunk path).
   wattkd_topk  the same student step fed by top-k teacher tensors (k=64) as the teacher cache
                provides them (cache read excluded; no teacher forward); _compile as above.
+               The tensors are built once, before timing, as the cache builds them (logits in
+               chunks of --chunk tokens: the setup peaks below the online step;
+               `setup_peak_mem_gb` is the peak of build + setup + warm-up, `peak_mem_gb` of
+               the timed steps).
   wattkd_triton  the same with WATTKD_FUSED_KERNEL=triton (distill/kernels/lm_head_kd.py:
                LM-head matmuls fused with online softmax and the KD terms, logits never in HBM).
+  wattkd_topk_triton  the top-k step through the same kernels (no teacher matmul: a stats and a
+               gradient sweep + the two head-gradient GEMMs).
   liger_chunked  Liger-Kernel `chunked_loss.LigerFusedLinearJSDLoss` (beta=0 = forward KL,
                hard-loss weight 0, compiled, chunk 1024: what TRL's trainers use with Liger).
   liger_triton  Liger-Kernel `transformers.LigerFusedLinearJSD` (Triton, jsd_beta=0).
@@ -25,6 +31,14 @@ excluded for every one of them equally.
                matmul, no vocab work): teacher body forward + student body forward/backward +
                clip + AdamW, the part of the step every peer shares.
   body_only_student  the same without the teacher forward (the top-k cache path's share).
+  <row>_body_compile, <row>_body_triton  (row: wattkd, wattkd_topk, body_only,
+               body_only_student) the row with `train.body_kernels` = compile (torch.compile of
+               each decoder block) or triton (fused RMSNorm and GeGLU kernels), applied to the
+               student and to the teacher where the timed step runs it (body_kernels.py);
+               the first compiled row of a run pays the compile in its warm-up.
+  <row>_body_flex  experiment: the same models with Hugging Face's flex attention (compiled
+               block-sparse kernels: Gemma's sliding-window layers skip the masked blocks)
+               instead of SDPA with a materialised mask; CUDA only (no backward on CPU).
   trl          TRL GKDTrainer as plain off-policy forward KL (beta=0, lmbda=0, no generation).
   naive        full [tokens x vocab] fp32 logits for teacher and student (the original code).
 
@@ -149,7 +163,6 @@ def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None = None,
     from wattkd.config import LossTerm, MethodConfig
     from wattkd.distill.modes import make_mode
     from wattkd.distill.objective import DistillObjective, StepInputs
-    from wattkd.distill.signals import TeacherSignals, TopK
     from wattkd.distill.teacher import OnlineTeacher
     from wattkd.models import hidden_size, num_layers
 
@@ -160,15 +173,7 @@ def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None = None,
     opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-5,
                             fused=ids.is_cuda)
     provider = OnlineTeacher(teacher, mode.request)
-    cached = None
-    if topk is not None:  # top-k tensors as the teacher cache delivers them
-        with torch.no_grad():
-            sig = provider.signals({"input_ids": ids})
-            z = sig.head(sig.last_hidden).float().log_softmax(-1)
-            vals, idx = z.topk(topk, dim=-1)
-            tail = torch.log1p(-vals.exp().sum(-1).clamp(max=1 - 1e-6))
-            cached = TeacherSignals(topk=TopK(idx.to(torch.int32), vals.half(), tail.half()))
-            del z, sig
+    cached = None if topk is None else cached_topk(teacher, ids, topk)
     batch = {"input_ids": ids}
 
     def step():
@@ -181,6 +186,28 @@ def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None = None,
     out = timed(step, steps, warmup)
     out["fused_path"] = fused_path.decisions()
     return out
+
+
+def cached_topk(teacher, ids, k: int):
+    """Top-k teacher tensors as the teacher cache delivers them (int32 ids, fp16 log-probs
+    and tail), built the way the cache builds them (teacher_cache.compute.topk_logprobs:
+    logits in chunks of CHUNK tokens, exact logsumexp tail): never [tokens x vocab] at once,
+    so the setup peaks below the online step (the full fp32 log_softmax of 64 x 1024 x 262,144
+    logits took ~69 GB a copy and ran out of memory on an 80 GB card)."""
+    from wattkd.distill.signals import TeacherSignals, TopK
+    from wattkd.distill.teacher import decoder_forward, logit_softcap
+    from wattkd.teacher_cache.compute import topk_logprobs
+
+    with torch.no_grad():
+        last, _ = decoder_forward(teacher, ids, False)
+        head = teacher.get_output_embeddings()
+        b, seq = ids.shape
+        idx, lps, tail = topk_logprobs(last.reshape(b * seq, -1), head.weight, head.bias
+                                       if getattr(head, "bias", None) is not None else None,
+                                       logit_softcap(teacher), k, CHUNK[0])
+        del last
+    return TeacherSignals(topk=TopK(idx.to(torch.int32).view(b, seq, k),
+                                    lps.half().view(b, seq, k), tail.half().view(b, seq)))
 
 
 def run_liger(teacher, student, ids, steps, warmup, kind: str = "chunked"):
@@ -313,6 +340,8 @@ def timed(step, steps: int, warmup: int) -> dict:
     for _ in range(warmup):
         step()
     sync()
+    # the peak of build, setup (e.g. the top-k tensors) and warm-up, before the timed steps
+    setup_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     e0, t0 = nvml_energy_j(), time.perf_counter()
     loss = None
@@ -321,7 +350,8 @@ def timed(step, steps: int, warmup: int) -> dict:
     sync()
     seconds, e1 = time.perf_counter() - t0, nvml_energy_j()
     return {"seconds": seconds, "steps": steps, "loss": float(loss.detach()),
-            "energy_j": None if e0 is None or e1 is None else e1 - e0}
+            "energy_j": None if e0 is None or e1 is None else e1 - e0,
+            "setup_peak_bytes": setup_peak}
 
 
 # ----------------------------------------------------------------------- ceiling of the pair
@@ -447,7 +477,8 @@ def ceilings(records: list[dict], head: dict, dims: tuple[int, int, int],
         # token only: batch x (seq - 1), the fewest any loss implementation can do
         rows = body["batch"] * (body["seq"] - 1)
         flops = head_gemm_flops(rows, vocab, hidden,
-                                teacher_hidden if body["impl"] == "body_only" else None)
+                                None if body["impl"].startswith("body_only_student")
+                                else teacher_hidden)
         c = ceiling(body["batch"] * body["seq"], body["seconds"] / body["steps"], flops,
                     head["best_tflops"])
         c.update(body=body["impl"], batch=body["batch"], vs_peers=[
@@ -523,12 +554,38 @@ IMPLS = {"wattkd": (run_wattkd, {}),
          "wattkd_topk": (run_wattkd, {"topk": 64}),
          "wattkd_topk_compile": (run_wattkd, {"topk": 64, "compile": True}),
          "wattkd_triton": (run_wattkd, {"kernel": "triton"}),
+         "wattkd_topk_triton": (run_wattkd, {"topk": 64, "kernel": "triton"}),
          "liger_chunked": (run_liger, {"kind": "chunked"}),
          "liger_triton": (run_liger, {"kind": "triton"}),
          "body_only": (run_body_only, {}),
          "body_only_student": (run_body_only, {"with_teacher": False}),
          "naive": (run_naive, {}),
          "trl": (run_trl, {})}
+# The same rows with the decoder bodies sped up (`train.body_kernels`, body_kernels.py):
+# student and, where the step runs it, teacher blocks torch.compiled or through the Triton
+# RMSNorm / GeGLU kernels. The peers (liger_*, trl) keep the plain body.
+for _row in ("wattkd", "wattkd_topk", "body_only", "body_only_student"):
+    for _how in ("compile", "triton", "flex"):
+        IMPLS[f"{_row}_body_{_how}"] = (IMPLS[_row][0], {**IMPLS[_row][1], "body": _how})
+
+
+def build_row(impl: str, pair, device: torch.device):
+    """(teacher, student, the row's keyword arguments) with the row's body kernels applied:
+    to the student, and to the teacher where the timed step runs it (not for top-k rows,
+    whose teacher only builds the cached tensors once, nor body_only_student)."""
+    from wattkd.body_kernels import apply_body_kernels
+
+    kwargs = dict(IMPLS[impl][1])
+    body = kwargs.pop("body", "none")
+    teacher, student = pair(device)
+    models = [student] + ([teacher] if kwargs.get("topk") is None
+                          and kwargs.get("with_teacher", True) else [])
+    for model in models:
+        if body == "flex":   # an experiment, not a train setting (yet): HF's flex attention
+            model.set_attn_implementation("flex_attention")
+        else:
+            apply_body_kernels(model, body, device)
+    return teacher, student, kwargs
 
 
 def profile(impl: str, batch: int, arch: dict, seq: int, device: torch.device, out: Path,
@@ -537,8 +594,8 @@ def profile(impl: str, batch: int, arch: dict, seq: int, device: torch.device, o
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    fn, kwargs = IMPLS[impl]
-    teacher, student = (pair or (lambda d: make_pair(arch, d)))(device)
+    fn = IMPLS[impl][0]
+    teacher, student, kwargs = build_row(impl, pair or (lambda d: make_pair(arch, d)), device)
     ids = torch.randint(0, arch["vocab_size"], (batch, seq), device=device)
     fn(teacher, student, ids, 1, 2, **kwargs)   # warm-up (and compile) outside the trace
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -560,15 +617,18 @@ def measure(impls: list[str], batches: str, pair, arch: dict, seq: int, steps: i
     records = []
     per_impl = dict(item.split("=") for item in batches.split(";")) if "=" in batches else {}
     for impl in impls:
-        fn, kwargs = IMPLS[impl]
+        fn = IMPLS[impl][0]
         sizes = per_impl.get(impl, batches if not per_impl else "8")
         for batch in [int(b) for b in sizes.split(",")]:
             gc.collect()
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
-            rec = {"impl": impl, "batch": batch, "seq": seq, "card": name}
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            rec = {"impl": impl, "batch": batch, "seq": seq, "card": name,
+                   "body_kernels": IMPLS[impl][1].get("body", "none")}
             wall0 = time.perf_counter()
             try:
-                teacher, student = pair(device)
+                teacher, student, kwargs = build_row(impl, pair, device)
                 g = torch.Generator().manual_seed(batch)
                 ids = torch.randint(0, arch["vocab_size"], (batch, seq), generator=g).to(device)
                 res = fn(teacher, student, ids, steps, warmup, **kwargs)
@@ -584,6 +644,8 @@ def measure(impls: list[str], batches: str, pair, arch: dict, seq: int, steps: i
                            mfu=None if peak is None else round(tps * fpt["total"] / (peak * 1e12),
                                                                4),
                            status="ok")
+                if res.get("setup_peak_bytes") is not None:   # build + setup + warm-up
+                    rec["setup_peak_mem_gb"] = round(res["setup_peak_bytes"] / 1e9, 2)
                 if "fused_path" in res:
                     rec["fused_path"] = res["fused_path"]
             except torch.cuda.OutOfMemoryError:

@@ -1,18 +1,25 @@
 """The Triton LM-head KD kernels (distill/kernels/lm_head_kd.py) against plain autograd on the
-full logits, run on CPU through Triton's interpreter; and the path switch of fused_path."""
+full logits in fp64, and the path switch of fused_path. The kernels run compiled on CUDA when a
+GPU is present (tensors built there), else on CPU through Triton's interpreter.
+`benchmarks/kernel_tests_cuda.py` runs this file on a GPU, each case under a timeout, with
+compile and run times per case."""
 
 from __future__ import annotations
 
 import logging
 import os
 
-# The interpreter must be chosen before the kernels are decorated (module import). Other tests
-# never force the triton path, so on CPU they are unaffected.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 import torch.nn.functional as F
+
+# The interpreter must be chosen before the kernels are decorated (module import). Other tests
+# never force the triton path, so on CPU they are unaffected. TRITON_INTERPRET=1 set by hand
+# keeps a CUDA machine on the interpreter (and the tensors on the CPU).
+ON_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+if not ON_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 
 from wattkd.distill.fused import TeacherHidden, fused_logit_loss
 from wattkd.distill.fused import path as fused_path
@@ -38,17 +45,22 @@ def _terms(*items):
     return [(get_loss(name), w, params) for name, w, params in items]
 
 
-def _inputs(seed=0, bias=True):
+def _inputs(seed=0, bias=True, n=N, v=V, device=DEVICE, hid=H, thid=HT):
+    """Seeded on the CPU (the same numbers on every machine), then moved to `device`."""
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, H, generator=g).requires_grad_(True)
-    w = (torch.randn(V, H, generator=g) * 0.6).requires_grad_(True)
-    b = (torch.randn(V, generator=g) * 0.3).requires_grad_(True) if bias else None
-    th = torch.randn(N, HT, generator=g)
-    tw = torch.randn(V, HT, generator=g) * 0.7
-    labels = torch.randint(0, V, (N,), generator=g)
+
+    def leaf(x):
+        return x.to(device).requires_grad_(True)
+
+    h = leaf(torch.randn(n, hid, generator=g))
+    w = leaf(torch.randn(v, hid, generator=g) * 0.6)
+    b = leaf(torch.randn(v, generator=g) * 0.3) if bias else None
+    th = torch.randn(n, thid, generator=g).to(device)
+    tw = (torch.randn(v, thid, generator=g) * 0.7).to(device)
+    labels = torch.randint(0, v, (n,), generator=g)
     labels[::4] = -100
-    mask = torch.rand(N, generator=g) > 0.2
-    return h, w, b, th, tw, labels, mask
+    mask = torch.rand(n, generator=g) > 0.2
+    return h, w, b, th, tw, labels.to(device), mask.to(device)
 
 
 def _reference(h, w, b, th, tw, labels, mask, terms, s_cap, t_cap, topk=None):
@@ -134,7 +146,8 @@ def test_ce_only_without_teacher_and_bf16_inputs(monkeypatch):
     wb = w.detach().bfloat16().requires_grad_(True)
     loss, _, (gh, gw) = _run("triton", monkeypatch, hb, wb, None, None, labels, mask, terms,
                              None, chunk=64)
-    ref = _reference(hb.float(), wb.float(), None, torch.zeros(N, 1), torch.zeros(V, 1),
+    ref = _reference(hb.float(), wb.float(), None, torch.zeros(N, 1, device=DEVICE),
+                     torch.zeros(V, 1, device=DEVICE),
                      labels, mask, terms, None, None)
     rh, rw = torch.autograd.grad(ref, [hb, wb])
     assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
@@ -152,6 +165,7 @@ def test_unsupported_terms_fall_back_and_forcing_says_why(monkeypatch, caplog):
         _run("triton", monkeypatch, h, w, b, DenseTeacher(th @ tw.T), labels, mask,
              _terms(("forward_kl", 1.0, {})), None, 16)
     # auto on CPU: never the kernel (the interpreter is for tests), decision recorded once
+    h, w, b, th, tw, labels, mask = _inputs(device=torch.device("cpu"))
     fused_path.reset()
     with caplog.at_level(logging.INFO, logger="wattkd.distill.fused.path"):
         for _ in range(2):
@@ -245,7 +259,7 @@ def test_topk_bitmap_marks_exactly_the_ids():
     from wattkd.distill.kernels.lm_head_kd import _bitmap
 
     ids = torch.tensor([[0, 31, 32, 69], [63, 5, 64, 30]], dtype=torch.int32)
-    words = _bitmap(ids, 70)
+    words = _bitmap(ids.to(DEVICE), 70).cpu()
     assert words.shape == (2, 3) and words.dtype == torch.int32
     bits = (words[:, :, None] >> torch.arange(32)) & 1        # [rows, words, 32]
     member = bits.reshape(2, -1)[:, :70].bool()
@@ -280,6 +294,41 @@ def test_topk_teacher_with_bf16_inputs(monkeypatch):
                      topk=topk)
     rh, rw = torch.autograd.grad(ref, [hb, wb])
     assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-3)
+    _close(gh, rh, rel=1e-2)   # bf16 gradients: rounding of the returned tensors
+    _close(gw, rw, rel=1e-2)
+
+
+PRODUCTION_CASES = {
+    "dense fkl + rkl + ce, softcaps": (_terms(("forward_kl", 1.0, {}), ("reverse_kl", 0.5, {}),
+                                              ("ce", 0.5, {})), 30.0, 30.0, None),
+    "dense jsd(0.5) T=2 + ce(ls)": (_terms(("jsd", 1.0, {"beta": 0.5, "temperature": 2.0}),
+                                           ("ce", 0.2, {"label_smoothing": 0.1})), None, None,
+                                    None),
+    "top-64 fkl + ce": (_terms(("forward_kl", 1.0, {}), ("ce", 0.5, {})), None, None, 64),
+}
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the GPU's own tiles (BLOCKS) need CUDA")
+@pytest.mark.parametrize("case", list(PRODUCTION_CASES))
+def test_production_tiles_bf16_on_cuda(case, monkeypatch):
+    """bf16 inputs at the tiles training uses (BLOCKS: 128-wide, tensor-core dots), a ragged
+    vocabulary of many splits and hidden sizes over one BK step; fp64 reference."""
+    terms, s_cap, t_cap, k = PRODUCTION_CASES[case]
+    h, w, _, th, tw, labels, mask = _inputs(seed=5, bias=False, n=300, v=4099, hid=192,
+                                            thid=160)
+    hb, wb = (x.detach().bfloat16().requires_grad_(True) for x in (h, w))
+    thb, twb = th.bfloat16(), tw.bfloat16()
+    if k is None:
+        teacher, topk = TeacherHidden(thb, twb, softcap=t_cap), None
+    else:
+        topk = _topk_of(thb.double(), twb.double(), k)
+        teacher = TopKTeacher(*topk)
+    loss, _, (gh, gw) = _run("triton", monkeypatch, hb, wb, None, teacher, labels, mask, terms,
+                             s_cap, chunk=128)
+    ref = _reference(hb.float(), wb.float(), None, thb.float(), twb.float(), labels, mask,
+                     terms, s_cap, t_cap, topk=topk)
+    rh, rw = torch.autograd.grad(ref, [hb, wb])
     assert loss.item() == pytest.approx(ref.item(), rel=1e-3)
     _close(gh, rh, rel=1e-2)   # bf16 gradients: rounding of the returned tensors
     _close(gw, rw, rel=1e-2)

@@ -270,3 +270,26 @@ def test_run_json_records_the_fused_loss_path(workspace: Path) -> None:
         fused_path.set_path("auto")   # the process-wide setting must not leak into others
     run = json.loads((job.run_dir / "run.json").read_text())
     assert run["fused_logit_loss"] == {"requested": "generic", "used": {"generic": "generic"}}
+
+
+def test_body_kernels_train_like_the_plain_body(workspace: Path, caplog) -> None:
+    """train.body_kernels=triton (student and online teacher through kernels/body.py; Triton's
+    interpreter on CPU) logs the losses of the plain body, step for step."""
+    import logging
+
+    curves = {}
+    caplog.set_level(logging.INFO, logger="wattkd.body_kernels")
+    for how in ("none", "triton"):
+        job = student_job(validate(experiment(workspace / "exp", max_steps=2, log_every=1,
+                                              micro_batch_size=2, body_kernels=how)),
+                          "response")
+        job.run_dir = workspace / f"body-{how}"
+        assert train(job, progress=False).status == "completed"
+        curves[how] = losses(job.run_dir)
+    applied = [r.getMessage() for r in caplog.records if r.name == "wattkd.body_kernels"]
+    prefix = "body kernels (LlamaForCausalLM): Triton kernels in"
+    assert applied == [f"{prefix} 5 RMSNorms and 2 gated MLPs",    # the student (2 blocks)
+                       f"{prefix} 7 RMSNorms and 3 gated MLPs"]    # the teacher (3 blocks)
+    assert curves["triton"].keys() == curves["none"].keys() == {1, 2}
+    for step, loss in curves["none"].items():
+        assert curves["triton"][step] == pytest.approx(loss, rel=1e-4)

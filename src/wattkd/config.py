@@ -309,6 +309,10 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 on CUDA with bf16 support, else fp32")
     gradient_checkpointing: bool = False
+    body_kernels: Literal["none", "compile", "triton"] = Field(
+        default="none", description="opt-in speed-up of the decoder blocks of the student and "
+        "the online teacher: compile = torch.compile per block, triton = fused RMSNorm and "
+        "GeGLU/SwiGLU kernels (CUDA); none = as the model ships (body_kernels.py)")
     checkpoint_every: int = Field(default=0, ge=0, description="steps; 0 = none (preemption "
                                   "still checkpoints; a finished run is never retrained)")
     keep_last: int = Field(default=2, ge=1)
@@ -326,6 +330,10 @@ class TrainConfig(Strict):
     def _budget(self) -> TrainConfig:
         if self.max_steps is None and self.max_tokens is None and self.energy_budget_j is None:
             raise ValueError("give at least one of max_steps, max_tokens, energy_budget_j")
+        if self.body_kernels == "compile" and self.strategy == "fsdp":
+            raise ValueError("body_kernels=compile is not supported with strategy=fsdp "
+                             "(compiled blocks under FSDP2's hooks are untested); use triton "
+                             "or none")
         return self
 
 

@@ -33,6 +33,7 @@ from transformers import (
 
 from wattkd import checkpoint, sharding
 from wattkd.amortisation import record_cache_use, record_finetune_use
+from wattkd.body_kernels import apply_body_kernels
 from wattkd.config import ExperimentConfig, MethodConfig, TrainConfig, dump
 from wattkd.data.loader import ShardDataset
 from wattkd.distill.fused import path as fused_path
@@ -296,6 +297,9 @@ def build_models(job: TrainJob, inputs: Inputs, device: torch.device,
             student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for model in (student, teacher):
+        if model is not None:
+            apply_body_kernels(model, tc.body_kernels, device)
     vocab = check_vocab(teacher, student, len(tokenizer))
     return teacher, student, dims, vocab
 

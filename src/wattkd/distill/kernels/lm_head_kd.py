@@ -331,8 +331,23 @@ def kernel_spec(terms: list[tuple[str, dict]], teacher_kind: str, s_cap: float |
 # (BM, BV, BK, num_warps, num_stages) per kernel; benchmarks/lm_head_kd_check.py measures
 # candidates on the GPU and may set these. The interpreter uses tiny tiles (numpy per op).
 BLOCKS = {"stats": (128, 128, 64, 8, 3), "grad": (128, 128, 64, 8, 4)}
+# fp32 inputs (fp32 training, the fp64-checked tests) take `tl.dot(..., "ieee")`: no tensor
+# cores, the dot unrolled into per-thread FMAs. At 128 x 128 x 64 that is 4,096 FMAs and 64
+# fp32 accumulators per thread per tile, twice for a dense teacher: register spills and a
+# compile that can take minutes (the suspected cause of the JSD case not finishing on a GPU in
+# 120 s; benchmarks/kernel_tests_cuda.py times the compiles). Small tiles keep it fast.
+BLOCKS_FP32 = {"stats": (64, 64, 32, 4, 2), "grad": (64, 64, 32, 4, 2)}
 _INTERPRET_BLOCKS = (16, 32, 16, 1, 1)
 TILES_PER_PROGRAM = [4]
+
+
+def blocks(which: str, dtype: torch.dtype, interpret: bool) -> tuple[int, int, int, int, int]:
+    """(BM, BV, BK, num_warps, num_stages) of kernel `which` ("stats" also serves the jsd
+    sweep) for inputs of `dtype`: tiny tiles in the interpreter (numpy per op), small ones for
+    fp32 (see BLOCKS_FP32), else BLOCKS."""
+    if interpret:
+        return _INTERPRET_BLOCKS
+    return (BLOCKS_FP32 if dtype == torch.float32 else BLOCKS)[which]
 
 
 def _merge(mx: Tensor, sx: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -441,7 +456,7 @@ def chunk(spec: KernelSpec, coef: list[float], h: Tensor, w: Tensor, b: Tensor |
     v = w.shape[0]
     dev = h.device
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    bm, bv, bk, warps, stages = _INTERPRET_BLOCKS if interpret else BLOCKS["stats"]
+    bm, bv, bk, warps, stages = blocks("stats", h.dtype, interpret)
     prec = "ieee" if h.dtype == torch.float32 else "tf32"
     h, w = h.contiguous(), w.contiguous()
     has_t = spec.has_teacher
@@ -530,7 +545,7 @@ def chunk(spec: KernelSpec, coef: list[float], h: Tensor, w: Tensor, b: Tensor |
     if not grad:
         return None, sums_t
     rowbuf = torch.stack([rowbuf.get(key, zero) for key in _ROW]).contiguous()
-    bm, bv, bk, warps, stages = _INTERPRET_BLOCKS if interpret else BLOCKS["grad"]
+    bm, bv, bk, warps, stages = blocks("grad", h.dtype, interpret)
     n_m = triton.cdiv(m, bm)
     dz = torch.empty((m, v), dtype=dz_dtype, device=dev)
     _grad_kernel[(n_m * triton.cdiv(v, bv),)](
