@@ -51,8 +51,11 @@ class ImportSummary:
             out.append(f"  {r['rel']:<22} -> {r['run']:<20} E_run {e}{dur}, EPT_total "
                        f"{r['ept_total']:.4g} J/token (batch {r['batch']}), unit "
                        f"{r['unit'] or '—'}")
+        grouped: dict[Flag, list[str]] = {}   # one line per finding, its folders listed
         for rel, fl in self.flags.items():
-            out += [f"  flag {rel}: {name}: {why}" for name, why in fl]
+            for f in fl:
+                grouped.setdefault(f, []).append(rel)
+        out += [f"  flag {name} ({', '.join(rels)}): {why}" for (name, why), rels in grouped.items()]
         out += [f"  note: {n}" for n in self.notes]
         return out
 

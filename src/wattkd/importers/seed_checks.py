@@ -90,10 +90,11 @@ def check_runs(runs: list[Any], evals: dict[str, dict[str, Any]],
     if isinstance(params, int) and gpu_mem_b and params * BF16_BYTES > gpu_mem_b:
         flags[teacher.rel].append((
             "teacher-exceeds-metered-gpu",
-            (f"the teacher's weights ({params / 1e9:.1f} B parameters, {params * BF16_BYTES / 1e9:.0f}"
-            f" GB in bf16) exceed one GPU ({gpu_mem_b / 1e9:.0f} GB); the original EPT script "
-            "asks for 1 GPU and meters GPU 0 only, so layers offloaded by device_map='auto' ran "
-            "unmetered: its EPT is neither comparable nor complete")))
+            (f"the teacher's weights ({params / 1e9:.1f} B parameters, "
+             f"{params * BF16_BYTES / 2**30:.0f} GiB in bf16) exceed one GPU "
+             f"({gpu_mem_b / 2**30:.0f} GiB); the original EPT script asks for 1 GPU and meters "
+             "GPU 0 only, so layers offloaded by device_map='auto' ran unmetered: its EPT is "
+             "neither comparable nor complete")))
     for r in students:
         adapter = (evals[r.rel].get("model") or {}).get("adapter")
         if adapter:
