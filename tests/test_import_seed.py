@@ -232,3 +232,30 @@ def test_missing_task_and_bad_json_are_named(tmp_path: Path) -> None:
     (src / "0EXPERIMENT_RESULTS" / "BASE" / "TEACHER" / "ept.json").write_text("{")
     with pytest.raises(SeedImportError, match=r"BASE/TEACHER/ept.json: not valid JSON"):
         import_seed(src, tmp_path / "runs")
+
+
+def test_ept_ratios_are_recomputed_and_a_wrong_one_flagged(tmp_path: Path) -> None:
+    src = seed_folder(tmp_path / "src")
+    f = src / "0EXPERIMENT_RESULTS" / "RESPONSE" / "MODEL 1" / "ept.json"
+    doc = json.loads(f.read_text())
+    doc["EPT_out_J_per_tok"] *= 2          # the file's ratio no longer matches E / T_out
+    f.write_text(json.dumps(doc))
+    summary = import_seed(src, tmp_path / "runs", student_ept_batch=8)
+    run = json.loads((tmp_path / "runs/response/rep0/ept.json").read_text())["runs"][0]
+    assert run["batch_size"] == 8
+    assert "ept-arithmetic-mismatch" in run["flags"]
+    assert run["energy"]["gpu"]["ept_out_j"] == pytest.approx(9001.0 / 6000)
+    assert any("EPT_out_J_per_tok" in n for n in summary.notes)
+
+
+def test_bad_options_exit_2(tmp_path: Path) -> None:
+    src = seed_folder(tmp_path / "src")
+    (tmp_path / "file").write_text("x")
+    for extra in (["--out", str(tmp_path / "file")],
+                  ["--out", str(tmp_path / "r"), "--teacher-ept-batch", "0"]):
+        res = CliRunner().invoke(app, ["import", "seed", str(src), *extra])
+        assert res.exit_code == 2, res.output
+        assert res.output.startswith("error: ")
+    res = CliRunner().invoke(app, ["import", "seed", str(tmp_path / "nope"), "--out",
+                                   str(tmp_path / "r")])
+    assert res.exit_code == 2 and "does not exist" in res.output
