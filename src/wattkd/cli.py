@@ -34,11 +34,14 @@ teacher_app = typer.Typer(help="Teacher: pretrain (demo), finetune, and the offl
 models_app = typer.Typer(help="Prepare models for offline use.", no_args_is_help=True)
 slurm_app = typer.Typer(help="Submit and follow the pipeline on a Slurm cluster.",
                         no_args_is_help=True)
+import_app = typer.Typer(help="Import results written by other tools as run directories.",
+                         no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(models_app, name="models")
 app.add_typer(slurm_app, name="slurm")
+app.add_typer(import_app, name="import")
 
 ConfigArg = Annotated[Path, typer.Argument(help="experiment YAML")]
 SetOpt = Annotated[list[str] | None, typer.Option(
@@ -254,6 +257,31 @@ def report_cmd(runs: Annotated[list[Path], typer.Argument(help="run directories"
     except ReportInputError as exc:
         _fail(str(exc))
     typer.echo(f"report: {path}")
+
+
+# ------------------------------------------------------------------------------------ import
+@import_app.command("seed")
+def import_seed_cmd(
+        src: Annotated[Path, typer.Argument(help="the original study's 0EXPERIMENT_RESULTS "
+                                                 "folder (or the repository holding it)")],
+        out: Annotated[Path, typer.Option(help="folder for the run directories")],
+        baseline: Annotated[str, typer.Option(help="traditional | base-student: the no-KD run "
+                                                   "the report compares against")] = "traditional",
+        tasks: Annotated[str | None, typer.Option(
+            help="lm-eval tasks of the quality suite, e.g. arc_challenge,hellaswag,mmlu "
+                 "(default: arc_challenge,hellaswag,mmlu,bbh)")] = None,
+        teacher_ept_batch: Annotated[int | None, typer.Option(
+            help="EPT batch size of the teacher (default 2, the original script's)")] = None,
+        student_ept_batch: Annotated[int | None, typer.Option(
+            help="EPT batch size of the students (default 4, the original scripts')")] = None,
+        ) -> None:
+    """Import the original study's published results (docs/import.md); exit 3 on a missing or
+    unreadable file, 2 on a bad option."""
+    from wattkd.importers import import_seed  # the eval protocol helpers
+
+    summary = import_seed(src, out, baseline=baseline, tasks=tasks,
+                          teacher_ept_batch=teacher_ept_batch, student_ept_batch=student_ept_batch)
+    typer.echo("\n".join(summary.lines()))
 
 
 # ------------------------------------------------------------------------------------- slurm

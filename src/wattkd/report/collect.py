@@ -152,6 +152,8 @@ def load_run(path: Path, label: str | None = None) -> RunData:
     else:
         gaps["run.json"] = "run.json missing"
     run = RunData(path, label or path.name, info, gaps=gaps)
+    # an imported run's findings (wattkd import): shown with the report's "Read first" notes
+    run.read_notes.extend(str(n) for n in (info.get("imported") or {}).get("notes") or [])
 
     ph = path / "phases.jsonl"
     if ph.is_file():
