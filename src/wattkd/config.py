@@ -2,7 +2,8 @@
 
 `load(path)` reads a YAML file and returns an `ExperimentConfig`. Unknown keys and wrong types
 raise `ConfigError` naming the file, the dotted key and what was expected, before any
-expensive work starts.
+expensive work starts; a key given twice is refused with both lines (wattkd.yamlfile), and `~`
+is expanded in every path field at load (`PathStr`), so every stage sees the same path.
 """
 
 from __future__ import annotations
