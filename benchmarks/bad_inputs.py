@@ -1,4 +1,5 @@
-"""The bad inputs of issue 21, tried as a user would: `wattkd` CLI runs on a tiny experiment.
+"""The bad inputs of issues 21 and 26, tried as a user would: `wattkd` CLI runs on a tiny
+experiment.
 
     python benchmarks/bad_inputs.py [--flips 300]
 
@@ -110,6 +111,106 @@ def flip(path: Path, rng: random.Random) -> None:
     data = bytearray(path.read_bytes())
     data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
     path.write_bytes(bytes(data))
+
+
+def issue26_cases(r: Runner, tmp: Path) -> None:
+    """Issue 26's bad inputs: each must be refused before training with one `error:` line."""
+    from wattkd.data.tokenizer import load_tokenizer
+    from wattkd.models import build_from_config
+
+    def save_model(folder: Path, conf: dict) -> Path:
+        build_from_config(conf, 4096, seed=0).save_pretrained(folder)
+        load_tokenizer("bundled:bpe-4096").save_pretrained(folder)
+        return folder
+
+    # a second train: section (and a key typed twice)
+    text = yaml.safe_dump(experiment(tmp, "dup")) + "train:\n  max_steps: 500\n"
+    (tmp / "dup.yaml").write_text(text)
+    first = 1 + next(i for i, line in enumerate(text.splitlines()) if line == "train:")
+    r.case("YAML: a second train: section", r.cli("train", str(tmp / "dup.yaml"), "--method",
+                                                   "baseline"),
+           names=f"'train' at lines {first} and {len(text.splitlines()) - 1}", expect_code=2)
+    # monitor --output that cannot be written
+    (tmp / "plainfile").write_text("x")
+    for label, out in (("/proc file", "/proc/version"),
+                       ("path under a regular file", str(tmp / "plainfile" / "t.jsonl"))):
+        r.case(f"monitor --output: {label}", r.cli("monitor", "--output", out, "--duration",
+                                                   "1"),
+               names=f"--output {out} cannot be written", expect_code=6)
+    # output_dir: ~/x
+    home = tmp / "home"
+    home.mkdir()
+    data = experiment(tmp, "tilde")
+    data["output_dir"] = "~/x"
+    cache = os.environ.get("WATTKD_CACHE") or str(Path.home() / ".cache" / "wattkd")
+    res = subprocess.run([sys.executable, "-m", "wattkd.cli", "train",
+                          str(r.config(data, "tilde")), "--method", "baseline", "--set",
+                          "train.max_steps=1", "--set", "train.checkpoint_every=0"],
+                         capture_output=True, text=True,
+                         env={**r.env, "HOME": str(home), "WATTKD_CACHE": cache},
+                         cwd=tmp, timeout=600, check=False)
+    ok = (home / "x" / "baseline" / "rep0" / "final").is_dir() and not (tmp / "~").exists()
+    r.case("output_dir: ~/x", res, names=str(home / "x"), recovered=ok,
+           extra=f"run under $HOME/x: {ok}; literal ./~ made: {(tmp / '~').exists()}")
+    # train.device=cuda without CUDA
+    c = r.config(experiment(tmp, "cuda"), "cuda")
+    r.case("train.device=cuda on a machine without CUDA",
+           r.cli("train", str(c), "--method", "baseline", "--set", "train.device=cuda"),
+           names="train.device is 'cuda' but there is no CUDA device", expect_code=2)
+    # seq_len above max positions: student and teacher
+    data = experiment(tmp, "spos")
+    data["student"] = {"build": {**TEACHER, "hidden_size": 16, "intermediate_size": 32,
+                                 "max_position_embeddings": 16}}
+    r.case("seq_len 32 > student max_position_embeddings 16",
+           r.cli("train", str(r.config(data, "spos")), "--method", "baseline"),
+           names="at most 16 positions", expect_code=4)
+    data = experiment(tmp, "tpos")
+    data["teacher"] = {"model": str(save_model(tmp / "teacher16", {
+        **TEACHER, "max_position_embeddings": 16}))}
+    r.case("seq_len 32 > teacher max_position_embeddings 16",
+           r.cli("train", str(r.config(data, "tpos")), "--method", "response"),
+           names="at most 16 positions", expect_code=4)
+    # train.max_tokens below one step
+    r.case("train.max_tokens 100 < one step (128 tokens)",
+           r.cli("train", str(r.config(experiment(tmp, "mt", max_steps=None, max_tokens=100),
+                                       "mt")), "--method", "baseline"),
+           names="less than one optimizer step, which trains 128 tokens", expect_code=2)
+    # a student folder whose tokenizer maps two ids the other way round
+    student = save_model(tmp / "student-swapped", {**TEACHER, "hidden_size": 16,
+                                                   "intermediate_size": 32})
+    tok = json.loads((student / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (student / "tokenizer.json").write_text(json.dumps(tok))
+    data = experiment(tmp, "stok")
+    data["student"] = {"model": str(student)}
+    r.case("student folder tokenizer with two ids swapped",
+           r.cli("train", str(r.config(data, "stok")), "--method", "baseline"),
+           names="tokenizer mismatch: the student folder", expect_code=4)
+    # teacher model.safetensors cut in half
+    shutil.copytree(tmp / "teacher", tmp / "teacher-cut")
+    w = tmp / "teacher-cut" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    data = experiment(tmp, "cut")
+    data["teacher"] = {"model": str(tmp / "teacher-cut")}
+    r.case("teacher model.safetensors cut in half",
+           r.cli("train", str(r.config(data, "cut")), "--method", "response"),
+           names=f"{w} is cut short", expect_code=4)
+    # one 0xff byte in a .txt corpus
+    raw = ("\n".join(f"line {i} of an ordinary document" for i in range(50)) + "\n").encode()
+    pos = raw.index(b"line 30 ")
+    (tmp / "corpus.txt").write_bytes(raw[:pos] + b"\xff" + raw[pos + 1:])
+    data = experiment(tmp, "utf8")
+    data["data"].update(sources=[{"path": str(tmp / "corpus.txt")}],
+                        shards_dir=str(tmp / "utf8-shards"))
+    r.case("one 0xff byte in a .txt corpus (data build)",
+           r.cli("data", "build", str(r.config(data, "utf8"))),
+           names=f"byte 0xff at offset {pos:,} (line 31)", expect_code=3)
+    # eval of a path that does not exist
+    r.case("wattkd eval /abs/path/that/does/not/exist",
+           r.cli("eval", "/abs/path/that/does/not/exist", "--suite", "offline"),
+           names="no such folder /abs/path/that/does/not/exist", expect_code=4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                     "baseline", "--repeat", "-1")
         r.case("--repeat -1", res, names="--repeat -1", expect_code=2,
                extra=f"rep-1 left behind: {(tmp / 'neg' / 'baseline' / 'rep-1').exists()}")
+
+        issue26_cases(r, tmp)
 
         # checkpoint cases: a copy of the finished run, final/ removed so it resumes
         def run_copy(name: str, steps: int = 6) -> tuple[Path, Path]:

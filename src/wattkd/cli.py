@@ -7,13 +7,13 @@ Slurm commands start without loading them.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 from rich.logging import RichHandler
 
 from wattkd.cli_errors import ErrorReportingGroup, set_debug
@@ -22,6 +22,7 @@ from wattkd.energy.monitor import run_monitor
 from wattkd.energy.sources import check_options
 from wattkd.jobs import TrainResult, student_job, teacher_finetune_job, teacher_pretrain_job
 from wattkd.slurm import SlurmError, print_status, submit_pipeline
+from wattkd.yamlfile import load_yaml
 
 # Errors leaving any command are reported by ErrorReportingGroup (one `error:` line, exit codes
 # in wattkd.errors and the README).
@@ -61,7 +62,7 @@ def _load(path: Path, sets: list[str] | None = None):
         if "=" not in item:
             raise typer.BadParameter(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = load_yaml(value, f"--set {item!r}")
     try:
         cfg = load(path, overrides)
         check_options(cfg.telemetry)  # each energy source's own section, before any work
@@ -112,7 +113,30 @@ def monitor(output: Annotated[Path, typer.Option(help="telemetry JSONL to append
             duration: Annotated[float | None, typer.Option(help="stop after, s")] = None,
             ) -> None:
     """Sample GPU/CPU telemetry to JSONL until interrupted (SIGINT/SIGTERM)."""
+    for name, value in (("--interval", interval), ("--slow-interval", slow_interval),
+                        ("--duration", duration)):
+        if value is not None and value <= 0:
+            _fail(f"{name} {value:g}: expected a number of seconds > 0")
+    _check_appendable(output, "--output")
     run_monitor(output, interval, slow_interval, duration)
+
+
+def _check_appendable(path: Path, option: str) -> None:
+    """Open `path` for appending (its folder created) before any work: a file that cannot be
+    written (read-only disk, /proc, a path under a regular file, no permission) is an
+    `error:` with exit 6 now, not a run that writes nothing."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+            reason = f"{exc.filename} is a file, not a folder"
+        elif exc.filename and str(exc.filename) != str(path):
+            reason += f": {exc.filename}"
+        raise OSError(f"{option} {path} cannot be written ({reason}); give {option} a file "
+                      "in a folder you can write") from None
 
 
 # ----------------------------------------------------------------------------------- teacher

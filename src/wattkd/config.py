@@ -2,17 +2,20 @@
 
 `load(path)` reads a YAML file and returns an `ExperimentConfig`. Unknown keys and wrong types
 raise `ConfigError` naming the file, the dotted key and what was expected, before any
-expensive work starts.
+expensive work starts; a key given twice is refused with both lines (wattkd.yamlfile), and `~`
+is expanded in every path field at load (`PathStr`), so every stage sees the same path.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -25,12 +28,22 @@ from pydantic import (
 
 from wattkd.errors import ConfigError
 from wattkd.names import safe_name as _safe_name
+from wattkd.yamlfile import check_duplicate_keys, load_yaml
 
 
 class Strict(BaseModel):
     """Base for every section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _expand_home(value: str) -> str:
+    """`~` and `~user` at the start of a path mean a home folder, in every path field alike."""
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
+# A path field (or a field that is a path or a hub id): `~` is expanded once, at load.
+PathStr = Annotated[str, AfterValidator(_expand_home)]
 
 
 # Folders of the experiment's output directory that stages own: a method can't be named so.
@@ -48,7 +61,7 @@ def _reserved(value: str) -> str:
 class SourceConfig(Strict):
     """One input of the shard builder. `kind` is inferred from `path` when omitted."""
 
-    path: str = Field(description="hub id, local file or glob, or bundled corpus name")
+    path: PathStr = Field(description="hub id, local file or glob, or bundled corpus name")
     kind: Literal["auto", "hub", "json", "parquet", "text", "bundled"] = "auto"
     name: str | None = Field(default=None, description="label in the manifest; defaults to path")
     split: str = "train"
@@ -72,10 +85,10 @@ class SourceConfig(Strict):
 
 class DataConfig(Strict):
     sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="bundled")])
-    tokenizer: str = Field(default="bundled:bpe-4096",
+    tokenizer: PathStr = Field(default="bundled:bpe-4096",
                            description="HF tokenizer path or hub id, or bundled:bpe-<vocab>")
     seq_len: int = Field(default=256, ge=8)
-    shards_dir: str = Field(default="{output_dir}/shards",
+    shards_dir: PathStr = Field(default="{output_dir}/shards",
                             description="where train/ and heldout/ shard sets are written")
     total_tokens: int | None = Field(default=None, gt=0,
                                      description="token budget across sources (None: all input)")
@@ -131,7 +144,7 @@ class TeacherFinetuneConfig(Strict):
 
 
 class TeacherConfig(Strict):
-    model: str | None = Field(default=None, description="HF folder or hub id")
+    model: PathStr | None = Field(default=None, description="HF folder or hub id")
     build: dict[str, Any] | None = Field(default=None, description="HF config kwargs for a "
                                          "random-init model (needs `model_type`)")
     pretrain: TeacherPretrainConfig | None = None
@@ -162,7 +175,7 @@ class TeacherConfig(Strict):
 
 
 class StudentConfig(Strict):
-    model: str | None = Field(default=None, description="pretrained HF folder or hub id")
+    model: PathStr | None = Field(default=None, description="pretrained HF folder or hub id")
     build: dict[str, Any] | None = Field(default=None, description="HF config kwargs")
     from_teacher_layers: list[int] | None = Field(
         default=None, description="copy embeddings, these decoder layers, norm and head")
@@ -253,7 +266,7 @@ def _default_methods() -> list[MethodConfig]:
 class DistillConfig(Strict):
     methods: list[MethodConfig] = Field(default_factory=_default_methods)
     teacher_signals: Literal["online", "cache"] = "online"
-    cache_dir: str = "{output_dir}/teacher_cache"
+    cache_dir: PathStr = "{output_dir}/teacher_cache"
     cache_top_k: int = Field(default=64, gt=0)
     cache_hidden_layers: list[int] = Field(default_factory=list)
     cache_hidden_stride: int = Field(default=1, ge=1, description="cache hidden states at "
@@ -360,7 +373,7 @@ class TelemetryConfig(Strict):
 
 # --------------------------------------------------------------------------------------- eval
 class EptConfig(Strict):
-    prompts: str | None = Field(default=None, description="text file, one prompt a line; "
+    prompts: PathStr | None = Field(default=None, description="text file, one prompt a line; "
                                 "None: the bundled corpus")
     num_prompts: int = Field(default=64, gt=0)
     prompt_tokens: int = Field(default=128, gt=0)
@@ -400,7 +413,7 @@ class SuiteTaskConfig(Strict):
 
     task: str | None = Field(default=None, description="lm-eval task or group name: wattkd's "
                              "own, from eval.include_path, or lm-eval's registry (hub data)")
-    bigbench: str | None = Field(default=None, description="folder with a BIG-bench task.json "
+    bigbench: PathStr | None = Field(default=None, description="folder with a BIG-bench task.json "
                                  "(multiple choice or generative, detected)")
     name: str | None = Field(default=None, description="result name of a bigbench task "
                              "(default: the folder's name)")
@@ -450,7 +463,7 @@ class EvalConfig(Strict):
     train_suite: SuiteSpec | None = Field(
         default=None, description="suite run every train.eval_every steps beside held-out loss "
         "(keep it small: few tasks, small limit)")
-    include_path: list[str] = Field(default_factory=list, description="folders of lm-eval task "
+    include_path: list[PathStr] = Field(default_factory=list, description="folders of lm-eval task "
                                     "YAMLs that suite tasks may name")
 
     @field_validator("include_path", mode="before")
@@ -459,9 +472,9 @@ class EvalConfig(Strict):
         return [v] if isinstance(v, str) else v
     limit: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=8, gt=0)
-    mmlu_path: str | None = Field(default=None, description="JSONL of {subject, question, "
+    mmlu_path: PathStr | None = Field(default=None, description="JSONL of {subject, question, "
                                   "choices, answer}")
-    bigbench_dir: str | None = Field(default=None, description="folder of <task>/task.json")
+    bigbench_dir: PathStr | None = Field(default=None, description="folder of <task>/task.json")
     perplexity_tokens: int = Field(default=65536, gt=0)
     ept: EptConfig = Field(default_factory=EptConfig)
 
@@ -493,7 +506,7 @@ class SlurmConfig(Strict):
                                               description="per-stage overrides")
     signal_seconds: int = Field(default=300, gt=0, description="USR1 this long before the limit")
     requeue: bool = True
-    venv: str | None = Field(default=None, description="virtualenv activated in each job")
+    venv: PathStr | None = Field(default=None, description="virtualenv activated in each job")
     modules: list[str] = Field(default_factory=list, description="environment modules to load")
 
     @field_validator("modules")
@@ -508,7 +521,7 @@ class SlurmConfig(Strict):
 # --------------------------------------------------------------------------------- experiment
 class ExperimentConfig(Strict):
     name: str
-    output_dir: str = "runs/{name}"
+    output_dir: PathStr = "runs/{name}"
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig
     student: StudentConfig
@@ -626,6 +639,9 @@ def _check_suites(cfg: ExperimentConfig, source: str) -> None:
     """Suites are checked at load time: task names, task.json files, metrics (eval/custom.py)."""
     from wattkd.eval.custom import check_eval_config
 
+    for folder in cfg.eval.include_path:  # lm-eval reads them; a repeated key is refused here
+        for task_file in sorted(Path(folder).rglob("*.yaml")) if Path(folder).is_dir() else ():
+            check_duplicate_keys(task_file.read_text(), f"eval.include_path: {task_file}")
     problems = check_eval_config(cfg.eval)
     if problems:
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -658,10 +674,7 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Experimen
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {p} is not valid YAML: {exc}") from None
+    data = load_yaml(p.read_text(), f"config {p}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {p}: top level must be a mapping, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():

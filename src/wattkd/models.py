@@ -7,7 +7,9 @@ Everything is a plain Hugging Face `AutoModelForCausalLM`, so what wattkd trains
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from wattkd.config import LoraConfig, StudentConfig, TeacherConfig
-from wattkd.errors import ModelFault
+from wattkd.errors import ConfigError, ModelFault
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,34 @@ class ModelError(ModelFault, ValueError):
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
+    """train.device as a torch device; a device this machine does not have is refused (a
+    `cuda` that quietly became the CPU would train, and meter, the wrong hardware)."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"train.device: {spec!r} is not a device; expected auto, cpu, cuda "
+                          "or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"train.device is {spec!r} but there is no CUDA device here "
+                              f"({_no_cuda_reason()}); set train.device: auto (a GPU when "
+                              "there is one) or cpu, or run on a machine with a GPU")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"train.device is {spec!r} but this machine has {count} CUDA "
+                              f"device(s) (cuda:0..cuda:{count - 1})")
+    return device
+
+
+def _no_cuda_reason() -> str:
+    if torch.version.cuda is None:
+        return f"this torch {torch.__version__} is built without CUDA"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return f"torch {torch.__version__} sees none; CUDA_VISIBLE_DEVICES={visible!r}"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no GPU or driver"
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
@@ -69,6 +96,8 @@ def load_pretrained(path: str, *, dtype: torch.dtype, revision: str | None = Non
     p = Path(path)
     if p.exists() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
         raise ModelError(f"{p} is not a Hugging Face model folder (no config.json)")
+    if p.is_dir():
+        check_weight_files(p, str(p))
     if (p / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM  # lazy: slow import, LoRA only
 
@@ -289,17 +318,49 @@ def check_vocab(teacher: nn.Module | None, student: nn.Module, tokenizer_size: i
     return tokenizer_size
 
 
-def check_tokenizer_match(teacher_dir: str | None, tokenizer: Any) -> None:
-    """A teacher folder with its own tokenizer must agree with the data tokenizer."""
-    if teacher_dir is None or not (Path(teacher_dir) / "tokenizer.json").exists():
+def check_tokenizer_match(folder: str | None, tokenizer: Any, role: str = "teacher") -> None:
+    """A model folder (teacher or student) with its own tokenizer must map tokens to the same
+    ids as the data tokenizer: otherwise every id in the shards means another token to it."""
+    if folder is None or not (Path(folder).expanduser() / "tokenizer.json").exists():
         return
 
-    theirs = AutoTokenizer.from_pretrained(teacher_dir)
-    if theirs.get_vocab() != tokenizer.get_vocab():
-        raise ModelError(f"tokenizer mismatch: the teacher folder {teacher_dir} has a tokenizer of "
-                         f"{len(theirs)} tokens, the shards were built with one of "
-                         f"{len(tokenizer)} tokens that differs; rebuild shards with the "
-                         "teacher's tokenizer")
+    theirs = AutoTokenizer.from_pretrained(str(Path(folder).expanduser()))
+    mine, their_ids = tokenizer.get_vocab(), theirs.get_vocab()
+    if their_ids != mine:
+        differ = [t for t, i in their_ids.items() if mine.get(t) != i]
+        first = min(differ, key=their_ids.__getitem__, default=None)
+        example = "" if first is None else \
+            f" (e.g. {first!r} is id {their_ids[first]} there, {mine.get(first)} in the shards)"
+        raise ModelError(f"tokenizer mismatch: the {role} folder {folder} has a tokenizer of "
+                         f"{len(theirs)} tokens that maps tokens to other ids than the one "
+                         f"the shards were built with ({len(tokenizer)} tokens){example}; "
+                         f"rebuild the shards with the {role}'s tokenizer (data.tokenizer) or "
+                         f"use a {role} trained with that vocabulary")
+
+
+def check_weight_files(folder: Path, key: str) -> None:
+    """Every *.safetensors file in `folder` is as long as its header says: a copy or download
+    cut short is named here, not as a SafetensorError from deep inside the load."""
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n)) if 8 <= size and 0 < n <= size - 8 else None
+        except (OSError, ValueError, UnicodeDecodeError):
+            header = None
+        if not isinstance(header, dict):
+            raise ModelError(f"{key}: {f} is not a readable safetensors file (its header is "
+                             f"cut or damaged, {size:,} bytes); copy or download the model "
+                             "again")
+        ends = [int(v["data_offsets"][1]) for k, v in header.items()
+                if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+        expected = 8 + n + max(ends, default=0)
+        if size != expected:
+            state = "cut short" if size < expected else "longer than its header says"
+            raise ModelError(f"{key}: {f} is {state}: {size:,} bytes, its header describes "
+                             f"{expected:,}; the copy or download was interrupted or the file "
+                             "was altered: copy or download the model again")
 
 
 def parameter_count(model: nn.Module) -> dict[str, int]:

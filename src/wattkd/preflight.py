@@ -3,9 +3,10 @@ and manifests, checked before any model is loaded and before anything is written
 
 `check_stage_inputs(cfg, teacher_path, uses_teacher)` is the first check of every stage that
 reads the training shards (training, the teacher cache): shards present, built with
-data.tokenizer, a teacher trained here present.
+data.tokenizer, a teacher trained here present, and the teacher agrees with the shards (its
+folder's tokenizer maps the same ids, its positions cover seq_len).
 
-`check_training(job, vocab, resume)` is called once by `train()`: a mistake found here costs
+`check_training(job, shards, resume)` is called once by `train()`: a mistake found here costs
 seconds and leaves no folder behind (no `rep0/config.yaml`, no `rep-1/`), where the same
 mistake found after loading a 70B teacher costs minutes and a half-made run directory.
 
@@ -13,7 +14,10 @@ What it checks:
   * the repeat index (>= 0) and the method's micro-batch (relation losses need >= 2 / 3);
   * teacher and student sources: a local path that does not exist is named as such (not as a
     malformed hub id); a folder's config.json is readable and agrees with its weights
-    (vocab_size against the embedding rows in the safetensors header);
+    (vocab_size against the embedding rows in the safetensors header); no weight file is cut
+    short; a folder's own tokenizer maps tokens to the shards' ids;
+  * lengths: seq_len within both models' max_position_embeddings; train.max_tokens at least
+    one optimizer step;
   * layer counts: layer_map and from_teacher_layers against num_hidden_layers;
   * vocabularies: heads smaller than the tokenizer are refused; a teacher head larger than the
     tokenizer only when the extra rows are provably padding (`padding_evidence`);
@@ -27,6 +31,8 @@ import copy
 import errno
 import json
 import logging
+import math
+import os
 import re
 import shutil
 import uuid
@@ -41,7 +47,7 @@ from wattkd.config import ConfigError, ExperimentConfig
 from wattkd.data.manifest import ManifestError, read_manifest, verify_parts
 from wattkd.data.tokenizer import load_tokenizer, tokenizer_sha256
 from wattkd.distill.methods import get_method
-from wattkd.models import ModelError
+from wattkd.models import ModelError, check_tokenizer_match, check_weight_files
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +101,56 @@ def check_stage_inputs(cfg: ExperimentConfig, teacher_path: str | None,
         stage = "finetune" if cfg.teacher.finetuned else "pretrain"
         raise FileNotFoundError(f"teacher {teacher_path} not found: run `wattkd teacher "
                                 f"{stage}` first")
-    return ShardInputs(shards, manifest, tokenizer, tok_sha)
+    inputs = ShardInputs(shards, manifest, tokenizer, tok_sha)
+    if uses_teacher:
+        _check_teacher_fits_shards(cfg, teacher_path, inputs)
+    return inputs
+
+
+def _check_teacher_fits_shards(cfg: ExperimentConfig, teacher_path: str | None,
+                               shards: ShardInputs) -> None:
+    """The teacher reads the shards' ids as its own tokens, over seq_len positions."""
+    if teacher_path is not None:
+        key = "teacher.model" if cfg.teacher.model else "teacher (pretrained here)"
+        conf = model_config(teacher_path, key, cfg.teacher.revision,
+                            cfg.teacher.trust_remote_code)
+        check_tokenizer_match(teacher_path, shards.tokenizer, "teacher")
+    else:
+        key = "teacher.build"
+        conf = _build_config(cfg.teacher.build or {}, len(shards.tokenizer), key)
+    check_positions(conf, shards.seq_len, key)
+
+
+def check_positions(conf: Any | None, seq_len: int, key: str) -> None:
+    """A model whose position table is shorter than the shards' rows cannot read them (or, with
+    RoPE, reads positions it was never trained on)."""
+    limit = getattr(conf, "max_position_embeddings", None) if conf is not None else None
+    if limit is not None and seq_len > int(limit):
+        raise ModelError(f"{key}: the shards' rows are {seq_len} tokens (data.seq_len) but the "
+                         f"model takes at most {int(limit)} positions (max_position_embeddings "
+                         f"in its config); rebuild the shards with data.seq_len <= {int(limit)} "
+                         "(`wattkd data build --overwrite`) or use a model with longer context")
+
+
+def check_token_budget(job: Any, seq_len: int) -> None:
+    """train.max_tokens counts whole optimizer steps: a budget below one step is refused (it
+    would train a full step anyway), and the tokens a budget really trains are logged."""
+    tc = job.train
+    if tc.max_tokens is None:
+        return
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    step = tc.micro_batch_size * tc.grad_accum * seq_len * world
+    key = "teacher.finetune.max_tokens" if job.role == "teacher_finetune" else "train.max_tokens"
+    parts = (f"micro_batch_size {tc.micro_batch_size} x grad_accum {tc.grad_accum} x seq_len "
+             f"{seq_len}" + (f" x {world} processes" if world > 1 else ""))
+    if tc.max_tokens < step:
+        raise ConfigError(f"{key} {tc.max_tokens:,} is less than one optimizer step, which "
+                          f"trains {step:,} tokens ({parts}); set {key} >= {step:,}, or make "
+                          "the step smaller")
+    steps = math.ceil(tc.max_tokens / step)
+    if steps * step != tc.max_tokens:
+        log.info("%s %s: training stops after whole steps, %d steps = %s tokens (%s per "
+                 "step)", key, f"{tc.max_tokens:,}", steps, f"{steps * step:,}", f"{step:,}")
 
 
 # ------------------------------------------------------------------------------- sources
@@ -140,6 +195,7 @@ def model_config(source: str, key: str, revision: str | None = None,
         log.debug("%s: config of %s not resolvable here (%s)", key, source, exc)
         return None
     if folder is not None:
+        check_weight_files(folder, key)
         _check_weights_match(folder, conf, key)
     return conf.get_text_config() if hasattr(conf, "get_text_config") else conf
 
@@ -329,13 +385,16 @@ human_bytes = _human
 
 
 # ------------------------------------------------------------------------------------ entry
-def check_training(job: Any, tokenizer_size: int, resume: str = "auto") -> None:
-    """All pre-flight checks of one training run (see the module docstring)."""
+def check_training(job: Any, shards: ShardInputs, resume: str = "auto") -> None:
+    """All pre-flight checks of one training run (see the module docstring); the teacher's
+    agreement with the shards was checked by `check_stage_inputs`."""
     cfg = job.cfg
+    tokenizer_size = len(shards.tokenizer)
     if job.repeat < 0:
         raise ConfigError(f"--repeat {job.repeat}: the repeat index must be >= 0 (seed = "
                           "train.seed + repeat; train.repeats says how many a study runs)")
     check_batch(job)
+    check_token_budget(job, shards.seq_len)
     needs_teacher = job.method.needs_teacher
     uses_teacher = needs_teacher or job.student.from_teacher_layers is not None
     t_source = job.teacher_path or cfg.teacher.model
@@ -354,6 +413,11 @@ def check_training(job: Any, tokenizer_size: int, resume: str = "auto") -> None:
             and int(student_conf.vocab_size) < tokenizer_size:
         raise ModelError(f"student has vocab_size {student_conf.vocab_size} but the shards' "
                          f"tokenizer has {tokenizer_size} tokens")
+    student_key = "teacher.model" if job.role == "teacher_finetune" else "student.model"
+    check_positions(student_conf, shards.seq_len, student_key if job.student.model
+                    else "student.build" if job.student.build else "student")
+    if job.student.model is not None and check_source(job.student.model, student_key):
+        check_tokenizer_match(job.student.model, shards.tokenizer, student_key.split(".")[0])
     check_layers(job, teacher_conf, student_conf)
     run_dir = Path(job.run_dir)
     check_writable(run_dir, f"run folder {run_dir}")

@@ -49,7 +49,6 @@ from wattkd.hashing import file_sha256
 from wattkd.jobs import TrainJob, TrainResult, budget_reached, finished_run
 from wattkd.models import (
     build_student,
-    check_tokenizer_match,
     check_vocab,
     frozen_linear_dtype,
     load_teacher,
@@ -188,7 +187,7 @@ def check_inputs(job: TrainJob, resume: str) -> Inputs:
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
     # eval.train_suite: resolved and its tasks loaded now, before any model is built
     task_eval = task_evaluator(cfg.eval, eval_every=tc.eval_every, strategy=tc.strategy)
-    check_training(job, len(tokenizer), resume)  # configs, layers, vocab, disk: nothing loaded
+    check_training(job, probe, resume)  # configs, layers, vocab, lengths, disk: nothing loaded
     return Inputs(shards, tokenizer, probe.seq_len, needs_teacher, uses_teacher, device,
                   task_eval, cache_manifest)
 
@@ -272,14 +271,12 @@ def build_models(job: TrainJob, inputs: Inputs, device: torch.device,
     cfg, tc, tokenizer = job.cfg, job.train, inputs.tokenizer
     teacher = None
     init_from_teacher = job.student.from_teacher_layers is not None
-    if inputs.needs_teacher or init_from_teacher:
-        check_tokenizer_match(job.teacher_path, tokenizer)
-        if cfg.distill.teacher_signals == "online" or init_from_teacher:
-            # A teacher to be sharded is loaded on the CPU; sharding moves its parts over.
-            teacher = load_teacher(cfg.teacher, device=torch.device("cpu") if shard_teacher
-                                   else device, vocab_size=len(tokenizer),
-                                   seed=cfg.train.seed, path_override=job.teacher_path,
-                                   compute_device=device)
+    if init_from_teacher or (inputs.needs_teacher and cfg.distill.teacher_signals == "online"):
+        # A teacher to be sharded is loaded on the CPU; sharding moves its parts over.
+        teacher = load_teacher(cfg.teacher, device=torch.device("cpu") if shard_teacher
+                               else device, vocab_size=len(tokenizer),
+                               seed=cfg.train.seed, path_override=job.teacher_path,
+                               compute_device=device)
     student = build_student(job.student, teacher=teacher, vocab_size=len(tokenizer),
                             seed=job.seed, frozen_dtype=frozen_dtype)
     dims = (teacher_dims(cfg.teacher, job.teacher_path, teacher) if inputs.needs_teacher

@@ -29,6 +29,8 @@ Records whose field is null or empty are skipped (and counted); a missing field 
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import glob as globlib
 import gzip
 import io
@@ -170,16 +172,56 @@ def resolve_files(src: SourceConfig, kind: str) -> list[str]:
     return files
 
 
+def _open_binary(path: str) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")  # type: ignore[return-value]
+
+
 def _open_text(path: str) -> io.TextIOBase:
-    if path.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _utf8(path: str, name: str) -> Iterator[None]:
+    """Reading `path` as UTF-8: a byte that is not UTF-8 becomes a SourceError naming the
+    file, the byte, its offset and line (Python's own error names neither file nor line)."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        offset, line, byte = _first_bad_byte(path)
+        raise SourceError(f"source {name!r}: {path} is not UTF-8 text: byte 0x{byte:02x} at "
+                          f"offset {offset:,} (line {line}) cannot be decoded; convert the "
+                          "file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or remove the "
+                          "byte") from None
+
+
+def _first_bad_byte(path: str) -> tuple[int, int, int]:
+    """(byte offset, 1-based line, byte value) of the first invalid UTF-8 byte (of the
+    decompressed stream for .gz files)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with _open_binary(path) as fh:
+        while chunk := fh.read(1 << 20):
+            pending = decoder.getstate()[0]  # an unfinished character from the last chunk
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                data = pending + chunk
+                return (offset - len(pending) + exc.start,
+                        line + data.count(b"\n", 0, exc.start), data[exc.start])
+            offset += len(chunk)
+            line += chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:  # the file ends inside a character
+            tail = exc.object
+            return offset - len(tail) + exc.start, line, tail[exc.start]
+    return offset, line, 0
 
 
 # ----------------------------------------------------------------------------- records
 def _json_records(files: list[str], name: str) -> Iterator[tuple[str, dict[str, Any]]]:
     for f in files:
-        with _open_text(f) as fh:
+        with _utf8(f, name), _open_text(f) as fh:
             head = fh.read(1 << 12).lstrip()
             fh.seek(0)
             if f.lower().removesuffix(".gz").endswith(".json") and head.startswith("["):
@@ -250,9 +292,9 @@ def _hub_records(src: SourceConfig, name: str) -> Iterator[tuple[str, dict[str, 
         yield f"{src.path} [{src.split}] record {i}", rec
 
 
-def _text_documents(files: list[str]) -> Iterator[str]:
+def _text_documents(files: list[str], name: str) -> Iterator[str]:
     for f in files:
-        with _open_text(f) as fh:
+        with _utf8(f, name), _open_text(f) as fh:
             block: list[str] = []
             for line in fh:
                 if line.strip():
@@ -323,7 +365,7 @@ def iter_documents(src: SourceConfig, tokenizer: Any = None) -> Iterator[Documen
         if instruct:
             raise SourceError(f"source {name!r}: text files hold plain documents; "
                               "prompt_field/response_field need json, parquet or hub data")
-        yield from _text_documents(resolve_files(src, kind))
+        yield from _text_documents(resolve_files(src, kind), name)
         return
     fields = [src.prompt_field, src.response_field] if instruct else [src.text_field]
     records: Iterable[tuple[str, dict[str, Any]]]

@@ -19,6 +19,7 @@ from wattkd.eval.ept import run_ept
 from wattkd.eval.harness import run_eval
 from wattkd.eval.perplexity import run_perplexity
 from wattkd.jobs import teacher_path
+from wattkd.preflight import check_source
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def resolve_target(target: str, cfg: ExperimentConfig | None) -> tuple[str, Path
     if p.exists():
         raise TargetError(f"{p} is neither an HF model folder (config.json) nor a run directory "
                           "with final/")
+    check_source(target, "model")  # a path that does not exist is named so, not as a hub id
     return target, None  # a hub id
 
 
