@@ -19,6 +19,7 @@ from wattkd.cli import app
 from wattkd.config import validate
 from wattkd.data.manifest import ManifestError, read_manifest
 from wattkd.jobs import student_job
+from wattkd.report.collect import load_run
 from wattkd.runlock import LOCK_FILE, RunFolderBusy, RunLock
 from wattkd.sealed import SEAL_KEY, SealError, check_seal, seal
 from wattkd.teacher_cache.manifest import CacheError, read_cache_manifest
@@ -210,6 +211,9 @@ def test_resume_with_a_changed_config_is_refused_before_anything_is_written(
     last = info["config_changes"][-1]
     assert last["step"] == 6 and last["changes"]["train.lr"] == [0.003, 0.001]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lr"] == 0.001
+    notes = load_run(run_dir).read_notes          # the report's "Read first" names it
+    assert any("config changed at step 6" in n and "train.lr: 0.003 -> 0.001" in n
+               for n in notes)
 
 
 def test_architecture_change_and_another_methods_checkpoint_are_one_error_line(

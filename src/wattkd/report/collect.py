@@ -183,6 +183,9 @@ def load_run(path: Path, label: str | None = None) -> RunData:
     else:
         gaps["run.json"] = "run.json missing"
     run = RunData(path, label or path.name, info, gaps=gaps)
+    for change in info.get("config_changes") or []:   # accepted with --allow-config-change
+        keys = "; ".join(f"{k}: {v[0]} -> {v[1]}" for k, v in (change.get("changes") or {}).items())
+        run.read_notes.append(f"config changed at step {change.get('step')} ({keys})")
 
     ph = path / "phases.jsonl"
     if ph.is_file():
