@@ -12,6 +12,8 @@ one, so the true energy of any interval is known. Spec keys:
   kill       {"where": "ledger-append" | "checkpoint-write" | "cache-encode", "n": N}: SIGKILL
              this process inside the N-th such call (a ledger append is cut mid-line first)
   disk_full  {"ledger": [a, b]}: ledger appends a..b fail with ENOSPC (a full disk)
+  hold       {"n": N, "until": PATH}: the N-th checkpoint file write waits until PATH exists
+             (a run kept alive while a second process tries the same folder)
 """
 
 from __future__ import annotations
@@ -108,6 +110,19 @@ def install(spec: dict[str, Any]) -> Callable[[], None]:
             real_save(obj, f, *a, **k)
 
         ckpt.torch.save = save
+    hold = spec.get("hold")
+    if hold:
+        held_save = ckpt.torch.save
+        writes = [0]
+
+        def save_held(obj: object, f: object, *a: object, **k: object) -> None:
+            writes[0] += 1
+            if writes[0] == int(hold["n"]):
+                while not Path(hold["until"]).exists():
+                    time.sleep(0.02)
+            held_save(obj, f, *a, **k)
+
+        ckpt.torch.save = save_held
     if where == "cache-encode":
         orig = writer._encode
         encodes = [0]

@@ -11,7 +11,7 @@ import torch
 
 from wattkd.config import DataConfig, SourceConfig
 from wattkd.data.loader import ShardDataset, epoch_permutation
-from wattkd.data.manifest import ManifestError
+from wattkd.data.manifest import ManifestError, read_manifest
 from wattkd.data.shards import build_shards
 
 
@@ -146,7 +146,7 @@ def test_corrupt_part_is_refused_naming_the_file(copy):
 
 
 def test_unknown_manifest_version_and_format_are_refused(copy, tmp_path):
-    m = json.loads((copy / "manifest.json").read_text())
+    m = read_manifest(copy)   # without its seal: an edited manifest is checked as an old one
     (copy / "manifest.json").write_text(json.dumps({**m, "version": 2}))
     with pytest.raises(ManifestError, match="shard format version 2 is not supported.*reads "
                                             "version 1"):

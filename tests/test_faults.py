@@ -282,3 +282,76 @@ def test_killed_teacher_cache_build_energy_includes_the_killed_session(
         with open(os.environ["FAULT_LOG"], "a") as fh:
             fh.write(json.dumps({"case": "cache", "e_run_j": fig.value, "unc_j": fig.uncertainty,
                                  "truth_j": [lo, hi], "sessions": 2, "recovered": 1}) + "\n")
+
+
+def spawn(ws: dict[str, Any], config: Path, spec: dict[str, Any]) -> subprocess.Popen[str]:
+    """A real `wattkd train` of `config` in a fresh process (simulated GPU), not waited for."""
+    spec = {"epoch": EPOCH, "watts": WATTS,
+            "cmd": ["train", str(config), "--method", "baseline", "--resume", "auto"], **spec}
+    return subprocess.Popen([sys.executable, str(RUNNER), json.dumps(spec)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_second_train_process_on_the_same_folder_is_refused(ws: dict[str, Any]) -> None:
+    """Two real `wattkd train` on one run folder (issue 26): the second stops with one
+    `error:` line naming the first one's pid, writes nothing; the first finishes with the
+    undisturbed run's losses, every step logged once, its energy counted once."""
+    run_dir = case_dir(ws, "twoproc")
+    release = ws["root"] / "twoproc-go"
+    first = spawn(ws, ws["root"] / "twoproc.yaml", {"hold": {"n": 5, "until": str(release)}})
+    lock, ckpts = run_dir / ".wattkd.lock", run_dir / "checkpoints"
+    deadline = time.monotonic() + 120   # held inside its second checkpoint (step 10)
+    while time.monotonic() < deadline and first.poll() is None and not (
+            any(ckpts.glob(".step_0000010.tmp-*")) and f'"pid": {first.pid}' in lock.read_text()):
+        time.sleep(0.02)
+    assert first.poll() is None, first.communicate()[1][-3000:]
+    records = ("config.yaml", "run.json", "metrics.jsonl")
+    before = [(run_dir / n).read_bytes() for n in records]
+    second = spawn(ws, ws["root"] / "twoproc.yaml", {})
+    _, err = second.communicate(timeout=300)
+    assert [(run_dir / n).read_bytes() for n in records] == before   # the second wrote nothing
+    release.touch()
+    _, err_first = first.communicate(timeout=300)
+    ended = time.time()
+    assert first.returncode == 0, err_first[-3000:]
+    assert second.returncode == 2, err[-3000:]
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert f"pid {first.pid} on host" in " ".join(err.split())
+    assert losses(run_dir) == ws["losses"]
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))                # each step once
+    check_energy(run_dir, [ended], sessions=1)
+    log_case("twoproc", {"processes": 2, "refused": 1, "steps_logged": len(steps)})
+
+
+def test_resume_with_a_changed_config_is_refused_then_resumes_exactly(
+        ws: dict[str, Any]) -> None:
+    """SIGKILL inside a checkpoint write; a resume with another lr is refused (exit 2, the key
+    named, config.yaml and run.json untouched); the resume with the run's own config then
+    reproduces the undisturbed losses, both sessions' energy counted."""
+    run_dir = case_dir(ws, "cfgchange")
+    rc, killed = session(ws, "cfgchange", {"kill": {"where": "checkpoint-write", "n": 9}})
+    assert rc == -9
+    changed = experiment(ws["root"], "cfgchange")
+    changed["train"]["lr"] = 1e-3
+    other = ws["root"] / "cfgchange-lr.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    config_before = (run_dir / "config.yaml").read_text()
+    run_before = (run_dir / "run.json").read_text()
+    refused = spawn(ws, other, {})
+    _, err = refused.communicate(timeout=300)
+    assert refused.returncode == 2, err[-3000:]
+    assert "train.lr: 0.003 -> 0.001" in " ".join(err.split()) and "Traceback" not in err
+    assert (run_dir / "config.yaml").read_text() == config_before
+    assert (run_dir / "run.json").read_text() == run_before
+    rc, ended = in_process(ws, "cfgchange", {})
+    assert rc == 0
+    assert losses(run_dir) == ws["losses"]
+    check_energy(run_dir, [killed, ended], sessions=2)
+    log_case("cfgchange", {"refused_rc": refused.returncode, "resumed_losses_equal": True})
+
+
+def log_case(case: str, figures: dict[str, Any]) -> None:
+    if os.environ.get("FAULT_LOG"):
+        with open(os.environ["FAULT_LOG"], "a") as fh:
+            fh.write(json.dumps({"case": case, **figures}) + "\n")

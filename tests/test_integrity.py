@@ -28,7 +28,7 @@ from wattkd.checkpoint import CheckpointError
 from wattkd.cli import app
 from wattkd.config import ConfigError, validate
 from wattkd.data.loader import ShardDataset
-from wattkd.data.manifest import ManifestError, read_manifest
+from wattkd.data.manifest import ManifestError, read_manifest, write_manifest
 from wattkd.errors import describe_os_error
 from wattkd.hashing import file_sha256
 from wattkd.jobs import student_job
@@ -228,9 +228,9 @@ def test_out_of_range_token_id_names_file_and_row(ws: dict) -> None:
     ids[5][7] = 5000
     pq.write_table(table.set_column(0, "input_ids", pa.array(ids, table.schema.field(0).type)),
                    path)
-    m = json.loads((shards / "manifest.json").read_text())
+    m = read_manifest(shards)
     m["parts"][1].update(bytes=path.stat().st_size, sha256=file_sha256(path))
-    (shards / "manifest.json").write_text(json.dumps(m, indent=2))
+    write_manifest(shards, m)   # re-recorded and resealed: only the token range can catch it
     with pytest.raises(ManifestError, match=r"part-00001\.parquet: row 5 \(global row 37\), "
                                             r"position 7 holds token id 5000, outside the "
                                             r"tokenizer's vocabulary of 4096"):

@@ -25,6 +25,7 @@ from torch import nn
 from wattkd.atomic import atomic_dir
 from wattkd.errors import CheckpointFault
 from wattkd.hashing import file_sha256
+from wattkd.sealed import SealError, check_seal, seal
 from wattkd.sharding import load_full_states
 
 log = logging.getLogger(__name__)
@@ -99,13 +100,14 @@ def save(run_dir: Path, step: int, *, module: nn.Module, optimizer: torch.optim.
             torch.save(optim_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng_by_rank or [rng_state()], tmp / "rng.pt")
-            # state.json is written last and lists every file's size and sha256: a resume
-            # verifies them and skips a checkpoint whose bytes changed.
+            # state.json is written last and lists every file's size and sha256, and is sealed
+            # with the sha256 of its own content: a resume verifies all of it and skips a
+            # checkpoint whose bytes changed (a flipped "step" included).
             files = {name: {"bytes": (tmp / name).stat().st_size,
                             "sha256": file_sha256(tmp / name)} for name in CHECKPOINT_FILES}
             meta = {"format": "wattkd-checkpoint", "version": FORMAT_VERSION, "step": step,
                     "full_weights": full_weights, **progress, "files": files}
-            (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+            (tmp / "state.json").write_text(json.dumps(seal(meta), indent=2))
     except (OSError, RuntimeError) as exc:
         raise _write_error(exc, final) from exc
     prune(run_dir, keep_last)
@@ -150,6 +152,14 @@ def verify(path: Path) -> dict[str, Any]:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{path}: checkpoint format {got} is not wattkd-checkpoint v"
                               f"{FORMAT_VERSION}; {hint}")
+    try:  # unsealed: written before seals existed, trusted as before (its files still checked)
+        check_seal(meta)
+    except SealError as exc:
+        raise CheckpointError(f"{state_file}: {exc}; {hint}") from None
+    if not isinstance(meta.get("step"), int) or STEP_DIR.match(path.name) and \
+            int(STEP_DIR.match(path.name).group(1)) != meta["step"]:
+        raise CheckpointError(f"{state_file}: step {meta.get('step')!r} does not match the "
+                              f"folder name {path.name}; {hint}")
     listed = meta.get("files")
     for name in CHECKPOINT_FILES:
         f = path / name
@@ -178,6 +188,21 @@ def _torch_load(path: Path, name: str) -> Any:
                               f"{str(exc).splitlines()[0][:200] if str(exc) else 'empty'}); "
                               f"the checkpoint is corrupt: delete {path} to resume from the "
                               "one before it") from None
+
+
+def _fit(path: Path, load_into: Any) -> Any:
+    """Load a checkpoint's state into this run's model or optimizer; a state of another shape
+    (torch: `RuntimeError: size mismatch`, the optimizer's `ValueError` about parameter groups)
+    is a CheckpointError saying the checkpoint belongs to another setup."""
+    try:
+        return load_into()
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])[:300]
+        raise CheckpointError(f"{path} does not fit this run's model or optimizer ({detail}): "
+                              "it was written by another method, architecture or set of "
+                              "trainable parameters; resume it with the config that wrote it, "
+                              "or start over with --resume never") from None
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
@@ -234,11 +259,11 @@ def load(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, sch
     weights = _torch_load(path, "model.pt") if read else {}
     optim = _torch_load(path, "optimizer.pt") if read else {}
     if sharded:
-        missing, unexpected = load_full_states(module, optimizer, weights, optim,
-                                               full=bool(meta.get("full_weights")))
+        missing, unexpected = _fit(path, lambda: load_full_states(
+            module, optimizer, weights, optim, full=bool(meta.get("full_weights"))))
     else:
-        missing, unexpected = module.load_state_dict(weights, strict=False)
-        optimizer.load_state_dict(optim)
+        missing, unexpected = _fit(path, lambda: module.load_state_dict(weights, strict=False))
+        _fit(path, lambda: optimizer.load_state_dict(optim))
     if unexpected or (meta.get("full_weights") and missing):
         raise CheckpointError(f"{path}: checkpoint does not fit this model (missing "
                               f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}); was the "

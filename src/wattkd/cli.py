@@ -197,6 +197,9 @@ def train_cmd(config: ConfigArg,
               method: Annotated[str, typer.Option(help="method name from distill.methods")],
               repeat: Annotated[int, typer.Option(help="repeat index (seed = train.seed + k)")] = 0,
               resume: Annotated[str, typer.Option(help="auto | never | checkpoint DIR")] = "auto",
+              allow_config_change: Annotated[bool, typer.Option(
+                  "--allow-config-change", help="resume although the config changed in a key "
+                  "that changes the result (recorded in run.json)")] = False,
               set_: SetOpt = None) -> None:
     """Train one student with a KD method (or the no-KD baseline)."""
     from wattkd.train import train  # torch
@@ -207,7 +210,7 @@ def train_cmd(config: ConfigArg,
         job = student_job(cfg, method, repeat)
     except ConfigError as exc:
         _fail(str(exc))
-    _finish_train(train(job, resume=resume))
+    _finish_train(train(job, resume=resume, allow_config_change=allow_config_change))
 
 
 def _finish_train(result: TrainResult) -> None:

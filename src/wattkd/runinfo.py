@@ -93,6 +93,20 @@ def effective_status(info: dict[str, Any]) -> str:
     return status
 
 
+HISTORY_KEYS = ("config_changes", "lock_takeovers")
+
+
+def run_history(run_dir: Path) -> dict[str, list[Any]]:
+    """The run's recorded history lists (config changes accepted at a resume, with their step;
+    locks taken over from dead processes), to be appended to and written back."""
+    try:
+        data = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    return {k: list(data.get(k) or []) for k in HISTORY_KEYS}
+
+
 def write_run_json(run_dir: Path, **fields: Any) -> dict[str, Any]:
     """Create or update run.json; identity fields are refreshed at every (re)start. A start
     that finds the file still "running" from a process that is gone records that crash."""

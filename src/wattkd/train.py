@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,8 @@ from wattkd.models import (
 )
 from wattkd.preflight import check_stage_inputs, check_training
 from wattkd.progress import progress_bar
-from wattkd.runinfo import write_run_json
+from wattkd.runinfo import run_history, write_run_json
+from wattkd.runlock import RunFolderBusy, RunLock
 from wattkd.teacher_cache import CachedTeacher, check_cache
 from wattkd.training.batches import batches
 from wattkd.training.final import save_final
@@ -73,24 +74,28 @@ from wattkd.training.ranks import (
     peak_memory_gb,
     rng_by_rank,
 )
+from wattkd.training.resume import ResumePlan, archive_previous, plan_resume
 
 log = logging.getLogger(__name__)
 
 
-def train(job: TrainJob, *, resume: str = "auto", progress: bool = True) -> TrainResult:
+def train(job: TrainJob, *, resume: str = "auto", progress: bool = True,
+          allow_config_change: bool = False) -> TrainResult:
     """Train one student (or the demo teacher) and write its run directory."""
     inputs = check_inputs(job, resume)                       # 1. nothing expensive yet
     bf16 = use_bf16(job.train, inputs.device)
     frozen_dtype = student_frozen_dtype(job.student, bf16)   # refuses bf16 storage without bf16
     accelerator = make_accelerator(job.method, bf16, inputs.device)
-    done = already_trained(job, resume, accelerator)
-    if done is not None:
-        return done
-    run = setup(job, inputs, accelerator, bf16, frozen_dtype)  # 2. models, objective, optimizer
-    pos = resume_position(run, resume)                       # 3. exact resume
-    record_start(run, pos)
-    status = run_loop(run, pos, progress)                    # 4. the loop
-    return finish(run, pos, status)                          # 5. final/ and run.json
+    with lock_run_folder(job, accelerator) as lock:          # one writer per run folder
+        done = already_trained(job, resume, accelerator)
+        if done is not None:
+            return done
+        plan = plan_resume(job, resume, allow_config_change)  # a changed config: refused here
+        run = setup(job, inputs, accelerator, bf16, frozen_dtype)  # 2. models, optimizer
+        pos = resume_position(run, plan)                     # 3. exact resume
+        record_start(run, pos, plan, lock)                   # the first write to the folder
+        status = run_loop(run, pos, progress)                # 4. the loop
+        return finish(run, pos, status)                      # 5. final/ and run.json
 
 
 # ------------------------------------------------------------------------ what setup builds
@@ -209,6 +214,26 @@ def make_accelerator(method: MethodConfig, bf16: bool, device: torch.device) -> 
                        cpu=device.type == "cpu", kwargs_handlers=[ddp_kwargs])
 
 
+@contextmanager
+def lock_run_folder(job: TrainJob, accelerator: Accelerator) -> Iterator[RunLock | None]:
+    """Rank 0 holds the run folder's lock for the whole run (the other ranks of the run do not
+    lock); when it cannot, every rank stops with its error."""
+    lock = RunLock(job.run_dir, job.role if job.role != "student" else "train")
+    busy: RunFolderBusy | None = None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except RunFolderBusy as exc:
+            busy = exc
+    if any_rank(accelerator, busy is not None):
+        raise busy or RunFolderBusy(f"{job.run_dir}: rank 0 could not lock the run folder "
+                                    "(its error names the holder)")
+    try:
+        yield lock if accelerator.is_main_process else None
+    finally:
+        lock.release()
+
+
 def already_trained(job: TrainJob, resume: str, accelerator: Accelerator) -> TrainResult | None:
     """The result of a finished run that this config asks nothing more of, else None."""
     run_dir = job.run_dir
@@ -231,13 +256,11 @@ def already_trained(job: TrainJob, resume: str, accelerator: Accelerator) -> Tra
 def setup(job: TrainJob, inputs: Inputs, accelerator: Accelerator, bf16: bool,
           frozen_dtype: torch.dtype) -> Run:
     """Run folder, models, objective (sharded under FSDP), teacher signals, optimizer."""
-    cfg, tc, run_dir = job.cfg, job.train, job.run_dir
+    tc, run_dir = job.train, job.run_dir
     fsdp = tc.strategy == "fsdp" and accelerator.num_processes > 1
     shard_teacher = fsdp and tc.fsdp.shard_teacher
     torch.manual_seed(job.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        (run_dir / "config.yaml").write_text(dump(cfg))
     teacher, student, dims, vocab = build_models(job, inputs, accelerator.device,
                                                  frozen_dtype, shard_teacher)
     objective = build_objective(job, student, dims, vocab)
@@ -342,11 +365,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_s
 
 
 # -------------------------------------------------------------------------------- 3. resume
-def resume_position(run: Run, resume: str) -> Position:
-    """Restore model, optimizer, scheduler, RNG and data position from the newest valid
-    checkpoint (`auto`), a given one, or none (`never`)."""
-    ckpt = (checkpoint.latest(run.job.run_dir) if resume == "auto"
-            else None if resume == "never" else Path(resume))
+def resume_position(run: Run, plan: ResumePlan) -> Position:
+    """Restore model, optimizer, scheduler, RNG and data position from the checkpoint the plan
+    chose (the newest valid one for `auto`, a given one, or none)."""
+    ckpt = plan.checkpoint
     if ckpt is None:
         return Position()
     meta = checkpoint.load(ckpt, module=run.core, optimizer=run.optimizer,
@@ -361,11 +383,22 @@ def resume_position(run: Run, resume: str) -> Position:
     return pos
 
 
-def record_start(run: Run, pos: Position) -> None:
-    """run.json says "running", with what runs (an error reaching the CLI marks it failed)."""
+def record_start(run: Run, pos: Position, plan: ResumePlan, lock: RunLock | None) -> None:
+    """The first write to the run folder, after every check: an earlier run's records archived
+    (a fresh start over them), config.yaml, and run.json "running" with what runs, the config
+    changes this resume accepted and a lock taken over from a dead process (an error reaching
+    the CLI marks it failed)."""
     if not run.accelerator.is_main_process:
         return
     job, cfg, method, inputs = run.job, run.cfg, run.method, run.inputs
+    if plan.archive and pos.checkpoint is None:
+        archive_previous(job.run_dir)
+    (job.run_dir / "config.yaml").write_text(dump(cfg))
+    history = run_history(job.run_dir)
+    if plan.changes:
+        history["config_changes"].append({"step": plan.step, "changes": plan.changes})
+    if lock is not None and lock.taken_over:
+        history["lock_takeovers"].append(lock.taken_over)
     write_run_json(job.run_dir, status="running", method=method.name, mode=method.mode,
                    repeat=job.repeat, seed=job.seed, teacher=job.teacher_path or
                    cfg.teacher.model, teacher_signals=cfg.distill.teacher_signals
@@ -377,7 +410,7 @@ def record_start(run: Run, pos: Position) -> None:
                    resumed_from=str(pos.checkpoint) if pos.checkpoint else None,
                    teacher_cache=run.cache_use, role=job.role,
                    seeds={"data_order": job.seed, "init": job.seed},
-                   teacher_finetune=_finetune_use(job, inputs.uses_teacher))
+                   teacher_finetune=_finetune_use(job, inputs.uses_teacher), **history)
     note_run_dir(job.run_dir)
 
 

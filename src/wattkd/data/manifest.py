@@ -20,19 +20,23 @@ manifest.json (keys in this order; no timestamps, so the same build gives the sa
     rows            number of rows
     dropped_tokens  tail shorter than seq_len left out at the end of the stream
     parts           [{file, rows, bytes, sha256}]
+    content_sha256  "sha256:<hex>" of the other keys (wattkd.sealed), last; manifests written
+                    before it existed are read as before (validated, not sealed)
+
+Reading and writing go through the base shared with the teacher-cache manifest
+(wattkd.manifest_file): a damaged manifest.json is a ManifestError naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from wattkd.atomic import atomic_write_json
 from wattkd.errors import DataError
 from wattkd.hashing import file_sha256
+from wattkd.manifest_file import MANIFEST, ManifestFile, part_name
 
 __all__ = [
     "FORMAT",
@@ -49,7 +53,6 @@ __all__ = [
 
 FORMAT = "wattkd-shards"
 VERSION = 1
-MANIFEST = "manifest.json"
 PART_RE = re.compile(r"^part-\d{5,}\.parquet$")
 REQUIRED: dict[str, type | tuple[type, ...]] = {
     "format": str, "version": int, "tokenizer": dict, "seq_len": int, "seed": int,
@@ -61,33 +64,20 @@ class ManifestError(DataError, ValueError):
     """A shard set that is missing, of an unknown version, or does not match its manifest."""
 
 
-def part_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
-
-
 def manifest_sha256(shard_dir: str | Path) -> str:
     """Hash of a shard set's manifest.json bytes: what a teacher cache records to stay aligned."""
-    return file_sha256(Path(shard_dir) / MANIFEST)
+    return _FILE.sha256(shard_dir)
 
 
 def write_manifest(shard_dir: str | Path, manifest: dict[str, Any]) -> Path:
-    """Write manifest.json atomically (fixed key order, 2-space indent)."""
-    _validate(manifest, Path(shard_dir) / MANIFEST)
-    return atomic_write_json(Path(shard_dir) / MANIFEST, manifest)
+    """Write manifest.json atomically and sealed (fixed key order, 2-space indent)."""
+    return _FILE.write(shard_dir, manifest)
 
 
 def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    """Load and validate manifest.json; refuses other formats and unknown versions."""
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise ManifestError(f"{path}: no shard manifest here (expected a folder written by "
-                            "`wattkd data build`, holding manifest.json and part-*.parquet)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
-    _validate(manifest, path)
-    return manifest
+    """Load, check the seal of and validate manifest.json; refuses other formats and unknown
+    versions."""
+    return _FILE.read(shard_dir)
 
 
 def _validate(m: Any, path: Path) -> None:
@@ -102,6 +92,8 @@ def _validate(m: Any, path: Path) -> None:
     for key, typ in REQUIRED.items():
         if not isinstance(m.get(key), typ) or isinstance(m.get(key), bool):
             raise ManifestError(f"{path}: key {key!r} missing or not a {typ.__name__}")
+    if not isinstance(m["tokenizer"].get("sha256"), str):
+        raise ManifestError(f"{path}: tokenizer.sha256 missing or not a string")
     if m["columns"][:1] != ["input_ids"] or not set(m["columns"]) <= {"input_ids", "loss_mask"}:
         raise ManifestError(f"{path}: columns {m['columns']} must be ['input_ids'] or "
                             "['input_ids', 'loss_mask']")
@@ -122,6 +114,11 @@ def _validate(m: Any, path: Path) -> None:
 
 
 REBUILD = "rebuild the shards with `wattkd data build CONFIG --overwrite`"
+_FILE = ManifestFile(
+    error=ManifestError, validate=_validate, rebuild=REBUILD,
+    missing=lambda folder: (f"{folder / MANIFEST}: no shard manifest here (expected a folder "
+                            "written by `wattkd data build`, holding manifest.json and "
+                            "part-*.parquet)"))
 
 
 def read_part_verified(path: Path, sha256: str, what: str, chunk: int = 1 << 20) -> bytes:

@@ -154,6 +154,9 @@ def load_run(path: Path, label: str | None = None) -> RunData:
     run = RunData(path, label or path.name, info, gaps=gaps)
     # an imported run's findings (wattkd import): shown with the report's "Read first" notes
     run.read_notes.extend(str(n) for n in (info.get("imported") or {}).get("notes") or [])
+    for change in info.get("config_changes") or []:   # accepted with --allow-config-change
+        keys = "; ".join(f"{k}: {v[0]} -> {v[1]}" for k, v in (change.get("changes") or {}).items())
+        run.read_notes.append(f"config changed at step {change.get('step')} ({keys})")
 
     ph = path / "phases.jsonl"
     if ph.is_file():

@@ -32,21 +32,25 @@ manifest.json:
     energy               {energy_j, source, estimated, components, sources, tokens,
                           j_per_token, sessions, complete, notes}
     build                {batch_size, seconds, tokens_per_s, device, versions}
+    content_sha256       "sha256:<hex>" of the other keys (wattkd.sealed), last; caches built
+                         before it existed are read as before (validated, not sealed)
 
 A cache is refused (CacheError, naming both sides) when its shards, tokenizer or teacher differ
-from the config's, when it lacks a signal the run needs, or when a part is missing or altered.
+from the config's, when it lacks a signal the run needs, or when a part is missing or altered;
+a damaged or incomplete manifest.json is a CacheError naming the file and the key. Reading and
+writing go through the base shared with the shard manifest (wattkd.manifest_file).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from wattkd.atomic import atomic_write_json
 from wattkd.errors import DataError
-from wattkd.hashing import file_sha256
+from wattkd.manifest_file import MANIFEST, ManifestFile, part_name
 
 __all__ = [
     "FORMAT",
@@ -65,7 +69,6 @@ __all__ = [
 
 FORMAT = "wattkd-teacher-cache"
 VERSION = 1
-MANIFEST = "manifest.json"
 STATE = "build-state.json"
 IDENTITY_KEYS = ("shards_sha256", "tokenizer_sha256", "teacher_fingerprint", "teacher_dtype",
                  "signals", "encoding")
@@ -82,36 +85,26 @@ def crc_column(column: str) -> str:
     return f"crc_{column}"
 
 
-def part_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
-
-
 def manifest_sha256(cache_dir: str | Path) -> str:
     """Hash of a cache's manifest.json bytes: the cache's identity in run records."""
-    return file_sha256(Path(cache_dir) / MANIFEST)
+    return _FILE.sha256(cache_dir)
 
 
 def write_cache_manifest(cache_dir: str | Path, manifest: dict[str, Any]) -> Path:
-    _validate(manifest, Path(cache_dir) / MANIFEST)
-    return atomic_write_json(Path(cache_dir) / MANIFEST, manifest)
+    return _FILE.write(cache_dir, manifest)
 
 
 def read_cache_manifest(cache_dir: str | Path) -> dict[str, Any]:
-    """Load and validate manifest.json; an unfinished build or unknown version is refused."""
-    root = Path(cache_dir)
-    path = root / MANIFEST
-    if not path.is_file():
-        if (root / STATE).is_file():
-            raise CacheError(f"{root}: the teacher cache build is unfinished (build-state.json, "
-                             "no manifest.json); rerun `wattkd teacher cache` to complete it")
-        raise CacheError(f"{path}: no teacher cache here; build one with `wattkd teacher "
-                         "cache CONFIG`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CacheError(f"{path}: not valid JSON ({exc})") from None
-    _validate(manifest, path)
-    return manifest
+    """Load, check the seal of and validate manifest.json; an unfinished build, a damaged
+    manifest or an unknown version is refused."""
+    return _FILE.read(cache_dir)
+
+
+def _missing(root: Path) -> str:
+    if (root / STATE).is_file():
+        return (f"{root}: the teacher cache build is unfinished (build-state.json, no "
+                "manifest.json); rerun `wattkd teacher cache` to complete it")
+    return f"{root / MANIFEST}: no teacher cache here; build one with `wattkd teacher cache CONFIG`"
 
 
 def _validate(m: Any, path: Path) -> None:
@@ -130,8 +123,38 @@ def _validate(m: Any, path: Path) -> None:
     missing = [k for k in IDENTITY_KEYS if k not in m["identity"]]
     if missing:
         raise CacheError(f"{path}: identity lacks {missing}")
-    if sum(int(p.get("rows", -1)) for p in m["parts"]) != m["rows"]:
+    for section, keys in _NESTED.items():
+        lacking = [k for k in keys if k not in m[section]]
+        if lacking:
+            raise CacheError(f"{path}: {section} lacks {lacking}; {REBUILD}")
+    for i, part in enumerate(m["parts"]):
+        _validate_part(part, i, path)
+    if sum(p["rows"] for p in m["parts"]) != m["rows"]:
         raise CacheError(f"{path}: parts' rows do not add up to rows={m['rows']}")
+
+
+REBUILD = "rebuild the cache with `wattkd teacher cache CONFIG --overwrite`"
+# keys of the manifest's sections that readers use (a manifest lacking one is refused by name)
+_NESTED = {"shards": ("path", "manifest_sha256"), "teacher": ("id", "fingerprint", "vocab"),
+           "signals": ("spec",)}
+_PART_INTS = ("row_start", "rows", "row_group_rows", "bytes")
+
+
+def _validate_part(part: Any, i: int, path: Path) -> None:
+    if not isinstance(part, dict) or not isinstance(part.get("file"), str):
+        raise CacheError(f"{path}: parts[{i}] must be an object naming its file; {REBUILD}")
+    for key in _PART_INTS:
+        value = part.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CacheError(f"{path}: parts[{i}].{key} missing or not a non-negative integer "
+                             f"(got {value!r}); {REBUILD}")
+    if part["row_group_rows"] == 0 and part["rows"] > 0:
+        raise CacheError(f"{path}: parts[{i}].row_group_rows is 0; {REBUILD}")
+    if not re.fullmatch(r"[0-9a-f]{64}", str(part.get("sha256", ""))):
+        raise CacheError(f"{path}: parts[{i}].sha256 must be 64 hex digits; {REBUILD}")
+
+
+_FILE = ManifestFile(error=CacheError, validate=_validate, missing=_missing, rebuild=REBUILD)
 
 
 # ------------------------------------------------------------------------- teacher identity
