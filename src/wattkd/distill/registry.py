@@ -33,8 +33,9 @@ HALF_OPEN_UNIT: Check = (lambda v: 0 <= v < 1, "in [0, 1)")
 class TeacherForm:
     """Closed form of a logit loss that compares student and teacher log-probs at the loss's
     `temperature` on one support (the vocabulary, or the top-k buckets and tail):
-    ``pair(logq, logp, grad) -> (value [N], d value / d(z / T) [N, S] or None)`` with z the
-    student's logits on that support. The loss takes `temperature` and `scale_by_t2` params;
+    ``pair(logq, logp, grad, **params) -> (value [N], d value / d(z / T) [N, S] or None)``
+    with z the student's logits on that support and `params` the loss's other params (e.g.
+    jsd's beta; defaults filled in). The loss takes `temperature` and `scale_by_t2` params;
     the caller applies T^2 and the chain rule through 1/T, softcaps and buckets."""
 
     pair: Callable[..., tuple[Any, Any]]
