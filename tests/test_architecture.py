@@ -98,6 +98,11 @@ def test_no_import_cycles() -> None:
     assert not cycles, "import cycles in src/wattkd: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
+def test_the_loss_registry_is_a_leaf() -> None:
+    """The loss registry knows no method (methods/registry asks it, never the reverse)."""
+    assert _graph()["wattkd.distill.registry"] == set()
+
+
 def test_cycle_finder_sees_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

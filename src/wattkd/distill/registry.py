@@ -1,7 +1,8 @@
 """Loss registry: config names -> loss functions, so a new loss is one decorated function.
 
 Each loss is a pure tensor function. Its keyword-only arguments with defaults are the
-`params` a config may set; anything else is refused by `check_loss_term` at config load.
+`params` a config may set; anything else is refused by `check_params` at config load
+(methods/registry.check_loss_term adds which loss kinds a method accepts).
 Value ranges (e.g. temperature > 0) are declared beside the function with `checks=`, so a bad
 value is refused at config load too, not minutes into a run. A logit loss may also declare its
 `closed_form` (value and gradient w.r.t. the logits), which distill/fused's fast path then uses
@@ -17,8 +18,6 @@ import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-from wattkd.distill.methods.registry import METHODS, known_methods
 
 LossKind = Literal["logit", "feature", "relation"]
 
@@ -149,20 +148,6 @@ def _type_ok(default: Any, value: Any) -> bool:
     if isinstance(default, float) and isinstance(value, int):
         return True
     return isinstance(value, type(default))
-
-
-def check_loss_term(name: str, params: dict[str, Any], mode: str) -> str | None:
-    """Return a message if `name`/`params` cannot be used in `mode`, else None."""
-    spec = LOSSES.get(name)
-    if spec is None:
-        return f"unknown loss {name!r}; expected one of: {', '.join(sorted(LOSSES))}"
-    if mode not in known_methods():  # which loss kinds a mode accepts: distill/methods/
-        return f"unknown mode {mode!r}; expected one of: {', '.join(METHODS)}"
-    kinds = METHODS[mode].loss_kinds
-    if spec.kind not in kinds and name != "ce":
-        return (f"loss {name!r} is a {spec.kind} loss; mode {mode!r} accepts "
-                f"{', '.join(sorted(kinds)) or 'only ce'} losses")
-    return check_params(spec, params)
 
 
 def resolve_terms(terms: Iterable[Any], kind: LossKind | None = None
