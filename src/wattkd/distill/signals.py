@@ -16,6 +16,7 @@ teacher cache and the online teacher handle every registered kind without knowin
 from __future__ import annotations
 
 import contextlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,10 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from wattkd.models import decoder_layers
+from wattkd.models import decoder_layers, unwrap
 
-__all__ = ["PROJECTIONS", "SIGNALS", "TOPK_COLUMNS", "AttentionProjections", "SignalKind",
-           "SignalRequest", "TeacherSignals", "TopK", "capture_projections", "hidden_column",
+log = logging.getLogger(__name__)
+
+__all__ = ["PROJECTIONS", "SIGNALS", "TOPK_COLUMNS", "AttentionMapsUnavailable",
+           "AttentionProjections", "SignalKind", "SignalRequest", "TeacherSignals", "TopK",
+           "capture_attention_maps", "capture_projections", "hidden_column",
            "hook_projections", "pool", "pooled_column", "projection_widths", "register_signal"]
 
 TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "topk_tail")
@@ -192,6 +196,46 @@ def capture_projections(layers: list[nn.Module]) -> Iterator[list[dict[str, torc
     finally:
         for h in handles:
             h.remove()
+
+
+class AttentionMapsUnavailable(ValueError):
+    """The model's attention layers return no attention probabilities, even in eager mode."""
+
+
+@contextlib.contextmanager
+def capture_attention_maps(model: nn.Module, layers: tuple[int, ...]
+                           ) -> Iterator[dict[int, torch.Tensor]]:
+    """Attention probabilities [B, heads, L, L] of decoder `layers` during one forward of a
+    teacher (TinyBERT-style attention KD). HF computes them only in eager attention (sdpa and
+    flash never form them): the model's implementation is switched to eager for this forward
+    only and restored after, and the switch is logged. Only the model given changes; a method
+    that wants the student's maps says so for the student itself."""
+    base = unwrap(model)
+    before = getattr(base.config, "_attn_implementation", None) or "eager"
+    if before != "eager":
+        log.info("attention maps of %s layers %s: its attention runs eager for this forward "
+                 "(was %s; %s never forms the probabilities)", type(base).__name__,
+                 list(layers), before, before)
+        base.set_attn_implementation("eager")
+    maps: dict[int, torch.Tensor] = {}
+    handles = []
+    blocks = decoder_layers(model)
+    for i in layers:
+        def hook(_m: nn.Module, _args: Any, out: Any, i: int = i) -> None:
+            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if weights is None:
+                raise AttentionMapsUnavailable(
+                    f"{type(base).__name__} layer {i}: self_attn returned no attention weights "
+                    "in eager mode; this architecture cannot give attention maps")
+            maps[i] = weights
+        handles.append(getattr(blocks[i], "self_attn", blocks[i]).register_forward_hook(hook))
+    try:
+        yield maps
+    finally:
+        for h in handles:
+            h.remove()
+        if before != "eager":
+            base.set_attn_implementation(before)
 
 
 def projection_widths(conf: Any) -> dict[str, int]:
