@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from wattkd.config import validate
+from wattkd.distill.losses import TopKTeacher
 from wattkd.distill.signals import SignalRequest
 from wattkd.teacher_cache import CachedTeacher, build_cache, read_cache_manifest
 
@@ -39,6 +40,7 @@ def test_an_old_cache_reads_as_the_old_code_read_it():
     packed = _config(FIXTURE, "packed")
     sig = _signals(packed, SignalRequest(logits=True, hidden_layers=(1, 2), pooled="mean",
                                          extra=(("qkv", (0,)),)), batch)
+    assert isinstance(sig.topk, TopKTeacher) and sig.topk.ids.dim() == 3  # the one top-k type
     got = {"packed.topk.ids": sig.topk.ids, "packed.topk.logprobs": sig.topk.logprobs,
            "packed.topk.tail": sig.topk.tail_logprob, "packed.hidden.1": sig.hidden[1],
            "packed.hidden.2": sig.hidden[2], "packed.pooled.mean": sig.pooled,

@@ -149,23 +149,30 @@ class DenseTeacher:
 
 @dataclass(eq=False)
 class TopKTeacher:
-    """Teacher top-k as the cache stores it: ids [N,K], log-probs [N,K] under the full softmax
-    at T=1 (not renormalised over the K), and tail_logprob [N] = log(1 - sum of their probs).
-    Ids must be distinct within a row (as torch.topk gives)."""
+    """Teacher logits as top-k, the one top-k type (online, cached, decoded): ids [..., K],
+    log-probs [..., K] under the full softmax at T=1 (not renormalised over the K), and
+    tail_logprob [...] = log of the probability outside the K. The fused loss takes it per
+    token ([N, K], `flat_tokens`). Ids must be distinct within a row (as torch.topk gives)."""
 
     ids: Tensor
     logprobs: Tensor
     tail_logprob: Tensor
 
     def __post_init__(self) -> None:
-        if self.ids.dim() != 2 or self.logprobs.shape != self.ids.shape:
-            raise ValueError(f"TopKTeacher: ids and logprobs must both be [tokens, k], got "
+        if self.ids.dim() < 2 or self.logprobs.shape != self.ids.shape:
+            raise ValueError(f"TopKTeacher: ids and logprobs must both be [..., k], got "
                              f"{tuple(self.ids.shape)} and {tuple(self.logprobs.shape)}")
-        if self.tail_logprob.shape != self.ids.shape[:1]:
-            raise ValueError(f"TopKTeacher: tail_logprob must be [tokens]={self.ids.shape[0]}, "
-                             f"got {tuple(self.tail_logprob.shape)}")
+        if self.tail_logprob.shape != self.ids.shape[:-1]:
+            raise ValueError(f"TopKTeacher: tail_logprob must be {tuple(self.ids.shape[:-1])} "
+                             f"(ids without k), got {tuple(self.tail_logprob.shape)}")
         if self.ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"TopKTeacher: ids must be an integer tensor, got {self.ids.dtype}")
+
+    def flat_tokens(self) -> TopKTeacher:
+        """[B, L, K] per sequence -> [B*L, K] per token (what the fused loss takes)."""
+        k = self.ids.shape[-1]
+        return TopKTeacher(self.ids.reshape(-1, k), self.logprobs.reshape(-1, k),
+                           self.tail_logprob.reshape(-1))
 
     @property
     def num_tokens(self) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wattkd.distill.losses import TopKTeacher
 from wattkd.models import decoder_layers, unwrap
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,7 @@ class SignalRequest:
         return not (self.logits or self.hidden_layers or self.pooled or self.extra)
 
 
-@dataclass
-class TopK:
-    """Teacher logits as top-k ids and log-probs under the full softmax, plus tail mass
-    (log of the probability outside the k): the cache's form, online or decoded."""
-
-    ids: torch.Tensor           # [..., K] int
-    logprobs: torch.Tensor      # [..., K]
-    tail_logprob: torch.Tensor  # [...]
+TopK = TopKTeacher  # the one top-k type; this name stays for callers outside src (benchmarks)
 
 
 @dataclass
@@ -72,7 +66,7 @@ class TeacherSignals:
     last_hidden: torch.Tensor | None = None     # [B, L, Ht] after the final norm (online)
     head: nn.Module | None = None               # teacher output embeddings (online)
     softcap: float | None = None                # final logit soft-capping of the teacher
-    topk: TopK | None = None                    # cached alternative to last_hidden + head
+    topk: TopKTeacher | None = None             # cached alternative to last_hidden + head
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # index -> [B, L, Ht]
     hidden_stride: int = 1    # a strided cache holds positions 0, S, 2S, ...: [B, ceil(L/S), Ht]
     pooled: torch.Tensor | None = None          # [B, Ht]

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wattkd.distill.signals import SIGNALS, TopK, pool
+from wattkd.distill.losses import TopKTeacher
+from wattkd.distill.signals import SIGNALS, pool
 from wattkd.distill.teacher import decoder_forward, logit_softcap
 from wattkd.models import unwrap
 from wattkd.teacher_cache.spec import CacheSpec
@@ -27,7 +28,7 @@ __all__ = ["TeacherBatch", "hidden_positions", "teacher_batch", "topk_logprobs"]
 class TeacherBatch:
     """Signals of one batch as the cache stores them, still on the teacher's device."""
 
-    topk: TopK | None = None      # [B, L, K] int64 ids, fp32 full-softmax log-probs; [B, L] tail
+    topk: TopKTeacher | None = None  # [B, L, K] int64 ids, fp32 full-softmax log-probs; [B, L] tail
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, P, H] fp16/bf16
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, H] fp32
     extra: dict[str, torch.Tensor] = field(default_factory=dict)   # column -> [B, ...] 16-bit
@@ -87,7 +88,7 @@ def teacher_batch(model: nn.Module, input_ids: torch.Tensor, spec: CacheSpec, vo
         bias = None if bias is None else bias[:vocab]
         ids, lps, tail = topk_logprobs(last.reshape(b * seq, -1), weight, bias,
                                        logit_softcap(model), spec.topk, chunk_tokens)
-        out.topk = TopK(ids.view(b, seq, -1), lps.view(b, seq, -1), tail.view(b, seq))
+        out.topk = TopKTeacher(ids.view(b, seq, -1), lps.view(b, seq, -1), tail.view(b, seq))
     if want_hidden:
         assert all_hidden is not None and hidden_dtype is not None
         pos = hidden_positions(seq, spec.hidden_stride)

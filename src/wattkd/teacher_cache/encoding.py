@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from wattkd.distill.signals import TOPK_COLUMNS, TopK
+from wattkd.distill.losses import TopKTeacher
+from wattkd.distill.signals import TOPK_COLUMNS
 
 IDS, LOGPROBS, TAIL = TOPK_COLUMNS
 
@@ -202,7 +203,7 @@ def stage_topk(encoding: str, ids: torch.Tensor, logprobs: torch.Tensor,
 
 def decode_topk(encoding: str, columns: dict[str, dict], cells: dict[str, list[bytes]],
                 id_order: torch.Tensor | None = None, device: torch.device | str = "cpu"
-                ) -> TopK:
+                ) -> TopKTeacher:
     """Decode the top-k cells of some rows on `device`, with the manifest's parameters
     (ids [n, L, K] int64, log-probs [n, L, K] and tail [n, L] float32).
     `id_order` [vocab]: token id of each candidate rank (packed caches have one)."""
@@ -232,7 +233,7 @@ def decode_topk(encoding: str, columns: dict[str, dict], cells: dict[str, list[b
         tail = _bits16(planes_to_int(raw_tail, seq, 2), torch.float16).float()
     else:
         raise ValueError(f"unknown top-k encoding {encoding!r}")
-    return TopK(ids.reshape(n, seq, k), lp.reshape(n, seq, k), tail.reshape(n, seq))
+    return TopKTeacher(ids.reshape(n, seq, k), lp.reshape(n, seq, k), tail.reshape(n, seq))
 
 
 def candidate_order(ids: torch.Tensor, vocab: int) -> np.ndarray:
