@@ -43,9 +43,9 @@ def test_an_old_cache_reads_as_the_old_code_read_it():
     assert isinstance(sig.topk, TopKTeacher) and sig.topk.ids.dim() == 3  # the one top-k type
     got = {"packed.topk.ids": sig.topk.ids, "packed.topk.logprobs": sig.topk.logprobs,
            "packed.topk.tail": sig.topk.tail_logprob, "packed.hidden.1": sig.hidden[1],
-           "packed.hidden.2": sig.hidden[2], "packed.pooled.mean": sig.pooled,
+           "packed.hidden.2": sig.hidden[2], "packed.pooled.mean": sig.pooled["mean"],
            **{f"packed.qkv.0.{p}": t for p, t in sig.extra["qkv"][0].items()}}
-    got["packed.pooled.last"] = _signals(packed, SignalRequest(pooled="last"), batch).pooled
+    got["packed.pooled.last"] = _signals(packed, SignalRequest(pooled="last"), batch).pooled["last"]
     sig = _signals(_config(FIXTURE, "raw"), SignalRequest(logits=True, hidden_layers=(2,)),
                    batch)
     got.update({"raw.topk.ids": sig.topk.ids, "raw.topk.logprobs": sig.topk.logprobs,

@@ -63,13 +63,16 @@ TopK = TopKTeacher  # the one top-k type; this name stays for callers outside sr
 
 @dataclass
 class TeacherSignals:
+    """The one answer type: what a provider (online teacher, cache reader) gives a method,
+    and what a cache build computes per batch before encoding it (teacher_cache.compute)."""
+
     last_hidden: torch.Tensor | None = None     # [B, L, Ht] after the final norm (online)
     head: nn.Module | None = None               # teacher output embeddings (online)
     softcap: float | None = None                # final logit soft-capping of the teacher
     topk: TopKTeacher | None = None             # cached alternative to last_hidden + head
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # index -> [B, L, Ht]
     hidden_stride: int = 1    # a strided cache holds positions 0, S, 2S, ...: [B, ceil(L/S), Ht]
-    pooled: torch.Tensor | None = None          # [B, Ht]
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # "mean"|"last" -> [B, Ht]
     extra: dict[str, Any] = field(default_factory=dict)  # SignalKind.name -> its value
 
 

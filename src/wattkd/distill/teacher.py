@@ -58,5 +58,5 @@ class OnlineTeacher:
             assert all_hidden is not None
             sig.hidden = {i: all_hidden[i] for i in self.request.hidden_layers}
         if self.request.pooled:
-            sig.pooled = pool(last, self.request.pooled)
+            sig.pooled[self.request.pooled] = pool(last, self.request.pooled)
         return sig

@@ -368,7 +368,8 @@ class CachedTeacher:
             sig.hidden[i] = self._decode16(cells, hidden_column(i))
         if self.request.pooled:
             name = pooled_column(self.request.pooled)
-            sig.pooled = enc.decode_f32(cells[name], int(cols[name]["shape"][0]), dev)
+            sig.pooled[self.request.pooled] = enc.decode_f32(cells[name],
+                                                             int(cols[name]["shape"][0]), dev)
         for name, params in self.request.extra:
             kind = SIGNALS[name]
             sig.extra[name] = kind.from_columns(

@@ -42,14 +42,20 @@ from wattkd import __version__
 from wattkd.atomic import atomic_write_bytes, atomic_write_json
 from wattkd.config import ExperimentConfig
 from wattkd.data.loader import ShardDataset
-from wattkd.distill.signals import TOPK_COLUMNS, hidden_column, pooled_column
+from wattkd.distill.signals import (
+    SIGNALS,
+    TOPK_COLUMNS,
+    TeacherSignals,
+    hidden_column,
+    pooled_column,
+)
 from wattkd.energy.ledger import make_meter
 from wattkd.hashing import file_sha256
 from wattkd.models import load_teacher
 from wattkd.preflight import human_bytes
 from wattkd.progress import NoBar, TokenRate, progress_bar
 from wattkd.teacher_cache import encoding as enc
-from wattkd.teacher_cache.compute import TeacherBatch, teacher_batch
+from wattkd.teacher_cache.compute import teacher_batch
 from wattkd.teacher_cache.manifest import (
     FORMAT,
     MANIFEST,
@@ -397,7 +403,7 @@ def row_crc32(ids: np.ndarray) -> list[int]:
     return [zlib.crc32(r.tobytes()) for r in a]
 
 
-def _encode(plan: CachePlan, out: TeacherBatch, ids: np.ndarray, row0: int,
+def _encode(plan: CachePlan, out: TeacherSignals, ids: np.ndarray, row0: int,
             id_rank: torch.Tensor | None = None) -> dict[str, Any]:
     """Device side of encoding one batch: host arrays (enc.Staged) per column."""
     n = ids.shape[0]
@@ -410,8 +416,9 @@ def _encode(plan: CachePlan, out: TeacherBatch, ids: np.ndarray, row0: int,
         cells[hidden_column(i)] = enc.stage_hidden(plan.spec.encoding, h)
     for how, p in out.pooled.items():
         cells[pooled_column(how)] = enc.stage_f32(p)
-    for col, t in out.extra.items():  # registered signal kinds: 16-bit arrays like hidden
-        cells[col] = enc.stage_hidden(plan.spec.encoding, t)
+    for name, value in out.extra.items():  # registered kinds: 16-bit arrays like hidden
+        for col, t in SIGNALS[name].to_columns(value, dict(plan.spec.extra)[name]).items():
+            cells[col] = enc.stage_hidden(plan.spec.encoding, t)
     return cells
 
 
