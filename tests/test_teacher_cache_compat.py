@@ -73,3 +73,16 @@ def test_the_same_inputs_rebuild_the_same_cache_bytes(tmp_path):
             if key not in VOLATILE:
                 assert m_new[key] == m_old[key], f"{name}: manifest {key}"
         assert m_new["shards"]["manifest_sha256"] == m_old["shards"]["manifest_sha256"]
+
+
+def test_a_cache_spec_is_a_signal_request():
+    """One request type: `--signals` parses to the SignalRequest a method declares, with the
+    storage fields filled in; a method's request and the cache's are compared directly."""
+    from wattkd.teacher_cache.spec import parse_signals
+
+    spec = parse_signals("topk:8,hidden:2:bf16,pooled:last,qkv:0", default_k=4)
+    assert type(spec) is SignalRequest
+    assert (spec.logits, spec.topk, spec.hidden_layers, spec.hidden_dtype, spec.pooled,
+            spec.extra) == (True, 8, (2,), "bfloat16", ("last",), (("qkv", (0,)),))
+    assert spec.canonical() == "topk:8,hidden:2:bf16,pooled:last,qkv:0"
+    assert SignalRequest(pooled="mean").pooled == ("mean",)

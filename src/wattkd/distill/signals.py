@@ -1,6 +1,7 @@
 """Teacher signals: what a method asks of the teacher, and the containers it gets back.
 
-A method declares a `SignalRequest` (`cls.signals(method)`, distill/methods/); a provider
+A method declares a `SignalRequest` (`cls.signals(method)`, distill/methods/; a teacher
+cache's contents are one too, with its storage fields); a provider
 (`distill.teacher.OnlineTeacher` or `teacher_cache.CachedTeacher`) answers with exactly that in
 `TeacherSignals`. The built-in kinds are top-k logits with tail mass (online: final hidden
 state + head, logits formed per chunk inside the fused loss), hidden states of chosen layers
@@ -48,14 +49,46 @@ def pooled_column(how: str) -> str:
 
 @dataclass(frozen=True)
 class SignalRequest:
-    logits: bool = False                      # response KD
+    """The one request type: what a method asks of the teacher (`cls.signals(method)`) and,
+    with the storage fields, what a teacher cache holds (teacher_cache/spec.py: `--signals`
+    or the config's defaults; `canonical()` is part of the cache's identity)."""
+
+    logits: bool = False                      # response KD (a cache: top-k of k = topk)
     hidden_layers: tuple[int, ...] = ()       # feature KD: HF hidden_states indices (0 = embeddings)
-    pooled: str | None = None                 # relation KD: "mean" | "last"
+    pooled: tuple[str, ...] = ()              # relation KD: "mean" / "last" (a str: that one)
     extra: tuple[tuple[str, Any], ...] = ()   # registered kinds: (SignalKind.name, params)
+    # how a cache stores them
+    topk: int | None = None                   # k of the cached logits (implies logits)
+    hidden_dtype: str | None = None           # float16 | bfloat16; None: from the teacher dtype
+    hidden_stride: int = 1
+    encoding: str = "packed"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pooled, str):
+            object.__setattr__(self, "pooled", (self.pooled,))
+        if self.topk is not None and not self.logits:
+            object.__setattr__(self, "logits", True)
 
     @property
     def empty(self) -> bool:
         return not (self.logits or self.hidden_layers or self.pooled or self.extra)
+
+    def canonical(self) -> str:
+        """The `--signals` text of what is stored (a cache's identity)."""
+        parts = []
+        if self.topk is not None:
+            parts.append(f"topk:{self.topk}")
+        if self.hidden_layers:
+            h = "hidden:" + ":".join(str(i) for i in self.hidden_layers)
+            if self.hidden_dtype:
+                h += ":" + ("bf16" if self.hidden_dtype == "bfloat16" else "fp16")
+            if self.hidden_stride > 1:
+                h += f":stride={self.hidden_stride}"
+            parts.append(h)
+        if self.pooled:
+            parts.append("pooled:" + ":".join(self.pooled))
+        parts += [SIGNALS[name].canonical(params) for name, params in self.extra]
+        return ",".join(parts)
 
 
 TopK = TopKTeacher  # the one top-k type; this name stays for callers outside src (benchmarks)

@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from wattkd.distill.losses import TopKTeacher
-from wattkd.distill.signals import SIGNALS, TeacherSignals, pool
+from wattkd.distill.signals import SIGNALS, SignalRequest, TeacherSignals, pool
 from wattkd.distill.teacher import decoder_forward, logit_softcap
 from wattkd.models import unwrap
-from wattkd.teacher_cache.spec import CacheSpec
 
 __all__ = ["hidden_positions", "teacher_batch", "topk_logprobs"]
 
@@ -60,7 +59,7 @@ def topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 @torch.no_grad()
-def teacher_batch(model: nn.Module, input_ids: torch.Tensor, spec: CacheSpec, vocab: int,
+def teacher_batch(model: nn.Module, input_ids: torch.Tensor, spec: SignalRequest, vocab: int,
                   chunk_tokens: int, hidden_dtype: torch.dtype | None) -> TeacherSignals:
     """Run the teacher once on [B, L] ids and compute every signal `spec` asks for, as the
     cache stores them (still on the teacher's device): top-k ids int64 with fp32 log-probs,

@@ -45,6 +45,7 @@ from wattkd.data.loader import ShardDataset
 from wattkd.distill.signals import (
     SIGNALS,
     TOPK_COLUMNS,
+    SignalRequest,
     TeacherSignals,
     hidden_column,
     pooled_column,
@@ -68,7 +69,6 @@ from wattkd.teacher_cache.manifest import (
     write_cache_manifest,
 )
 from wattkd.teacher_cache.plan import CachePlan, plan_cache
-from wattkd.teacher_cache.spec import CacheSpec
 from wattkd.teacher_cache.usage import summarize_energy
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ def _id_rank(plan: CachePlan, teacher: Any, root: Path, state: dict[str, Any]
         part = plan.shard_manifest["parts"][0]
         rows = min(part["rows"], max(1, -(-CALIBRATION_TOKENS // plan.seq_len)))
         ids = _read_shard_part(plan, 0)[:rows]
-        spec = CacheSpec(topk=plan.spec.topk, encoding=plan.spec.encoding)
+        spec = SignalRequest(topk=plan.spec.topk, encoding=plan.spec.encoding)
         seen = []
         for b0 in range(0, rows, plan.batch_size):
             x = torch.from_numpy(ids[b0:b0 + plan.batch_size].astype(np.int64)).to(plan.device)
