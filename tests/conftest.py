@@ -23,11 +23,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def require_shared(path: Path) -> Path:
+    """`path` (data under ../shared), else skip the test: locally the folder is optional. In
+    CI (CI=true, as GitHub Actions sets) a missing folder fails the test, loudly: the eval
+    data tests must never turn into silent skips there."""
+    if not path.exists():
+        why = f"{path} not present (the shared data folder beside the repo)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{why}; CI must provide it", pytrace=False)
+        pytest.skip(why)
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} not present (the shared data folder beside the repo)")
-    return SHARED
+    return require_shared(SHARED)
 
 
 @pytest.fixture(scope="session", autouse=True)

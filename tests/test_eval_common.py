@@ -8,15 +8,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
+from conftest import require_shared
 
 SHARED_EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 
 
 def training_text(limit: int = 400) -> list[str]:
     """A few hundred lines of the eval data: enough for a 512-token BPE to cover it."""
-    if not SHARED_EVAL.is_dir():
-        pytest.skip(f"{SHARED_EVAL} not present (the shared data folder beside the repo)")
+    require_shared(SHARED_EVAL)
     lines = []
     with open(SHARED_EVAL / "mmlu_test.jsonl", encoding="utf-8") as fh:
         for i, line in enumerate(fh):

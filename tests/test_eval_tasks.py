@@ -7,8 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_shared
 from wattkd.config import EvalConfig
-from wattkd.eval.suites import BIGBENCH_TASKS, SUITES, SuiteError, get_suite, task_metadata
+from wattkd.eval.suites import (
+    BIGBENCH_TASKS,
+    OFFLINE_FULL_BIGBENCH,
+    SUITES,
+    SuiteError,
+    get_suite,
+    task_metadata,
+)
 from wattkd.eval.tasks import TASKS_DIR
 from wattkd.eval.tasks.utils import (
     TaskDataError,
@@ -126,6 +134,29 @@ def test_every_shipped_bigbench_yaml_loads_its_shared_task(shared_dir):
             assert all(0 <= g < len(d["choices"]) for d in docs for g in d["golds"])
     assert {t for t, m in BIGBENCH_TASKS.items() if m == "gen"} == {"object_counting",
                                                                     "word_sorting"}
+
+
+def test_a_packaged_task_joins_a_preset_only_through_its_list():
+    """offline-full is its explicit list, in that order (not a glob of tasks/bigbench/: a
+    YAML shipped there without a line in the list stays out of every preset, issue 29)."""
+    full = [t.name for t in get_suite("offline-full").tasks if t.name.startswith("wattkd_bb_")]
+    assert full == [f"wattkd_bb_{t}" for t in OFFLINE_FULL_BIGBENCH]
+    assert set(OFFLINE_FULL_BIGBENCH) <= set(BIGBENCH_TASKS)  # each listed task is shipped
+    offline = [t.name for t in get_suite("offline").tasks if t.name.startswith("wattkd_bb_")]
+    assert offline == ["wattkd_bb_sports_understanding", "wattkd_bb_date_understanding",
+                       "wattkd_bb_object_counting"]
+
+
+def test_shared_data_is_required_in_ci(tmp_path, monkeypatch):
+    """Locally a missing ../shared skips its tests; in CI (CI=true) it fails them."""
+    missing = tmp_path / "shared"
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        require_shared(missing)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must provide it"):
+        require_shared(missing)
+    assert require_shared(tmp_path) == tmp_path
 
 
 def test_suites_fix_protocol_fields_and_check_data_before_work(tmp_path, shared_dir):

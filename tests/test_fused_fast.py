@@ -189,11 +189,18 @@ def test_topk_tiny_student_tail_and_dense_teacher_with_minus_inf():
     _assert_same(fast, generic)
 
 
-def test_other_terms_fall_back_to_generic():
+def test_other_terms_fall_back_to_generic(monkeypatch):
+    """A loss registered without a closed form sends the whole plan to the generic path."""
+    monkeypatch.setattr(registry, "LOSSES", dict(registry.LOSSES))
+
+    @registry.register_loss("plain_fkl", kind="logit")
+    def plain_fkl(s_logits, teacher, labels, *, temperature: float = 1.0):
+        return losses.forward_kl(s_logits, teacher, labels, temperature=temperature)
+
     h, _w, _b, th, tw, labels, mask = _data(seed=6)
-    jsd = _terms(("forward_kl", 1.0, {}), ("jsd", 1.0, {}))
+    mixed = _terms(("forward_kl", 1.0, {}), ("plain_fkl", 1.0, {}))
     for source in (_source("hidden", th, tw), _source("topk", th, tw)):
-        plan = _prepare(N, V, h.device, source, labels, mask, jsd, 16, None)
+        plan = _prepare(N, V, h.device, source, labels, mask, mixed, 16, None)
         assert _fast_cfg(plan, True, torch.float32) is None
     plan = _prepare(N, V, h.device, _source("dense", th, tw), labels, mask,
                     TERM_SETS["fkl"], 16, None)
@@ -331,3 +338,35 @@ def test_closed_forms_are_checked_at_registration(monkeypatch):
     with pytest.raises(ValueError, match="needs_labels"):
         registry.register_loss("bad3", kind="logit", closed_form=ce_form)(no_temperature)
     assert not {"bad1", "bad2", "bad3"} & set(registry.LOSSES)
+
+
+# ------------------------------------------------------------------ closed forms across params
+PARAM_CASES = [
+    ("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.5, "temperature": 2.0}),
+    ("jsd", {"beta": 0.9, "temperature": 0.5, "scale_by_t2": False}),
+    ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0, "temperature": 3.0}),
+    ("tv", {}), ("tv", {"temperature": 2.5}),
+    ("forward_kl", {"temperature": 0.7}), ("reverse_kl", {"temperature": 4.0}),
+    ("ce", {"label_smoothing": 0.3}),
+]
+
+
+@pytest.mark.parametrize("name,params", PARAM_CASES, ids=[f"{n}-{p}" for n, p in PARAM_CASES])
+@pytest.mark.parametrize("kind,k", [("hidden", None), ("dense", None), ("topk", 1),
+                                    ("topk", 5), ("topk", V)])
+def test_closed_forms_match_autograd_across_params(name, params, kind, k):
+    """Each parameterised loss (jsd's beta, temperature, T^2 scaling, ce's smoothing) takes the
+    fast path with its own params and matches autograd through the loss itself, on top-k
+    teachers of several k (k = V: an empty tail)."""
+    h, w, b, th, tw, labels, mask = _data(seed=13)
+    source = _topk(th @ tw.T * 2, k) if kind == "topk" else _source(kind, th * 2, tw)
+    plan = _prepare(N, V, h.device, source, labels, mask, _terms((name, 0.9, params)), 16, 3.0)
+    cfg = _fast_cfg(plan, True, torch.float32)
+    assert cfg is not None
+    form_params = dict(cfg.terms[0][3])
+    for key, value in params.items():
+        if key not in ("temperature", "scale_by_t2"):
+            assert form_params[key] == value   # the closed form gets the term's own params
+    fast, generic = _both(plan, h, w, b)
+    assert all(g.abs().sum() > 0 for g in fast[2:])
+    _assert_same(fast, generic)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch.distributions import Categorical, kl_divergence
 
 from wattkd.distill import losses as L
-from wattkd.distill.registry import LOSSES, check_loss_term, get_loss, resolve_terms
+from wattkd.distill.methods.registry import check_loss_term
+from wattkd.distill.registry import LOSSES, get_loss, resolve_terms
 
 D = torch.float64
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tv"]

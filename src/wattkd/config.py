@@ -214,7 +214,7 @@ class LossTerm(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class DivergenceGuard(Strict):
+class GuardConfig(Strict):
     """Stop a feature/relation-only run whose LM loss climbs instead of silently collapsing."""
 
     enabled: bool = True
@@ -234,7 +234,7 @@ class MethodConfig(Strict):
                                   "state index 0 is the embeddings")
     token_subsample: float = Field(default=1.0, gt=0, le=1)
     pooling: Literal["mean", "last"] = "mean"
-    guard: DivergenceGuard = Field(default_factory=DivergenceGuard)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     params: dict[str, Any] = Field(default_factory=dict, description="the method's own "
                                    "settings, checked against its declaration")
 
@@ -652,8 +652,7 @@ def _check_methods(cfg: ExperimentConfig, source: str) -> None:
     and loss registries at load time."""
     # lazy: the registries load the methods and losses (torch); a config read for `--help`,
     # `config show` or Slurm status stays light
-    from wattkd.distill.methods.registry import check_method
-    from wattkd.distill.registry import check_loss_term
+    from wattkd.distill.methods.registry import check_loss_term, check_method
 
     problems = []
     for i, method in enumerate(cfg.distill.methods):

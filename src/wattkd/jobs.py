@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wattkd.config import DivergenceGuard as DivergenceGuardConfig
 from wattkd.config import (
     ExperimentConfig,
+    GuardConfig,
     LossTerm,
     MethodConfig,
     StudentConfig,
@@ -92,7 +92,7 @@ def _teacher_method() -> MethodConfig:
     is this run's folder), so the method is built unvalidated."""
     return MethodConfig.model_construct(
         name="teacher", mode="none", losses=[LossTerm(name="ce")], layer_map=None,
-        token_subsample=1.0, pooling="mean", guard=DivergenceGuardConfig())
+        token_subsample=1.0, pooling="mean", guard=GuardConfig())
 
 
 def teacher_pretrain_job(cfg: ExperimentConfig) -> TrainJob:

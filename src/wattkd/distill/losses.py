@@ -149,23 +149,30 @@ class DenseTeacher:
 
 @dataclass(eq=False)
 class TopKTeacher:
-    """Teacher top-k as the cache stores it: ids [N,K], log-probs [N,K] under the full softmax
-    at T=1 (not renormalised over the K), and tail_logprob [N] = log(1 - sum of their probs).
-    Ids must be distinct within a row (as torch.topk gives)."""
+    """Teacher logits as top-k, the one top-k type (online, cached, decoded): ids [..., K],
+    log-probs [..., K] under the full softmax at T=1 (not renormalised over the K), and
+    tail_logprob [...] = log of the probability outside the K. The fused loss takes it per
+    token ([N, K], `flat_tokens`). Ids must be distinct within a row (as torch.topk gives)."""
 
     ids: Tensor
     logprobs: Tensor
     tail_logprob: Tensor
 
     def __post_init__(self) -> None:
-        if self.ids.dim() != 2 or self.logprobs.shape != self.ids.shape:
-            raise ValueError(f"TopKTeacher: ids and logprobs must both be [tokens, k], got "
+        if self.ids.dim() < 2 or self.logprobs.shape != self.ids.shape:
+            raise ValueError(f"TopKTeacher: ids and logprobs must both be [..., k], got "
                              f"{tuple(self.ids.shape)} and {tuple(self.logprobs.shape)}")
-        if self.tail_logprob.shape != self.ids.shape[:1]:
-            raise ValueError(f"TopKTeacher: tail_logprob must be [tokens]={self.ids.shape[0]}, "
-                             f"got {tuple(self.tail_logprob.shape)}")
+        if self.tail_logprob.shape != self.ids.shape[:-1]:
+            raise ValueError(f"TopKTeacher: tail_logprob must be {tuple(self.ids.shape[:-1])} "
+                             f"(ids without k), got {tuple(self.tail_logprob.shape)}")
         if self.ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"TopKTeacher: ids must be an integer tensor, got {self.ids.dtype}")
+
+    def flat_tokens(self) -> TopKTeacher:
+        """[B, L, K] per sequence -> [B*L, K] per token (what the fused loss takes)."""
+        k = self.ids.shape[-1]
+        return TopKTeacher(self.ids.reshape(-1, k), self.logprobs.reshape(-1, k),
+                           self.tail_logprob.reshape(-1))
 
     @property
     def num_tokens(self) -> int:
@@ -260,7 +267,38 @@ def reverse_kl(s_logits: Tensor | LogitChunk, teacher: TeacherChunk | None, labe
     return _t2(_kl(logq, logp), temperature, scale_by_t2)
 
 
-@register_loss("jsd", kind="logit", checks={**_T_CHECK, "beta": UNIT_INTERVAL})
+def _jsd_pair(lq: Tensor, lp: Tensor, grad: bool, *, beta: float
+              ) -> tuple[Tensor, Tensor | None]:
+    """JSD(beta) per row (forward KL at beta = 0, reverse KL at 1, as `jsd`) and its gradient
+    w.r.t. the student's tempered logits: d/dq = (1 - beta)(log q - log m), so
+    (1 - beta) q (d - sum q d) with d = log q - log m (the p-terms cancel through m)."""
+    if beta == 0.0:
+        return _forward_kl_pair(lq, lp, grad)
+    if beta == 1.0:
+        return _reverse_kl_pair(lq, lp, grad)
+    lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+    value = beta * _kl(lp, lm) + (1.0 - beta) * _kl(lq, lm)
+    if not grad:
+        return value, None
+    q = lq.exp()
+    d = lq - lm
+    return value, (1.0 - beta) * q * (d - (q * d).sum(-1, keepdim=True))
+
+
+def _tv_pair(lq: Tensor, lp: Tensor, grad: bool) -> tuple[Tensor, Tensor | None]:
+    """0.5 sum |p - q| per row and its gradient w.r.t. the student's tempered logits:
+    0.5 q (s - sum q s) with s = sign(q - p) (0 where they are equal, as autograd's abs)."""
+    q = lq.exp()
+    diff = lp.exp() - q
+    value = 0.5 * diff.abs().sum(-1)
+    if not grad:
+        return value, None
+    sign = torch.sign(-diff)
+    return value, 0.5 * q * (sign - (q * sign).sum(-1, keepdim=True))
+
+
+@register_loss("jsd", kind="logit", checks={**_T_CHECK, "beta": UNIT_INTERVAL},
+               closed_form=TeacherForm(_jsd_pair))
 def jsd(s_logits: Tensor | LogitChunk, teacher: TeacherChunk | None, labels: Tensor | None,
         *, beta: float = 0.5, temperature: float = 1.0, scale_by_t2: bool = True) -> Tensor:
     """Generalised JSD of GKD (Agarwal et al. 2024, Eq. 1; TRL `generalized_jsd_loss`).
@@ -283,7 +321,7 @@ def jsd(s_logits: Tensor | LogitChunk, teacher: TeacherChunk | None, labels: Ten
     return _t2(value, temperature, scale_by_t2)
 
 
-@register_loss("tv", kind="logit", checks=_T_CHECK)
+@register_loss("tv", kind="logit", checks=_T_CHECK, closed_form=TeacherForm(_tv_pair))
 def tv(s_logits: Tensor | LogitChunk, teacher: TeacherChunk | None, labels: Tensor | None,
        *, temperature: float = 1.0, scale_by_t2: bool = True) -> Tensor:
     """Total variation 0.5 * sum |p_t - q_s| per token (bounded in [0, 1] before T^2)."""

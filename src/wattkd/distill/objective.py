@@ -54,9 +54,7 @@ def teacher_source(signals: TeacherSignals | None, vocab: int):
         raise ValueError("this method needs teacher logits but no teacher signals were given")
     if signals.topk is not None:
         t = signals.topk
-        k = t.ids.shape[-1]
-        return TopKTeacher(t.ids[:, :-1].reshape(-1, k), t.logprobs[:, :-1].reshape(-1, k),
-                           t.tail_logprob[:, :-1].reshape(-1))
+        return TopKTeacher(t.ids[:, :-1], t.logprobs[:, :-1], t.tail_logprob[:, :-1]).flat_tokens()
     if signals.last_hidden is None or signals.head is None:
         raise ValueError("teacher signals carry neither top-k logits nor hidden state + head")
     head = signals.head

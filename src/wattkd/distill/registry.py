@@ -1,7 +1,8 @@
 """Loss registry: config names -> loss functions, so a new loss is one decorated function.
 
 Each loss is a pure tensor function. Its keyword-only arguments with defaults are the
-`params` a config may set; anything else is refused by `check_loss_term` at config load.
+`params` a config may set; anything else is refused by `check_params` at config load
+(methods/registry.check_loss_term adds which loss kinds a method accepts).
 Value ranges (e.g. temperature > 0) are declared beside the function with `checks=`, so a bad
 value is refused at config load too, not minutes into a run. A logit loss may also declare its
 `closed_form` (value and gradient w.r.t. the logits), which distill/fused's fast path then uses
@@ -18,8 +19,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from wattkd.distill.methods.registry import METHODS, known_methods
-
 LossKind = Literal["logit", "feature", "relation"]
 
 # A value check: (predicate, what is expected, in words).
@@ -33,8 +32,9 @@ HALF_OPEN_UNIT: Check = (lambda v: 0 <= v < 1, "in [0, 1)")
 class TeacherForm:
     """Closed form of a logit loss that compares student and teacher log-probs at the loss's
     `temperature` on one support (the vocabulary, or the top-k buckets and tail):
-    ``pair(logq, logp, grad) -> (value [N], d value / d(z / T) [N, S] or None)`` with z the
-    student's logits on that support. The loss takes `temperature` and `scale_by_t2` params;
+    ``pair(logq, logp, grad, **params) -> (value [N], d value / d(z / T) [N, S] or None)``
+    with z the student's logits on that support and `params` the loss's other params (e.g.
+    jsd's beta; defaults filled in). The loss takes `temperature` and `scale_by_t2` params;
     the caller applies T^2 and the chain rule through 1/T, softcaps and buckets."""
 
     pair: Callable[..., tuple[Any, Any]]
@@ -148,20 +148,6 @@ def _type_ok(default: Any, value: Any) -> bool:
     if isinstance(default, float) and isinstance(value, int):
         return True
     return isinstance(value, type(default))
-
-
-def check_loss_term(name: str, params: dict[str, Any], mode: str) -> str | None:
-    """Return a message if `name`/`params` cannot be used in `mode`, else None."""
-    spec = LOSSES.get(name)
-    if spec is None:
-        return f"unknown loss {name!r}; expected one of: {', '.join(sorted(LOSSES))}"
-    if mode not in known_methods():  # which loss kinds a mode accepts: distill/methods/
-        return f"unknown mode {mode!r}; expected one of: {', '.join(METHODS)}"
-    kinds = METHODS[mode].loss_kinds
-    if spec.kind not in kinds and name != "ce":
-        return (f"loss {name!r} is a {spec.kind} loss; mode {mode!r} accepts "
-                f"{', '.join(sorted(kinds)) or 'only ce'} losses")
-    return check_params(spec, params)
 
 
 def resolve_terms(terms: Iterable[Any], kind: LossKind | None = None

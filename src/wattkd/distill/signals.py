@@ -1,6 +1,7 @@
 """Teacher signals: what a method asks of the teacher, and the containers it gets back.
 
-A method declares a `SignalRequest` (`cls.signals(method)`, distill/methods/); a provider
+A method declares a `SignalRequest` (`cls.signals(method)`, distill/methods/; a teacher
+cache's contents are one too, with its storage fields); a provider
 (`distill.teacher.OnlineTeacher` or `teacher_cache.CachedTeacher`) answers with exactly that in
 `TeacherSignals`. The built-in kinds are top-k logits with tail mass (online: final hidden
 state + head, logits formed per chunk inside the fused loss), hidden states of chosen layers
@@ -16,6 +17,7 @@ teacher cache and the online teacher handle every registered kind without knowin
 from __future__ import annotations
 
 import contextlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,10 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from wattkd.models import decoder_layers
+from wattkd.distill.losses import TopKTeacher
+from wattkd.models import decoder_layers, unwrap
 
-__all__ = ["PROJECTIONS", "SIGNALS", "TOPK_COLUMNS", "AttentionProjections", "SignalKind",
-           "SignalRequest", "TeacherSignals", "TopK", "capture_projections", "hidden_column",
+log = logging.getLogger(__name__)
+
+__all__ = ["PROJECTIONS", "SIGNALS", "TOPK_COLUMNS", "AttentionMapsUnavailable",
+           "AttentionProjections", "SignalKind", "SignalRequest", "TeacherSignals", "TopK",
+           "capture_attention_maps", "capture_projections", "hidden_column",
            "hook_projections", "pool", "pooled_column", "projection_widths", "register_signal"]
 
 TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "topk_tail")
@@ -43,35 +49,63 @@ def pooled_column(how: str) -> str:
 
 @dataclass(frozen=True)
 class SignalRequest:
-    logits: bool = False                      # response KD
+    """The one request type: what a method asks of the teacher (`cls.signals(method)`) and,
+    with the storage fields, what a teacher cache holds (teacher_cache/spec.py: `--signals`
+    or the config's defaults; `canonical()` is part of the cache's identity)."""
+
+    logits: bool = False                      # response KD (a cache: top-k of k = topk)
     hidden_layers: tuple[int, ...] = ()       # feature KD: HF hidden_states indices (0 = embeddings)
-    pooled: str | None = None                 # relation KD: "mean" | "last"
+    pooled: tuple[str, ...] = ()              # relation KD: "mean" / "last" (a str: that one)
     extra: tuple[tuple[str, Any], ...] = ()   # registered kinds: (SignalKind.name, params)
+    # how a cache stores them
+    topk: int | None = None                   # k of the cached logits (implies logits)
+    hidden_dtype: str | None = None           # float16 | bfloat16; None: from the teacher dtype
+    hidden_stride: int = 1
+    encoding: str = "packed"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pooled, str):
+            object.__setattr__(self, "pooled", (self.pooled,))
+        if self.topk is not None and not self.logits:
+            object.__setattr__(self, "logits", True)
 
     @property
     def empty(self) -> bool:
         return not (self.logits or self.hidden_layers or self.pooled or self.extra)
 
+    def canonical(self) -> str:
+        """The `--signals` text of what is stored (a cache's identity)."""
+        parts = []
+        if self.topk is not None:
+            parts.append(f"topk:{self.topk}")
+        if self.hidden_layers:
+            h = "hidden:" + ":".join(str(i) for i in self.hidden_layers)
+            if self.hidden_dtype:
+                h += ":" + ("bf16" if self.hidden_dtype == "bfloat16" else "fp16")
+            if self.hidden_stride > 1:
+                h += f":stride={self.hidden_stride}"
+            parts.append(h)
+        if self.pooled:
+            parts.append("pooled:" + ":".join(self.pooled))
+        parts += [SIGNALS[name].canonical(params) for name, params in self.extra]
+        return ",".join(parts)
 
-@dataclass
-class TopK:
-    """Teacher logits as top-k ids and log-probs under the full softmax, plus tail mass
-    (log of the probability outside the k): the cache's form, online or decoded."""
 
-    ids: torch.Tensor           # [..., K] int
-    logprobs: torch.Tensor      # [..., K]
-    tail_logprob: torch.Tensor  # [...]
+TopK = TopKTeacher  # the one top-k type; this name stays for callers outside src (benchmarks)
 
 
 @dataclass
 class TeacherSignals:
+    """The one answer type: what a provider (online teacher, cache reader) gives a method,
+    and what a cache build computes per batch before encoding it (teacher_cache.compute)."""
+
     last_hidden: torch.Tensor | None = None     # [B, L, Ht] after the final norm (online)
     head: nn.Module | None = None               # teacher output embeddings (online)
     softcap: float | None = None                # final logit soft-capping of the teacher
-    topk: TopK | None = None                    # cached alternative to last_hidden + head
+    topk: TopKTeacher | None = None             # cached alternative to last_hidden + head
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # index -> [B, L, Ht]
     hidden_stride: int = 1    # a strided cache holds positions 0, S, 2S, ...: [B, ceil(L/S), Ht]
-    pooled: torch.Tensor | None = None          # [B, Ht]
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # "mean"|"last" -> [B, Ht]
     extra: dict[str, Any] = field(default_factory=dict)  # SignalKind.name -> its value
 
 
@@ -192,6 +226,46 @@ def capture_projections(layers: list[nn.Module]) -> Iterator[list[dict[str, torc
     finally:
         for h in handles:
             h.remove()
+
+
+class AttentionMapsUnavailable(ValueError):
+    """The model's attention layers return no attention probabilities, even in eager mode."""
+
+
+@contextlib.contextmanager
+def capture_attention_maps(model: nn.Module, layers: tuple[int, ...]
+                           ) -> Iterator[dict[int, torch.Tensor]]:
+    """Attention probabilities [B, heads, L, L] of decoder `layers` during one forward of a
+    teacher (TinyBERT-style attention KD). HF computes them only in eager attention (sdpa and
+    flash never form them): the model's implementation is switched to eager for this forward
+    only and restored after, and the switch is logged. Only the model given changes; a method
+    that wants the student's maps says so for the student itself."""
+    base = unwrap(model)
+    before = getattr(base.config, "_attn_implementation", None) or "eager"
+    if before != "eager":
+        log.info("attention maps of %s layers %s: its attention runs eager for this forward "
+                 "(was %s; %s never forms the probabilities)", type(base).__name__,
+                 list(layers), before, before)
+        base.set_attn_implementation("eager")
+    maps: dict[int, torch.Tensor] = {}
+    handles = []
+    blocks = decoder_layers(model)
+    for i in layers:
+        def hook(_m: nn.Module, _args: Any, out: Any, i: int = i) -> None:
+            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if weights is None:
+                raise AttentionMapsUnavailable(
+                    f"{type(base).__name__} layer {i}: self_attn returned no attention weights "
+                    "in eager mode; this architecture cannot give attention maps")
+            maps[i] = weights
+        handles.append(getattr(blocks[i], "self_attn", blocks[i]).register_forward_hook(hook))
+    try:
+        yield maps
+    finally:
+        for h in handles:
+            h.remove()
+        if before != "eager":
+            base.set_attn_implementation(before)
 
 
 def projection_widths(conf: Any) -> dict[str, int]:

@@ -57,6 +57,6 @@ class OnlineTeacher:
         if want_hidden:
             assert all_hidden is not None
             sig.hidden = {i: all_hidden[i] for i in self.request.hidden_layers}
-        if self.request.pooled:
-            sig.pooled = pool(last, self.request.pooled)
+        for how in self.request.pooled:
+            sig.pooled[how] = pool(last, how)
         return sig

@@ -14,13 +14,16 @@ import difflib
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from wattkd.eval.suites import (
     SUITES,
+    EvalSettings,
     Suite,
     SuiteError,
+    SuiteSettings,
     SuiteTask,
+    TaskSettings,
     _offline_env,
     get_suite,
     task_metadata,
@@ -29,9 +32,6 @@ from wattkd.eval.tasks import TASKS_DIR
 from wattkd.eval.tasks import utils as task_utils
 from wattkd.hashing import file_sha256
 from wattkd.names import safe_name
-
-if TYPE_CHECKING:  # types only: config.validate calls check_eval_config, so no runtime import
-    from wattkd.config import EvalConfig, SuiteConfig, SuiteTaskConfig
 
 # lm-eval's metrics for a task that declares no metric_list (lm_eval.api.registry).
 _DEFAULT_METRICS = {
@@ -165,7 +165,7 @@ def _packaged_data(name: str) -> str | None:
     return None
 
 
-def _lm_eval_task(tc: SuiteTaskConfig, include: tuple[str, ...]) -> tuple[SuiteTask, bool]:
+def _lm_eval_task(tc: TaskSettings, include: tuple[str, ...]) -> tuple[SuiteTask, bool]:
     """(SuiteTask, reads hub data) for a `task:` entry."""
     from lm_eval.tasks._index import Kind  # lazy: optional extra [eval]
 
@@ -200,7 +200,7 @@ def _lm_eval_task(tc: SuiteTaskConfig, include: tuple[str, ...]) -> tuple[SuiteT
                      else None, limit=tc.limit, files=files), hub
 
 
-def _bigbench_task(tc: SuiteTaskConfig) -> SuiteTask:
+def _bigbench_task(tc: TaskSettings) -> SuiteTask:
     assert tc.bigbench is not None
     folder = Path(tc.bigbench).expanduser().resolve()
     path = folder / "task.json"
@@ -221,7 +221,7 @@ def _bigbench_task(tc: SuiteTaskConfig) -> SuiteTask:
 
 
 # ------------------------------------------------------------------------------- suites
-def _include_paths(ev: EvalConfig) -> tuple[str, ...]:
+def _include_paths(ev: EvalSettings) -> tuple[str, ...]:
     out = []
     for p in ev.include_path:
         d = Path(p).expanduser().resolve()
@@ -231,7 +231,7 @@ def _include_paths(ev: EvalConfig) -> tuple[str, ...]:
     return tuple(out)
 
 
-def build_suite(sc: SuiteConfig, ev: EvalConfig, key: str = "eval.suite") -> Suite:
+def build_suite(sc: SuiteSettings, ev: EvalSettings, key: str = "eval.suite") -> Suite:
     """A `Suite` from a suite written in the config; SuiteError names `key.tasks.N`."""
     if sc.name in SUITES:
         raise SuiteError(f"{key}.name: {sc.name!r} is a preset's name; name your suite "
@@ -260,12 +260,12 @@ def build_suite(sc: SuiteConfig, ev: EvalConfig, key: str = "eval.suite") -> Sui
                  fewshot_seed=sc.fewshot_seed, include_paths=include)
 
 
-def _written(spec: str | SuiteConfig | None) -> bool:
-    """Whether a suite spec of the config is a suite written out (a SuiteConfig), not a name."""
+def _written(spec: str | SuiteSettings | None) -> bool:
+    """Whether a suite spec of the config is a suite written out (config.SuiteConfig), not a name."""
     return spec is not None and not isinstance(spec, str)
 
 
-def resolve_suite(spec: str | SuiteConfig | Suite, ev: EvalConfig) -> Suite:
+def resolve_suite(spec: str | SuiteSettings | Suite, ev: EvalSettings) -> Suite:
     """A preset name, the name of a suite written in the config, or a suite config -> Suite."""
     if isinstance(spec, Suite):
         return spec
@@ -278,12 +278,12 @@ def resolve_suite(spec: str | SuiteConfig | Suite, ev: EvalConfig) -> Suite:
     return get_suite(spec)
 
 
-def suite_name(spec: str | SuiteConfig | None) -> str | None:
+def suite_name(spec: str | SuiteSettings | None) -> str | None:
     """The result name (eval/<name>.json) of eval.suite, without resolving it."""
     return spec.name if _written(spec) else spec
 
 
-def check_eval_config(ev: EvalConfig) -> list[str]:
+def check_eval_config(ev: EvalSettings) -> list[str]:
     """Problems of the config's suites (empty: fine). Presets are checked when they run."""
     problems = []
     for key, spec in (("eval.suite", ev.suite), ("eval.train_suite", ev.train_suite)):
@@ -312,7 +312,7 @@ def check_eval_config(ev: EvalConfig) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- listing
-def list_tasks(ev: EvalConfig | None) -> str:
+def list_tasks(ev: EvalSettings | None) -> str:
     """What a suite can name: presets, wattkd's tasks, include paths, BIG-bench folders, and
     lm-eval's registry (hub data). Without a config: no include paths, no BIG-bench folder."""
     include = _include_paths(ev) if ev is not None else ()

@@ -9,28 +9,17 @@ formed in chunks of tokens, so a 262k vocabulary never needs [tokens x vocab] at
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wattkd.distill.signals import SIGNALS, TopK, pool
+from wattkd.distill.losses import TopKTeacher
+from wattkd.distill.signals import SIGNALS, SignalRequest, TeacherSignals, pool
 from wattkd.distill.teacher import decoder_forward, logit_softcap
 from wattkd.models import unwrap
-from wattkd.teacher_cache.spec import CacheSpec
 
-__all__ = ["TeacherBatch", "hidden_positions", "teacher_batch", "topk_logprobs"]
-
-
-@dataclass
-class TeacherBatch:
-    """Signals of one batch as the cache stores them, still on the teacher's device."""
-
-    topk: TopK | None = None      # [B, L, K] int64 ids, fp32 full-softmax log-probs; [B, L] tail
-    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, P, H] fp16/bf16
-    pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, H] fp32
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)   # column -> [B, ...] 16-bit
+__all__ = ["hidden_positions", "teacher_batch", "topk_logprobs"]
 
 
 def hidden_positions(seq_len: int, stride: int) -> torch.Tensor:
@@ -70,15 +59,17 @@ def topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 @torch.no_grad()
-def teacher_batch(model: nn.Module, input_ids: torch.Tensor, spec: CacheSpec, vocab: int,
-                  chunk_tokens: int, hidden_dtype: torch.dtype | None) -> TeacherBatch:
-    """Run the teacher once on [B, L] ids and compute every signal `spec` asks for."""
+def teacher_batch(model: nn.Module, input_ids: torch.Tensor, spec: SignalRequest, vocab: int,
+                  chunk_tokens: int, hidden_dtype: torch.dtype | None) -> TeacherSignals:
+    """Run the teacher once on [B, L] ids and compute every signal `spec` asks for, as the
+    cache stores them (still on the teacher's device): top-k ids int64 with fp32 log-probs,
+    hidden states strided and in `hidden_dtype`, pooled fp32, registered kinds in 16 bits."""
     want_hidden = bool(spec.hidden_layers)
     with contextlib.ExitStack() as stack:
         captured = {name: stack.enter_context(SIGNALS[name].capture(model, params))
                     for name, params in spec.extra}
         last, all_hidden = decoder_forward(model, input_ids, want_hidden)
-    out = TeacherBatch()
+    out = TeacherSignals(hidden_stride=spec.hidden_stride)
     b, seq = input_ids.shape
     if spec.topk is not None:
         head = unwrap(model).get_output_embeddings()
@@ -87,7 +78,7 @@ def teacher_batch(model: nn.Module, input_ids: torch.Tensor, spec: CacheSpec, vo
         bias = None if bias is None else bias[:vocab]
         ids, lps, tail = topk_logprobs(last.reshape(b * seq, -1), weight, bias,
                                        logit_softcap(model), spec.topk, chunk_tokens)
-        out.topk = TopK(ids.view(b, seq, -1), lps.view(b, seq, -1), tail.view(b, seq))
+        out.topk = TopKTeacher(ids.view(b, seq, -1), lps.view(b, seq, -1), tail.view(b, seq))
     if want_hidden:
         assert all_hidden is not None and hidden_dtype is not None
         pos = hidden_positions(seq, spec.hidden_stride)
@@ -100,8 +91,9 @@ def teacher_batch(model: nn.Module, input_ids: torch.Tensor, spec: CacheSpec, vo
     for name, params in spec.extra:
         kind = SIGNALS[name]
         assert hidden_dtype is not None
-        for col, t in kind.to_columns(kind.online(captured[name], params), params).items():
-            out.extra[col] = _narrow(t, hidden_dtype, col)
+        columns = kind.to_columns(kind.online(captured[name], params), params)
+        out.extra[name] = kind.from_columns(
+            {col: _narrow(t, hidden_dtype, col) for col, t in columns.items()}, params)
     return out
 
 

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from wattkd.distill.signals import TOPK_COLUMNS, TopK
+from wattkd.distill.losses import TopKTeacher
+from wattkd.distill.signals import TOPK_COLUMNS
 
 IDS, LOGPROBS, TAIL = TOPK_COLUMNS
 
@@ -44,9 +45,6 @@ __all__ = [
     "decode_f32",
     "decode_hidden",
     "decode_topk",
-    "encode_f32",
-    "encode_hidden",
-    "encode_topk",
     "id_bytes",
     "planes_to_int",
     "to_planes",
@@ -203,17 +201,9 @@ def stage_topk(encoding: str, ids: torch.Tensor, logprobs: torch.Tensor,
     raise ValueError(f"unknown top-k encoding {encoding!r}")
 
 
-def encode_topk(encoding: str, ids: torch.Tensor, logprobs: torch.Tensor,
-                tail: torch.Tensor, vocab: int, scale: float = PACKED_SCALE,
-                id_rank: torch.Tensor | None = None) -> dict[str, list[bytes]]:
-    """`stage_topk` and cut into per-row cells at once."""
-    staged = stage_topk(encoding, ids, logprobs, tail, vocab, scale, id_rank)
-    return {k: v.cells() for k, v in staged.items()}
-
-
 def decode_topk(encoding: str, columns: dict[str, dict], cells: dict[str, list[bytes]],
                 id_order: torch.Tensor | None = None, device: torch.device | str = "cpu"
-                ) -> TopK:
+                ) -> TopKTeacher:
     """Decode the top-k cells of some rows on `device`, with the manifest's parameters
     (ids [n, L, K] int64, log-probs [n, L, K] and tail [n, L] float32).
     `id_order` [vocab]: token id of each candidate rank (packed caches have one)."""
@@ -243,7 +233,7 @@ def decode_topk(encoding: str, columns: dict[str, dict], cells: dict[str, list[b
         tail = _bits16(planes_to_int(raw_tail, seq, 2), torch.float16).float()
     else:
         raise ValueError(f"unknown top-k encoding {encoding!r}")
-    return TopK(ids.reshape(n, seq, k), lp.reshape(n, seq, k), tail.reshape(n, seq))
+    return TopKTeacher(ids.reshape(n, seq, k), lp.reshape(n, seq, k), tail.reshape(n, seq))
 
 
 def candidate_order(ids: torch.Tensor, vocab: int) -> np.ndarray:
@@ -273,10 +263,6 @@ def stage_hidden(encoding: str, hidden: torch.Tensor) -> Staged:
     return Staged(bits, None if encoding == "raw" else 2)
 
 
-def encode_hidden(encoding: str, hidden: torch.Tensor) -> list[bytes]:
-    return stage_hidden(encoding, hidden).cells()
-
-
 def decode_hidden(encoding: str, cells: list[bytes], shape: list[int], dtype: str,
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """Cells of some rows -> [n, P, H] tensor of `dtype` (float16 | bfloat16) on `device`."""
@@ -291,10 +277,6 @@ def decode_hidden(encoding: str, cells: list[bytes], shape: list[int], dtype: st
 
 def stage_f32(x: torch.Tensor) -> Staged:
     return Staged(x.float().cpu().numpy().reshape(x.shape[0], -1))
-
-
-def encode_f32(x: torch.Tensor) -> list[bytes]:
-    return stage_f32(x).cells()
 
 
 def decode_f32(cells: list[bytes], count: int, device: torch.device | str = "cpu"

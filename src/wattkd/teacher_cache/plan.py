@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig
 
 from wattkd.config import ExperimentConfig
-from wattkd.distill.signals import SIGNALS, hidden_column, pooled_column
+from wattkd.distill.signals import SIGNALS, SignalRequest, hidden_column, pooled_column
 from wattkd.hashing import file_sha256
 from wattkd.jobs import teacher_path
 from wattkd.models import check_tokenizer_match, resolve_device, resolve_dtype
@@ -24,7 +24,7 @@ from wattkd.preflight import check_stage_inputs, check_vocab_sizes, model_config
 from wattkd.teacher_cache import encoding as enc
 from wattkd.teacher_cache.compute import hidden_positions
 from wattkd.teacher_cache.manifest import CacheError, teacher_fingerprint
-from wattkd.teacher_cache.spec import CacheSpec, resolve_spec
+from wattkd.teacher_cache.spec import resolve_spec
 
 __all__ = ["MAX_ROW_GROUP_ROWS", "ROW_GROUP_BYTES", "CachePlan", "plan_cache"]
 
@@ -43,7 +43,7 @@ class CachePlan:
         inputs = check_stage_inputs(cfg, self.teacher_path, uses_teacher=True)
         self.shards, self.shard_manifest = inputs.path, inputs.manifest
         self.shards_sha = file_sha256(self.shards / "manifest.json")
-        self.spec: CacheSpec = resolve_spec(cfg, signals, encoding)
+        self.spec: SignalRequest = resolve_spec(cfg, signals, encoding)
         self.tokenizer, tok_sha = inputs.tokenizer, inputs.tokenizer_sha256
         self.vocab = len(self.tokenizer)
         if self.teacher_path is not None:  # a missing folder, or config.json vs weights

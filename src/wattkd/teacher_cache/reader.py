@@ -103,8 +103,8 @@ def _check_request(m: dict[str, Any], request: SignalRequest, root: Path) -> Non
     lacking = sorted(set(request.hidden_layers) - have)
     if lacking:
         missing.append(f"hidden states of layers {lacking}")
-    if request.pooled and request.pooled not in sig.get("pooled", []):
-        missing.append(f"{request.pooled}-pooled embeddings")
+    missing += [f"{how}-pooled embeddings" for how in request.pooled
+                if how not in sig.get("pooled", [])]
     for name, params in request.extra:
         if any(c not in m["columns"] for c in SIGNALS[name].column_names(params)):
             missing.append(f"{SIGNALS[name].canonical(params)} ({name})")
@@ -307,8 +307,7 @@ class CachedTeacher:
         if request.logits:
             cols += TOPK_COLUMNS
         cols += [hidden_column(i) for i in request.hidden_layers]
-        if request.pooled:
-            cols.append(pooled_column(request.pooled))
+        cols += [pooled_column(how) for how in request.pooled]
         for name, params in request.extra:
             cols += SIGNALS[name].column_names(params)
         self._columns = tuple(cols)
@@ -366,9 +365,9 @@ class CachedTeacher:
         sig.hidden_stride = int((self.manifest["signals"].get("hidden") or {}).get("stride", 1))
         for i in self.request.hidden_layers:
             sig.hidden[i] = self._decode16(cells, hidden_column(i))
-        if self.request.pooled:
-            name = pooled_column(self.request.pooled)
-            sig.pooled = enc.decode_f32(cells[name], int(cols[name]["shape"][0]), dev)
+        for how in self.request.pooled:
+            name = pooled_column(how)
+            sig.pooled[how] = enc.decode_f32(cells[name], int(cols[name]["shape"][0]), dev)
         for name, params in self.request.extra:
             kind = SIGNALS[name]
             sig.extra[name] = kind.from_columns(

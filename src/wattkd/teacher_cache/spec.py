@@ -18,12 +18,11 @@ poolings the methods ask for (mean if distill.cache_pooled and none does).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from wattkd.config import ExperimentConfig
 from wattkd.distill.methods import get_method
-from wattkd.distill.signals import SIGNALS, merge_extra
+from wattkd.distill.signals import SIGNALS, SignalRequest, merge_extra
 from wattkd.errors import InputError
 
 __all__ = [
@@ -38,7 +37,7 @@ __all__ = [
 ]
 
 ENCODINGS = ("raw", "fp16", "packed")
-DEFAULT_ENCODING = "packed"
+DEFAULT_ENCODING = SignalRequest.encoding
 HIDDEN_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "float16": "float16",
                  "bfloat16": "bfloat16"}
 POOLINGS = ("mean", "last")
@@ -54,42 +53,11 @@ class SpecError(InputError, ValueError):
     """A `--signals` string or a cache request that cannot be satisfied."""
 
 
-@dataclass(frozen=True)
-class CacheSpec:
-    """The signals of one cache; `canonical()` is part of the cache identity."""
-
-    topk: int | None = None
-    hidden_layers: tuple[int, ...] = ()
-    hidden_dtype: str | None = None       # float16 | bfloat16; None: from the teacher dtype
-    hidden_stride: int = 1
-    pooled: tuple[str, ...] = ()
-    encoding: str = DEFAULT_ENCODING
-    extra: tuple[tuple[str, Any], ...] = ()   # registered kinds: (name, params), by name
-
-    @property
-    def empty(self) -> bool:
-        return self.topk is None and not self.hidden_layers and not self.pooled \
-            and not self.extra
-
-    def canonical(self) -> str:
-        parts = []
-        if self.topk is not None:
-            parts.append(f"topk:{self.topk}")
-        if self.hidden_layers:
-            h = "hidden:" + ":".join(str(i) for i in self.hidden_layers)
-            if self.hidden_dtype:
-                h += ":" + ("bf16" if self.hidden_dtype == "bfloat16" else "fp16")
-            if self.hidden_stride > 1:
-                h += f":stride={self.hidden_stride}"
-            parts.append(h)
-        if self.pooled:
-            parts.append("pooled:" + ":".join(self.pooled))
-        parts += [SIGNALS[name].canonical(params) for name, params in self.extra]
-        return ",".join(parts)
+CacheSpec = SignalRequest   # a cache's contents are a request with its storage fields
 
 
 def parse_signals(text: str, *, default_k: int, default_pooled: tuple[str, ...] = ("mean",),
-                  encoding: str = DEFAULT_ENCODING) -> CacheSpec:
+                  encoding: str = DEFAULT_ENCODING) -> SignalRequest:
     """Parse a `--signals` string; every problem names the item and the expected grammar."""
     if not isinstance(text, str) or not text.strip():
         raise SpecError(f"--signals must not be empty; expected {_grammar()}")
@@ -141,22 +109,22 @@ def parse_signals(text: str, *, default_k: int, default_pooled: tuple[str, ...] 
         else:
             raise SpecError(f"--signals item {item!r}: unknown signal {name!r}; "
                             f"expected {_grammar()}")
-    return CacheSpec(topk=topk, hidden_layers=tuple(sorted(layers)), hidden_dtype=dtype,
+    return SignalRequest(topk=topk, hidden_layers=tuple(sorted(layers)), hidden_dtype=dtype,
                      hidden_stride=stride, pooled=tuple(pooled), encoding=_encoding(encoding),
                      extra=tuple(sorted(extra.items())))
 
 
-def default_spec(cfg: ExperimentConfig, encoding: str = DEFAULT_ENCODING) -> CacheSpec:
+def default_spec(cfg: ExperimentConfig, encoding: str = DEFAULT_ENCODING) -> SignalRequest:
     """The signals the config's methods need (see module docstring)."""
     d = cfg.distill
     requests = [get_method(m.mode).signals(
         m.model_copy(update={"losses": [t for t in m.losses if t.weight > 0]}))
         for m in d.methods]
     layers = set(d.cache_hidden_layers) or {i for r in requests for i in r.hidden_layers}
-    pooled = {r.pooled for r in requests if r.pooled}
+    pooled = {how for r in requests for how in r.pooled}
     if d.cache_pooled and not pooled:
         pooled = {"mean"}
-    return CacheSpec(topk=d.cache_top_k if any(r.logits for r in requests) else None,
+    return SignalRequest(topk=d.cache_top_k if any(r.logits for r in requests) else None,
                      hidden_layers=tuple(sorted(layers)),
                      hidden_stride=d.cache_hidden_stride if layers else 1,
                      pooled=tuple(sorted(pooled, key=POOLINGS.index)),
@@ -164,7 +132,7 @@ def default_spec(cfg: ExperimentConfig, encoding: str = DEFAULT_ENCODING) -> Cac
 
 
 def resolve_spec(cfg: ExperimentConfig, signals: str | None,
-                 encoding: str | None = None) -> CacheSpec:
+                 encoding: str | None = None) -> SignalRequest:
     """`--signals` when given, else the config's defaults; refuses an empty request.
 
     Encoding: the argument, else `distill.cache_encoding` where the config has it, else packed.
@@ -178,7 +146,7 @@ def resolve_spec(cfg: ExperimentConfig, signals: str | None,
                             f"pass --signals {_grammar()}")
         return spec
     pooled = tuple(sorted({p for m in cfg.distill.methods
-                           if (p := get_method(m.mode).signals(m).pooled)} or {"mean"},
+                           for p in get_method(m.mode).signals(m).pooled} or {"mean"},
                           key=POOLINGS.index))
     return parse_signals(signals, default_k=cfg.distill.cache_top_k, default_pooled=pooled,
                          encoding=enc)

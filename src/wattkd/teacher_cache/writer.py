@@ -42,7 +42,14 @@ from wattkd import __version__
 from wattkd.atomic import atomic_write_bytes, atomic_write_json
 from wattkd.config import ExperimentConfig
 from wattkd.data.loader import ShardDataset
-from wattkd.distill.signals import TOPK_COLUMNS, hidden_column, pooled_column
+from wattkd.distill.signals import (
+    SIGNALS,
+    TOPK_COLUMNS,
+    SignalRequest,
+    TeacherSignals,
+    hidden_column,
+    pooled_column,
+)
 from wattkd.energy.ledger import make_meter
 from wattkd.hashing import file_sha256
 from wattkd.models import load_teacher
@@ -50,7 +57,7 @@ from wattkd.preflight import human_bytes
 from wattkd.progress import NoBar, TokenRate, progress_bar
 from wattkd.teacher_cache import encoding as enc
 from wattkd.teacher_cache.build_energy import summarize_energy
-from wattkd.teacher_cache.compute import TeacherBatch, teacher_batch
+from wattkd.teacher_cache.compute import teacher_batch
 from wattkd.teacher_cache.manifest import (
     FORMAT,
     MANIFEST,
@@ -63,7 +70,6 @@ from wattkd.teacher_cache.manifest import (
     write_cache_manifest,
 )
 from wattkd.teacher_cache.plan import CachePlan, plan_cache
-from wattkd.teacher_cache.spec import CacheSpec
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +290,7 @@ def _id_rank(plan: CachePlan, teacher: Any, root: Path, state: dict[str, Any]
         part = plan.shard_manifest["parts"][0]
         rows = min(part["rows"], max(1, -(-CALIBRATION_TOKENS // plan.seq_len)))
         ids = _read_shard_part(plan, 0)[:rows]
-        spec = CacheSpec(topk=plan.spec.topk, encoding=plan.spec.encoding)
+        spec = SignalRequest(topk=plan.spec.topk, encoding=plan.spec.encoding)
         seen = []
         for b0 in range(0, rows, plan.batch_size):
             x = torch.from_numpy(ids[b0:b0 + plan.batch_size].astype(np.int64)).to(plan.device)
@@ -397,7 +403,7 @@ def row_crc32(ids: np.ndarray) -> list[int]:
     return [zlib.crc32(r.tobytes()) for r in a]
 
 
-def _encode(plan: CachePlan, out: TeacherBatch, ids: np.ndarray, row0: int,
+def _encode(plan: CachePlan, out: TeacherSignals, ids: np.ndarray, row0: int,
             id_rank: torch.Tensor | None = None) -> dict[str, Any]:
     """Device side of encoding one batch: host arrays (enc.Staged) per column."""
     n = ids.shape[0]
@@ -410,8 +416,9 @@ def _encode(plan: CachePlan, out: TeacherBatch, ids: np.ndarray, row0: int,
         cells[hidden_column(i)] = enc.stage_hidden(plan.spec.encoding, h)
     for how, p in out.pooled.items():
         cells[pooled_column(how)] = enc.stage_f32(p)
-    for col, t in out.extra.items():  # registered signal kinds: 16-bit arrays like hidden
-        cells[col] = enc.stage_hidden(plan.spec.encoding, t)
+    for name, value in out.extra.items():  # registered kinds: 16-bit arrays like hidden
+        for col, t in SIGNALS[name].to_columns(value, dict(plan.spec.extra)[name]).items():
+            cells[col] = enc.stage_hidden(plan.spec.encoding, t)
     return cells
 
 

@@ -21,7 +21,7 @@ from wattkd.distill.fused.inputs import Plan, TeacherHidden
 from wattkd.distill.losses import LOG_FLOOR, TopKTeacher, upcast
 from wattkd.distill.registry import LabelForm, TeacherForm
 
-# (closed form, temperature, T^2 factor, label-form params as (name, value) pairs)
+# (closed form, temperature, T^2 factor, the form's other params as (name, value) pairs)
 FastTerm = tuple[TeacherForm | LabelForm, float, float, tuple[tuple[str, object], ...]]
 
 
@@ -39,7 +39,8 @@ class FastCfg:
 
 def fast_cfg(plan: Plan, track: bool, dz_dtype: torch.dtype) -> FastCfg | None:
     """The fast-path configuration of `plan`, or None when some term has no closed form (or
-    WATTKD_FAST_LOSS=0). Params a term leaves out take the registry's defaults."""
+    WATTKD_FAST_LOSS=0). Params a term leaves out take the registry's defaults; every param
+    but temperature and scale_by_t2 goes to the closed form."""
     if os.environ.get("WATTKD_FAST_LOSS", "1") == "0":
         return None
     teacher = plan.teacher
@@ -54,9 +55,9 @@ def fast_cfg(plan: Plan, track: bool, dz_dtype: torch.dtype) -> FastCfg | None:
         if isinstance(form, LabelForm):
             terms.append((form, 1.0, 1.0, tuple(p.items())))
             continue
-        t = float(p["temperature"])
-        factor = t * t if p["scale_by_t2"] else 1.0
-        terms.append((form, t, factor, ()))
+        t = float(p.pop("temperature"))
+        factor = t * t if p.pop("scale_by_t2") else 1.0
+        terms.append((form, t, factor, tuple(sorted(p.items()))))
     t_cap = teacher.softcap if isinstance(teacher, TeacherHidden) else None
     return FastCfg(tuple(terms), kind, plan.softcap, t_cap or None, track, dz_dtype)
 
@@ -113,7 +114,7 @@ def dense_body(z: Tensor, t: Tensor | None, labels: Tensor, coef: Tensor, *,
             gi = (form.grad(lq1, _all_cols(zz), labels, c, zz.shape[1], **dict(kw)) if grad
                   else None)
         else:
-            value, dx = form.pair(student(temp), teacher(temp), grad)
+            value, dx = form.pair(student(temp), teacher(temp), grad, **dict(kw))
             gi = dx * (c / temp) if grad else None
         sums.append(value.sum() * factor)
         if gi is not None:
@@ -176,7 +177,7 @@ def topk_body(z: Tensor, ids: Tensor, t_logprobs: Tensor, t_tail: Tensor, labels
             lq = F.log_softmax(bs if temp == 1.0 else bs / temp, dim=-1)
             lp = F.log_softmax(bt / temp, dim=-1).clamp(min=LOG_FLOOR)
             # formed even when not `grad` (unused then: the compiler drops it), as before
-            value, dx = form.pair(lq, lp, True)
+            value, dx = form.pair(lq, lp, True, **dict(kw))
             gi = dx * (c / temp)
             gb = gi if gb is None else gb + gi
         sums.append(value.sum() * factor)

@@ -196,5 +196,8 @@ def check_teacher(teacher: TeacherSource, n: int, vocab: int, device: torch.devi
                              f"head weight {tuple(teacher.weight.shape)}")
         if teacher.softcap is not None and not teacher.softcap > 0:
             raise ValueError(f"teacher softcap must be > 0 or None, got {teacher.softcap!r}")
+    if isinstance(teacher, TopKTeacher) and teacher.ids.dim() != 2:
+        raise ValueError(f"TopKTeacher ids {tuple(teacher.ids.shape)} must be [tokens, k] "
+                         "here (TopKTeacher.flat_tokens)")
     if isinstance(teacher, TopKTeacher) and teacher.ids.shape[1] > vocab:
         raise ValueError(f"TopKTeacher has k={teacher.ids.shape[1]} > student vocab {vocab}")

@@ -19,7 +19,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["METHODS", "MethodSpec", "check_method", "get_method", "known_methods",
+from wattkd.distill.registry import LOSSES, check_params
+
+__all__ = ["METHODS", "MethodSpec", "check_loss_term", "check_method", "get_method",
+           "known_methods",
            "register_method", "report_colours", "report_kinds", "report_order"]
 
 
@@ -104,6 +107,22 @@ def check_method(method: Any, cfg: Any = None) -> list[str]:
     if not problems and validate is not None:
         problems += validate(method, cfg)
     return problems
+
+
+def check_loss_term(name: str, params: dict[str, Any], mode: str) -> str | None:
+    """Return a message if loss `name` with `params` cannot be used in method `mode`, else
+    None: the method says which loss kinds it accepts (ce: every method), the loss registry
+    checks the params."""
+    spec = LOSSES.get(name)
+    if spec is None:
+        return f"unknown loss {name!r}; expected one of: {', '.join(sorted(LOSSES))}"
+    if mode not in known_methods():
+        return f"unknown mode {mode!r}; expected one of: {', '.join(METHODS)}"
+    kinds = METHODS[mode].loss_kinds
+    if spec.kind not in kinds and name != "ce":
+        return (f"loss {name!r} is a {spec.kind} loss; mode {mode!r} accepts "
+                f"{', '.join(sorted(kinds)) or 'only ce'} losses")
+    return check_params(spec, params)
 
 
 def method_params(method: Any) -> Any:

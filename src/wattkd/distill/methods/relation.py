@@ -46,7 +46,7 @@ class RelationMode(nn.Module):
     def forward(self, inputs: StepInputs, last: torch.Tensor, all_hidden, signals: TeacherSignals
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         s_emb = pool(last, self.pooling)
-        t_emb = signals.pooled.float()
+        t_emb = signals.pooled[self.pooling].float()
         total = last.new_zeros(()).float()
         parts: dict[str, float] = {}
         for spec, weight, params in self.terms:
