@@ -161,6 +161,11 @@ def test_rollout_reuse_and_generator_state_round_trip() -> None:
     b = rollouts_of(student, m, seed=99)
     b.load_state_dict(state)
     assert torch.equal(b.batch(raw, 3, 0)["input_ids"], fresh)
+    # each rank samples with its own generator: rank 1 draws other tokens than rank 0
+    ranks = [RolloutSource(make_mode(m, student, (2, 32)).rollout, student, seed=0, rank=r,
+                           device=torch.device("cpu"), eos_token_id=3) for r in (0, 1)]
+    assert not torch.equal(ranks[0].batch(raw, 0, 0)["input_ids"],
+                           ranks[1].batch(raw, 0, 0)["input_ids"])
 
 
 def test_phase_windows_sum_to_the_step_window(tmp_path: Path) -> None:
