@@ -9,7 +9,6 @@ from torch import Tensor, nn
 
 from wattkd.generation.sampling import SamplingParams, sample_next
 
-
 ENGINES = ("auto", "eager")
 
 

@@ -60,7 +60,7 @@ class OnPolicyParams(BaseModel):
         return self.prompt_tokens + self.completion_tokens
 
 
-@register_method("onpolicy", loss_kinds={"logit"}, params=OnPolicyParams, order=1,
+@register_method("onpolicy", loss_kinds={"logit"}, params=OnPolicyParams, order=5,
                  colour="#17becf")
 class OnPolicyMode(ResponseMode):
     """The losses are ResponseMode's (logit terms fused with the LM head); what differs is the
