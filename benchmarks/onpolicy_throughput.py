@@ -28,6 +28,7 @@ versions, command) and prints the RESULTS.md table.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import sys
@@ -340,6 +341,7 @@ def main() -> None:
                                               Path(tmp))
             except Exception as exc:  # noqa: BLE001 - a peer that fails is a row, not a crash
                 results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        gc.collect()   # the finished implementation's models, before the next one's peak
         if device.type == "cuda":
             torch.cuda.empty_cache()
     doc = {"benchmark": "onpolicy_throughput", "card": card(device), "device": str(device),
