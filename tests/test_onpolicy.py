@@ -337,3 +337,17 @@ def test_ddp_ranks_draw_their_own_rollouts_and_resume_exactly(shards: Path) -> N
     assert sorted(resumed) == [1, 2, 3, 4]
     assert [resumed[s] for s in (3, 4)] == pytest.approx([straight[s] for s in (3, 4)],
                                                          rel=1e-6)
+
+
+def test_phase_every_meters_every_kth_step(tmp_path: Path) -> None:
+    from wattkd.energy.ledger import NullMeter
+
+    phases = StepPhases(NullMeter(None, tmp_path), every=2)
+    for step in range(1, 6):
+        with phases.step(step, 10):
+            phases.switch("rollout", 1)
+            phases.switch("update", 10)
+    recs = [json.loads(x) for x in (tmp_path / "phases.jsonl").read_text().splitlines()]
+    ends = [(r["phase"], r["meta"]["step"]) for r in recs if r["kind"] == "phase"]
+    assert ends == [("rollout", 2), ("update", 2), ("step", 2),
+                    ("rollout", 4), ("update", 4), ("step", 4)]
