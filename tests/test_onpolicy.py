@@ -351,3 +351,14 @@ def test_phase_every_meters_every_kth_step(tmp_path: Path) -> None:
     ends = [(r["phase"], r["meta"]["step"]) for r in recs if r["kind"] == "phase"]
     assert ends == [("rollout", 2), ("update", 2), ("step", 2),
                     ("rollout", 4), ("update", 4), ("step", 4)]
+
+
+def test_teacher_topk_scores_through_the_loop(shards: Path) -> None:
+    data = experiment(shards / "topk", max_steps=2, checkpoint_every=0)
+    data["distill"]["methods"][0]["params"]["teacher_topk"] = 8
+    data["distill"]["methods"][0]["losses"] = [{"name": "jsd", "params": {"beta": 0.5}}]
+    cfg = validate(data)
+    result = train(student_job(cfg, "onpolicy"), progress=False)
+    got = losses(cfg.out / "onpolicy" / "rep0")
+    assert result.status == "completed" and sorted(got) == [1, 2]
+    assert all(0 < v < 10 for v in got.values())
