@@ -353,7 +353,17 @@ def test_phase_every_meters_every_kth_step(tmp_path: Path) -> None:
                     ("rollout", 4), ("update", 4), ("step", 4)]
 
 
-def test_teacher_topk_scores_through_the_loop(shards: Path) -> None:
+def test_teacher_topk_scores_through_the_loop(shards: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = TopKScores.signals
+
+    def counted(self, batch):
+        sig = original(self, batch)
+        calls.append(sig.topk.ids.shape[-1])
+        return sig
+
+    monkeypatch.setattr(TopKScores, "signals", counted)
     data = experiment(shards / "topk", max_steps=2, checkpoint_every=0)
     data["distill"]["methods"][0]["params"]["teacher_topk"] = 8
     data["distill"]["methods"][0]["losses"] = [{"name": "jsd", "params": {"beta": 0.5}}]
@@ -362,3 +372,4 @@ def test_teacher_topk_scores_through_the_loop(shards: Path) -> None:
     got = losses(cfg.out / "onpolicy" / "rep0")
     assert result.status == "completed" and sorted(got) == [1, 2]
     assert all(0 < v < 10 for v in got.values())
+    assert calls == [8] * 4   # 2 steps x grad_accum 2, each scored as top-8 + tail
