@@ -75,6 +75,14 @@ from wattkd.training.ranks import (
     rng_by_rank,
 )
 from wattkd.training.resume import ResumePlan, archive_previous, plan_resume
+from wattkd.training.rollouts import (
+    NO_PHASES,
+    STATE_KEY,
+    StepPhases,
+    TopKScores,
+    load_rollout_state,
+    make_rollouts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +140,7 @@ class Run:
     scheduler: Any
     tokens_per_step: int
     total_steps: int | None
+    rollouts: Any = None  # on-policy methods: training.rollouts.RolloutSource
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -270,11 +279,18 @@ def setup(job: TrainJob, inputs: Inputs, accelerator: Accelerator, bf16: bool,
         sharding.shard_objective(objective, student, bf16=bf16,
                                  reshard_after_forward=tc.fsdp.reshard_after_forward)
     provider, cache_use = teacher_signals(job, inputs, teacher, objective.mode, accelerator)
+    rollouts = make_rollouts(objective.mode, student, seed=job.seed,
+                             rank=accelerator.process_index, device=accelerator.device,
+                             eos_token_id=inputs.tokenizer.eos_token_id,
+                             autocast=accelerator.autocast)
+    if rollouts is not None and rollouts.p.teacher_topk and provider is not None:
+        provider = TopKScores(provider, rollouts.p.teacher_topk, objective.vocab,
+                              cfg.distill.logit_chunk_tokens)
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas,
                                   weight_decay=tc.weight_decay)
     tokens_per_step = (tc.micro_batch_size * tc.grad_accum * accelerator.num_processes
-                       * inputs.seq_len)
+                       * (rollouts.sequence_tokens if rollouts is not None else inputs.seq_len))
     total_steps = tc.max_steps
     if tc.max_tokens is not None:
         by_tokens = math.ceil(tc.max_tokens / tokens_per_step)
@@ -284,7 +300,7 @@ def setup(job: TrainJob, inputs: Inputs, accelerator: Accelerator, bf16: bool,
         objective, optimizer = accelerator.prepare(objective, optimizer)
     core = accelerator.unwrap_model(objective)
     return Run(job, inputs, accelerator, bf16, fsdp, student, objective, core, provider,
-               cache_use, params, optimizer, scheduler, tokens_per_step, total_steps)
+               cache_use, params, optimizer, scheduler, tokens_per_step, total_steps, rollouts)
 
 
 def build_models(job: TrainJob, inputs: Inputs, device: torch.device,
@@ -380,6 +396,8 @@ def resume_position(run: Run, plan: ResumePlan) -> Position:
             f"{ckpt} was written by {meta['world_size']} ranks, this run has {run.world}: "
             "the data position is per rank, so resume with the same number of processes")
     pos.guard = meta.get("guard")
+    if run.rollouts is not None:  # the rollout RNG and the rollouts kept for reuse
+        run.rollouts.load_state_dict(load_rollout_state(ckpt, run.rank))
     return pos
 
 
@@ -436,6 +454,7 @@ class Loop:
     guard: DivergenceGuard | None
     t_last: float             # time and tokens at the last logged step (tok/s)
     tok_last: int
+    phases: StepPhases = NO_PHASES  # energy windows inside the step (on-policy methods)
 
 
 def run_loop(run: Run, pos: Position, progress: bool) -> str:
@@ -456,8 +475,11 @@ def run_loop(run: Run, pos: Position, progress: bool) -> str:
                          start_step=pos.step) as window:
             loop = Loop(meter, metrics, bar, task, window, preempt, guard,
                         time.perf_counter(), pos.tokens)
+            if run.rollouts is not None:
+                loop.phases = StepPhases(meter, run.rollouts.p.phase_every)
             while run.total_steps is None or pos.step < run.total_steps:  # max steps
-                parts, grad_norm, inputs = train_step(run, stream)
+                with loop.phases.step(pos.step + 1, run.tokens_per_step):
+                    parts, grad_norm, inputs = train_step(run, stream, loop.phases, pos.step)
                 advance(run, pos, loop, parts)
                 log_step(run, pos, loop, parts, grad_norm, inputs)
                 evaluate(run, pos, loop)
@@ -489,16 +511,25 @@ def divergence_guard(method: MethodConfig, resumed: list[float] | None
     return guard
 
 
-def train_step(run: Run, stream: Iterator[dict[str, torch.Tensor]]
+def train_step(run: Run, stream: Iterator[dict[str, torch.Tensor]],
+               phases: StepPhases = NO_PHASES, step: int = 0
                ) -> tuple[dict[str, float], float | None, StepInputs]:
     """One optimizer step over grad_accum micro-batches: (losses as the global batch's mean,
-    gradient norm before clipping, the last micro-batch's inputs)."""
+    gradient norm before clipping, the last micro-batch's inputs). On-policy methods first
+    turn each batch into rollouts; `phases` meters rollout / score / update."""
     tc, accelerator, objective = run.tc, run.accelerator, run.objective
     parts_acc: dict[str, float] = {}
     for micro in range(tc.grad_accum):
         batch = next(stream)
+        if run.rollouts is not None:
+            phases.switch("rollout")
+            batch = run.rollouts.batch(batch, step, micro)
+            phases.switch("rollout", run.rollouts.last_new_tokens * run.world)
         inputs = StepInputs.from_batch(batch, accelerator.device)
+        seq_tokens = inputs.input_ids.numel() * run.world
+        phases.switch("score", seq_tokens)
         signals = run.provider.signals(batch) if run.provider is not None else None
+        phases.switch("update", seq_tokens)
         sync = micro == tc.grad_accum - 1
         if run.fsdp:  # reduce-scatter gradients only on the last micro-batch
             objective.set_requires_gradient_sync(sync)
@@ -610,7 +641,9 @@ def save_checkpoint(run: Run, pos: Position, loop: Loop) -> None:
     checkpoint.save(run.job.run_dir, pos.step, module=run.core, optimizer=run.optimizer,
                     scheduler=run.scheduler, progress=progress_rec,
                     full_weights=run.full_weights, keep_last=run.tc.keep_last, rank=run.rank,
-                    rng_by_rank=rng_by_rank(run.accelerator), states=states)
+                    rng_by_rank=rng_by_rank(run.accelerator, None if run.rollouts is None else
+                                            {STATE_KEY: run.rollouts.state_dict()}),
+                    states=states)
     loop.meter.progress("checkpoint")
 
 

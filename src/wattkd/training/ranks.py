@@ -24,9 +24,11 @@ def clip_grad_norm(accelerator: Any, params: list[torch.Tensor], max_norm: float
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def rng_by_rank(accelerator: Any) -> list[dict[str, Any]]:
-    """Every rank's RNG states (a collective: all ranks call it at the same step)."""
-    state = checkpoint.rng_state()
+def rng_by_rank(accelerator: Any, extra: dict[str, Any] | None = None
+                ) -> list[dict[str, Any]]:
+    """Every rank's RNG states (a collective: all ranks call it at the same step), with this
+    rank's `extra` entries (the on-policy rollout generator)."""
+    state = {**checkpoint.rng_state(), **(extra or {})}
     if accelerator.num_processes == 1:
         return [state]
     return gather_object([state])
