@@ -285,7 +285,7 @@ def setup(job: TrainJob, inputs: Inputs, accelerator: Accelerator, bf16: bool,
                              autocast=accelerator.autocast)
     if rollouts is not None and rollouts.p.teacher_topk and provider is not None:
         provider = TopKScores(provider, rollouts.p.teacher_topk, objective.vocab,
-                              cfg.distill.logit_chunk_tokens)
+                              job.cfg.distill.logit_chunk_tokens)
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas,
                                   weight_decay=tc.weight_decay)
