@@ -247,7 +247,9 @@ def make_cache(path: Path, *, gpu: float | None, cpu: float | None = None,
                 "identity": {k: "x" for k in ("shards_sha256", "tokenizer_sha256",
                                               "teacher_fingerprint", "teacher_dtype", "signals",
                                               "encoding")},
-                "shards": {}, "teacher": {}, "signals": {"spec": "topk"}, "columns": {},
+                "shards": {"path": "shards/train", "manifest_sha256": "x"},
+                "teacher": {"id": "teacher", "fingerprint": "x", "vocab": 64},
+                "signals": {"spec": "topk"}, "columns": {},
                 "parts": [], "rows": 0, "tokens": 1000, "encoding": "topk-v1",
                 "energy": energy}
     atomic_write_json(path / "manifest.json", manifest)
