@@ -109,7 +109,8 @@ def run_wattkd(args, student_arch, teacher_arch, device, out: Path) -> dict:
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16))
                 if device.type == "cuda" else nullcontext)
     source = RolloutSource(mode.rollout, student, seed=0, rank=0, device=device,
-                           eos_token_id=None, autocast=autocast)
+                           eos_token_id=None, autocast=autocast,
+                           decode_dtype=torch.bfloat16 if device.type == "cuda" else None)
     provider = OnlineTeacher(teacher, mode.request)
     batch = {"input_ids": prompts(args, vocab).to(device)}
     tokens = args.batch * (args.prompt + args.completion)

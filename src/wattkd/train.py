@@ -282,7 +282,8 @@ def setup(job: TrainJob, inputs: Inputs, accelerator: Accelerator, bf16: bool,
     rollouts = make_rollouts(objective.mode, student, seed=job.seed,
                              rank=accelerator.process_index, device=accelerator.device,
                              eos_token_id=inputs.tokenizer.eos_token_id,
-                             autocast=accelerator.autocast)
+                             autocast=accelerator.autocast,
+                             decode_dtype=torch.bfloat16 if bf16 else None)
     if rollouts is not None and rollouts.p.teacher_topk and provider is not None:
         provider = TopKScores(provider, rollouts.p.teacher_topk, objective.vocab,
                               job.cfg.distill.logit_chunk_tokens)

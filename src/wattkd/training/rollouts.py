@@ -12,6 +12,7 @@ ledger: `step` > `rollout` | `score` | `update` (docs/metrics.md).
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -47,13 +48,14 @@ class RolloutSource:
     """Shard batches -> on-policy or dataset sequences of prompt_tokens + completion_tokens."""
 
     def __init__(self, params: Any, student: nn.Module, *, seed: int, rank: int,
-                 device: torch.device, eos_token_id: int | None, autocast: Any = nullcontext
-                 ) -> None:
+                 device: torch.device, eos_token_id: int | None, autocast: Any = nullcontext,
+                 decode_dtype: torch.dtype | None = None) -> None:
         self.p = params
         self.student = student
         self.seed = seed
         self.device = torch.device(device)
         self.autocast = autocast
+        self.decoder = DecodeCopy.maybe(student, decode_dtype, self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(rank_seed(seed, rank))
         self.sampling = SamplingParams(
@@ -91,6 +93,11 @@ class RolloutSource:
 
     @torch.no_grad()
     def rollout(self, prompts: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.decoder is not None:   # one dtype, no autocast: the graph engine's case
+            r = generate(self.decoder.refreshed(), prompts.to(self.device), None, self.sampling,
+                         generator=self.generator)
+            self.last_new_tokens = r.new_tokens
+            return {"input_ids": r.sequences, "loss_mask": r.generated_mask.long()}
         was_training = self.student.training
         self.student.eval()
         try:
@@ -115,6 +122,44 @@ class RolloutSource:
                               "input_ids": k["input_ids"].to(self.device),
                               "loss_mask": k["loss_mask"].to(self.device)}
                      for m, k in state["kept"].items()}
+
+
+class DecodeCopy:
+    """The student in the dtype rollouts decode in. Training keeps fp32 master weights under
+    bf16 autocast, but the graph engine traces and captures one dtype (under autocast, HF's
+    forward mixes fp32 and bf16 key states and the static cache refuses them), so on CUDA a
+    student stored in another dtype is decoded from a copy in `dtype`: parameters cast (buffers
+    such as rotary frequencies stay as they are, as under autocast), copied in place from the
+    student before each rollout, so a captured graph keeps pointing at the same storage. Costs
+    one copy of the parameters in `dtype` (2 bytes each in bf16) and one device copy per
+    rollout."""
+
+    def __init__(self, student: nn.Module, dtype: torch.dtype) -> None:
+        self.student = student
+        self.copy = copy.deepcopy(student).eval().requires_grad_(False)
+        for p in self.copy.parameters():
+            p.data = p.data.to(dtype)
+        self.pairs = list(zip(student.parameters(), self.copy.parameters(), strict=True))
+
+    @classmethod
+    def maybe(cls, student: nn.Module, dtype: torch.dtype | None,
+              device: torch.device) -> DecodeCopy | None:
+        """A copy where one is needed: CUDA, a decode dtype given, parameters in another
+        dtype, and no FSDP sharding (the graph engine does not serve sharded modules)."""
+        if dtype is None or device.type != "cuda":
+            return None
+        if any("FSDP" in type(m).__name__ for m in student.modules()):
+            return None
+        if all(p.dtype == dtype for p in student.parameters()):
+            return None
+        return cls(student, dtype)
+
+    @torch.no_grad()
+    def refreshed(self) -> nn.Module:
+        """The copy, holding the student's current weights."""
+        for src, dst in self.pairs:
+            dst.copy_(src)
+        return self.copy
 
 
 def load_rollout_state(checkpoint_dir: Path, rank: int) -> dict[str, Any] | None:
@@ -147,13 +192,16 @@ class TopKScores:
 
 def make_rollouts(mode: nn.Module, student: nn.Module, *, seed: int, rank: int,
                   device: torch.device, eos_token_id: int | None,
-                  autocast: Any = nullcontext) -> RolloutSource | None:
-    """The rollout source of a mode that declares one (onpolicy), else None."""
+                  autocast: Any = nullcontext, decode_dtype: torch.dtype | None = None
+                  ) -> RolloutSource | None:
+    """The rollout source of a mode that declares one (onpolicy), else None. `decode_dtype`:
+    the dtype rollouts decode in on CUDA (the training autocast's; see DecodeCopy)."""
     params = getattr(mode, "rollout", None)
     if params is None:
         return None
     return RolloutSource(params, student, seed=seed, rank=rank, device=device,
-                         eos_token_id=eos_token_id, autocast=autocast)
+                         eos_token_id=eos_token_id, autocast=autocast,
+                         decode_dtype=decode_dtype)
 
 
 class StepPhases:
