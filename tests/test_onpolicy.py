@@ -23,7 +23,8 @@ from wattkd.distill.modes import make_mode
 from wattkd.distill.objective import DistillObjective, StepInputs
 from wattkd.distill.teacher import OnlineTeacher
 from wattkd.jobs import student_job
-from wattkd.report.onpolicy import markdown, run_row
+from wattkd.report.collect import load_run
+from wattkd.report.onpolicy import step_split
 from wattkd.train import train
 from wattkd.training.rollouts import RolloutSource, StepPhases, TopKScores, is_on_policy
 
@@ -266,15 +267,15 @@ def test_exact_resume_with_rollouts(shards: Path) -> None:
     names = {r["phase"] for r in recs if r["kind"] == "phase" and r.get("parent") == "step"}
     assert names == {"rollout", "score", "update"}
     # the report's phase split of the uninterrupted run: 6 steps x 8 sequences x 16 tokens
-    row = run_row(a, component="cpu")
-    split = row["phases"]
-    assert row["tokens"] == split["step_tokens"] == 6 * 8 * 16
-    assert split["score"]["tokens"] == split["update"]["tokens"] == 6 * 8 * 16
-    assert 0 < split["rollout"]["tokens"] <= 6 * 8 * 8
-    assert split["phases_energy_j"] <= split["step_energy_j"] * 1.001
-    assert sum(split[n]["share"] for n in ("rollout", "score", "update")) == pytest.approx(
-        split["phases_energy_j"] / split["step_energy_j"])
-    assert "| onpolicy/rep0 | 768 |" in markdown([row])
+    split = step_split(load_run(a), "cpu")
+    ph = split.phases
+    assert split.steps == 6 and split.step_tokens == 6 * 8 * 16
+    assert ph["score"].tokens == ph["update"].tokens == 6 * 8 * 16
+    assert 0 < ph["rollout"].tokens <= 6 * 8 * 8
+    inner = sum(p.energy.value for p in ph.values())
+    assert inner <= split.step_energy.value * 1.001
+    assert sum(p.share.value for p in ph.values()) == pytest.approx(
+        100 * inner / split.step_energy.value)
 
 
 def test_bad_params_refused_at_config_load(shards: Path) -> None:
