@@ -46,7 +46,7 @@ DEFINITIONS = [
         "under Read first); `unchecked` where a figure has no uncertainty (estimated). The "
         "difference is the energy of the step's time outside its phase windows (`Time "
         "outside phases`: the first batch's read before the rollout, and each window's own "
-        "edge reads and ledger records, ~1 ms per window edge).")),
+        "edge reads and ledger records, ~1-2 ms per window edge on a CPU host).")),
 ]
 
 
