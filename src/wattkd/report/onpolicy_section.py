@@ -13,6 +13,7 @@ from wattkd.report.tables import Cell, Column, Table
 __all__ = ["onpolicy_table"]
 
 NOT_ON_POLICY = "n/a"
+NO_STEPS = "n/a: no step windows (an off-policy method, or phase_every: 0)"
 TITLES = {"rollout": ("Rollout tokens", "J per rollout token", "Rollout share"),
           "score": ("Scored tokens", "J per scored token", "Score share"),
           "update": ("Update tokens", "J per update token", "Update share")}
@@ -69,6 +70,7 @@ def onpolicy_table(a: Analysis) -> Table:
             cells["ept_train"] = r.ept_train.with_note(_budget_note(r, budgets))
             for c in t.columns[6:]:
                 cells[c.key] = NOT_ON_POLICY
+            cells["check"] = NO_STEPS
             t.add(**cells)
             continue
         cells.update(steps=s.steps, e_step=s.step_energy, difference=s.difference,
