@@ -143,6 +143,10 @@ def test_report_shows_on_policy_phases_as_computed_by_hand(cpu_study: Path) -> N
     assert html_rows["onpolicy/rep0"][-1].startswith("unchecked")
     assert sum("(estimated)" in c for c in html_rows["onpolicy/rep0"]) >= 9
     assert html_rows["baseline/rep0"][-2:] == ["n/a", base["check"]]
+    png = (report.parent / "plots" / "onpolicy_phases.png").read_bytes()
+    assert png[:4] == b"\x89PNG" and any(f["id"] == "fig-onpolicy_phases" for f in dom.figures)
+    svg = (report.parent / "plots" / "onpolicy_phases.svg").read_text()
+    assert "estimated-cpu-time (estimated)" in svg and "onpolicy/rep0: J/rollout token" in svg
     # a report without an on-policy run: no such section anywhere
     plain = build_report([cpu_study / "baseline" / "rep0", cpu_study / "response" / "rep0"],
                          teacher=cpu_study / "teacher", out=cpu_study.parent / "plain")
@@ -150,6 +154,7 @@ def test_report_shows_on_policy_phases_as_computed_by_hand(cpu_study: Path) -> N
     assert "onpolicy" not in json.loads((plain.parent / "report.json").read_text())
     assert "On-policy" not in (plain.parent / "report.md").read_text()
     assert "table-onpolicy" not in parse(plain).tables
+    assert not (plain.parent / "plots" / "onpolicy_phases.png").exists()
 
 
 def test_phase_check_against_a_measured_counter(tmp_path: Path) -> None:

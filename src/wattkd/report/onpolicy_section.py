@@ -1,6 +1,7 @@
-"""The report's on-policy table: each on-policy run's energy per phase (report/onpolicy.py)
+"""The report's on-policy section: each on-policy run's energy per phase (report/onpolicy.py)
 beside the off-policy runs of the same report, whose E_run and EPT_train stand at the same
-token budget. Built only when some run has on-policy phases: other reports are unchanged.
+token budget; a table and a figure. Built only when some run has on-policy phases: other
+reports are unchanged.
 """
 
 from __future__ import annotations
@@ -8,9 +9,11 @@ from __future__ import annotations
 from wattkd.report.analysis import Analysis, RunResult
 from wattkd.report.metrics import Quantity
 from wattkd.report.onpolicy import PHASES
+from wattkd.report.plots import Plot, _energy_axis, _footer, _plt, _render
+from wattkd.report.plots import energy_source_text as src_text
 from wattkd.report.tables import Cell, Column, Table
 
-__all__ = ["onpolicy_table"]
+__all__ = ["onpolicy_plot", "onpolicy_table"]
 
 NOT_ON_POLICY = "n/a"
 NO_STEPS = "n/a: no step windows (an off-policy method, or phase_every: 0)"
@@ -81,3 +84,57 @@ def onpolicy_table(a: Analysis) -> Table:
             cells[f"share_{name}"] = p.share
         t.add(**cells)
     return t
+
+
+PHASE_COLOURS = {"rollout": "#1f77b4", "score": "#ff7f0e", "update": "#2ca02c",
+                 "outside": "#c7c7c7", "train": "#7f7f7f"}
+
+
+def onpolicy_plot(a: Analysis) -> Plot:
+    """Left: each on-policy run's step energy split into its phases (%). Right: J per
+    rollout / scored / update token beside every run's EPT_train (J per training token)."""
+    plot = Plot("onpolicy_phases", "On-policy step energy by phase",
+                "Left: share of the step windows' energy in each phase (the rest: time outside "
+                "the phase windows). Right: J per rollout / scored / update token of each "
+                "on-policy run beside EPT_train (E_run / tokens trained) of every run; error "
+                "bars ± measurement uncertainty.")
+    runs = [r for r in a.students if r.label in a.onpolicy]
+    plt = _plt()
+    bars = len(a.students) + len(PHASES) * len(runs)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, max(3.4, 1.6 + 0.28 * bars)))
+    for i, r in enumerate(runs):
+        s, start = a.onpolicy[r.label], 0.0
+        for name in PHASES:
+            share = s.phases[name].share
+            width = share.value if share.ok else 0.0
+            left.barh(i, width, left=start, color=PHASE_COLOURS[name],
+                      label=name if i == 0 else None)
+            start += width  # type: ignore[operator]
+        left.barh(i, max(0.0, 100.0 - start), left=start, color=PHASE_COLOURS["outside"],
+                  label="outside phases" if i == 0 else None)
+    left.set_yticks(range(len(runs)), [r.label for r in runs])
+    left.set_xlim(0, 100)
+    left.set_xlabel(_energy_axis(a, "share of the step windows' energy", "%"))
+    left.legend(fontsize=7.5, loc="lower right")
+    labels, values, errs, colours = [], [], [], []
+    for r in a.students:
+        bars = [("EPT_train", r.ept_train, "train")]
+        if r.label in a.onpolicy:
+            bars += [(f"J/{n} token", a.onpolicy[r.label].phases[n].per_token, n)
+                     for n in PHASES]
+        for what, q, colour in bars:
+            if q.ok and q.value > 0:  # type: ignore[operator]
+                labels.append(f"{r.label}: {what}")
+                values.append(q.value)
+                errs.append(q.unc or 0.0)
+                colours.append(PHASE_COLOURS[colour])
+    right.barh(range(len(values)), values, xerr=errs, color=colours, capsize=2)
+    right.set_yticks(range(len(values)), labels, fontsize=7)
+    right.invert_yaxis()
+    right.set_xlabel(_energy_axis(a, "energy per token", "J/token"))
+    fig.suptitle(plot.title)
+    qs = [q for s in a.onpolicy.values() for q in [s.step_energy, *(p.energy for p in
+                                                                    s.phases.values())]]
+    _footer(fig, src_text(qs, a.basis), bottom=0.12, left=0.2, top=0.88)
+    fig.subplots_adjust(wspace=0.9)
+    return _render(fig, plot)

@@ -10,7 +10,7 @@ from rich.progress import track
 
 from wattkd.report.analysis import Analysis
 from wattkd.report.ept_section import decode_vs_batch, energy_vs_latency, ratio_table, steady_table
-from wattkd.report.onpolicy_section import onpolicy_table
+from wattkd.report.onpolicy_section import onpolicy_plot, onpolicy_table
 from wattkd.report.plots import (
     Plot,
     energy_vs_quality,
@@ -44,6 +44,7 @@ def build_plots(a: Analysis, *, progress: bool = True) -> list[Plot]:
     """Every figure of the report, in report order (a rich progress bar: each takes ~1 s)."""
     jobs: list[Any] = [energy_vs_quality, phase_bars, ept_vs_batch, decode_vs_batch,
                        energy_vs_latency, loss_vs_energy]
+    jobs += [onpolicy_plot] if a.onpolicy else []                    # on-policy runs only
     jobs += [lambda a, r=r: power_trace(r) for r in [*a.students, a.teacher]]
     if not progress:
         return [plot_notes(a, job(a)) for job in jobs]
