@@ -20,7 +20,8 @@ from wattkd.report.collect import RunData
 from wattkd.report.energy import phase_energy, window_tokens
 from wattkd.report.metrics import Quantity, ratio, total
 
-__all__ = ["PHASES", "STEP", "PhaseFigure", "StepSplit", "split_json", "step_split"]
+__all__ = ["DEFINITIONS", "PHASES", "STEP", "PhaseFigure", "StepSplit", "split_json",
+           "step_split"]
 
 PHASES = ("rollout", "score", "update")
 STEP = "step"
