@@ -16,14 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from wattkd.config import ConfigError, MethodConfig, validate
 from wattkd.distill.modes import make_mode
 from wattkd.distill.objective import DistillObjective, StepInputs
 from wattkd.distill.teacher import OnlineTeacher
 from wattkd.jobs import student_job
-from wattkd.report.onpolicy import markdown, run_row
+from wattkd.report.collect import load_run
+from wattkd.report.onpolicy import step_split
 from wattkd.train import train
 from wattkd.training.rollouts import RolloutSource, StepPhases, TopKScores, is_on_policy
 
@@ -111,6 +112,37 @@ def test_loss_on_fixed_rollouts_matches_fp64_reference(arch: str, loss: dict) ->
     want = reference(student, teacher, ids, mask, loss["name"], 0.3,
                      getattr(student.config, "final_logit_softcapping", None))
     assert float(loss_value) == pytest.approx(want, rel=2e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_greedy_rollouts_on_cpu_are_hf_greedy_generate(arch: str) -> None:
+    """The rollout path on CPU (generate's engine `auto` falls back to the eager loop):
+    temperature 0 gives HF's own greedy `generate`, token for token, the first EOS ending a
+    completion (padded after it) and only the generated tokens, EOS included, in the loss."""
+    student = model(LLAMA if arch == "llama" else GEMMA, 2)
+    raw = shard_batch()
+    prompts = raw["input_ids"][:, :P]
+    free = student.generate(prompts, attention_mask=torch.ones_like(prompts),
+                            generation_config=GenerationConfig(
+                                do_sample=False, max_new_tokens=C, min_new_tokens=C,
+                                pad_token_id=0))
+    eos = int(free[0, P + 2])   # a token row 0 emits greedily: a real stop at completion pos 2
+    m = method({"name": "reverse_kl"}, temperature=0.0)
+    source = RolloutSource(make_mode(m, student, (2, 32)).rollout, student, seed=0, rank=0,
+                           device=torch.device("cpu"), eos_token_id=eos)
+    got = source.batch(raw, 0, 0)
+    ref = student.generate(prompts, attention_mask=torch.ones_like(prompts),
+                           generation_config=GenerationConfig(
+                               do_sample=False, max_new_tokens=C, eos_token_id=eos,
+                               pad_token_id=eos))
+    ref = torch.nn.functional.pad(ref, (0, P + C - ref.shape[1]), value=eos)
+    assert torch.equal(got["input_ids"], ref)
+    want = torch.zeros_like(ref)
+    for i in range(ref.shape[0]):
+        stop = next((t for t in range(P, P + C) if ref[i, t] == eos), P + C - 1)
+        want[i, P:stop + 1] = 1
+    assert torch.equal(got["loss_mask"], want) and want[0, P + 3:].sum() == 0
+    assert source.last_new_tokens == int(want.sum())
 
 
 def test_teacher_topk_equals_full_logits_when_k_is_the_vocab() -> None:
@@ -266,15 +298,15 @@ def test_exact_resume_with_rollouts(shards: Path) -> None:
     names = {r["phase"] for r in recs if r["kind"] == "phase" and r.get("parent") == "step"}
     assert names == {"rollout", "score", "update"}
     # the report's phase split of the uninterrupted run: 6 steps x 8 sequences x 16 tokens
-    row = run_row(a, component="cpu")
-    split = row["phases"]
-    assert row["tokens"] == split["step_tokens"] == 6 * 8 * 16
-    assert split["score"]["tokens"] == split["update"]["tokens"] == 6 * 8 * 16
-    assert 0 < split["rollout"]["tokens"] <= 6 * 8 * 8
-    assert split["phases_energy_j"] <= split["step_energy_j"] * 1.001
-    assert sum(split[n]["share"] for n in ("rollout", "score", "update")) == pytest.approx(
-        split["phases_energy_j"] / split["step_energy_j"])
-    assert "| onpolicy/rep0 | 768 |" in markdown([row])
+    split = step_split(load_run(a), "cpu")
+    ph = split.phases
+    assert split.steps == 6 and split.step_tokens == 6 * 8 * 16
+    assert ph["score"].tokens == ph["update"].tokens == 6 * 8 * 16
+    assert 0 < ph["rollout"].tokens <= 6 * 8 * 8
+    inner = sum(p.energy.value for p in ph.values())
+    assert inner <= split.step_energy.value * 1.001
+    assert sum(p.share.value for p in ph.values()) == pytest.approx(
+        100 * inner / split.step_energy.value)
 
 
 def test_bad_params_refused_at_config_load(shards: Path) -> None:

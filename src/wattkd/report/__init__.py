@@ -21,6 +21,7 @@ from wattkd.report import markdown as md_mod
 from wattkd.report.analysis import analyze, definitions
 from wattkd.report.collect import ReportInputError, collect
 from wattkd.report.notebook import notebook_json
+from wattkd.report.onpolicy import split_json
 from wattkd.report.sections import build_plots, build_tables
 from wattkd.report.tables import table_json, write_tables
 from wattkd.report.verdicts import statistics, statistics_tables
@@ -84,6 +85,8 @@ def build_report(runs: list[Path], *, teacher: Path, out: Path,
         "read_notes": {r.label: r.run.read_notes for r in [*a.students, a.teacher]
                        if r.run.read_notes},
     }
+    if a.onpolicy:   # per-phase figures of on-policy runs (docs/metrics.md)
+        summary["onpolicy"] = {label: split_json(s) for label, s in a.onpolicy.items()}
     atomic_write_text(out / "report.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / "report.ipynb", json.dumps(notebook_json(), indent=1) + "\n")
     atomic_write_text(out / "report.md", md_mod.render(a, tables, plots))

@@ -31,7 +31,7 @@ from wattkd.energy.metrics import e_avg as ledger_e_avg
 from wattkd.energy.metrics import ept as ledger_ept
 from wattkd.eval.protocol import ProtocolMismatch, compare_protocols
 from wattkd.report.collect import RunData
-from wattkd.report.energy import FLAG_NOTES, GPU_FLAGS, phase_energy
+from wattkd.report.energy import FLAG_NOTES, GPU_FLAGS, phase_energy, window_tokens
 from wattkd.report.ept_steady import steady_fields
 from wattkd.report.metrics import (
     MetricError,
@@ -46,6 +46,8 @@ from wattkd.report.metrics import (
     ratio,
     total,
 )
+from wattkd.report.onpolicy import DEFINITIONS as ONPOLICY_DEFINITIONS
+from wattkd.report.onpolicy import StepSplit, step_split
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,7 @@ class Analysis:
     ept_batch: int | None
     ept_batch_note: str
     warnings: list[str]
+    onpolicy: dict[str, StepSplit] = field(default_factory=dict)  # run label -> phase split
 
     @property
     def basis_label(self) -> str:
@@ -188,21 +191,13 @@ def phase_rows(run: RunData, comps: Sequence[str]) -> list[PhaseRow]:
             else:
                 dynamic[c] = Quantity.missing(energy[c].gap or "", "J")
         rows.append(PhaseRow(name, len(recs), math.fsum(float(r.get("duration_s", 0)) for r in recs),
-                             _tokens(recs), energy, dynamic))
+                             window_tokens(recs), energy, dynamic))
     return rows
 
 
 def _only(run: RunData, recs: list[dict[str, Any]]) -> RunData:
     return RunData(run.path, run.label, run.info, phases=recs, gaps=run.gaps,
                    energy_notes=run.energy_notes)
-
-
-def _tokens(recs: Sequence[dict[str, Any]]) -> int:
-    """Tokens of windows: summed over sessions, max over hosts (each host logs global tokens)."""
-    per_host: dict[str, int] = defaultdict(int)
-    for r in recs:
-        per_host[str(r.get("host"))] += int(r.get("tokens") or 0)
-    return max(per_host.values(), default=0)
 
 
 def _quantity(share: Share | None) -> Quantity | None:
@@ -413,7 +408,7 @@ def _run_result(run: RunData, comps: Sequence[str], basis: str) -> RunResult:
     # every host's record carries the global token count (train.py adds tokens x world size)
     train_recs = [r for r in run.phases or [] if r.get("kind", "phase") == "phase"
                   and r.get("phase") == "train"]
-    tokens = _tokens(train_recs) if train_recs else None
+    tokens = window_tokens(train_recs) if train_recs else None
     if e[basis].ok and tokens:
         v = ledger_ept(e[basis].value, tokens)
         q = e[basis]
@@ -540,8 +535,11 @@ def analyze(students: Sequence[RunData], teacher: RunData, *, ept_batch: int | N
     for r in [*students, teacher]:
         if r.status not in ("completed", "budget", "unknown") and r.kind != "teacher":
             warnings.append(f"{r.label}: status {r.status!r} (figures are from an unfinished run)")
+    onpolicy = {r.label: s for r in results if (s := step_split(r.run, basis)) is not None}
+    warnings.extend(f"{label}: on-policy phases do not add up to the step windows: "
+                    f"{s.check_text}" for label, s in onpolicy.items() if s.check == "outside")
     return Analysis(results, tres, configs, methods, basis, qbasis, suite, tasks, ept_batch,
-                    batch_note, warnings)
+                    batch_note, warnings, onpolicy)
 
 
 def _j_per_point(energy: Quantity, quality: Quantity) -> Quantity:
@@ -696,6 +694,8 @@ def definitions(a: Analysis) -> list[tuple[str, str]]:
                          + (f" (suite {a.suite!r})" if a.suite else "") + "; gaps are shown as "
                          "— with a numbered reason, never as 0.")),
     ]
+    if a.onpolicy:
+        out[-1:-1] = ONPOLICY_DEFINITIONS   # before "This report"
     inside = {c: component(c).contains for c in a.teacher.e_run if component(c).contains}
     for c, parts in inside.items():  # e.g. a node meter: it already holds the GPUs and CPUs
         out.insert(1, (f"E_run {label_of(c)}", (

@@ -5,6 +5,7 @@ neither imports the other.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ from wattkd.energy.metrics import e_run as ledger_e_run
 from wattkd.report.collect import RunData
 from wattkd.report.metrics import Quantity
 
-__all__ = ["FLAG_NOTES", "GPU_FLAGS", "phase_energy"]
+__all__ = ["FLAG_NOTES", "GPU_FLAGS", "phase_energy", "window_tokens"]
 
 FLAG_NOTES = {
     "short-window": "window shorter than telemetry.min_window_s: counter quantisation at the "
@@ -74,3 +75,11 @@ def phase_energy(run: RunData, phase: str | None, comp: str) -> tuple[Quantity, 
     for n in notes:
         q = q.with_note(n)
     return q, fig
+
+
+def window_tokens(recs: Sequence[dict[str, Any]]) -> int:
+    """Tokens of windows: summed over sessions, max over hosts (each host logs global tokens)."""
+    per_host: dict[str, int] = defaultdict(int)
+    for r in recs:
+        per_host[str(r.get("host"))] += int(r.get("tokens") or 0)
+    return max(per_host.values(), default=0)
