@@ -512,6 +512,16 @@ def divergence_guard(method: MethodConfig, resumed: list[float] | None
     return guard
 
 
+def rollout_tokens(run: Run) -> int:
+    """Tokens the last rollouts generated on all ranks (completions stopped at EOS differ in
+    length between ranks, so one rank's count times the world size would be approximate)."""
+    n = run.rollouts.last_new_tokens
+    if run.world == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.long, device=run.accelerator.device)
+    return int(run.accelerator.reduce(t, reduction="sum").item())
+
+
 def train_step(run: Run, stream: Iterator[dict[str, torch.Tensor]],
                phases: StepPhases = NO_PHASES, step: int = 0
                ) -> tuple[dict[str, float], float | None, StepInputs]:
@@ -521,11 +531,12 @@ def train_step(run: Run, stream: Iterator[dict[str, torch.Tensor]],
     tc, accelerator, objective = run.tc, run.accelerator, run.objective
     parts_acc: dict[str, float] = {}
     for micro in range(tc.grad_accum):
-        batch = next(stream)
-        if run.rollouts is not None:
+        if run.rollouts is not None:   # the prompts' read counts to the rollout phase
             phases.switch("rollout")
-            batch = run.rollouts.batch(batch, step, micro)
-            phases.switch("rollout", run.rollouts.last_new_tokens * run.world)
+            batch = run.rollouts.batch(next(stream), step, micro)
+            phases.switch("rollout", rollout_tokens(run))
+        else:
+            batch = next(stream)
         inputs = StepInputs.from_batch(batch, accelerator.device)
         seq_tokens = inputs.input_ids.numel() * run.world
         phases.switch("score", seq_tokens)
