@@ -261,6 +261,15 @@ class DecodeModel(nn.Module):
         if not self.tied:
             _fill(self.lm_head, [hf.lm_head])
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weight buffers (what `refresh` writes; it reads as many)."""
+        seen = {}
+        for name, t in self.named_buffers():
+            if t is not None and name not in ("k_cache", "v_cache", "slots") \
+                    and not name.startswith("inv_freq"):
+                seen[t.data_ptr()] = t.numel() * t.element_size()
+        return sum(seen.values())
+
     def _set_norm(self, dst: Tensor, w: Tensor) -> None:
         """Gemma stores w and scales by (1 + w) in fp32: the buffer holds 1 + w.float()."""
         dst.copy_(1.0 + w.float() if self.arch.gemma else w)
