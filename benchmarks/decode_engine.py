@@ -126,7 +126,7 @@ def decoder_facts(net: torch.nn.Module, b: int, prompt: int, new: int,
     facts: dict[str, Any] = {"forward": dec.forward}
     if dec.forward == "wattkd":
         facts["refresh_ms"] = statistics.median(timed(dec.fwd.refresh) for _ in range(7)) * 1e3
-        facts["refresh_bytes"] = 2 * dec.fwd.weight_bytes()   # read + write
+        facts["refresh_bytes"] = 2 * dec.fwd.w.weight_bytes()   # read + write
     return facts
 
 

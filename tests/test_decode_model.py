@@ -160,10 +160,12 @@ def test_refresh_follows_a_changed_weight():
         first = dm.prefill(ids, _positions(mask), pad, all_logits=True)
     stale = (first - _hf_logits(m, ids, mask, ids[:, :0])).abs().max()
     assert stale > 1e-2                                      # the buffers are a copy
-    address = dm.qkv.data_ptr(), dm.gate_up.data_ptr()
+    address = dm.w.qkv.data_ptr(), dm.w.gate_up.data_ptr()
     dm.refresh()
-    assert (dm.qkv.data_ptr(), dm.gate_up.data_ptr()) == address  # in place: graphs stay valid
+    assert (dm.w.qkv.data_ptr(), dm.w.gate_up.data_ptr()) == address  # in place: graphs stay valid
     _assert_matches_hf(dm, m)
+    other = DecodeModel(m, batch=1, max_len=16)      # another bucket: the same weight copy
+    assert other.w is dm.w
 
 
 def test_graph_decoder_refreshes_before_each_decode():
@@ -247,3 +249,21 @@ def test_step_compiles_with_fullgraph_on_cpu_inductor():
         pytest.skip("inductor's CPU compile took over 60 s on this machine")
     ref = _hf_logits(m, ids, mask, fed)
     torch.testing.assert_close(got, ref[:, PROMPT:PROMPT + 4], atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("forward", ["wattkd", "hf"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_captured_graph_on_each_forward_matches_eager_on_cuda(name, forward):
+    """Compiled by inductor and captured: the tokens of wattkd's eager loop, also after a
+    weight change (the refresh before each decode keeps the captured addresses)."""
+    m = _model(name).cuda()
+    ids, mask = (t.cuda() for t in _prompts())
+    params = SamplingParams(max_new_tokens=NEW, eos_token_id=5)
+    for _ in range(2):
+        ref = generate(m, ids, mask, params, engine="eager")
+        got = generate(m, ids, mask, params, engine="graph", forward=forward)
+        assert torch.equal(got.sequences, ref.sequences)
+        assert torch.equal(got.generated_mask, ref.generated_mask)
+        with torch.no_grad():
+            m.lm_head.weight.mul_(-1.0)

@@ -187,15 +187,12 @@ def _norm_names(gemma: bool) -> tuple[str, ...]:
     return ("input_layernorm", "post_attention_layernorm")
 
 
-class DecodeModel(nn.Module):
-    """A causal LM's inference forward over its own static KV cache of `batch` rows x
-    `max_len` slots. `prefill` fills slots 0..P-1; `step` decodes one token per row at slot
-    `slot` (a 1-element device tensor: no host sync, capturable). Call `refresh()` whenever the
-    source model's weights may have changed."""
+class FusedWeights(nn.Module):
+    """The model's weights fused for decoding (q|k|v, gate|up, Gemma's norms as 1 + w in fp32,
+    LoRA merged), shared by all decoders of one model (`shared_weights`): one copy in memory
+    and one `refresh` per decode whatever the number of batch buckets."""
 
-    name = "wattkd"
-
-    def __init__(self, model: nn.Module, *, batch: int, max_len: int) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.arch = a = inspect_arch(model)
         self.source = [model]          # a list: not registered as a submodule (no state dict)
@@ -231,18 +228,8 @@ class DecodeModel(nn.Module):
             inv, scaling = _rope_of(hf, kind)
             buf(f"inv_freq_{kind}", inv.detach().to(dev, torch.float32).clone())
             self.rope_scaling[kind] = scaling
-        shape = (a.layers, batch, a.kv_heads, max_len, a.head_dim)
-        buf("k_cache", torch.zeros(shape, device=dev, dtype=dtype))
-        buf("v_cache", torch.zeros(shape, device=dev, dtype=dtype))
-        buf("slots", torch.arange(max_len, device=dev))
-        self.batch, self.max_len = batch, max_len
         self.refresh()
 
-    def reset(self) -> None:
-        """Nothing to clear between requests: slots past a row's current one are masked out
-        (weight exactly 0 on finite values), and `prefill` rewrites slots 0..P-1."""
-
-    # -- weights ----------------------------------------------------------------------------
     @torch.no_grad()
     def refresh(self) -> None:
         """Copy the source model's current weights (LoRA merged) into the fused buffers, in
@@ -263,16 +250,60 @@ class DecodeModel(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of the weight buffers (what `refresh` writes; it reads as many)."""
-        seen = {}
-        for name, t in self.named_buffers():
-            if t is not None and name not in ("k_cache", "v_cache", "slots") \
-                    and not name.startswith("inv_freq"):
-                seen[t.data_ptr()] = t.numel() * t.element_size()
+        seen = {t.data_ptr(): t.numel() * t.element_size()
+                for name, t in self.named_buffers()
+                if t is not None and not name.startswith("inv_freq")}
         return sum(seen.values())
 
     def _set_norm(self, dst: Tensor, w: Tensor) -> None:
         """Gemma stores w and scales by (1 + w) in fp32: the buffer holds 1 + w.float()."""
         dst.copy_(1.0 + w.float() if self.arch.gemma else w)
+
+
+def shared_weights(model: nn.Module) -> FusedWeights:
+    """The model's FusedWeights, built on first use and kept on the model (rebuilt if the
+    model moved to another device or dtype)."""
+    inspect_arch(model)            # refuse before touching modules it may not have
+    emb = base_model(model).model.embed_tokens.weight
+    held = model.__dict__.get("_wattkd_fused_weights")
+    if held is None or held.embed.device != emb.device or held.embed.dtype != emb.dtype:
+        held = FusedWeights(model)
+        model.__dict__["_wattkd_fused_weights"] = held
+    return held
+
+
+class DecodeModel(nn.Module):
+    """A causal LM's inference forward over its own static KV cache of `batch` rows x
+    `max_len` slots. `prefill` fills slots 0..P-1; `step` decodes one token per row at slot
+    `slot` (a 1-element device tensor: no host sync, capturable). Call `refresh()` whenever the
+    source model's weights may have changed (the weights are shared_weights(model))."""
+
+    name = "wattkd"
+
+    def __init__(self, model: nn.Module, *, batch: int, max_len: int) -> None:
+        super().__init__()
+        self.w = w = shared_weights(model)
+        self.arch = a = w.arch
+        dev, dtype = w.embed.device, w.embed.dtype
+        shape = (batch, a.kv_heads, max_len, a.head_dim)
+        for i in range(a.layers):    # one tensor per layer: the step writes a buffer, not a view
+            for kv in ("k", "v"):
+                self.register_buffer(f"{kv}_cache_{i}", torch.zeros(shape, device=dev, dtype=dtype),
+                                     persistent=False)
+        self.register_buffer("slots", torch.arange(max_len, device=dev), persistent=False)
+        self.batch, self.max_len = batch, max_len
+
+    def cache(self, i: int) -> tuple[Tensor, Tensor]:
+        """Layer i's (keys, values) [batch, kv_heads, max_len, head_dim]."""
+        return getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+
+    def reset(self) -> None:
+        """Nothing to clear between requests: slots past a row's current one are masked out
+        (weight exactly 0 on finite values), and `prefill` rewrites slots 0..P-1."""
+
+    def refresh(self) -> None:
+        """The source model's current weights into the shared fused buffers (in place)."""
+        self.w.refresh()
 
     # -- the maths --------------------------------------------------------------------------
     def _norm(self, x: Tensor, w: Tensor) -> Tensor:
@@ -285,16 +316,16 @@ class DecodeModel(nn.Module):
     def _rope(self, pos: Tensor, dtype: torch.dtype) -> dict[str, tuple[Tensor, Tensor]]:
         """cos, sin [B, 1, S, D] per rope kind (HF: fp32 angles, scaled, cast to the dtype)."""
         out = {}
-        for kind, scaling in self.rope_scaling.items():
-            freqs = pos[..., None].float() * getattr(self, f"inv_freq_{kind}")
+        for kind, scaling in self.w.rope_scaling.items():
+            freqs = pos[..., None].float() * getattr(self.w, f"inv_freq_{kind}")
             emb = torch.cat((freqs, freqs), dim=-1)
             out[kind] = ((emb.cos() * scaling).to(dtype)[:, None],
                          (emb.sin() * scaling).to(dtype)[:, None])
         return out
 
     def _linear(self, x: Tensor, name: str, i: int) -> Tensor:
-        bias = getattr(self, f"{name}_bias")
-        return F.linear(x, getattr(self, name)[i], None if bias is None else bias[i])
+        bias = getattr(self.w, f"{name}_bias")
+        return F.linear(x, getattr(self.w, name)[i], None if bias is None else bias[i])
 
     def _qkv(self, h: Tensor, i: int, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """[B, S, hidden] -> q [B, Hq, S, D], k and v [B, Hkv, S, D] (normed, rotated)."""
@@ -303,7 +334,7 @@ class DecodeModel(nn.Module):
         qkv = self._linear(h, "qkv", i).view(b, s, a.heads + 2 * a.kv_heads, a.head_dim)
         q, k, v = qkv.transpose(1, 2).split([a.heads, a.kv_heads, a.kv_heads], dim=1)
         if a.gemma:
-            q, k = self._norm(q, self.q_norm[i]), self._norm(k, self.k_norm[i])
+            q, k = self._norm(q, self.w.q_norm[i]), self._norm(k, self.w.k_norm[i])
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
     def _mlp(self, h: Tensor, i: int) -> Tensor:
@@ -313,28 +344,28 @@ class DecodeModel(nn.Module):
     def _layers(self, x: Tensor, pos: Tensor, attend: Any) -> Tensor:
         """The decoder stack; `attend(i, q, k, v)` -> [B, S, Hq * D] does the cache and
         attention of layer i (prefill or step)."""
-        gemma = self.arch.gemma
+        gemma, w = self.arch.gemma, self.w
         ropes = self._rope(pos, x.dtype)
         for i in range(self.arch.layers):
-            h = self._norm(x, self.ln_input[i])
-            q, k, v = self._qkv(h, i, *ropes[self.rope_kind[i]])
+            h = self._norm(x, w.ln_input[i])
+            q, k, v = self._qkv(h, i, *ropes[w.rope_kind[i]])
             out = self._linear(attend(i, q, k, v), "o", i)
             if gemma:
-                out = self._norm(out, self.ln_post_attention[i])
+                out = self._norm(out, w.ln_post_attention[i])
             x = x + out
-            h = self._norm(x, self.ln_pre_feedforward[i] if gemma else self.ln_post_attention[i])
+            h = self._norm(x, w.ln_pre_feedforward[i] if gemma else w.ln_post_attention[i])
             out = self._mlp(h, i)
             if gemma:
-                out = self._norm(out, self.ln_post_feedforward[i])
+                out = self._norm(out, w.ln_post_feedforward[i])
             x = x + out
-        return self._norm(x, self.final_norm)
+        return self._norm(x, w.final_norm)
 
     def _embed(self, ids: Tensor) -> Tensor:
-        x = F.embedding(ids, self.embed)
-        return x if self.embed_scale is None else x * self.embed_scale
+        x = F.embedding(ids, self.w.embed)
+        return x if self.w.embed_scale is None else x * self.w.embed_scale
 
     def _logits(self, h: Tensor) -> Tensor:
-        logits = F.linear(h, self.lm_head)
+        logits = F.linear(h, self.w.lm_head)
         cap = self.arch.softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -353,8 +384,9 @@ class DecodeModel(nn.Module):
                  True: self._in_window(attend_ok, idx[None, :], idx[:, None])[:, None]}
 
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            self.k_cache[i, :, :, :p] = k.to(self.k_cache.dtype)
-            self.v_cache[i, :, :, :p] = v.to(self.v_cache.dtype)
+            k_cache, v_cache = self.cache(i)
+            k_cache[:, :, :p] = k.to(k_cache.dtype)
+            v_cache[:, :, :p] = v.to(v_cache.dtype)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=masks[self.arch.sliding[i]], scale=self.arch.scaling,
                 enable_gqa=self.arch.heads != self.arch.kv_heads)
@@ -373,12 +405,13 @@ class DecodeModel(nn.Module):
         masks = {False: ok[:, None, None], True: self._in_window(ok, self.slots, slot)[:, None, None]}
 
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            self.k_cache[i].index_copy_(2, slot, k.to(self.k_cache.dtype))
-            self.v_cache[i].index_copy_(2, slot, v.to(self.v_cache.dtype))
+            k_cache, v_cache = self.cache(i)
+            k_cache.index_copy_(2, slot, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, slot, v.to(v_cache.dtype))
             # the `group` query heads of one KV head become that head's query rows: GQA
             # without repeating the cache
             qg = q.reshape(b, a.kv_heads, group, a.head_dim)
-            out = F.scaled_dot_product_attention(qg, self.k_cache[i], self.v_cache[i],
+            out = F.scaled_dot_product_attention(qg, k_cache, v_cache,
                                                  attn_mask=masks[a.sliding[i]], scale=a.scaling)
             return out.reshape(b, 1, a.heads * a.head_dim)
 

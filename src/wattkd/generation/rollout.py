@@ -96,8 +96,9 @@ def decoder_for(model: nn.Module, batch: int, prompt_len: int, params: SamplingP
 
 
 def release_decoders(model: nn.Module) -> None:
-    """Free the captured graphs and KV caches (e.g. before training resumes)."""
+    """Free the captured graphs, KV caches and fused weights (e.g. before training resumes)."""
     model.__dict__.pop("_wattkd_decoders", None)
+    model.__dict__.pop("_wattkd_fused_weights", None)
 
 
 def _note_fallback(model: nn.Module, why: str) -> None:
