@@ -237,18 +237,27 @@ def test_dora_adapter_is_refused():
         DecodeModel(student, batch=1, max_len=16)
 
 
-def test_step_compiles_with_fullgraph_on_cpu_inductor():
-    """What the graph engine compiles before capture: one graph, no breaks, same logits."""
+def test_whole_step_compiles_with_fullgraph_on_cpu_inductor():
+    """What the graph engine compiles before capture (forward, sampling, stop flags, advance)
+    as one graph with no breaks: the same tokens and stop positions as uncompiled, greedy
+    with EOS and seeded top-p sampling."""
     m = _model("llama")
-    dm = DecodeModel(m, batch=3, max_len=PROMPT + 8)
-    t0 = time.perf_counter()
-    compiled = torch.compile(dm.step, fullgraph=True)
     ids, mask = _prompts()
-    _, got, fed = _decode_logits(dm, ids, mask, 4, step=compiled)
-    if time.perf_counter() - t0 > 60:
-        pytest.skip("inductor's CPU compile took over 60 s on this machine")
-    ref = _hf_logits(m, ids, mask, fed)
-    torch.testing.assert_close(got, ref[:, PROMPT:PROMPT + 4], atol=1e-4, rtol=0)
+    t0 = time.perf_counter()
+    for params in (SamplingParams(max_new_tokens=12, eos_token_id=37),   # row 0 stops at 4
+                   SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9)):
+        decoders = [GraphDecoder(m, batch=4, max_len=32, params=params, steps=4, capture=False,
+                                 compile=c, forward="wattkd") for c in (True, False)]
+        got, ref = (d.decode(ids, mask, generator=torch.Generator().manual_seed(3))
+                    for d in decoders)
+        if time.perf_counter() - t0 > 60:
+            pytest.skip("inductor's CPU compile took over 60 s on this machine")
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        if params.greedy:
+            eager = generate(m, ids, mask, params, engine="eager")
+            assert torch.equal(got[0], eager.sequences[:, PROMPT:])
+            assert torch.equal(got[1], eager.generated_mask[:, PROMPT:].bool())
+            assert not got[1].all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

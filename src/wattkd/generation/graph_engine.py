@@ -3,11 +3,12 @@
 Why: HF `generate` spends milliseconds of host time per decoding step (stopping criteria,
 logits processors, cache bookkeeping, a host sync per step), so a small model's step is
 host-bound and its measured J/token is mostly an idle card (benchmarks/RESULTS.md, EPT by
-engine). Here, as in gpt-fast and vLLM's CUDA-graph decode: the model's forward over a
-static KV cache is compiled once (inductor fuses the elementwise work), then `steps`
-consecutive decode steps (forward, sampling or argmax, stop flags, position and cache
-advance) are captured as ONE CUDA graph per batch bucket and replayed; the host checks the
-stop flags once per replay (one sync per `steps` tokens). Prefill runs outside the graph.
+engine). Here, as in gpt-fast and vLLM's CUDA-graph decode: one decode step (the forward
+over a static KV cache, sampling or argmax, stop flags, the advance of token, position, slot
+and output column, all on device tensors) is compiled once as one graph (inductor fuses the
+elementwise work), then `steps` consecutive steps are captured as ONE CUDA graph per batch
+bucket and replayed; the host checks the stop flags once per replay (one sync per `steps`
+tokens). Prefill runs outside the graph.
 
 The forward inside the step is, by default (`forward="auto"`), wattkd's own
 (`decode_model.DecodeModel`: fused q|k|v and gate|up weights, its own KV cache, one mask per
@@ -156,30 +157,39 @@ class GraphDecoder:
         self.out = torch.zeros(batch, steps, **long)
         self.live = torch.zeros(batch, steps, dtype=torch.bool, device=dev)
         self.uniform = torch.zeros(steps, batch, 1, dtype=torch.float32, device=dev)
+        self.index = torch.zeros(1, **long)     # the step's column in out / live / uniform
         if compile:   # True = inductor's default mode; a string names the mode
             _allow_recompiles()
             mode = compile if isinstance(compile, str) else None
-            self._logits = torch.compile(self.fwd.step, fullgraph=True, mode=mode)
+            self._advance = torch.compile(self._one_step, fullgraph=True, mode=mode)
         else:
-            self._logits = self.fwd.step
+            self._advance = self._one_step
         self.graph: torch.cuda.CUDAGraph | None = None
 
     # -- the step ---------------------------------------------------------------------------
+    def _one_step(self) -> None:
+        """One decode step on the static buffers, compiled as one graph: forward, sampling,
+        stop flags, and the token / position / slot / column advance (no Python int changes
+        between steps, so the same compiled code serves all `steps`)."""
+        p = self.params
+        logits = self.fwd.step(self.tok, self.pos, self.slot, self.mask)
+        uniform = None if p.greedy else self.uniform.index_select(0, self.index)[0]
+        nxt = sample_next(logits, p, uniform=uniform)
+        nxt = torch.where(self.done, torch.full_like(nxt, p.pad_token_id), nxt)
+        self.out.index_copy_(1, self.index, nxt[:, None])
+        self.live.index_copy_(1, self.index, ~self.done[:, None])
+        if not p.ignore_eos and p.eos_token_id is not None:
+            self.done |= nxt == p.eos_token_id
+        self.tok.copy_(nxt[:, None])
+        self.pos.add_(1)
+        self.slot.add_(1)
+        self.index.add_(1)
 
     def _steps(self) -> None:
-        """`steps` decode steps on the static buffers (what the graph holds)."""
-        p = self.params
-        for i in range(self.steps):
-            logits = self._logits(self.tok, self.pos, self.slot, self.mask)
-            nxt = sample_next(logits, p, uniform=self.uniform[i])
-            nxt = torch.where(self.done, torch.full_like(nxt, p.pad_token_id), nxt)
-            self.out[:, i] = nxt
-            self.live[:, i] = ~self.done
-            if not p.ignore_eos and p.eos_token_id is not None:
-                self.done |= nxt == p.eos_token_id
-            self.tok.copy_(nxt[:, None])
-            self.pos.add_(1)
-            self.slot.add_(1)
+        """`steps` decode steps (what the graph holds)."""
+        self.index.zero_()
+        for _ in range(self.steps):
+            self._advance()
 
     def _capture(self) -> None:
         """Warm up (compiles) on a side stream, then capture `steps` steps as one graph."""
