@@ -200,6 +200,24 @@ def test_unmerged_lora_student_equals_the_merged_model(name):
     assert any(hasattr(mod, "lora_A") for mod in student.modules())   # model untouched
 
 
+def test_under_autocast_weights_and_cache_are_held_in_the_autocast_dtype():
+    """A fp32 student rolling out under bf16 autocast (training's mixed precision): the GEMM
+    weights and the KV cache are bf16 copies (no cast of every weight at every step), the
+    norms and embedding stay fp32, and the logits are HF's under the same autocast (prefill
+    exactly, steps within one bf16 ulp of their size)."""
+    m = _model("llama")
+    ids, mask = _prompts()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dm = DecodeModel(m, batch=3, max_len=PROMPT + 12)
+        first, steps, fed = _decode_logits(dm, ids, mask, 8)
+        ref = _hf_logits(m, ids, mask, fed)
+    assert dm.w.qkv.dtype == dm.w.lm_head.dtype == dm.cache(0)[0].dtype == torch.bfloat16
+    assert dm.w.embed.dtype == dm.w.ln_input.dtype == torch.float32
+    assert torch.equal(first[mask.bool()], ref[:, :PROMPT][mask.bool()])
+    torch.testing.assert_close(steps, ref[:, PROMPT:PROMPT + 8], atol=4e-3, rtol=0)
+    assert DecodeModel(m, batch=3, max_len=16).w.qkv.dtype == torch.float32   # no autocast
+
+
 @pytest.mark.parametrize(("name", "extra", "reason"), [
     ("gemma3_text", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
     ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),

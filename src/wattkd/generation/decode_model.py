@@ -190,27 +190,30 @@ def _norm_names(gemma: bool) -> tuple[str, ...]:
 class FusedWeights(nn.Module):
     """The model's weights fused for decoding (q|k|v, gate|up, Gemma's norms as 1 + w in fp32,
     LoRA merged), shared by all decoders of one model (`shared_weights`): one copy in memory
-    and one `refresh` per decode whatever the number of batch buckets."""
+    and one `refresh` per decode whatever the number of batch buckets. `matmul_dtype`: the
+    dtype of the GEMM weights (projections, lm_head) and of the KV cache; under autocast the
+    autocast dtype (autocast would cast every weight at every step), else the model's."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, matmul_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.arch = a = inspect_arch(model)
         self.source = [model]          # a list: not registered as a submodule (no state dict)
         hf = base_model(model)
         emb = hf.model.embed_tokens.weight
         dev, dtype = emb.device, emb.dtype
-        self.dtype = dtype
-        self.tied = hf.lm_head.weight is emb or hf.lm_head.weight.data_ptr() == emb.data_ptr()
+        self.matmul_dtype = mm = matmul_dtype or dtype
+        self.tied = (hf.lm_head.weight is emb or hf.lm_head.weight.data_ptr() == emb.data_ptr()
+                     ) and mm == dtype
         layer0 = _groups(hf.model.layers[0])
         buf = functools.partial(self.register_buffer, persistent=False)
         for name, parts in layer0.items():
             ws = [linear_parts(m) for m in parts]
             rows = sum(w.shape[0] for w, _, _ in ws)
-            buf(name, torch.empty(a.layers, rows, ws[0][0].shape[1], device=dev, dtype=dtype))
+            buf(name, torch.empty(a.layers, rows, ws[0][0].shape[1], device=dev, dtype=mm))
             has_bias = all(b is not None for _, b, _ in ws)
             if not has_bias and any(b is not None for _, b, _ in ws):
                 raise EngineUnavailable(f"{name}: some projections have a bias, others not")
-            buf(f"{name}_bias", torch.empty(a.layers, rows, device=dev, dtype=dtype)
+            buf(f"{name}_bias", torch.empty(a.layers, rows, device=dev, dtype=mm)
                 if has_bias else None)
         norm_dtype = torch.float32 if a.gemma else dtype
         for name in _norm_names(a.gemma):
@@ -218,7 +221,8 @@ class FusedWeights(nn.Module):
             buf(_buffer_name(name), torch.empty(a.layers, width, device=dev, dtype=norm_dtype))
         buf("final_norm", torch.empty(emb.shape[1], device=dev, dtype=norm_dtype))
         buf("embed", torch.empty_like(emb))
-        buf("lm_head", self.embed if self.tied else torch.empty_like(linear_parts(hf.lm_head)[0]))
+        buf("lm_head", self.embed if self.tied
+            else torch.empty_like(linear_parts(hf.lm_head)[0], dtype=mm))
         scale = getattr(hf.model.embed_tokens, "embed_scale", None)
         buf("embed_scale", None if scale is None else scale.detach().to(dev, dtype).clone())
         kinds = sorted({"sliding_attention" if s else "full_attention" for s in a.sliding})
@@ -262,12 +266,15 @@ class FusedWeights(nn.Module):
 
 def shared_weights(model: nn.Module) -> FusedWeights:
     """The model's FusedWeights, built on first use and kept on the model (rebuilt if the
-    model moved to another device or dtype)."""
+    model moved to another device or dtype, or the autocast dtype changed)."""
     inspect_arch(model)            # refuse before touching modules it may not have
     emb = base_model(model).model.embed_tokens.weight
+    kind = emb.device.type
+    mm = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else emb.dtype
     held = model.__dict__.get("_wattkd_fused_weights")
-    if held is None or held.embed.device != emb.device or held.embed.dtype != emb.dtype:
-        held = FusedWeights(model)
+    if held is None or (held.embed.device, held.embed.dtype, held.matmul_dtype) != (
+            emb.device, emb.dtype, mm):
+        held = FusedWeights(model, mm)
         model.__dict__["_wattkd_fused_weights"] = held
     return held
 
@@ -284,7 +291,7 @@ class DecodeModel(nn.Module):
         super().__init__()
         self.w = w = shared_weights(model)
         self.arch = a = w.arch
-        dev, dtype = w.embed.device, w.embed.dtype
+        dev, dtype = w.embed.device, w.matmul_dtype
         shape = (batch, a.kv_heads, max_len, a.head_dim)
         for i in range(a.layers):    # one tensor per layer: the step writes a buffer, not a view
             for kv in ("k", "v"):
@@ -411,7 +418,7 @@ class DecodeModel(nn.Module):
             # the `group` query heads of one KV head become that head's query rows: GQA
             # without repeating the cache
             qg = q.reshape(b, a.kv_heads, group, a.head_dim)
-            out = F.scaled_dot_product_attention(qg, k_cache, v_cache,
+            out = F.scaled_dot_product_attention(qg.to(k_cache.dtype), k_cache, v_cache,
                                                  attn_mask=masks[a.sliding[i]], scale=a.scaling)
             return out.reshape(b, 1, a.heads * a.head_dim)
 
