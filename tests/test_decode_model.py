@@ -30,6 +30,7 @@ CONFIGS = {
                     "final_logit_softcapping": 1.0, "rope_local_base_freq": 100.0,
                     "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
     "llama": {"rope_scaling": LLAMA3},
+    "llama-bias": {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
     "qwen2": {},
     "qwen2-sliding": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
 }
