@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 RECOMPILE_LIMIT = 64   # one compiled step per (model, bucket) lives in dynamo's cache
+# compile=True: gpt-fast's inductor setting. With coordinate-descent tuning inductor turns a
+# matmul with one row (batch 1) into a tuned reduction that fuses with its neighbours (norm
+# before the q|k|v projection, gelu * up before the down projection) instead of a cuBLAS call
+INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
 FORWARDS = ("auto", "wattkd", "hf")
 
 __all__ = ["BUCKETS", "FORWARDS", "EngineUnavailable", "GraphDecoder", "HFForward", "bucket_for",
@@ -131,8 +135,8 @@ def make_forward(model: nn.Module, forward: str, *, batch: int, max_len: int
 class GraphDecoder:
     """Decodes batches of up to `batch` rows with prompt + new tokens <= `max_len`, for one
     model and one SamplingParams (temperature, top-p, eos are baked into the graph).
-    `compile`: False, True (inductor's default mode) or a torch.compile mode without its own
-    CUDA graphs (e.g. "max-autotune-no-cudagraphs"). `forward`: see FORWARDS and
+    `compile`: False, True (inductor with INDUCTOR_OPTIONS) or a torch.compile mode without
+    its own CUDA graphs ("default": plain inductor; "max-autotune-no-cudagraphs"). `forward`: see FORWARDS and
     make_forward; `self.forward` names the one in use."""
 
     def __init__(self, model: nn.Module, *, batch: int, max_len: int, params: SamplingParams,
@@ -158,10 +162,10 @@ class GraphDecoder:
         self.live = torch.zeros(batch, steps, dtype=torch.bool, device=dev)
         self.uniform = torch.zeros(steps, batch, 1, dtype=torch.float32, device=dev)
         self.index = torch.zeros(1, **long)     # the step's column in out / live / uniform
-        if compile:   # True = inductor's default mode; a string names the mode
+        if compile:   # True = INDUCTOR_OPTIONS; a string names the mode
             _allow_recompiles()
-            mode = compile if isinstance(compile, str) else None
-            self._advance = torch.compile(self._one_step, fullgraph=True, mode=mode)
+            how = {"mode": compile} if isinstance(compile, str) else {"options": INDUCTOR_OPTIONS}
+            self._advance = torch.compile(self._one_step, fullgraph=True, **how)
         else:
             self._advance = self._one_step
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -49,8 +49,8 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
     (left-padded where `attention_mask` has zeros). `engine`: `graph` (CUDA graphs over a
     static KV cache; CUDA only), `eager` (any device, the reference) or `auto` (graph where it
     can serve the request, else eager, with the reason logged once). `compile`: the graph
-    engine's forward compiled by inductor before capture (fuses the small kernels); a string
-    names the torch.compile mode. `forward`: the graph engine's decode forward, wattkd's own
+    engine's step compiled by inductor before capture (fuses the small kernels; True =
+    graph_engine.INDUCTOR_OPTIONS); a string names the torch.compile mode. `forward`: the graph engine's decode forward, wattkd's own
     fused one where it serves the model (`auto`), or `wattkd` / `hf` (graph_engine.FORWARDS)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown generation engine {engine!r}; known: {', '.join(ENGINES)}")
