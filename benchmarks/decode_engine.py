@@ -5,14 +5,21 @@ bf16 (speed does not depend on weight values; EOS is ignored so every row decode
 same number of tokens). For each engine and batch: the median wall time of `generate` with
 `--new-tokens` + 1 and with 1 new token (prompt `--prompt-tokens`), over `--reps` runs after a
 warm-up; ms per decoding step = (t_long - t_short) / new_tokens (prefill cancels). Engines:
-`graph` (wattkd.generation, the CUDA default of `wattkd ept`), `hf-static` (HF generate, static
-cache, torch.compile reduce-overhead: the previous default) and `hf-dynamic` (HF eager).
+`graph` (wattkd.generation, the CUDA default of `wattkd ept`: wattkd's own fused decode forward,
+compiled with coordinate-descent tuning, captured as CUDA graphs), `graph-plain` (the same with
+plain inductor), `graph-hf` (the graph engine around HF's own forward over HF's StaticCache,
+plain inductor: the previous `graph`), `graph-autotune` (max-autotune), `hf-static` (HF generate, static cache, torch.compile
+reduce-overhead) and `hf-dynamic` (HF eager). Each row names the decode forward it ran
+(`forward`) and, for wattkd's, `refresh_ms`: the in-place weight refresh done once per
+`generate` call (a copy of the weights; cancels in t_long - t_short).
 Floor: bytes a step must read (weights + the KV cache filled so far, bf16) / the copy
 bandwidth measured on this card in the same run. Greedy agreement: graph vs the eager loop on
 the first batch (bf16: compiled kernels may round differently, so a fraction is reported).
 
     python3 benchmarks/decode_engine.py --out OUT [--batches 1,8,32,128,256]
-        [--engines graph,hf-static,hf-dynamic] [--models teacher,student] [--tiny]
+        [--engines graph,graph-plain,graph-hf,hf-static,hf-dynamic] [--models teacher,student]
+        [--tiny]
+        [--profile]
 
 Writes OUT/decode_engine.json (card, date, versions, command, rows) and prints the table.
 """
@@ -58,16 +65,24 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-GRAPH_MODES = {"graph": True, "graph-autotune": "max-autotune-no-cudagraphs"}
+# engine -> (compile, forward). graph: the default (wattkd's forward, inductor with
+# coordinate-descent tuning); graph-plain: the same forward, plain inductor; graph-hf: HF's
+# forward, plain inductor (the engine before wattkd's forward); graph-autotune: max-autotune
+GRAPH_MODES = {"graph": (True, "auto"), "graph-plain": ("default", "auto"),
+               "graph-hf": ("default", "hf"),
+               "graph-autotune": ("max-autotune-no-cudagraphs", "auto")}
+TOP_KERNELS = 12
 
 
 def runner(engine: str, net: torch.nn.Module, device: str) -> Any:
     """decode(ids, mask, new) for one engine."""
     if engine in GRAPH_MODES:
+        compile, forward = GRAPH_MODES[engine]
+
         def decode(ids, mask, new):
             return generate(net, ids, mask, SamplingParams(max_new_tokens=new, ignore_eos=True),
                             engine="graph" if device == "cuda" else "eager",
-                            compile=GRAPH_MODES[engine]).sequences
+                            compile=compile, forward=forward).sequences
         return decode
     kind = "static" if engine == "hf-static" else "dynamic"
     eng = resolve_engine(EptConfig(engine=kind), device)
@@ -107,14 +122,30 @@ def step_bytes(net: torch.nn.Module, batch: int, ctx: int) -> int:
     return w + kv
 
 
+def decoder_facts(net: torch.nn.Module, b: int, prompt: int, new: int,
+                  engine: str) -> dict[str, Any]:
+    """The decode forward the graph engine ran and, for wattkd's, the median time of its
+    in-place weight refresh (CUDA only: on CPU the graph rows run the eager engine)."""
+    compile, forward = GRAPH_MODES[engine]
+    dec = decoder_for(net, b, prompt, SamplingParams(max_new_tokens=new, ignore_eos=True),
+                      compile=compile, forward=forward)
+    facts: dict[str, Any] = {"forward": dec.forward}
+    if dec.forward == "wattkd":
+        facts["refresh_ms"] = statistics.median(timed(dec.fwd.refresh) for _ in range(7)) * 1e3
+        facts["refresh_bytes"] = 2 * dec.fwd.w.weight_bytes()   # read + write
+    return facts
+
+
 def profile_replay(net: torch.nn.Module, b: int, prompt: int, new: int,
-                   compile: bool | str) -> dict[str, Any]:
+                   engine: str) -> dict[str, Any]:
     """Kernels launched and GPU-busy time per decoding step, from one profiled replay of the
-    captured graph (busy << step time: gaps between kernels, i.e. launch latency, dominate)."""
+    captured graph (busy << step time: gaps between kernels, i.e. launch latency, dominate),
+    and the top kernels by total time (name, launches and us per step)."""
     from torch.profiler import ProfilerActivity, profile
 
+    compile, forward = GRAPH_MODES[engine]
     dec = decoder_for(net, b, prompt, SamplingParams(max_new_tokens=new, ignore_eos=True),
-                      compile=compile)
+                      compile=compile, forward=forward)
     if dec.graph is None:
         return {}
     sync()
@@ -123,15 +154,23 @@ def profile_replay(net: torch.nn.Module, b: int, prompt: int, new: int,
         sync()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     busy_us = sum(e.device_time for e in kernels)
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        count_us = by_name.setdefault(e.name, [0, 0.0])
+        count_us[0] += 1
+        count_us[1] += e.device_time
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:TOP_KERNELS]
     return {"kernels_per_step": len(kernels) / dec.steps,
-            "gpu_busy_ms_per_step": busy_us / dec.steps / 1e3}
+            "gpu_busy_ms_per_step": busy_us / dec.steps / 1e3,
+            "top_kernels": [{"name": name[:160], "per_step": n / dec.steps,
+                             "us_per_step": us / dec.steps} for name, (n, us) in top]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--batches", default="1,8,32,128,256")
-    ap.add_argument("--engines", default="graph,hf-static,hf-dynamic")
+    ap.add_argument("--engines", default="graph,graph-hf,hf-static,hf-dynamic")
     ap.add_argument("--models", default="teacher,student")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -177,9 +216,10 @@ def main() -> None:
                        "out_tokens_per_s": b / ms * 1e3, "first_call_s": first,
                        "floor_ms": floor, "x_floor": ms / floor if floor else None,
                        "long_s": long, "short_s": short}
+                if engine in GRAPH_MODES and device == "cuda":
+                    row.update(decoder_facts(net, b, a.prompt_tokens, a.new_tokens, engine))
                 if engine in GRAPH_MODES and device == "cuda" and a.profile:
-                    row.update(profile_replay(net, b, a.prompt_tokens, a.new_tokens,
-                                              GRAPH_MODES[engine]))
+                    row.update(profile_replay(net, b, a.prompt_tokens, a.new_tokens, engine))
                 if engine in GRAPH_MODES and b == batches[0]:
                     ref = generate(net, ids, mask, SamplingParams(max_new_tokens=a.new_tokens,
                                                                    ignore_eos=True),
@@ -187,7 +227,7 @@ def main() -> None:
                     got = decode(ids, mask, a.new_tokens)
                     row["greedy_match_vs_eager"] = float((got == ref).float().mean())
                 rec["rows"].append(row)
-                print(f"{model:8s} {engine:10s} b={b:4d} {ms:8.3f} ms/step "
+                print(f"{model:8s} {engine:14s} b={b:4d} {ms:8.3f} ms/step "
                       f"floor {floor if floor is None else round(floor, 3)} first {first:.1f}s",
                       flush=True)
                 (a.out / "decode_engine.json").write_text(json.dumps(rec, indent=1) + "\n")
@@ -199,15 +239,18 @@ def main() -> None:
 
 
 def table(rec: dict[str, Any]) -> str:
-    head = ("| model | engine | batch | ms/step | out tok/s | floor ms | x floor | first call s "
-            "| kernels/step | GPU busy ms/step |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    head = ("| model | engine | forward | batch | ms/step | out tok/s | floor ms | x floor "
+            "| first call s | kernels/step | GPU busy ms/step | refresh ms |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
         fl = "—" if r["floor_ms"] is None else f"{r['floor_ms']:.3f}"
         xf = "—" if r["x_floor"] is None else f"{r['x_floor']:.1f}"
-        lines.append(f"| {r['model']} | {r['engine']} | {r['batch']} | {r['ms_per_step']:.3f} "
-                     f"| {r['out_tokens_per_s']:.0f} | {fl} | {xf} | {r['first_call_s']:.1f} "
-                     f"| {r.get('kernels_per_step', '—')} | {r.get('gpu_busy_ms_per_step', '—')} |")
+        refresh = r.get("refresh_ms")
+        lines.append(f"| {r['model']} | {r['engine']} | {r.get('forward', '—')} | {r['batch']} "
+                     f"| {r['ms_per_step']:.3f} | {r['out_tokens_per_s']:.0f} | {fl} | {xf} "
+                     f"| {r['first_call_s']:.1f} | {r.get('kernels_per_step', '—')} "
+                     f"| {r.get('gpu_busy_ms_per_step', '—')} "
+                     f"| {'—' if refresh is None else f'{refresh:.3f}'} |")
     return "\n".join(lines)
 
 

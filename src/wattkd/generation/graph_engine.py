@@ -3,11 +3,21 @@
 Why: HF `generate` spends milliseconds of host time per decoding step (stopping criteria,
 logits processors, cache bookkeeping, a host sync per step), so a small model's step is
 host-bound and its measured J/token is mostly an idle card (benchmarks/RESULTS.md, EPT by
-engine). Here, as in gpt-fast and vLLM's CUDA-graph decode: the model's forward over a
-static KV cache is compiled once (inductor fuses the elementwise work), then `steps`
-consecutive decode steps (forward, sampling or argmax, stop flags, position and cache
-advance) are captured as ONE CUDA graph per batch bucket and replayed; the host checks the
-stop flags once per replay (one sync per `steps` tokens). Prefill runs outside the graph.
+engine). Here, as in gpt-fast and vLLM's CUDA-graph decode: one decode step (the forward
+over a static KV cache, sampling or argmax, stop flags, the advance of token, position, slot
+and output column, all on device tensors) is compiled once as one graph (inductor fuses the
+elementwise work), then `steps` consecutive steps are captured as ONE CUDA graph per batch
+bucket and replayed; the host checks the stop flags once per replay (one sync per `steps`
+tokens). Prefill runs outside the graph.
+
+The forward inside the step is, by default (`forward="auto"`), wattkd's own
+(`decode_model.DecodeModel`: fused q|k|v and gate|up weights, its own KV cache, one mask per
+step, SDPA without `repeat_kv`), a few kernels per layer instead of HF's ~15; its fused
+weights are refreshed from the live parameters (LoRA merged) at the start of every `decode`,
+in place, so a training student's rollouts use its current weights and the captured graph
+stays valid (cost: one copy of the weights per `decode` call). Where it does not implement an
+architecture or config it says why and HF's own forward over HF's StaticCache serves instead
+(`forward="hf"` asks for that path: the `graph-hf` row of benchmarks/decode_engine.py).
 
 The same step code runs uncaptured (`capture=False`): on CPU that is how the tests check the
 static-cache logic token for token against the eager reference. Sampling reads uniforms from a
@@ -27,16 +37,21 @@ import torch
 from torch import Tensor, nn
 from transformers import StaticCache
 
+from wattkd.generation.decode_model import DecodeModel, EngineUnavailable
 from wattkd.generation.sampling import SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 RECOMPILE_LIMIT = 64   # one compiled step per (model, bucket) lives in dynamo's cache
+# compile=True: gpt-fast's inductor setting. With coordinate-descent tuning inductor turns a
+# matmul with one row (batch 1) into a tuned reduction that fuses with its neighbours (norm
+# before the q|k|v projection, gelu * up before the down projection) instead of a cuBLAS call
+INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
+FORWARDS = ("auto", "wattkd", "hf")
 
-
-class EngineUnavailable(RuntimeError):
-    """The graph engine cannot serve this model or request (the reason says why)."""
+__all__ = ["BUCKETS", "FORWARDS", "EngineUnavailable", "GraphDecoder", "HFForward", "bucket_for",
+           "check_servable", "forward_kwargs", "make_forward", "static_cache"]
 
 
 def bucket_for(batch: int) -> int:
@@ -68,14 +83,65 @@ def static_cache(config: Any, max_len: int) -> StaticCache:
     return StaticCache(config=flat, max_cache_len=max_len)
 
 
+class HFForward:
+    """HF's own forward over HF's StaticCache, with the DecodeModel interface (reset, refresh,
+    prefill, step): the fallback, and the `graph-hf` comparison row."""
+
+    name = "hf"
+
+    def __init__(self, model: nn.Module, max_len: int) -> None:
+        self.model = model
+        self.cache = static_cache(model.config, max_len)
+        self._kw = forward_kwargs(model)
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def refresh(self) -> None:
+        """Nothing to copy: HF's forward reads the live parameters."""
+
+    def _forward(self, ids: Tensor, pos: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
+        kw = {self._kw["cache"]: self.cache, "use_cache": True}
+        if self._kw["cache_position"]:
+            kw["cache_position"] = slots
+        return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, **kw).logits
+
+    def prefill(self, ids: Tensor, pos: Tensor, pad: Tensor) -> Tensor:
+        slots = torch.arange(ids.shape[1], device=ids.device)
+        return self._forward(ids, pos, slots, pad)[:, -1]
+
+    def step(self, tok: Tensor, pos: Tensor, slot: Tensor, pad: Tensor) -> Tensor:
+        return self._forward(tok, pos, slot, pad)[:, -1]
+
+
+def make_forward(model: nn.Module, forward: str, *, batch: int, max_len: int
+                 ) -> DecodeModel | HFForward:
+    """The decode forward: wattkd's own (`wattkd`; `auto` where it serves the model, else HF's
+    with the reason logged) or HF's (`hf`)."""
+    if forward not in FORWARDS:
+        raise ValueError(f"unknown decode forward {forward!r}; known: {', '.join(FORWARDS)}")
+    if forward != "hf":
+        try:
+            return DecodeModel(model, batch=batch, max_len=max_len)
+        except EngineUnavailable as exc:
+            if forward == "wattkd":
+                raise
+            if model.__dict__.get("_wattkd_hf_forward_reason") != str(exc):
+                log.info("generation: wattkd decode forward unavailable (%s); HF forward", exc)
+            model.__dict__["_wattkd_hf_forward_reason"] = str(exc)
+    return HFForward(model, max_len)
+
+
 class GraphDecoder:
     """Decodes batches of up to `batch` rows with prompt + new tokens <= `max_len`, for one
     model and one SamplingParams (temperature, top-p, eos are baked into the graph).
-    `compile`: False, True (inductor's default mode) or a torch.compile mode without its own
-    CUDA graphs (e.g. "max-autotune-no-cudagraphs")."""
+    `compile`: False, True (inductor with INDUCTOR_OPTIONS) or a torch.compile mode without
+    its own CUDA graphs ("default": plain inductor; "max-autotune-no-cudagraphs"). `forward`: see FORWARDS and
+    make_forward; `self.forward` names the one in use."""
 
     def __init__(self, model: nn.Module, *, batch: int, max_len: int, params: SamplingParams,
-                 steps: int = 16, capture: bool = True, compile: bool | str = True) -> None:
+                 steps: int = 16, capture: bool = True, compile: bool | str = True,
+                 forward: str = "auto") -> None:
         check_servable(model)
         self.model, self.params, self.steps = model, params, steps
         self.batch, self.max_len = batch, max_len
@@ -84,7 +150,8 @@ class GraphDecoder:
         if self.capture and dev.type != "cuda":
             raise EngineUnavailable(f"CUDA graphs need a CUDA model, this one is on {dev}")
         self.device = dev
-        self.cache = static_cache(model.config, max_len + steps)
+        self.fwd = make_forward(model, forward, batch=batch, max_len=max_len + steps)
+        self.forward = self.fwd.name
         long = {"dtype": torch.long, "device": dev}
         self.tok = torch.zeros(batch, 1, **long)
         self.pos = torch.zeros(batch, 1, **long)
@@ -94,39 +161,39 @@ class GraphDecoder:
         self.out = torch.zeros(batch, steps, **long)
         self.live = torch.zeros(batch, steps, dtype=torch.bool, device=dev)
         self.uniform = torch.zeros(steps, batch, 1, dtype=torch.float32, device=dev)
-        self._kw = forward_kwargs(model)
-        if compile:   # True = inductor's default mode; a string names the mode
+        self.index = torch.zeros(1, **long)     # the step's column in out / live / uniform
+        if compile:   # True = INDUCTOR_OPTIONS; a string names the mode
             _allow_recompiles()
-            mode = compile if isinstance(compile, str) else None
-            self._logits = torch.compile(self._last_logits, fullgraph=True, mode=mode)
+            how = {"mode": compile} if isinstance(compile, str) else {"options": INDUCTOR_OPTIONS}
+            self._advance = torch.compile(self._one_step, fullgraph=True, **how)
         else:
-            self._logits = self._last_logits
+            self._advance = self._one_step
         self.graph: torch.cuda.CUDAGraph | None = None
 
     # -- the step ---------------------------------------------------------------------------
-    def _forward(self, ids: Tensor, pos: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
-        kw = {self._kw["cache"]: self.cache, "use_cache": True}
-        if self._kw["cache_position"]:
-            kw["cache_position"] = slots
-        return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, **kw).logits
-
-    def _last_logits(self, tok: Tensor, pos: Tensor, slot: Tensor, mask: Tensor) -> Tensor:
-        return self._forward(tok, pos, slot, mask)[:, -1]
+    def _one_step(self) -> None:
+        """One decode step on the static buffers, compiled as one graph: forward, sampling,
+        stop flags, and the token / position / slot / column advance (no Python int changes
+        between steps, so the same compiled code serves all `steps`)."""
+        p = self.params
+        logits = self.fwd.step(self.tok, self.pos, self.slot, self.mask)
+        uniform = None if p.greedy else self.uniform.index_select(0, self.index)[0]
+        nxt = sample_next(logits, p, uniform=uniform)
+        nxt = torch.where(self.done, torch.full_like(nxt, p.pad_token_id), nxt)
+        self.out.index_copy_(1, self.index, nxt[:, None])
+        self.live.index_copy_(1, self.index, ~self.done[:, None])
+        if not p.ignore_eos and p.eos_token_id is not None:
+            self.done |= nxt == p.eos_token_id
+        self.tok.copy_(nxt[:, None])
+        self.pos.add_(1)
+        self.slot.add_(1)
+        self.index.add_(1)
 
     def _steps(self) -> None:
-        """`steps` decode steps on the static buffers (what the graph holds)."""
-        p = self.params
-        for i in range(self.steps):
-            logits = self._logits(self.tok, self.pos, self.slot, self.mask)
-            nxt = sample_next(logits, p, uniform=self.uniform[i])
-            nxt = torch.where(self.done, torch.full_like(nxt, p.pad_token_id), nxt)
-            self.out[:, i] = nxt
-            self.live[:, i] = ~self.done
-            if not p.ignore_eos and p.eos_token_id is not None:
-                self.done |= nxt == p.eos_token_id
-            self.tok.copy_(nxt[:, None])
-            self.pos.add_(1)
-            self.slot.add_(1)
+        """`steps` decode steps (what the graph holds)."""
+        self.index.zero_()
+        for _ in range(self.steps):
+            self._advance()
 
     def _capture(self) -> None:
         """Warm up (compiles) on a side stream, then capture `steps` steps as one graph."""
@@ -144,7 +211,7 @@ class GraphDecoder:
         self.graph = graph
 
     def _reset(self) -> None:
-        self.cache.reset()
+        self.fwd.reset()
         self.slot.zero_()
         self.pos.zero_()
         self.done.zero_()
@@ -164,6 +231,7 @@ class GraphDecoder:
         if b > self.batch or prompt + p.max_new_tokens > self.max_len:
             raise EngineUnavailable(f"request [{b} x {prompt}+{p.max_new_tokens}] does not fit "
                                     f"the decoder [{self.batch} x {self.max_len}]")
+        self.fwd.refresh()   # the live weights (a training student's change between calls)
         if self.capture and self.graph is None and p.max_new_tokens > 1:
             self._capture()   # before the prefill: capturing runs steps on the cache
         ids, mask = _pad_rows(input_ids, attention_mask.long(), self.batch)
@@ -171,8 +239,7 @@ class GraphDecoder:
         self.mask.fill_(1)
         self.mask[:, :prompt] = mask
         pos = (mask.cumsum(-1) - 1).clamp_(min=0)
-        slots = torch.arange(prompt, device=self.device)
-        logits = self._forward(ids, pos, slots, self.mask)[:, -1]
+        logits = self.fwd.prefill(ids, pos, self.mask)
         first = sample_next(logits, p, generator)
         tokens, live = [first[:, None]], [torch.ones_like(first, dtype=torch.bool)[:, None]]
         if not p.ignore_eos and p.eos_token_id is not None:

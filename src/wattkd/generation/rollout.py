@@ -44,13 +44,14 @@ class Rollout:
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
              params: SamplingParams, *, generator: torch.Generator | None = None,
-             engine: str = "auto", compile: bool | str = True) -> Rollout:
+             engine: str = "auto", compile: bool | str = True, forward: str = "auto") -> Rollout:
     """Decode `params.max_new_tokens` positions after each prompt of `input_ids` [B, P]
     (left-padded where `attention_mask` has zeros). `engine`: `graph` (CUDA graphs over a
     static KV cache; CUDA only), `eager` (any device, the reference) or `auto` (graph where it
     can serve the request, else eager, with the reason logged once). `compile`: the graph
-    engine's forward compiled by inductor before capture (fuses the small kernels); a string
-    names the torch.compile mode."""
+    engine's step compiled by inductor before capture (fuses the small kernels; True =
+    graph_engine.INDUCTOR_OPTIONS); a string names the torch.compile mode. `forward`: the graph engine's decode forward, wattkd's own
+    fused one where it serves the model (`auto`), or `wattkd` / `hf` (graph_engine.FORWARDS)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown generation engine {engine!r}; known: {', '.join(ENGINES)}")
     if attention_mask is None:
@@ -62,7 +63,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
                                 f"{input_ids.device.type} (use engine='auto' or 'eager')")
     try:
         dec = decoder_for(model, input_ids.shape[0], input_ids.shape[1], params,
-                          compile=compile)
+                          compile=compile, forward=forward)
     except EngineUnavailable as exc:
         if engine == "graph":
             raise
@@ -81,22 +82,23 @@ def engine_used(model: nn.Module, device_type: str, engine: str = "auto") -> str
 
 
 def decoder_for(model: nn.Module, batch: int, prompt_len: int, params: SamplingParams, *,
-                compile: bool | str = True) -> GraphDecoder:
+                compile: bool | str = True, forward: str = "auto") -> GraphDecoder:
     """The model's captured decoder for this request's bucket, built on first use."""
     rows = bucket_for(batch)
     length = max(MIN_LEN, 1 << (prompt_len + params.max_new_tokens - 1).bit_length())
     step_params = dataclasses.replace(params, max_new_tokens=1)   # the graph does not use it
     store = model.__dict__.setdefault("_wattkd_decoders", {})
-    key = (rows, length, step_params, compile)
+    key = (rows, length, step_params, compile, forward)
     if key not in store:
         store[key] = GraphDecoder(model, batch=rows, max_len=length, params=step_params,
-                                  compile=compile)
+                                  compile=compile, forward=forward)
     return store[key]
 
 
 def release_decoders(model: nn.Module) -> None:
-    """Free the captured graphs and KV caches (e.g. before training resumes)."""
+    """Free the captured graphs, KV caches and fused weights (e.g. before training resumes)."""
     model.__dict__.pop("_wattkd_decoders", None)
+    model.__dict__.pop("_wattkd_fused_weights", None)
 
 
 def _note_fallback(model: nn.Module, why: str) -> None:
