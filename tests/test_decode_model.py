@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from wattkd.generation import SamplingParams, generate
 from wattkd.generation.decode_model import DecodeModel, EngineUnavailable, inspect_arch
-from wattkd.generation.graph_engine import GraphDecoder
+from wattkd.generation.graph_engine import GraphDecoder, forward_for
 
 BASE = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
@@ -296,3 +296,12 @@ def test_captured_graph_on_each_forward_matches_eager_on_cuda(name, forward):
         assert torch.equal(got.generated_mask, ref.generated_mask)
         with torch.no_grad():
             m.lm_head.weight.mul_(-1.0)
+
+
+def test_forward_for_names_the_forward_auto_gives() -> None:
+    """What the EPT protocol records for the graph engine: wattkd's forward where it serves
+    the model, else HF's with the reason."""
+    assert forward_for(_model("llama")) == "wattkd"
+    m = _model("llama")
+    m.config.model_type = "mistral"
+    assert forward_for(m).startswith("hf (model_type 'mistral'")

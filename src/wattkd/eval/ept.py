@@ -59,6 +59,7 @@ from wattkd.eval.ept_window import (
 from wattkd.eval.harness import load_model
 from wattkd.eval.protocol import protocol_hash, write_json_atomic
 from wattkd.generation import SamplingParams
+from wattkd.generation.graph_engine import INDUCTOR_OPTIONS, forward_for
 from wattkd.models import resolve_device
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,9 @@ def run_ept(model: str, cfg: EptConfig, meter: Any, out_path: Path, *, device: s
     dev = next(net.parameters()).device
     dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
     engine_rec = engine.record(dtype=dtype, attn_implementation=attn)
+    if engine.name.startswith("graph"):   # which forward it captures, with which inductor
+        engine_rec["forward"] = forward_for(net)
+        engine_rec["inductor_options"] = dict(INDUCTOR_OPTIONS) if engine.compile else None
     protocol = ept_protocol(cfg, texts, source, dtype=dtype, device_name=_device_name(dev),
                             engine=engine_rec)
     merged = adapter is not None or (Path(model) / "adapter_config.json").is_file()

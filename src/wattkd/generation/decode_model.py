@@ -173,7 +173,7 @@ def _fill_bias(dst: Tensor, parts: list[nn.Module]) -> None:
         row += w.shape[0]
 
 
-def _groups(layer: nn.Module) -> dict[str, list[nn.Module]]:
+def layer_linears(layer: nn.Module) -> dict[str, list[nn.Module]]:
     """The fused weight groups of one HF decoder layer."""
     at, mlp = layer.self_attn, layer.mlp
     return {"qkv": [at.q_proj, at.k_proj, at.v_proj], "o": [at.o_proj],
@@ -204,7 +204,7 @@ class FusedWeights(nn.Module):
         self.matmul_dtype = mm = matmul_dtype or dtype
         self.tied = (hf.lm_head.weight is emb or hf.lm_head.weight.data_ptr() == emb.data_ptr()
                      ) and mm == dtype
-        layer0 = _groups(hf.model.layers[0])
+        layer0 = layer_linears(hf.model.layers[0])
         buf = functools.partial(self.register_buffer, persistent=False)
         for name, parts in layer0.items():
             ws = [linear_parts(m) for m in parts]
@@ -240,7 +240,7 @@ class FusedWeights(nn.Module):
         place: one read + write of every weight."""
         hf = base_model(self.source[0])
         for i, layer in enumerate(hf.model.layers):
-            for name, parts in _groups(layer).items():
+            for name, parts in layer_linears(layer).items():
                 _fill(getattr(self, name)[i], parts)
                 bias = getattr(self, f"{name}_bias")
                 if bias is not None:

@@ -37,7 +37,14 @@ import torch
 from torch import Tensor, nn
 from transformers import StaticCache
 
-from wattkd.generation.decode_model import DecodeModel, EngineUnavailable
+from wattkd.generation.decode_model import (
+    DecodeModel,
+    EngineUnavailable,
+    base_model,
+    inspect_arch,
+    layer_linears,
+    linear_parts,
+)
 from wattkd.generation.sampling import SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
@@ -130,6 +137,19 @@ def make_forward(model: nn.Module, forward: str, *, batch: int, max_len: int
                 log.info("generation: wattkd decode forward unavailable (%s); HF forward", exc)
             model.__dict__["_wattkd_hf_forward_reason"] = str(exc)
     return HFForward(model, max_len)
+
+
+def forward_for(model: nn.Module) -> str:
+    """Which decode forward `auto` gives this model: "wattkd", or "hf (<why not wattkd>)". For
+    records (the EPT protocol): the two forwards launch different kernels."""
+    try:
+        inspect_arch(model)
+        for layer in base_model(model).model.layers:
+            for mod in (m for group in layer_linears(layer).values() for m in group):
+                linear_parts(mod)
+    except EngineUnavailable as exc:
+        return f"hf ({exc})"
+    return "wattkd"
 
 
 class GraphDecoder:
