@@ -6,8 +6,8 @@ same number of tokens). For each engine and batch: the median wall time of `gene
 `--new-tokens` + 1 and with 1 new token (prompt `--prompt-tokens`), over `--reps` runs after a
 warm-up; ms per decoding step = (t_long - t_short) / new_tokens (prefill cancels). Engines:
 `graph` (wattkd.generation, the CUDA default of `wattkd ept`: wattkd's own fused decode forward,
-compiled with coordinate-descent tuning, captured as CUDA graphs), `graph-plain` (the same with
-plain inductor), `graph-hf` (the graph engine around HF's own forward over HF's StaticCache,
+compiled by plain inductor, captured as CUDA graphs), `graph-tuned` (the same with
+coordinate-descent tuning), `graph-hf` (the graph engine around HF's own forward over HF's StaticCache,
 plain inductor: the previous `graph`), `graph-autotune` (max-autotune), `hf-static` (HF generate, static cache, torch.compile
 reduce-overhead) and `hf-dynamic` (HF eager). Each row names the decode forward it ran
 (`forward`) and, for wattkd's, `refresh_ms`: the in-place weight refresh done once per
@@ -17,7 +17,7 @@ bandwidth measured on this card in the same run. Greedy agreement: graph vs the 
 the first batch (bf16: compiled kernels may round differently, so a fraction is reported).
 
     python3 benchmarks/decode_engine.py --out OUT [--batches 1,8,32,128,256]
-        [--engines graph,graph-plain,graph-hf,hf-static,hf-dynamic] [--models teacher,student]
+        [--engines graph,graph-tuned,graph-hf,hf-static,hf-dynamic] [--models teacher,student]
         [--tiny]
         [--profile]
 
@@ -65,10 +65,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-# engine -> (compile, forward). graph: the default (wattkd's forward, inductor with
-# coordinate-descent tuning); graph-plain: the same forward, plain inductor; graph-hf: HF's
+# engine -> (compile, forward). graph: the default (wattkd's forward, plain inductor);
+# graph-tuned: the same forward, coordinate-descent tuning; graph-hf: HF's
 # forward, plain inductor (the engine before wattkd's forward); graph-autotune: max-autotune
-GRAPH_MODES = {"graph": (True, "auto"), "graph-plain": ("default", "auto"),
+GRAPH_MODES = {"graph": (True, "auto"), "graph-tuned": ("coordinate-descent", "auto"),
                "graph-hf": ("default", "hf"),
                "graph-autotune": ("max-autotune-no-cudagraphs", "auto")}
 TOP_KERNELS = 12

@@ -395,7 +395,7 @@ def _generator(model: str, net: Any, tok: Any, texts: list[str], cfg: EptConfig,
         if engine.name.startswith("graph"):
             params = SamplingParams(max_new_tokens=new, pad_token_id=pad_id, ignore_eos=True)
             return generation.generate(net, a, m, params, engine="graph",
-                                       compile=engine.compile).sequences
+                                       compile=engine.compile, refresh=False).sequences
         return net.generate(input_ids=a, attention_mask=m, generation_config=gen[new])
 
     def generate(lo: int, hi: int, new: int) -> tuple[int, int]:

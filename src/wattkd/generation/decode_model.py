@@ -417,9 +417,13 @@ class DecodeModel(nn.Module):
             v_cache.index_copy_(2, slot, v.to(v_cache.dtype))
             # the `group` query heads of one KV head become that head's query rows: GQA
             # without repeating the cache
-            qg = q.reshape(b, a.kv_heads, group, a.head_dim)
-            out = F.scaled_dot_product_attention(qg.to(k_cache.dtype), k_cache, v_cache,
-                                                 attn_mask=masks[a.sliding[i]], scale=a.scaling)
+            # one query row per head: plain matmuls + softmax (fp32, as HF's eager attention),
+            # which inductor fuses into a few small kernels; cuDNN's SDPA took 23 us a layer
+            # here on an H100 (benchmarks/RESULTS.md, decoding engine)
+            qg = q.reshape(b, a.kv_heads, group, a.head_dim).to(k_cache.dtype)
+            scores = (qg @ k_cache.transpose(-1, -2)).float() * a.scaling
+            scores = scores.masked_fill(~masks[a.sliding[i]], float("-inf"))
+            out = torch.softmax(scores, dim=-1).to(v_cache.dtype) @ v_cache
             return out.reshape(b, 1, a.heads * a.head_dim)
 
         return self._logits(self._layers(self._embed(tok), pos, attend)[:, -1])

@@ -51,10 +51,13 @@ log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 RECOMPILE_LIMIT = 64   # one compiled step per (model, bucket) lives in dynamo's cache
-# compile=True: gpt-fast's inductor setting. With coordinate-descent tuning inductor turns a
-# matmul with one row (batch 1) into a tuned reduction that fuses with its neighbours (norm
-# before the q|k|v projection, gelu * up before the down projection) instead of a cuBLAS call
-INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
+# compile=True: plain inductor. compile="coordinate-descent" is gpt-fast's setting: inductor
+# turns a matmul with one row (batch 1) into a tuned reduction fused with its neighbours
+# (norm before q|k|v, gelu * up before down) instead of a cuBLAS call. Measured on an H100
+# (benchmarks/RESULTS.md): 205 s to compile one batch bucket with it, so it is not the default.
+INDUCTOR_OPTIONS: dict[str, bool] = {}
+TUNED = "coordinate-descent"
+TUNED_OPTIONS = {"coordinate_descent_tuning": True}
 FORWARDS = ("auto", "wattkd", "hf")
 
 __all__ = ["BUCKETS", "FORWARDS", "EngineUnavailable", "GraphDecoder", "HFForward", "bucket_for",
@@ -155,7 +158,7 @@ def forward_for(model: nn.Module) -> str:
 class GraphDecoder:
     """Decodes batches of up to `batch` rows with prompt + new tokens <= `max_len`, for one
     model and one SamplingParams (temperature, top-p, eos are baked into the graph).
-    `compile`: False, True (inductor with INDUCTOR_OPTIONS) or a torch.compile mode without
+    `compile`: False, True (inductor with INDUCTOR_OPTIONS), TUNED or a torch.compile mode without
     its own CUDA graphs ("default": plain inductor; "max-autotune-no-cudagraphs"). `forward`: see FORWARDS and
     make_forward; `self.forward` names the one in use."""
 
@@ -182,9 +185,11 @@ class GraphDecoder:
         self.live = torch.zeros(batch, steps, dtype=torch.bool, device=dev)
         self.uniform = torch.zeros(steps, batch, 1, dtype=torch.float32, device=dev)
         self.index = torch.zeros(1, **long)     # the step's column in out / live / uniform
-        if compile:   # True = INDUCTOR_OPTIONS; a string names the mode
+        if compile:   # True = INDUCTOR_OPTIONS; TUNED = TUNED_OPTIONS; a string names the mode
             _allow_recompiles()
-            how = {"mode": compile} if isinstance(compile, str) else {"options": INDUCTOR_OPTIONS}
+            how = ({"options": TUNED_OPTIONS} if compile == TUNED else
+                   {"mode": compile} if isinstance(compile, str) else
+                   {"options": INDUCTOR_OPTIONS})
             self._advance = torch.compile(self._one_step, fullgraph=True, **how)
         else:
             self._advance = self._one_step
@@ -240,10 +245,13 @@ class GraphDecoder:
     @torch.no_grad()
     def decode(self, input_ids: Tensor, attention_mask: Tensor, *,
                generator: torch.Generator | None = None,
-               max_new_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+               max_new_tokens: int | None = None, refresh: bool = True
+               ) -> tuple[Tensor, Tensor]:
         """Prompts [b, P] (left-padded, b <= batch) -> (new tokens [b, N], live [b, N]);
         N = max_new_tokens, else the decoder's params.max_new_tokens (the graph does not
-        depend on N)."""
+        depend on N). `refresh`: copy the model's live weights first (False only where they
+        cannot have changed since the decoder was built, e.g. EPT: ~5 ms per call for a
+        Gemma-3-270M on an H100)."""
         b, prompt = input_ids.shape
         p = self.params
         if max_new_tokens is not None:
@@ -251,7 +259,8 @@ class GraphDecoder:
         if b > self.batch or prompt + p.max_new_tokens > self.max_len:
             raise EngineUnavailable(f"request [{b} x {prompt}+{p.max_new_tokens}] does not fit "
                                     f"the decoder [{self.batch} x {self.max_len}]")
-        self.fwd.refresh()   # the live weights (a training student's change between calls)
+        if refresh:   # the live weights (a training student's change between calls)
+            self.fwd.refresh()
         if self.capture and self.graph is None and p.max_new_tokens > 1:
             self._capture()   # before the prefill: capturing runs steps on the cache
         ids, mask = _pad_rows(input_ids, attention_mask.long(), self.batch)

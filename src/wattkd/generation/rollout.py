@@ -44,14 +44,17 @@ class Rollout:
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
              params: SamplingParams, *, generator: torch.Generator | None = None,
-             engine: str = "auto", compile: bool | str = True, forward: str = "auto") -> Rollout:
+             engine: str = "auto", compile: bool | str = True, forward: str = "auto",
+             refresh: bool = True) -> Rollout:
     """Decode `params.max_new_tokens` positions after each prompt of `input_ids` [B, P]
     (left-padded where `attention_mask` has zeros). `engine`: `graph` (CUDA graphs over a
     static KV cache; CUDA only), `eager` (any device, the reference) or `auto` (graph where it
     can serve the request, else eager, with the reason logged once). `compile`: the graph
     engine's step compiled by inductor before capture (fuses the small kernels; True =
     graph_engine.INDUCTOR_OPTIONS); a string names the torch.compile mode. `forward`: the graph engine's decode forward, wattkd's own
-    fused one where it serves the model (`auto`), or `wattkd` / `hf` (graph_engine.FORWARDS)."""
+    fused one where it serves the model (`auto`), or `wattkd` / `hf` (graph_engine.FORWARDS).
+    `refresh`: the graph engine copies the model's live weights before decoding (False where
+    they have not changed since its decoder was built, as in EPT)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown generation engine {engine!r}; known: {', '.join(ENGINES)}")
     if attention_mask is None:
@@ -70,7 +73,7 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
         _note_fallback(model, str(exc))
         return _eager(model, input_ids, attention_mask, params, generator)
     new, live = dec.decode(input_ids, attention_mask, generator=generator,
-                           max_new_tokens=params.max_new_tokens)
+                           max_new_tokens=params.max_new_tokens, refresh=refresh)
     return _assemble(input_ids, attention_mask, new, live.long())
 
 

@@ -47,12 +47,31 @@ def sample_next(logits: Tensor, params: SamplingParams,
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = (sorted_p.cumsum(dim=-1) - sorted_p) < params.top_p   # always keeps the first
+        keep = (blocked_cumsum(sorted_p) - sorted_p) < params.top_p   # always keeps the first
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    cdf = probs.cumsum(dim=-1)
+    cdf = blocked_cumsum(probs)
     if uniform is None:
         uniform = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device,
                              dtype=cdf.dtype)
     u = uniform.to(cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+
+
+SCAN_BLOCK = 512
+
+
+def blocked_cumsum(x: Tensor, block: int = SCAN_BLOCK) -> Tensor:
+    """cumsum over the last dim as two short scans (within blocks of `block`, then over the
+    blocks' totals). Same result up to float rounding; why: inductor splits a scan over a
+    262,144-entry vocabulary into a SplitScan whose code generation failed on an H100 (torch
+    2.11), which stopped every compiled sampling step at that vocabulary."""
+    n = x.shape[-1]
+    if n <= block:
+        return x.cumsum(dim=-1)
+    pad = (-n) % block
+    xs = torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, block))
+    inner = xs.cumsum(dim=-1)
+    totals = inner[..., -1]
+    before = totals.cumsum(dim=-1) - totals
+    return (inner + before.unsqueeze(-1)).flatten(-2)[..., :n]
