@@ -27,7 +27,7 @@ from wattkd.distill.objective import StepInputs, terms_of
 from wattkd.distill.registry import register_loss
 from wattkd.distill.signals import (
     SIGNALS,
-    SignalKind,
+    ArraySignalKind,
     SignalRequest,
     TeacherSignals,
     capture_attention_maps,
@@ -47,7 +47,7 @@ def _column(layer: int) -> str:
     return f"attnmap_L{layer}"
 
 
-class AttentionMaps(SignalKind):
+class AttentionMaps(ArraySignalKind):
     """Attention probabilities [B, heads, L, L] of chosen teacher decoder layers."""
 
     name = SIGNAL
