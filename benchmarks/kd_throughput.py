@@ -166,7 +166,7 @@ def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None = None,
     from wattkd.distill.teacher import OnlineTeacher
     from wattkd.models import hidden_size, num_layers
 
-    method = MethodConfig(name="response", mode="response",
+    method = MethodConfig(name="response", method="response",
                           losses=[LossTerm(name="forward_kl", params={"temperature": 1.0})])
     mode = make_mode(method, student, (num_layers(teacher), hidden_size(teacher)))
     obj = DistillObjective(student, mode, method, vocab=GEMMA_VOCAB[0], chunk_tokens=CHUNK[0])

@@ -158,7 +158,7 @@ def _experiment(root: Path, signals: str) -> dict:
                  "shards_dir": str(root / "shards"), "heldout_fraction": 0.3},
         "teacher": {"build": {**MODEL, "initializer_range": 0.5}},
         "student": {"build": MODEL},
-        "distill": {"methods": [{"name": "tiny", "mode": METHOD,
+        "distill": {"methods": [{"name": "tiny", "method": METHOD,
                                  "params": {"teacher_layer": 1},
                                  "losses": [{"name": LOSS}, {"name": "ce", "weight": 0.1}]}],
                     "teacher_signals": signals, "cache_dir": str(root / "cache")},

@@ -77,7 +77,7 @@ def parse_signals(text: str, *, default_k: int, default_pooled: tuple[str, ...] 
 def default_spec(cfg: ExperimentConfig, encoding: str = DEFAULT_ENCODING) -> SignalRequest:
     """The signals the config's methods need (see module docstring)."""
     d = cfg.distill
-    requests = [get_method(m.mode).signals(
+    requests = [get_method(m.method).signals(
         m.model_copy(update={"losses": [t for t in m.losses if t.weight > 0]}))
         for m in d.methods]
     wanted: dict[str, list[Any]] = {}
@@ -107,7 +107,7 @@ def resolve_spec(cfg: ExperimentConfig, signals: str | None,
                             f"pass --signals {_grammar()}")
         return spec
     pooled = tuple(sorted({p for m in cfg.distill.methods
-                           for p in get_method(m.mode).signals(m).pooled} or {"mean"},
+                           for p in get_method(m.method).signals(m).pooled} or {"mean"},
                           key=POOLINGS.index))
     return parse_signals(signals, default_k=cfg.distill.cache_top_k, default_pooled=pooled,
                          encoding=enc)
