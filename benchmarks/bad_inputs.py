@@ -36,12 +36,12 @@ TEACHER = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
            "max_position_embeddings": 64, "tie_word_embeddings": True}
 METHODS = [
-    {"name": "response", "mode": "response", "losses": [{"name": "forward_kl"}]},
-    {"name": "feature", "mode": "feature", "layer_map": [[1, 2]],
+    {"name": "response", "method": "response", "losses": [{"name": "forward_kl"}]},
+    {"name": "feature", "method": "feature", "layer_map": [[1, 2]],
      "losses": [{"name": "hidden_mse"}]},
-    {"name": "relation", "mode": "relation",
+    {"name": "relation", "method": "relation",
      "losses": [{"name": "rkd_distance"}, {"name": "rkd_angle"}]},
-    {"name": "baseline", "mode": "none", "losses": [{"name": "ce"}]},
+    {"name": "baseline", "method": "none", "losses": [{"name": "ce"}]},
 ]
 
 

@@ -166,7 +166,7 @@ def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None = None,
     from wattkd.distill.teacher import OnlineTeacher
     from wattkd.models import hidden_size, num_layers
 
-    method = MethodConfig(name="response", mode="response",
+    method = MethodConfig(name="response", method="response",
                           losses=[LossTerm(name="forward_kl", params={"temperature": 1.0})])
     mode = make_mode(method, student, (num_layers(teacher), hidden_size(teacher)))
     obj = DistillObjective(student, mode, method, vocab=GEMMA_VOCAB[0], chunk_tokens=CHUNK[0])
@@ -190,13 +190,13 @@ def run_wattkd(teacher, student, ids, steps, warmup, topk: int | None = None,
 
 def cached_topk(teacher, ids, k: int):
     """Top-k teacher tensors as the teacher cache delivers them (int32 ids, fp16 log-probs
-    and tail), built the way the cache builds them (teacher_cache.compute.topk_logprobs:
+    and tail), built the way the cache builds them (distill.signals.topk_logprobs:
     logits in chunks of CHUNK tokens, exact logsumexp tail): never [tokens x vocab] at once,
     so the setup peaks below the online step (the full fp32 log_softmax of 64 x 1024 x 262,144
     logits took ~69 GB a copy and ran out of memory on an 80 GB card)."""
-    from wattkd.distill.signals import TeacherSignals, TopK
+    from wattkd.distill.losses import TopKTeacher
+    from wattkd.distill.signals import TeacherSignals, topk_logprobs
     from wattkd.distill.teacher import decoder_forward, logit_softcap
-    from wattkd.teacher_cache.compute import topk_logprobs
 
     with torch.no_grad():
         last, _ = decoder_forward(teacher, ids, False)
@@ -206,8 +206,9 @@ def cached_topk(teacher, ids, k: int):
                                        if getattr(head, "bias", None) is not None else None,
                                        logit_softcap(teacher), k, CHUNK[0])
         del last
-    return TeacherSignals(topk=TopK(idx.to(torch.int32).view(b, seq, k),
-                                    lps.half().view(b, seq, k), tail.half().view(b, seq)))
+    return TeacherSignals(topk=TopKTeacher(idx.to(torch.int32).view(b, seq, k),
+                                           lps.half().view(b, seq, k),
+                                           tail.half().view(b, seq)))
 
 
 def run_liger(teacher, student, ids, steps, warmup, kind: str = "chunked"):

@@ -62,7 +62,7 @@ def experiment(root: Path, args: argparse.Namespace) -> Path:
         "teacher": {"build": model},  # never loaded: the CE baseline needs no teacher
         "student": {"model": str(base), "lora": {"r": 16, "alpha": 32, "dropout": 0.0,
                                                  "merge_on_save": False}},
-        "distill": {"methods": [{"name": "baseline", "mode": "none",
+        "distill": {"methods": [{"name": "baseline", "method": "none",
                                  "losses": [{"name": "ce"}]}]},
         "train": {"max_steps": args.steps, "micro_batch_size": args.batch,
                   "log_every": args.log_every, "tensorboard": False, "lr": 1e-4,

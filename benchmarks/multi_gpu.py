@@ -57,7 +57,7 @@ def experiment(root: Path, args: argparse.Namespace) -> Path:
                     "dtype": "float32" if tiny else "bfloat16"},
         "student": {"from_teacher_layers": [0, 2] if tiny else STUDENT_LAYERS},
         "distill": {"logit_chunk_tokens": 1024, "methods": [
-            {"name": "response", "mode": "response",
+            {"name": "response", "method": "response",
              "losses": [{"name": "forward_kl"}, {"name": "ce", "weight": 0.5}]}]},
         "train": {"max_steps": args.steps, "micro_batch_size": args.batch,
                   "log_every": args.log_every, "tensorboard": False, "lr": 1e-4,

@@ -11,7 +11,7 @@ sampled at temperature 1 after each (EOS ignored on both sides, so every step do
 work), reverse KL (TRL beta=1) on the completion tokens over the full vocabulary, AdamW, grad
 clip 1.0, bf16 autocast on CUDA, no gradient checkpointing on either side.
 
-  wattkd  the step `wattkd train` takes for `mode: onpolicy` (training/rollouts.RolloutSource ->
+  wattkd  the step `wattkd train` takes for `method: onpolicy` (training/rollouts.RolloutSource ->
           OnlineTeacher -> DistillObjective, the fused chunked LM-head loss), each step inside
           the ledger's `step` window with `rollout`, `score`, `update` windows (StepPhases).
   trl     trl.DistillationTrainer (TRL's on-policy distillation trainer: HF generate, chunked
@@ -97,7 +97,7 @@ def run_wattkd(args, student_arch, teacher_arch, device, out: Path) -> dict:
 
     teacher = build(teacher_arch, 0, device, True)
     student = build(student_arch, 1, device, False)
-    method = MethodConfig(name="onpolicy", mode="onpolicy", losses=[LossTerm(name="reverse_kl")],
+    method = MethodConfig(name="onpolicy", method="onpolicy", losses=[LossTerm(name="reverse_kl")],
                           params={"prompt_tokens": args.prompt, "completion_tokens":
                                   args.completion, "temperature": 1.0, "stop_at_eos": False})
     mode = make_mode(method, student, (teacher_arch["num_hidden_layers"],

@@ -89,7 +89,7 @@ def experiment(args: argparse.Namespace, work: Path, tokenizer: str, arch: dict,
         "teacher": {**({"model": args.teacher} if args.teacher else {"build": arch}),
                     "dtype": "bfloat16" if args.device == "cuda" else "float32"},
         "student": {"from_teacher_layers": TINY_LAYERS if args.tiny else STUDENT_LAYERS},
-        "distill": {"methods": [{"name": "response", "mode": "response", "losses": [
+        "distill": {"methods": [{"name": "response", "method": "response", "losses": [
             {"name": "forward_kl", "params": {"temperature": 1.0}}]}],
             "cache_top_k": args.k, "cache_dir": str(work / f"cache_{encoding}"),
             "logit_chunk_tokens": args.chunk},

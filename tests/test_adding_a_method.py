@@ -27,7 +27,7 @@ from wattkd.distill.objective import StepInputs, terms_of
 from wattkd.distill.registry import register_loss
 from wattkd.distill.signals import (
     SIGNALS,
-    SignalKind,
+    ArraySignalKind,
     SignalRequest,
     TeacherSignals,
     capture_attention_maps,
@@ -47,7 +47,7 @@ def _column(layer: int) -> str:
     return f"attnmap_L{layer}"
 
 
-class AttentionMaps(SignalKind):
+class AttentionMaps(ArraySignalKind):
     """Attention probabilities [B, heads, L, L] of chosen teacher decoder layers."""
 
     name = SIGNAL
@@ -158,7 +158,7 @@ def _experiment(root: Path, signals: str) -> dict:
                  "shards_dir": str(root / "shards"), "heldout_fraction": 0.3},
         "teacher": {"build": {**MODEL, "initializer_range": 0.5}},
         "student": {"build": MODEL},
-        "distill": {"methods": [{"name": "tiny", "mode": METHOD,
+        "distill": {"methods": [{"name": "tiny", "method": METHOD,
                                  "params": {"teacher_layer": 1},
                                  "losses": [{"name": LOSS}, {"name": "ce", "weight": 0.1}]}],
                     "teacher_signals": signals, "cache_dir": str(root / "cache")},

@@ -26,8 +26,8 @@ TEACHER = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
            "max_position_embeddings": 64, "tie_word_embeddings": True}
 STUDENT = {**TEACHER, "hidden_size": 16, "intermediate_size": 32}
-METHODS = [{"name": "response", "mode": "response", "losses": [{"name": "forward_kl"}]},
-           {"name": "baseline", "mode": "none", "losses": [{"name": "ce"}]}]
+METHODS = [{"name": "response", "method": "response", "losses": [{"name": "forward_kl"}]},
+           {"name": "baseline", "method": "none", "losses": [{"name": "ce"}]}]
 
 
 def experiment(root: Path, out: str = "exp", **train_over: object) -> dict:
@@ -125,7 +125,7 @@ def test_yaml_merge_keys_and_set_values_use_the_same_strict_loader(tmp_path: Pat
     path.write_text("name: m\nteacher: {build: {model_type: llama}}\n"
                     "student: {build: {model_type: llama}}\n"
                     "train: &t {max_steps: 3, lr: 0.001}\n"
-                    "distill: {methods: [{name: b, mode: none, losses: [{name: ce}]}]}\n")
+                    "distill: {methods: [{name: b, method: none, losses: [{name: ce}]}]}\n")
     assert load(path).train.max_steps == 3  # no false alarm on a plain file
     res = cli("config", "show", str(path), "--set", "train={max_steps: 4, max_steps: 5}")
     refused(res, 2, "--set", "'max_steps' at lines 1 and 1")

@@ -56,11 +56,11 @@ def test_wrong_type_named(tmp_path: Path) -> None:
 
 def test_unknown_loss_and_param_refused(tmp_path: Path) -> None:
     bad_loss = {**MINIMAL, "distill": {"methods": [
-        {"name": "r", "mode": "response", "losses": [{"name": "forward_kld"}]}]}}
+        {"name": "r", "method": "response", "losses": [{"name": "forward_kld"}]}]}}
     with pytest.raises(ConfigError, match="unknown loss 'forward_kld'"):
         load(write(tmp_path, bad_loss))
     bad_param = {**MINIMAL, "distill": {"methods": [
-        {"name": "r", "mode": "response",
+        {"name": "r", "method": "response",
          "losses": [{"name": "forward_kl", "params": {"temprature": 2.0}}]}]}}
     with pytest.raises(ConfigError, match="temprature"):
         load(write(tmp_path, bad_param))
@@ -68,14 +68,14 @@ def test_unknown_loss_and_param_refused(tmp_path: Path) -> None:
 
 def test_loss_kind_must_fit_mode(tmp_path: Path) -> None:
     data = {**MINIMAL, "distill": {"methods": [
-        {"name": "r", "mode": "relation", "losses": [{"name": "forward_kl"}]}]}}
-    with pytest.raises(ConfigError, match="mode 'relation'"):
+        {"name": "r", "method": "relation", "losses": [{"name": "forward_kl"}]}]}}
+    with pytest.raises(ConfigError, match="method .relation. accepts"):
         load(write(tmp_path, data))
 
 
 def test_feature_mode_needs_layer_map(tmp_path: Path) -> None:
     data = {**MINIMAL, "distill": {"methods": [
-        {"name": "f", "mode": "feature", "losses": [{"name": "hidden_mse"}]}]}}
+        {"name": "f", "method": "feature", "losses": [{"name": "hidden_mse"}]}]}}
     with pytest.raises(ConfigError, match="layer_map"):
         load(write(tmp_path, data))
 
@@ -119,6 +119,28 @@ def test_config_show_error_is_one_clear_message(tmp_path: Path) -> None:
     assert "x: unknown key" in res.output
 
 
+def test_the_old_mode_key_is_one_error_naming_the_new_key(tmp_path: Path) -> None:
+    """`mode:` became `method:` (issue 29): a config still using it gets one error line naming
+    both keys, with the config-error exit code, and nothing about `method` missing."""
+    old = {**MINIMAL, "distill": {"methods": [
+        {"name": "r", "mode": "response", "losses": [{"name": "forward_kl"}]}]}}
+    res = CliRunner().invoke(app, ["config", "show", str(write(tmp_path, old))])
+    assert res.exit_code == 2, res.output
+    assert "distill.methods.0: Value error, key `mode` was renamed to `method`: write " \
+        "`method: response`" in res.output
+    assert "required key is missing" not in res.output and "Traceback" not in res.output
+
+
+def test_a_stored_config_with_the_old_key_is_migrated_on_read() -> None:
+    from wattkd.config import migrate_stored, validate
+
+    stored = {**MINIMAL, "distill": {"methods": [
+        {"name": "r", "mode": "response", "losses": [{"name": "forward_kl"}]},
+        {"name": "b", "method": "none", "losses": [{"name": "ce"}]}]}}
+    cfg = validate(migrate_stored(stored))
+    assert [(m.name, m.method) for m in cfg.distill.methods] == [("r", "response"), ("b", "none")]
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
 def test_shipped_configs_validate(path: Path) -> None:
     load(path)
@@ -127,7 +149,7 @@ def test_shipped_configs_validate(path: Path) -> None:
 @pytest.mark.parametrize("name", ["report", "teacher", "shards"])
 def test_method_names_of_stage_folders_refused(tmp_path: Path, name: str) -> None:
     data = {**MINIMAL, "distill": {"methods": [
-        {"name": name, "mode": "none", "losses": [{"name": "ce"}]}]}}
+        {"name": name, "method": "none", "losses": [{"name": "ce"}]}]}}
     with pytest.raises(ConfigError, match="reserved"):
         load(write(tmp_path, data))
 

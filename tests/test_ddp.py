@@ -27,7 +27,7 @@ def config(root: Path) -> Path:
                  "shards_dir": str(root / "shards")},
         "teacher": {"build": {**MODEL, "hidden_size": 48, "intermediate_size": 96}},
         "student": {"build": MODEL},
-        "distill": {"methods": [{"name": "response", "mode": "response",
+        "distill": {"methods": [{"name": "response", "method": "response",
                                  "losses": [{"name": "forward_kl"}, {"name": "ce"}]}]},
         "train": {"max_steps": 6, "micro_batch_size": 8, "log_every": 1, "tensorboard": False,
                   "device": "cpu", "schedule": "constant", "lr": 1e-3},
@@ -99,7 +99,7 @@ def test_feature_method_without_logit_terms(cfg: Path, strategy: str) -> None:
     """No CE/KL term: the LM head gets no gradient, which DDP must be told about (it failed
     at the second step before); FSDP must reduce-scatter around the unused parameters."""
     data = yaml.safe_load(cfg.read_text())
-    data["distill"]["methods"] = [{"name": "response", "mode": "feature",
+    data["distill"]["methods"] = [{"name": "response", "method": "feature",
                                    "layer_map": [[1, 1]], "losses": [{"name": "hidden_mse"}],
                                    "guard": {"enabled": True, "window": 2}}]
     data["student"]["build"]["tie_word_embeddings"] = False

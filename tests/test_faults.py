@@ -49,7 +49,7 @@ def experiment(root: Path, name: str) -> dict[str, Any]:
                      "shards_dir": str(root / "shards"), "rows_per_part": 64,
                      "heldout_fraction": 0.0},
             "teacher": {"build": LAYERS}, "student": {"build": LAYERS},
-            "distill": {"methods": [{"name": "baseline", "mode": "none",
+            "distill": {"methods": [{"name": "baseline", "method": "none",
                                      "losses": [{"name": "ce"}]}],
                         "cache_top_k": 8, "cache_dir": str(root / name / "cache")},
             "train": {"max_steps": 40, "micro_batch_size": 4, "lr": 3e-3, "log_every": 5,

@@ -373,7 +373,7 @@ def test_config_load_refuses_bad_loss_params():
     def cfg(params):
         return {"name": "x", "teacher": {"build": {"model_type": "llama"}},
                 "student": {"build": {"model_type": "llama"}},
-                "distill": {"methods": [{"name": "kd", "mode": "response",
+                "distill": {"methods": [{"name": "kd", "method": "response",
                                          "losses": [{"name": "jsd", "params": params}]}]}}
     assert validate(cfg({"beta": 0.9}))
     with pytest.raises(ConfigError, match=r"losses\.0 \(kd\): loss 'jsd': param 'beta'"):

@@ -32,7 +32,7 @@ TEACHER = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
 STUDENT = {**TEACHER, "hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2,
            "num_attention_heads": 2, "num_key_value_heads": 1}   # q 24, k/v 12 wide
 PARAMS = {"teacher_layer": 1, "student_layer": -1, "relation_heads": 2}
-METHOD = {"name": "minilm", "mode": "minilm", "params": PARAMS,
+METHOD = {"name": "minilm", "method": "minilm", "params": PARAMS,
           "losses": [{"name": "attention_relation_kl", "weight": 1.0}]}
 
 

@@ -49,7 +49,7 @@ def model(build: dict, seed: int) -> torch.nn.Module:
 
 
 def method(loss: dict, **params) -> MethodConfig:
-    return MethodConfig(name="op", mode="onpolicy", losses=[loss],
+    return MethodConfig(name="op", method="onpolicy", losses=[loss],
                         params={"prompt_tokens": P, "completion_tokens": C, **params})
 
 

@@ -37,9 +37,9 @@ def experiment(root: Path, name: str, **train_keys: object) -> dict:
                      "shards_dir": str(root / "shards"), "rows_per_part": 64,
                      "heldout_fraction": 0.0},
             "teacher": {"build": LAYERS}, "student": {"build": LAYERS},
-            "distill": {"methods": [{"name": "baseline", "mode": "none",
+            "distill": {"methods": [{"name": "baseline", "method": "none",
                                      "losses": [{"name": "ce"}]},
-                                    {"name": "feature", "mode": "feature",
+                                    {"name": "feature", "method": "feature",
                                      "layer_map": [[1, 1], [2, 2]],
                                      "losses": [{"name": "hidden_mse"}, {"name": "ce"}]}]},
             "train": {"max_steps": 4, "micro_batch_size": 4, "lr": 3e-3, "log_every": 2,
@@ -214,6 +214,23 @@ def test_resume_with_a_changed_config_is_refused_before_anything_is_written(
     notes = load_run(run_dir).read_notes          # the report's "Read first" names it
     assert any("config changed at step 6" in n and "train.lr: 0.003 -> 0.001" in n
                for n in notes)
+
+
+def test_a_run_folder_written_before_the_mode_rename_resumes_without_a_change(
+        root: Path) -> None:
+    """A run whose config.yaml still says `mode:` (written before issue 29 renamed it to
+    `method:`) resumes: the stored config is migrated on read, so the rename is no change."""
+    first = train(student_job(validate(experiment(root, "old")), "feature"), progress=False)
+    stored = first.run_dir / "config.yaml"
+    old = yaml.safe_load(stored.read_text())
+    for entry in old["distill"]["methods"]:
+        entry["mode"] = entry.pop("method")
+    stored.write_text(yaml.safe_dump(old, sort_keys=False))
+    more = validate(experiment(root, "old", max_steps=6))
+    res = train(student_job(more, "feature"), progress=False)
+    assert res.step == 6
+    recorded = json.loads((first.run_dir / "run.json").read_text())["config_changes"]
+    assert recorded == [{"step": 4, "changes": {"train.max_steps": [4, 6]}}]  # the budget only
 
 
 def test_architecture_change_and_another_methods_checkpoint_are_one_error_line(

@@ -43,7 +43,7 @@ def tiny(name: str, out: Path, **extra: Any) -> dict[str, Any]:
         "data": {"tokenizer": "bundled:bpe-4096", "seq_len": 64, "total_tokens": 30000},
         "teacher": {"build": LLAMA, "pretrain": {"max_steps": 5, "micro_batch_size": 4}},
         "student": {"build": LLAMA},
-        "distill": {"methods": [{"name": "baseline", "mode": "none",
+        "distill": {"methods": [{"name": "baseline", "method": "none",
                                  "losses": [{"name": "ce"}]}]},
         "train": {"max_steps": STEPS, "micro_batch_size": 4, "log_every": 10,
                   "checkpoint_every": 0, "tensorboard": False, "repeats": 2},

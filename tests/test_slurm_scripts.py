@@ -25,10 +25,10 @@ CLUSTER: dict[str, Any] = {
     "name": "cl", "output_dir": "runs/cl",
     "teacher": {"model": "/models/teacher"}, "student": {"build": LLAMA},
     "distill": {"teacher_signals": "cache", "methods": [
-        {"name": "response", "mode": "response", "losses": [{"name": "forward_kl"}]},
-        {"name": "feature", "mode": "feature", "layer_map": [[1, 2]],
+        {"name": "response", "method": "response", "losses": [{"name": "forward_kl"}]},
+        {"name": "feature", "method": "feature", "layer_map": [[1, 2]],
          "losses": [{"name": "hidden_mse"}]},
-        {"name": "baseline", "mode": "none", "losses": [{"name": "ce"}]}]},
+        {"name": "baseline", "method": "none", "losses": [{"name": "ce"}]}]},
     "train": {"repeats": 3},
     "slurm": {
         "defaults": {"partition": "gpu", "account": "proj42", "qos": "high",
@@ -240,7 +240,7 @@ def test_bad_slurm_settings_are_one_clear_error(change, match) -> None:
 
 def test_method_named_like_an_output_folder_is_refused() -> None:
     """Refused when the config is loaded, before any script is written."""
-    methods = [{"name": "report", "mode": "none", "losses": [{"name": "ce"}]}]
+    methods = [{"name": "report", "method": "none", "losses": [{"name": "ce"}]}]
     with pytest.raises(ConfigError, match="reserved"):
         config(**{"distill.methods": methods, "slurm.stages": {}})
 

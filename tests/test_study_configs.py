@@ -112,7 +112,7 @@ def test_every_shipped_config_gives_each_method_the_batch_it_needs(config: str) 
     sequences of a micro-batch (RKD angle needs 3), so micro_batch_size 1 would stop it."""
     cfg = load(REPO / config)
     for method in cfg.distill.methods:
-        need = get_method(method.mode).min_batch(method)
+        need = get_method(method.method).min_batch(method)
         assert cfg.train.micro_batch_size >= need, (
             f"{config}: method {method.name} needs micro_batch_size >= {need}, "
             f"the config has {cfg.train.micro_batch_size}")

@@ -36,12 +36,12 @@ TEACHER = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
            "initializer_range": 1.0}
 STUDENT = {**TEACHER, "initializer_range": 0.5}
 METHODS = [
-    {"name": "response", "mode": "response",
+    {"name": "response", "method": "response",
      "losses": [{"name": "forward_kl", "params": {"temperature": 2.0}},
                 {"name": "ce", "weight": 0.5}]},
-    {"name": "feature", "mode": "feature", "layer_map": [[1, 1], [2, 2]],
+    {"name": "feature", "method": "feature", "layer_map": [[1, 1], [2, 2]],
      "losses": [{"name": "hidden_mse"}, {"name": "ce"}]},
-    {"name": "relation", "mode": "relation", "pooling": "last",
+    {"name": "relation", "method": "relation", "pooling": "last",
      "losses": [{"name": "rkd_distance"}, {"name": "ce"}]},
 ]
 SIGNALS = "topk:16,hidden:1:2,pooled:mean:last"

@@ -86,3 +86,18 @@ def test_a_cache_spec_is_a_signal_request():
             spec.extra) == (True, 8, (2,), "bfloat16", ("last",), (("qkv", (0,)),))
     assert spec.canonical() == "topk:8,hidden:2:bf16,pooled:last,qkv:0"
     assert SignalRequest(pooled="mean").pooled == ("mean",)
+
+
+def test_the_built_in_kinds_are_registered_kinds():
+    """Top-k, hidden states and pooled embeddings are registered SignalKinds like qkv: a
+    request lists them through the registry, and the registry alone parses, names and lays
+    them out (the cache has no code of its own for them)."""
+    from wattkd.distill.signals import SIGNALS, SignalKind
+    from wattkd.teacher_cache.spec import parse_signals
+
+    assert all(isinstance(SIGNALS[n], SignalKind) for n in ("topk", "hidden", "pooled", "qkv"))
+    req = SignalRequest(logits=True, hidden_layers=(2,), pooled="last", extra=(("qkv", (0,)),))
+    assert [k.name for k, _ in req.kinds()] == ["topk", "hidden", "pooled", "qkv"]
+    spec = parse_signals("pooled:last,hidden:2:stride=2,topk:3", default_k=8)
+    assert SignalRequest.of({k.name: p for k, p in spec.kinds()}) == spec
+    assert SIGNALS["hidden"].column_names(SIGNALS["hidden"].requested(spec)) == ["hidden_L2"]

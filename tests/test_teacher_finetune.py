@@ -33,9 +33,9 @@ def experiment(out: Path, base: Path, **finetune: object) -> dict:
                                                      "micro_batch_size": 8, **finetune}},
         "student": {"build": STUDENT},
         "distill": {"methods": [
-            {"name": "response", "mode": "response",
+            {"name": "response", "method": "response",
              "losses": [{"name": "forward_kl"}, {"name": "ce", "weight": 0.5}]},
-            {"name": "baseline", "mode": "none", "losses": [{"name": "ce"}]}]},
+            {"name": "baseline", "method": "none", "losses": [{"name": "ce"}]}]},
         "train": {"max_steps": 8, "micro_batch_size": 8, "lr": 3e-3, "log_every": 4,
                   "checkpoint_every": 4, "tensorboard": False, "device": "cpu"},
         "telemetry": {"idle_seconds": 0, "cpu_watts_per_core": 10.0},

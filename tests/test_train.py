@@ -26,13 +26,13 @@ TEACHER = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
 STUDENT = {**TEACHER, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
 
 METHODS = [
-    {"name": "response", "mode": "response",
+    {"name": "response", "method": "response",
      "losses": [{"name": "forward_kl", "params": {"temperature": 1.0}}]},
-    {"name": "feature", "mode": "feature", "layer_map": [[1, 1], [2, 3]],
+    {"name": "feature", "method": "feature", "layer_map": [[1, 1], [2, 3]],
      "losses": [{"name": "hidden_mse"}, {"name": "ce"}]},
-    {"name": "relation", "mode": "relation",
+    {"name": "relation", "method": "relation",
      "losses": [{"name": "rkd_distance"}, {"name": "rkd_angle"}, {"name": "ce"}]},
-    {"name": "baseline", "mode": "none", "losses": [{"name": "ce"}]},
+    {"name": "baseline", "method": "none", "losses": [{"name": "ce"}]},
 ]
 
 
@@ -185,7 +185,7 @@ def test_bad_inputs_refused_before_training(workspace: Path) -> None:
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
         student_job(cfg, "nope")
     bad = experiment(workspace / "exp")
-    bad["distill"]["methods"] = [{"name": "f", "mode": "feature", "layer_map": [[5, 1]],
+    bad["distill"]["methods"] = [{"name": "f", "method": "feature", "layer_map": [[5, 1]],
                                   "losses": [{"name": "hidden_mse"}]}]
     cfg = validate(bad)
     from wattkd.models import ModelError

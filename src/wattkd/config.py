@@ -224,13 +224,16 @@ class GuardConfig(Strict):
                                          "first-window mean by this factor")
 
 
+RENAMED_METHOD_KEYS = {"mode": "method"}   # MethodConfig keys renamed (old -> new), issue 29
+
+
 class MethodConfig(Strict):
     name: str
-    mode: str = Field(description="KD method: a name registered in wattkd/distill/methods/ "
-                      "(response, feature, relation, none, ...)")
+    method: str = Field(description="KD method: a name registered in wattkd/distill/methods/ "
+                        "(response, feature, relation, none, ...)")
     losses: list[LossTerm]
     layer_map: list[tuple[int, int]] | None = Field(
-        default=None, description="feature mode: (student layer, teacher layer) pairs; hidden "
+        default=None, description="feature method: (student layer, teacher layer) pairs; hidden "
                                   "state index 0 is the embeddings")
     token_subsample: float = Field(default=1.0, gt=0, le=1)
     pooling: Literal["mean", "last"] = "mean"
@@ -240,8 +243,20 @@ class MethodConfig(Strict):
 
     _name = field_validator("name")(lambda v: _reserved(_safe_name(v, "method name")))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """A key renamed since is one error naming the new key (run folders written before
+        the rename are migrated on read instead: `migrate_stored`)."""
+        if isinstance(data, dict):
+            for old, new in RENAMED_METHOD_KEYS.items():
+                if old in data:
+                    raise ValueError(f"key `{old}` was renamed to `{new}`: write "
+                                     f"`{new}: {data[old]}`")
+        return data
+
     @model_validator(mode="after")
-    def _mode_needs(self) -> MethodConfig:
+    def _losses_needed(self) -> MethodConfig:
         if not self.losses:
             raise ValueError(f"method {self.name!r}: losses must not be empty")
         return self
@@ -251,15 +266,15 @@ class MethodConfig(Strict):
         """Whether the method reads teacher signals, as its registered declaration says."""
         from wattkd.distill.methods.registry import get_method  # lazy: see _check_methods
 
-        return get_method(self.mode).needs_teacher
+        return get_method(self.method).needs_teacher
 
 
 def _default_methods() -> list[MethodConfig]:
     return [
-        MethodConfig(name="response", mode="response",
+        MethodConfig(name="response", method="response",
                      losses=[LossTerm(name="forward_kl", params={"temperature": 2.0}),
                              LossTerm(name="ce", weight=0.5)]),
-        MethodConfig(name="baseline", mode="none", losses=[LossTerm(name="ce")]),
+        MethodConfig(name="baseline", method="none", losses=[LossTerm(name="ce")]),
     ]
 
 
@@ -648,7 +663,7 @@ def _check_suites(cfg: ExperimentConfig, source: str) -> None:
 
 
 def _check_methods(cfg: ExperimentConfig, source: str) -> None:
-    """Modes, their params and checks, loss names and params are checked against the method
+    """Methods, their params and checks, loss names and params are checked against the method
     and loss registries at load time."""
     # lazy: the registries load the methods and losses (torch); a config read for `--help`,
     # `config show` or Slurm status stays light
@@ -661,7 +676,7 @@ def _check_methods(cfg: ExperimentConfig, source: str) -> None:
         if found:
             continue
         for j, term in enumerate(method.losses):
-            msg = check_loss_term(term.name, term.params, method.mode)
+            msg = check_loss_term(term.name, term.params, method.method)
             if msg:
                 problems.append(f"  - distill.methods.{i}.losses.{j} ({method.name}): {msg}")
     if problems:
@@ -689,6 +704,18 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {part} is not a mapping")
     node[parts[-1]] = value
+
+
+def migrate_stored(data: Any) -> Any:
+    """A config a run folder stored (config.yaml) as today's keys: entries of
+    distill.methods written before a key was renamed get the new name. The one place an old
+    record is migrated; a user's config with an old key is refused instead (MethodConfig)."""
+    methods = ((data.get("distill") or {}).get("methods") if isinstance(data, dict) else None)
+    for entry in methods if isinstance(methods, list) else ():
+        for old, new in RENAMED_METHOD_KEYS.items():
+            if isinstance(entry, dict) and old in entry and new not in entry:
+                entry[new] = entry.pop(old)
+    return data
 
 
 def dump(cfg: ExperimentConfig) -> str:

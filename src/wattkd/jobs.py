@@ -91,7 +91,7 @@ def _teacher_method() -> MethodConfig:
     """The teacher's own run trains with CE only. "teacher" is reserved for user methods (it
     is this run's folder), so the method is built unvalidated."""
     return MethodConfig.model_construct(
-        name="teacher", mode="none", losses=[LossTerm(name="ce")], layer_map=None,
+        name="teacher", method="none", losses=[LossTerm(name="ce")], layer_map=None,
         token_subsample=1.0, pooling="mean", guard=GuardConfig())
 
 

@@ -306,14 +306,14 @@ def check_layers(job: Any, teacher_conf: Any | None, student_conf: Any | None) -
             student = copy.copy(teacher_conf)
             student.num_hidden_layers = s_layers
         try:  # the method's own model checks (distill/methods/<name>.py)
-            get_method(job.method.mode).check_models(job.method, student, teacher_conf)
+            get_method(job.method.method).check_models(job.method, student, teacher_conf)
         except ModelError as exc:
             raise ModelError(f"method {job.method.name!r}: {exc}") from None
 
 
 def check_batch(job: Any) -> None:
     method = job.method
-    need = get_method(method.mode).min_batch(method)
+    need = get_method(method.method).min_batch(method)
     if job.train.micro_batch_size < need:
         raise ConfigError(f"train.micro_batch_size: method {method.name!r} compares sequences "
                           f"within a micro-batch ({', '.join(t.name for t in method.losses)}) "

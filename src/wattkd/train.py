@@ -194,7 +194,7 @@ def check_inputs(job: TrainJob, resume: str) -> Inputs:
     shards, tokenizer = probe.path, probe.tokenizer
     cache_manifest = None
     if needs_teacher and cfg.distill.teacher_signals == "cache":
-        request = get_method(job.method.mode).signals(job.method)
+        request = get_method(job.method.method).signals(job.method)
         cache_manifest = check_cache(cfg, shards, request=request)
     device = resolve_device(tc.device)
     if resume not in ("auto", "never") and not Path(resume).is_dir():
@@ -418,7 +418,7 @@ def record_start(run: Run, pos: Position, plan: ResumePlan, lock: RunLock | None
         history["config_changes"].append({"step": plan.step, "changes": plan.changes})
     if lock is not None and lock.taken_over:
         history["lock_takeovers"].append(lock.taken_over)
-    write_run_json(job.run_dir, status="running", method=method.name, mode=method.mode,
+    write_run_json(job.run_dir, status="running", method=method.name, mode=method.method,
                    repeat=job.repeat, seed=job.seed, teacher=job.teacher_path or
                    cfg.teacher.model, teacher_signals=cfg.distill.teacher_signals
                    if inputs.needs_teacher else None, shards=str(inputs.shards),
@@ -506,7 +506,7 @@ def divergence_guard(method: MethodConfig, resumed: list[float] | None
     """Feature/relation runs without a CE term are watched for a climbing LM loss."""
     guard = None
     has_ce = any(t.name == "ce" and t.weight > 0 for t in method.losses)
-    if get_method(method.mode).guard and method.guard.enabled and not has_ce:
+    if get_method(method.method).guard and method.guard.enabled and not has_ce:
         guard = DivergenceGuard(method.guard.window, method.guard.max_ratio)
         guard.values = list(resumed or [])
     return guard

@@ -18,9 +18,9 @@ def make_mode(method: MethodConfig, student: nn.Module,
     """`teacher_dims` = (number of layers, hidden size) of the teacher, None without one (the
     cached-signal path has no teacher model in memory, only its config). The method's
     declaration (distill/methods/<name>.py) builds it."""
-    spec = get_method(method.mode)
+    spec = get_method(method.method)
     if spec.needs_teacher and teacher_dims is None:
-        raise ValueError(f"method {method.name!r} ({method.mode}) needs a teacher")
+        raise ValueError(f"method {method.name!r} ({method.method}) needs a teacher")
     need = spec.min_batch(method)
     if batch_size is not None and batch_size < need:
         raise ValueError(f"method {method.name!r}: relation losses compare sequences within a "

@@ -3,40 +3,45 @@
 A method declares a `SignalRequest` (`cls.signals(method)`, distill/methods/; a teacher
 cache's contents are one too, with its storage fields); a provider
 (`distill.teacher.OnlineTeacher` or `teacher_cache.CachedTeacher`) answers with exactly that in
-`TeacherSignals`. The built-in kinds are top-k logits with tail mass (online: final hidden
-state + head, logits formed per chunk inside the fused loss), hidden states of chosen layers
-and pooled final embeddings; their cache column names are made here (`TOPK_COLUMNS`,
-`hidden_column`, `pooled_column`) and nowhere else.
+`TeacherSignals`.
 
-Further kinds are `SignalKind`s registered with `register_signal`: each owns its request
-entry (`SignalRequest.extra`), its `--signals` item, how it is captured from the teacher's
-forward (hooks), and its cache columns (16-bit float arrays, stored like hidden states). The
-teacher cache and the online teacher handle every registered kind without knowing it.
+Every kind of signal is a `SignalKind` registered with `register_signal`: it owns its
+`--signals` item, its check against the teacher, how it is captured from the teacher's forward,
+its value online and in a cache, its cache columns and their encoding. The built-in kinds
+(top-k logits with tail mass, hidden states, pooled embeddings) are registered here like any
+other; their requests live in `SignalRequest`'s own fields and their answers in
+`TeacherSignals`' own fields, so methods read them by name. Kinds stored as 16-bit float
+arrays (`qkv`, attention maps) subclass `ArraySignalKind` and implement only the array side.
+The teacher cache and the online teacher handle every registered kind without knowing it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from wattkd.distill import signal_encoding as enc
 from wattkd.distill.losses import TopKTeacher
+from wattkd.distill.signal_encoding import TOPK_COLUMNS, Staged
 from wattkd.models import decoder_layers, unwrap
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PROJECTIONS", "SIGNALS", "TOPK_COLUMNS", "AttentionMapsUnavailable",
-           "AttentionProjections", "SignalKind", "SignalRequest", "TeacherSignals", "TopK",
-           "capture_attention_maps", "capture_projections", "hidden_column",
-           "hook_projections", "pool", "pooled_column", "projection_widths", "register_signal"]
-
-TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "topk_tail")
+__all__ = ["PROJECTIONS", "SIGNALS", "TOPK_COLUMNS", "ArraySignalKind",
+           "AttentionMapsUnavailable", "AttentionProjections", "CacheContext", "HiddenStates",
+           "PooledEmbeddings", "SignalKind", "SignalRequest", "TeacherForward", "TeacherSignals",
+           "TopKLogits", "capture_attention_maps", "capture_projections", "hidden_column",
+           "hidden_positions", "hook_projections", "pool", "pooled_column", "projection_widths",
+           "register_signal", "topk_logprobs"]
 
 
 def hidden_column(layer: int) -> str:
@@ -56,7 +61,7 @@ class SignalRequest:
     logits: bool = False                      # response KD (a cache: top-k of k = topk)
     hidden_layers: tuple[int, ...] = ()       # feature KD: HF hidden_states indices (0 = embeddings)
     pooled: tuple[str, ...] = ()              # relation KD: "mean" / "last" (a str: that one)
-    extra: tuple[tuple[str, Any], ...] = ()   # registered kinds: (SignalKind.name, params)
+    extra: tuple[tuple[str, Any], ...] = ()   # kinds registered outside: (SignalKind.name, params)
     # how a cache stores them
     topk: int | None = None                   # k of the cached logits (implies logits)
     hidden_dtype: str | None = None           # float16 | bfloat16; None: from the teacher dtype
@@ -69,29 +74,32 @@ class SignalRequest:
         if self.topk is not None and not self.logits:
             object.__setattr__(self, "logits", True)
 
+    @classmethod
+    def of(cls, chosen: dict[str, Any], **storage: Any) -> SignalRequest:
+        """The request for `chosen` ({kind name: params}), with storage fields."""
+        fields: dict[str, Any] = {}
+        extra = []
+        for name, params in chosen.items():
+            kind = SIGNALS[name]
+            if kind.builtin:
+                fields.update(kind.request_fields(params))
+            else:
+                extra.append((name, params))
+        return cls(**storage, **fields, extra=tuple(sorted(extra)))
+
+    def kinds(self) -> list[tuple[SignalKind, Any]]:
+        """Every kind asked for with its params: built-in kinds first, in registration order."""
+        built = [(k, k.requested(self)) for k in SIGNALS.values() if k.builtin]
+        return ([(k, p) for k, p in built if p is not None]
+                + [(SIGNALS[name], params) for name, params in self.extra])
+
     @property
     def empty(self) -> bool:
-        return not (self.logits or self.hidden_layers or self.pooled or self.extra)
+        return not self.kinds()
 
     def canonical(self) -> str:
         """The `--signals` text of what is stored (a cache's identity)."""
-        parts = []
-        if self.topk is not None:
-            parts.append(f"topk:{self.topk}")
-        if self.hidden_layers:
-            h = "hidden:" + ":".join(str(i) for i in self.hidden_layers)
-            if self.hidden_dtype:
-                h += ":" + ("bf16" if self.hidden_dtype == "bfloat16" else "fp16")
-            if self.hidden_stride > 1:
-                h += f":stride={self.hidden_stride}"
-            parts.append(h)
-        if self.pooled:
-            parts.append("pooled:" + ":".join(self.pooled))
-        parts += [SIGNALS[name].canonical(params) for name, params in self.extra]
-        return ",".join(parts)
-
-
-TopK = TopKTeacher  # the one top-k type; this name stays for callers outside src (benchmarks)
+        return ",".join(kind.canonical(params) for kind, params in self.kinds())
 
 
 @dataclass
@@ -109,6 +117,51 @@ class TeacherSignals:
     extra: dict[str, Any] = field(default_factory=dict)  # SignalKind.name -> its value
 
 
+@dataclass
+class TeacherForward:
+    """One teacher forward as the kinds read it (distill.teacher.teacher_forward)."""
+
+    model: nn.Module
+    last_hidden: torch.Tensor                          # [B, L, Ht] after the final norm
+    hidden_states: tuple[torch.Tensor, ...] | None     # HF hidden_states, when a kind asked
+
+
+@dataclass
+class CacheContext:
+    """What a kind needs to know of a cache to lay out, compute, encode or decode its columns.
+    A build fills the teacher's side (teacher_cache.plan), a reader the manifest's."""
+
+    encoding: str
+    seq_len: int = 0
+    vocab: int = 0
+    teacher_conf: Any = None
+    dtype16: str | None = None                     # 16-bit arrays: float16 | bfloat16
+    chunk_tokens: int = 4096                       # tokens per top-k logits chunk
+    id_rank: torch.Tensor | None = None            # packed top-k build: rank of each token id
+    id_order: Any = None                           # packed top-k read: token id of each rank
+    columns: dict[str, dict[str, Any]] = field(default_factory=dict)   # manifest columns
+    signals: dict[str, Any] = field(default_factory=dict)   # manifest "signals" section
+    device: torch.device | str = "cpu"
+
+    def decode16(self, cells: dict[str, list[Any]], column: str) -> torch.Tensor:
+        """A 16-bit float column of some rows, on the context's device."""
+        c = self.columns[column]
+        return enc.decode_hidden(self.encoding, cells[column], c["shape"], c["values"],
+                                 self.device)
+
+    def narrow(self, t: torch.Tensor, what: int | str) -> torch.Tensor:
+        """To the cache's 16-bit dtype; an fp16 overflow is an error, never a silent inf."""
+        assert self.dtype16 is not None
+        dtype = getattr(torch, self.dtype16)
+        if dtype == torch.float16 and t.dtype != torch.float16:
+            peak = float(t.detach().abs().max())
+            if peak > torch.finfo(torch.float16).max:
+                raise OverflowError(f"teacher hidden state {what} reaches |x| = {peak:.4g}, "
+                                    "beyond float16's 65504: cache it as bf16 "
+                                    "(--signals hidden:...:bf16)")
+        return t.to(dtype)
+
+
 def pool(hidden: torch.Tensor, how: str) -> torch.Tensor:
     """Sequence embedding from token states: mean over positions, or the last position."""
     if how == "mean":
@@ -120,15 +173,26 @@ def pool(hidden: torch.Tensor, how: str) -> torch.Tensor:
 
 class SignalKind(ABC):
     """One registered teacher-signal kind. `params` is the kind's hashable request value (for
-    example a tuple of layer indices); a subclass implements every abstract method
-    (registration instantiates it, so a missing one fails there)."""
+    example a tuple of layer indices); registration instantiates the class, so a missing
+    abstract method fails there. Kinds stored as 16-bit arrays subclass `ArraySignalKind`."""
 
     name: str = ""
     grammar: str = ""          # its `--signals` item, for error messages
+    builtin: bool = False      # its request is a field of SignalRequest, not an `extra` entry
+
+    # ------------------------------------------------------------------ request
+    def requested(self, request: SignalRequest) -> Any:
+        """This kind's params in `request`, None when it is not asked for."""
+        return dict(request.extra).get(self.name)
+
+    def request_fields(self, params: Any) -> dict[str, Any]:
+        """SignalRequest fields of a built-in kind's params."""
+        raise NotImplementedError(f"{self.name} is not a built-in kind")
 
     @abstractmethod
-    def parse(self, args: list[str], item: str) -> Any:
-        """`--signals` item `name:arg:arg` -> params; raises ValueError naming the item."""
+    def parse_item(self, args: list[str], item: str, default: Any = None) -> Any:
+        """`--signals` item `name:arg:arg` -> params (`default`: what a bare item means);
+        raises ValueError naming the problem."""
 
     @abstractmethod
     def canonical(self, params: Any) -> str:
@@ -138,22 +202,428 @@ class SignalKind(ABC):
     def merge(self, values: list[Any]) -> Any:
         """One request covering all of `values` (one cache serves every method)."""
 
+    def config_default(self, params: Any, distill: Any) -> Any:
+        """What a cache built from the config holds of this kind, given the methods' merged
+        params (None: none asks for it) and the config's `distill` section."""
+        return params
+
+    def problem(self, params: Any, ctx: CacheContext) -> str | None:
+        """Why `params` cannot be cached for this teacher and cache (an error line), or None."""
+        return None
+
+    # ------------------------------------------------------------------ the teacher's forward
+    def needs_hidden_states(self, params: Any) -> bool:
+        """Whether the forward must return every layer's hidden states."""
+        return False
+
+    @contextlib.contextmanager
+    def capture(self, model: nn.Module, params: Any) -> Iterator[dict[str, Any]]:
+        """Active around the teacher's forward (hooks); yields what `answer` reads."""
+        yield {}
+
+    @abstractmethod
+    def answer(self, captured: dict[str, Any], params: Any, fwd: TeacherForward) -> Any:
+        """The signal's value from one online teacher forward."""
+
+    def put(self, sig: TeacherSignals, value: Any) -> None:
+        """Store a value (online or from a cache) in the answer a method reads."""
+        sig.extra[self.name] = value
+
+    # ------------------------------------------------------------------ the cache
+    def uses_dtype16(self, params: Any) -> bool:
+        """Whether its columns hold 16-bit floats (the cache then fixes that dtype)."""
+        return False
+
+    @abstractmethod
+    def column_names(self, params: Any) -> list[str]:
+        """Cache columns of `params`."""
+
+    @abstractmethod
+    def columns(self, params: Any, ctx: CacheContext) -> dict[str, dict[str, Any]]:
+        """Manifest description of each of its columns (layout, codec)."""
+
+    def describe(self, params: Any, ctx: CacheContext) -> dict[str, Any]:
+        """A built-in kind's entries of the manifest's `signals` section (params None: the
+        cache does not hold it)."""
+        return {}
+
+    @abstractmethod
+    def cache_value(self, captured: dict[str, Any], params: Any, fwd: TeacherForward,
+                    ctx: CacheContext) -> Any:
+        """The value as the cache stores it, still on the teacher's device."""
+
+    @abstractmethod
+    def stage(self, value: Any, params: Any, ctx: CacheContext) -> dict[str, Staged]:
+        """Device side of encoding a cache value: host arrays per column."""
+
+    @abstractmethod
+    def decode(self, cells: dict[str, list[Any]], params: Any, ctx: CacheContext) -> Any:
+        """The value from its columns' cells of some rows (inverse of `stage`)."""
+
+    def missing(self, params: Any, ctx: CacheContext) -> list[str]:
+        """What of `params` a cache with this manifest lacks (one phrase each)."""
+        if any(c not in ctx.columns for c in self.column_names(params)):
+            return [f"{self.canonical(params)} ({self.name})"]
+        return []
+
+
+SIGNALS: dict[str, SignalKind] = {}
+
+
+def register_signal(cls: type[SignalKind]) -> type[SignalKind]:
+    """Class decorator: one instance of the kind becomes available under `cls.name`."""
+    if not cls.name or cls.name in SIGNALS:
+        raise ValueError(f"signal kind {cls.name!r}: empty or registered twice")
+    SIGNALS[cls.name] = cls()
+    return cls
+
+
+# ------------------------------------------------------------------ top-k logits
+@torch.no_grad()
+def topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  softcap: float | None, k: int, chunk_tokens: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, H] final hidden states -> (ids [N,K], log-probs [N,K], tail log-mass [N]).
+
+    Logits are formed exactly as the online path forms them (`fused.TeacherHidden.take`): the
+    final hidden state in the head's dtype through the head rows of the compared vocabulary,
+    upcast to fp32, soft-capped where the model does, normalised over that vocabulary, in
+    chunks of tokens (a 262k vocabulary never needs [tokens x vocab] at once). The tail is a
+    logsumexp over the entries outside the top-k (not log(1 - sum)), so it stays accurate when
+    it is tiny; it is -inf when K equals the vocabulary.
+    """
+    n = hidden.shape[0]
+    ids = torch.empty(n, k, dtype=torch.long, device=hidden.device)
+    lps = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
+    tail = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    for s in range(0, n, chunk_tokens):
+        e = min(s + chunk_tokens, n)
+        h = hidden[s:e].to(weight.device, weight.dtype)
+        z = F.linear(h, weight, bias).float()
+        if softcap:
+            z = torch.tanh(z / softcap) * softcap
+        # log-probs are z - logsumexp(z): three passes over the chunk's logits (logsumexp, topk,
+        # logsumexp of the rest) and no [chunk x vocab] log-softmax copy.
+        lse = torch.logsumexp(z, dim=-1)
+        val, idx = z.topk(k, dim=-1)
+        z.scatter_(-1, idx, float("-inf"))
+        ids[s:e] = idx.to(ids.device)
+        lps[s:e] = (val - lse[:, None]).to(lps.device)
+        tail[s:e] = (torch.logsumexp(z, dim=-1) - lse).to(tail.device)
+        del z
+    return ids, lps, tail
+
+
+def logit_softcap(model: nn.Module) -> float | None:
+    return getattr(unwrap(model).config, "final_logit_softcapping", None)
+
+
+@register_signal
+class TopKLogits(SignalKind):
+    """Teacher logits: online the final hidden state and the head (logits are formed chunk by
+    chunk inside the fused loss), cached the top-k log-probs with the tail mass. params: k
+    (0: a method asking for logits, any k)."""
+
+    name = "topk"
+    grammar = "topk[:K]"
+    builtin = True
+
+    def requested(self, request: SignalRequest) -> int | None:
+        return request.topk if request.topk is not None else (0 if request.logits else None)
+
+    def request_fields(self, params: int) -> dict[str, Any]:
+        return {"logits": True, "topk": params or None}
+
+    def parse_item(self, args: list[str], item: str, default: Any = None) -> int:
+        if len(args) > 1:
+            raise ValueError("expected topk or topk:K")
+        return _positive(args[0]) if args else int(default)
+
+    def canonical(self, params: int) -> str:
+        return f"topk:{params}" if params else "topk"
+
+    def merge(self, values: list[int]) -> int:
+        return max(values)
+
+    def config_default(self, params: int | None, distill: Any) -> int | None:
+        return None if params is None else distill.cache_top_k
+
+    def problem(self, params: int, ctx: CacheContext) -> str | None:
+        if params > ctx.vocab:
+            return f"topk k={params} exceeds the vocabulary ({ctx.vocab} tokens)"
+        return None
+
+    def answer(self, captured: dict[str, Any], params: int, fwd: TeacherForward) -> tuple:
+        return (fwd.last_hidden, unwrap(fwd.model).get_output_embeddings(),
+                logit_softcap(fwd.model))
+
+    def put(self, sig: TeacherSignals, value: Any) -> None:
+        if isinstance(value, TopKTeacher):
+            sig.topk = value
+        else:
+            sig.last_hidden, sig.head, sig.softcap = value
+
+    def column_names(self, params: int) -> list[str]:
+        return list(TOPK_COLUMNS)
+
+    def columns(self, params: int, ctx: CacheContext) -> dict[str, dict[str, Any]]:
+        return enc.topk_columns(ctx.encoding, ctx.seq_len, params, ctx.vocab)
+
+    def describe(self, params: int | None, ctx: CacheContext) -> dict[str, Any]:
+        return {"topk": None if params is None else {"k": params}}
+
+    def cache_value(self, captured: dict[str, Any], params: int, fwd: TeacherForward,
+                    ctx: CacheContext) -> TopKTeacher:
+        last = fwd.last_hidden
+        b, seq = last.shape[:2]
+        head = unwrap(fwd.model).get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        ids, lps, tail = topk_logprobs(last.reshape(b * seq, -1), head.weight[:ctx.vocab],
+                                       None if bias is None else bias[:ctx.vocab],
+                                       logit_softcap(fwd.model), params, ctx.chunk_tokens)
+        return TopKTeacher(ids.view(b, seq, -1), lps.view(b, seq, -1), tail.view(b, seq))
+
+    def stage(self, value: TopKTeacher, params: int, ctx: CacheContext) -> dict[str, Staged]:
+        return enc.stage_topk(ctx.encoding, value.ids, value.logprobs, value.tail_logprob,
+                              ctx.vocab, id_rank=ctx.id_rank)
+
+    def decode(self, cells: dict[str, list[Any]], params: int, ctx: CacheContext
+               ) -> TopKTeacher:
+        return enc.decode_topk(ctx.encoding, ctx.columns, {k: cells[k] for k in TOPK_COLUMNS},
+                               ctx.id_order, ctx.device)
+
+    def missing(self, params: int, ctx: CacheContext) -> list[str]:
+        return [] if ctx.signals.get("topk") else ["top-k logits (topk)"]
+
+
+# ------------------------------------------------------------------ hidden states
+HIDDEN_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "float16": "float16",
+                 "bfloat16": "bfloat16"}
+
+
+def hidden_positions(seq_len: int, stride: int) -> torch.Tensor:
+    """Positions whose hidden states are stored: 0, stride, 2*stride, ..."""
+    return torch.arange(0, seq_len, stride)
+
+
+@register_signal
+class HiddenStates(SignalKind):
+    """Hidden states of chosen layers (HF hidden_states index, 0 = embeddings), for feature KD.
+    params: (layers, dtype, stride); a cache stores 16-bit floats of every stride-th position.
+    Value: ({layer: [B, P, Ht]}, stride)."""
+
+    name = "hidden"
+    grammar = "hidden:L[:L...][:fp16|:bf16][:stride=S]"
+    builtin = True
+
+    def requested(self, request: SignalRequest) -> tuple | None:
+        if not request.hidden_layers:
+            return None
+        return (request.hidden_layers, request.hidden_dtype, request.hidden_stride)
+
+    def request_fields(self, params: tuple) -> dict[str, Any]:
+        layers, dtype, stride = params
+        return {"hidden_layers": layers, "hidden_dtype": dtype, "hidden_stride": stride}
+
+    def parse_item(self, args: list[str], item: str, default: Any = None) -> tuple:
+        if not args:
+            raise ValueError("name at least one layer, e.g. hidden:2:4 (HF hidden_states "
+                             "index, 0 = embeddings)")
+        layers: set[int] = set()
+        dtype, stride = None, 1
+        for a in args:
+            if a in HIDDEN_DTYPES:
+                dtype = HIDDEN_DTYPES[a]
+            elif a.startswith("stride="):
+                stride = _positive(a[len("stride="):])
+            elif re.fullmatch(r"\d+", a):
+                layers.add(int(a))
+            else:
+                raise ValueError(f"{a!r} is not a layer index, fp16, bf16 or stride=S")
+        if not layers:
+            raise ValueError("no layer index given")
+        return (tuple(sorted(layers)), dtype, stride)
+
+    def canonical(self, params: tuple) -> str:
+        layers, dtype, stride = params
+        h = "hidden:" + ":".join(str(i) for i in layers)
+        if dtype:
+            h += ":" + ("bf16" if dtype == "bfloat16" else "fp16")
+        if stride > 1:
+            h += f":stride={stride}"
+        return h
+
+    def merge(self, values: list[tuple]) -> tuple:
+        return (tuple(sorted({i for v in values for i in v[0]})), values[0][1], values[0][2])
+
+    def config_default(self, params: tuple | None, distill: Any) -> tuple | None:
+        layers = set(distill.cache_hidden_layers) or set(params[0] if params else ())
+        return (tuple(sorted(layers)), None, distill.cache_hidden_stride) if layers else None
+
+    def problem(self, params: tuple, ctx: CacheContext) -> str | None:
+        layers, _, stride = params
+        n = int(ctx.teacher_conf.num_hidden_layers)
+        bad = [i for i in layers if not 0 <= i <= n]
+        if bad:
+            return (f"hidden layers {bad} out of range: the teacher has {n} layers, so its "
+                    f"hidden-state indices are 0..{n}")
+        if stride > ctx.seq_len:
+            return f"hidden stride {stride} exceeds seq_len {ctx.seq_len}"
+        return None
+
+    def needs_hidden_states(self, params: tuple) -> bool:
+        return True
+
+    def answer(self, captured: dict[str, Any], params: tuple, fwd: TeacherForward) -> tuple:
+        assert fwd.hidden_states is not None
+        return {i: fwd.hidden_states[i] for i in params[0]}, 1
+
+    def put(self, sig: TeacherSignals, value: tuple) -> None:
+        sig.hidden, sig.hidden_stride = value
+
+    def uses_dtype16(self, params: tuple) -> bool:
+        return True
+
+    def column_names(self, params: tuple) -> list[str]:
+        return [hidden_column(i) for i in params[0]]
+
+    def columns(self, params: tuple, ctx: CacheContext) -> dict[str, dict[str, Any]]:
+        layers, _, stride = params
+        shape = [len(hidden_positions(ctx.seq_len, stride)), int(ctx.teacher_conf.hidden_size)]
+        return {hidden_column(i): {"values": ctx.dtype16, "shape": shape, "codec": _codec(ctx),
+                                   "bytes": 2, "stride": stride} for i in layers}
+
+    def describe(self, params: tuple | None, ctx: CacheContext) -> dict[str, Any]:
+        if params is None:
+            return {"hidden": None}
+        layers, _, stride = params
+        return {"hidden": {"layers": list(layers), "dtype": ctx.dtype16, "stride": stride,
+                           "positions": len(hidden_positions(ctx.seq_len, stride))}}
+
+    def cache_value(self, captured: dict[str, Any], params: tuple, fwd: TeacherForward,
+                    ctx: CacheContext) -> tuple:
+        layers, _, stride = params
+        assert fwd.hidden_states is not None
+        out = {}
+        for i in layers:
+            h = fwd.hidden_states[i]
+            if stride > 1:
+                h = h[:, hidden_positions(h.shape[1], stride).to(h.device)]
+            out[i] = ctx.narrow(h, i)
+        return out, stride
+
+    def stage(self, value: tuple, params: tuple, ctx: CacheContext) -> dict[str, Staged]:
+        return {hidden_column(i): enc.stage_hidden(ctx.encoding, h) for i, h in value[0].items()}
+
+    def decode(self, cells: dict[str, list[Any]], params: tuple, ctx: CacheContext) -> tuple:
+        stride = int((ctx.signals.get("hidden") or {}).get("stride", 1))
+        return {i: ctx.decode16(cells, hidden_column(i)) for i in params[0]}, stride
+
+    def missing(self, params: tuple, ctx: CacheContext) -> list[str]:
+        have = set((ctx.signals.get("hidden") or {}).get("layers", []))
+        lacking = sorted(set(params[0]) - have)
+        return [f"hidden states of layers {lacking}"] if lacking else []
+
+
+# ------------------------------------------------------------------ pooled embeddings
+POOLINGS = ("mean", "last")
+
+
+@register_signal
+class PooledEmbeddings(SignalKind):
+    """Pooled final hidden state per row (fp32), for relation KD. params: poolings in
+    POOLINGS order. Value: {"mean"|"last": [B, Ht]}."""
+
+    name = "pooled"
+    grammar = "pooled[:mean][:last]"
+    builtin = True
+
+    def requested(self, request: SignalRequest) -> tuple[str, ...] | None:
+        return request.pooled or None
+
+    def request_fields(self, params: tuple[str, ...]) -> dict[str, Any]:
+        return {"pooled": params}
+
+    def parse_item(self, args: list[str], item: str, default: Any = None) -> tuple[str, ...]:
+        for a in args:
+            if a not in POOLINGS:
+                raise ValueError(f"pooling {a!r} unknown; expected {' or '.join(POOLINGS)}")
+        return self.merge([tuple(args) or tuple(default or ("mean",))])
+
+    def canonical(self, params: tuple[str, ...]) -> str:
+        return "pooled:" + ":".join(params)
+
+    def merge(self, values: list[tuple[str, ...]]) -> tuple[str, ...]:
+        return tuple(sorted({how for v in values for how in v}, key=POOLINGS.index))
+
+    def config_default(self, params: tuple[str, ...] | None, distill: Any
+                       ) -> tuple[str, ...] | None:
+        return params or (("mean",) if distill.cache_pooled else None)
+
+    def answer(self, captured: dict[str, Any], params: tuple[str, ...],
+               fwd: TeacherForward) -> dict[str, torch.Tensor]:
+        return {how: pool(fwd.last_hidden, how) for how in params}
+
+    def put(self, sig: TeacherSignals, value: dict[str, torch.Tensor]) -> None:
+        sig.pooled.update(value)
+
+    def column_names(self, params: tuple[str, ...]) -> list[str]:
+        return [pooled_column(how) for how in params]
+
+    def columns(self, params: tuple[str, ...], ctx: CacheContext) -> dict[str, dict[str, Any]]:
+        hsz = int(ctx.teacher_conf.hidden_size)
+        return {pooled_column(how): {"values": "float32", "shape": [hsz], "codec": "le",
+                                     "pooling": how} for how in params}
+
+    def describe(self, params: tuple[str, ...] | None, ctx: CacheContext) -> dict[str, Any]:
+        return {"pooled": list(params or ())}
+
+    def cache_value(self, captured: dict[str, Any], params: tuple[str, ...],
+                    fwd: TeacherForward, ctx: CacheContext) -> dict[str, torch.Tensor]:
+        return self.answer(captured, params, fwd)
+
+    def stage(self, value: dict[str, torch.Tensor], params: tuple[str, ...],
+              ctx: CacheContext) -> dict[str, Staged]:
+        return {pooled_column(how): enc.stage_f32(p) for how, p in value.items()}
+
+    def decode(self, cells: dict[str, list[Any]], params: tuple[str, ...],
+               ctx: CacheContext) -> dict[str, torch.Tensor]:
+        return {how: enc.decode_f32(cells[pooled_column(how)],
+                                    int(ctx.columns[pooled_column(how)]["shape"][0]), ctx.device)
+                for how in params}
+
+    def missing(self, params: tuple[str, ...], ctx: CacheContext) -> list[str]:
+        return [f"{how}-pooled embeddings" for how in params
+                if how not in ctx.signals.get("pooled", [])]
+
+
+def _positive(text: str) -> int:
+    if not re.fullmatch(r"\d+", text or "") or int(text) <= 0:
+        raise ValueError(f"{text!r} must be a positive integer")
+    return int(text)
+
+
+def _codec(ctx: CacheContext) -> str:
+    return "le" if ctx.encoding == "raw" else "planes"
+
+
+# ------------------------------------------------------------------ 16-bit array kinds
+class ArraySignalKind(SignalKind):
+    """A kind whose cache columns each hold one 16-bit float array per row (stored like hidden
+    states): it names its columns, their shapes and how a value splits into them; the rest
+    of the kind follows."""
+
+    @abstractmethod
+    def parse(self, args: list[str], item: str) -> Any:
+        """`--signals` item `name:arg:arg` -> params; raises ValueError naming the item."""
+
     def check(self, params: Any, teacher_conf: Any) -> str | None:
         """A problem of `params` for a teacher of this HF config, else None."""
         return None
 
-    @contextlib.contextmanager
-    def capture(self, model: nn.Module, params: Any) -> Iterator[dict[str, Any]]:
-        """Active around the teacher's forward (hooks); yields what `online` reads."""
-        yield {}
-
     @abstractmethod
     def online(self, captured: dict[str, Any], params: Any) -> Any:
         """The signal's value from one teacher forward (goes to TeacherSignals.extra)."""
-
-    @abstractmethod
-    def column_names(self, params: Any) -> list[str]:
-        """Cache columns of `params`; each holds one 16-bit float array per row."""
 
     @abstractmethod
     def column_shape(self, column: str, seq_len: int, teacher_conf: Any) -> list[int]:
@@ -167,25 +637,36 @@ class SignalKind(ABC):
     def from_columns(self, arrays: dict[str, torch.Tensor], params: Any) -> Any:
         """Inverse of `to_columns`, on decoded arrays of some rows."""
 
+    def parse_item(self, args: list[str], item: str, default: Any = None) -> Any:
+        return self.parse(args, item)
 
-SIGNALS: dict[str, SignalKind] = {}
+    def problem(self, params: Any, ctx: CacheContext) -> str | None:
+        found = self.check(params, ctx.teacher_conf)
+        return f"--signals {self.canonical(params)}: {found}" if found else None
 
+    def answer(self, captured: dict[str, Any], params: Any, fwd: TeacherForward) -> Any:
+        return self.online(captured, params)
 
-def register_signal(cls: type[SignalKind]) -> type[SignalKind]:
-    """Class decorator: one instance of the kind becomes available under `cls.name`."""
-    if not cls.name or cls.name in SIGNALS or cls.name in ("topk", "hidden", "pooled"):
-        raise ValueError(f"signal kind {cls.name!r}: empty, built in or registered twice")
-    SIGNALS[cls.name] = cls()
-    return cls
+    def uses_dtype16(self, params: Any) -> bool:
+        return True
 
+    def columns(self, params: Any, ctx: CacheContext) -> dict[str, dict[str, Any]]:
+        return {col: {"values": ctx.dtype16, "codec": _codec(ctx), "bytes": 2,
+                      "shape": self.column_shape(col, ctx.seq_len, ctx.teacher_conf),
+                      "signal": self.name} for col in self.column_names(params)}
 
-def merge_extra(requests: list[SignalRequest]) -> tuple[tuple[str, Any], ...]:
-    """The registered kinds that any of `requests` asks for, each merged over them."""
-    wanted: dict[str, list[Any]] = {}
-    for r in requests:
-        for name, params in r.extra:
-            wanted.setdefault(name, []).append(params)
-    return tuple(sorted((n, SIGNALS[n].merge(v)) for n, v in wanted.items()))
+    def cache_value(self, captured: dict[str, Any], params: Any, fwd: TeacherForward,
+                    ctx: CacheContext) -> Any:
+        columns = self.to_columns(self.online(captured, params), params)
+        return self.from_columns({c: ctx.narrow(t, c) for c, t in columns.items()}, params)
+
+    def stage(self, value: Any, params: Any, ctx: CacheContext) -> dict[str, Staged]:
+        return {c: enc.stage_hidden(ctx.encoding, t)
+                for c, t in self.to_columns(value, params).items()}
+
+    def decode(self, cells: dict[str, list[Any]], params: Any, ctx: CacheContext) -> Any:
+        return self.from_columns({c: ctx.decode16(cells, c) for c in self.column_names(params)},
+                                 params)
 
 
 # ------------------------------------------------------------------ attention projections
@@ -281,7 +762,7 @@ def qkv_column(layer: int, projection: str) -> str:
 
 
 @register_signal
-class AttentionProjections(SignalKind):
+class AttentionProjections(ArraySignalKind):
     """Q, K and V (q_proj/k_proj/v_proj outputs) of chosen decoder layers, for self-attention
     relation KD (MiniLM). params: sorted tuple of decoder layer indices (0-based). Value:
     {layer: {"q": [B, L, d_q], "k": [B, L, d_kv], "v": [B, L, d_kv]}}."""

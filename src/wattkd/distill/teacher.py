@@ -3,22 +3,28 @@
 A method declares what it needs in a `SignalRequest` (distill/signals.py); the provider
 returns exactly that in `TeacherSignals`. The online provider runs the teacher under no_grad
 and hands back its final hidden state plus head, so logits are only ever formed chunk by
-chunk inside the fused loss; registered signal kinds capture their part during that forward.
+chunk inside the fused loss; every requested signal kind captures its part during that one
+forward (`teacher_forward`, which a cache build runs too).
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from torch import nn
 
-from wattkd.distill.signals import SIGNALS, SignalRequest, TeacherSignals, pool
+from wattkd.distill.signals import (
+    SignalKind,
+    SignalRequest,
+    TeacherForward,
+    TeacherSignals,
+    logit_softcap,
+)
 from wattkd.models import unwrap
 
-
-def logit_softcap(model: nn.Module) -> float | None:
-    return getattr(unwrap(model).config, "final_logit_softcapping", None)
+__all__ = ["OnlineTeacher", "decoder_forward", "logit_softcap", "teacher_forward"]
 
 
 def decoder_forward(model: nn.Module, input_ids: torch.Tensor,
@@ -29,6 +35,18 @@ def decoder_forward(model: nn.Module, input_ids: torch.Tensor,
     decoder = sharded if sharded is not None else unwrap(model).get_decoder()
     out = decoder(input_ids=input_ids, output_hidden_states=hidden, use_cache=False)
     return out.last_hidden_state, (out.hidden_states if hidden else None)
+
+
+def teacher_forward(model: nn.Module, input_ids: torch.Tensor,
+                    kinds: list[tuple[SignalKind, Any]]
+                    ) -> tuple[dict[str, dict[str, Any]], TeacherForward]:
+    """One decoder forward with every kind's capture active: (captured per kind, forward)."""
+    with contextlib.ExitStack() as stack:
+        captured = {kind.name: stack.enter_context(kind.capture(model, params))
+                    for kind, params in kinds}
+        last, hidden = decoder_forward(model, input_ids,
+                                       any(k.needs_hidden_states(p) for k, p in kinds))
+    return captured, TeacherForward(model, last, hidden)
 
 
 class OnlineTeacher:
@@ -42,21 +60,9 @@ class OnlineTeacher:
     @torch.no_grad()
     def signals(self, batch: dict[str, torch.Tensor]) -> TeacherSignals:
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
-        want_hidden = bool(self.request.hidden_layers)
-        with contextlib.ExitStack() as stack:
-            captured = {name: stack.enter_context(SIGNALS[name].capture(self.model, params))
-                        for name, params in self.request.extra}
-            last, all_hidden = decoder_forward(self.model, input_ids, want_hidden)
+        kinds = self.request.kinds()
+        captured, fwd = teacher_forward(self.model, input_ids, kinds)
         sig = TeacherSignals()
-        for name, params in self.request.extra:
-            sig.extra[name] = SIGNALS[name].online(captured[name], params)
-        if self.request.logits:
-            sig.last_hidden = last
-            sig.head = unwrap(self.model).get_output_embeddings()
-            sig.softcap = logit_softcap(self.model)
-        if want_hidden:
-            assert all_hidden is not None
-            sig.hidden = {i: all_hidden[i] for i in self.request.hidden_layers}
-        for how in self.request.pooled:
-            sig.pooled[how] = pool(last, how)
+        for kind, params in kinds:
+            kind.put(sig, kind.answer(captured[kind.name], params, fwd))
         return sig

@@ -159,7 +159,7 @@ def build_graph(cfg: ExperimentConfig, only: set[str] | None = None) -> list[Sta
         deps = kd_ready if method.needs_teacher else (
             teacher_ready if cfg.student.from_teacher_layers is not None else shards)
         train_key = f"train-{method.name}"
-        add(train_key, "train", f"train {method.name} ({method.mode}), repeats 0-{repeats - 1}",
+        add(train_key, "train", f"train {method.name} ({method.method}), repeats 0-{repeats - 1}",
             list(deps), method=method.name, array=repeats, resources_method=method.name)
         run_dirs += [cfg.run_dir(method.name, r) for r in range(repeats)]
         for stage, what in (("eval", "evaluate"), ("ept", "energy per token of")):

@@ -242,7 +242,7 @@ def wrapper_scripts(cfg: ExperimentConfig) -> dict[str, str]:
     for stage in STAGES:
         if stage == "train":
             jobs += [StageJob(key=f"train-{m.name}", stage="train", method=m.name,
-                              title=f"train {m.name} ({m.mode} KD)" if m.needs_teacher else
+                              title=f"train {m.name} ({m.method} KD)" if m.needs_teacher else
                               f"train {m.name} (no KD)",
                               resources=resolve_resources(cfg.slurm, "train", m.name))
                      for m in cfg.distill.methods]

@@ -5,7 +5,8 @@
     CachedTeacher(cfg, request, rank=r, world_size=w).signals(batch) -> TeacherSignals
 
 Modules: spec (what is cached), plan (checks + layout before loading weights), compute
-(teacher forward -> signals), encoding (bytes), manifest (format + identity), writer
+(teacher forward -> signals); what each signal kind stores and how it is encoded is the kind's
+(distill/signals.py, distill/signal_encoding.py); manifest (format + identity), writer
 (resumable build), reader (random rows for training),
 build_energy (what the build cost). Who shares that cost: wattkd.amortisation.
 """

@@ -9,7 +9,7 @@ A cache folder holds `manifest.json` (written last, only when every part is comp
 Part columns, one row per shard row: `row` int64 (global shard row), `input_crc32` uint32
 (crc32 of the row's int32 token ids), then one large_binary cell per row for each of
 `topk_ids`, `topk_logprobs`, `topk_tail`, `hidden_L{i}`, `pooled_{mean|last}` that the cache
-holds (layouts in encoding.py and in the manifest's `columns`), then `crc_<column>` uint32 per
+holds (layouts in distill/signal_encoding.py and in the manifest's `columns`), then `crc_<column>` uint32 per
 signal column (crc32 of that cell: every cached byte of a row is covered; caches written
 before these columns exist are still read, covered by the part sha256). Row groups of ~1 MB.
 Readers check each part's sha256 when they first open it.

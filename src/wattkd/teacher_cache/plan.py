@@ -16,13 +16,11 @@ import torch
 from transformers import AutoConfig
 
 from wattkd.config import ExperimentConfig
-from wattkd.distill.signals import SIGNALS, SignalRequest, hidden_column, pooled_column
+from wattkd.distill.signals import SIGNALS, CacheContext, SignalRequest
 from wattkd.hashing import file_sha256
 from wattkd.jobs import teacher_path
 from wattkd.models import check_tokenizer_match, resolve_device, resolve_dtype
 from wattkd.preflight import check_stage_inputs, check_vocab_sizes, model_config
-from wattkd.teacher_cache import encoding as enc
-from wattkd.teacher_cache.compute import hidden_positions
 from wattkd.teacher_cache.manifest import CacheError, teacher_fingerprint
 from wattkd.teacher_cache.spec import resolve_spec
 
@@ -43,7 +41,7 @@ class CachePlan:
         inputs = check_stage_inputs(cfg, self.teacher_path, uses_teacher=True)
         self.shards, self.shard_manifest = inputs.path, inputs.manifest
         self.shards_sha = file_sha256(self.shards / "manifest.json")
-        self.spec: SignalRequest = resolve_spec(cfg, signals, encoding)
+        spec = resolve_spec(cfg, signals, encoding)
         self.tokenizer, tok_sha = inputs.tokenizer, inputs.tokenizer_sha256
         self.vocab = len(self.tokenizer)
         if self.teacher_path is not None:  # a missing folder, or config.json vs weights
@@ -52,76 +50,45 @@ class CachePlan:
         check_tokenizer_match(self.teacher_path, self.tokenizer)
         self.teacher_config = _teacher_config(cfg, self.teacher_path, self.vocab)
         check_vocab_sizes(cfg, self.teacher_config, self.teacher_path, self.vocab)
-        self._check_spec()
         self.device = resolve_device(cfg.train.device)
         self.dtype = resolve_dtype(cfg.teacher.dtype, self.device)
         self.dtype_name = str(self.dtype).replace("torch.", "")
-        hidden_dtype = self.spec.hidden_dtype
-        if (self.spec.hidden_layers or self.spec.extra) and hidden_dtype is None:
+        hidden_dtype = spec.hidden_dtype
+        if hidden_dtype is None and any(k.uses_dtype16(p) for k, p in spec.kinds()):
             hidden_dtype = "bfloat16" if self.dtype == torch.bfloat16 else "float16"
         self.hidden_dtype = hidden_dtype
+        # the 16-bit dtype is part of what is stored (and of the identity where it shows)
+        self.spec: SignalRequest = dataclasses.replace(spec, hidden_dtype=hidden_dtype)
         self.fingerprint = teacher_fingerprint(cfg, self.teacher_path, self.vocab)
         self.seq_len = int(self.shard_manifest["seq_len"])
+        self.context = CacheContext(encoding=self.spec.encoding, seq_len=self.seq_len,
+                                    vocab=self.vocab, teacher_conf=self.teacher_config,
+                                    dtype16=hidden_dtype,
+                                    chunk_tokens=cfg.distill.logit_chunk_tokens)
+        self._check_spec()
         self.batch_size = batch_size or cfg.train.micro_batch_size
         if self.batch_size < 1:
             raise CacheError(f"batch_size must be >= 1, got {self.batch_size}")
         self.identity = {"shards_sha256": self.shards_sha, "tokenizer_sha256": tok_sha,
                          "teacher_fingerprint": self.fingerprint["fingerprint"],
                          "teacher_dtype": self.dtype_name,
-                         "signals": self._canonical(), "encoding": self.spec.encoding}
+                         "signals": self.spec.canonical(), "encoding": self.spec.encoding}
         self.columns = self._columns()
         self.row_group_rows = max(1, min(MAX_ROW_GROUP_ROWS,
                                          ROW_GROUP_BYTES // max(self._row_bytes(), 1)))
 
     # ------------------------------------------------------------------ checks
     def _check_spec(self) -> None:
-        tc, spec = self.teacher_config, self.spec
-        n_layers = int(tc.num_hidden_layers)
-        bad = [i for i in spec.hidden_layers if not 0 <= i <= n_layers]
-        if bad:
-            raise CacheError(f"hidden layers {bad} out of range: the teacher has {n_layers} "
-                             f"layers, so its hidden-state indices are 0..{n_layers}")
-        if spec.topk is not None and spec.topk > self.vocab:
-            raise CacheError(f"topk k={spec.topk} exceeds the vocabulary ({self.vocab} tokens)")
-        if spec.hidden_stride > int(self.shard_manifest["seq_len"]):
-            raise CacheError(f"hidden stride {spec.hidden_stride} exceeds seq_len "
-                             f"{self.shard_manifest['seq_len']}")
-        for name, params in spec.extra:
-            problem = SIGNALS[name].check(params, tc)
+        for kind, params in self.spec.kinds():
+            problem = kind.problem(params, self.context)
             if problem:
-                raise CacheError(f"--signals {SIGNALS[name].canonical(params)}: {problem}")
-
-    def _canonical(self) -> str:
-        s = self.spec
-        if s.hidden_layers:
-            s = dataclasses.replace(s, hidden_dtype=self.hidden_dtype)
-        return s.canonical()
+                raise CacheError(problem)
 
     # ------------------------------------------------------------------ layout
-    @property
-    def positions(self) -> int:
-        return len(hidden_positions(self.seq_len, self.spec.hidden_stride))
-
     def _columns(self) -> dict[str, dict[str, Any]]:
-        spec, seq = self.spec, self.seq_len
         cols: dict[str, dict[str, Any]] = {}
-        if spec.topk is not None:
-            cols.update(enc.topk_columns(spec.encoding, seq, spec.topk, self.vocab))
-        hsz = int(self.teacher_config.hidden_size)
-        codec = "le" if spec.encoding == "raw" else "planes"
-        for i in spec.hidden_layers:
-            cols[hidden_column(i)] = {"values": self.hidden_dtype,
-                                      "shape": [self.positions, hsz], "codec": codec,
-                                      "bytes": 2, "stride": spec.hidden_stride}
-        for how in spec.pooled:
-            cols[pooled_column(how)] = {"values": "float32", "shape": [hsz], "codec": "le",
-                                        "pooling": how}
-        for name, params in spec.extra:  # registered kinds: 16-bit arrays, coded like hidden
-            kind = SIGNALS[name]
-            for col in kind.column_names(params):
-                cols[col] = {"values": self.hidden_dtype, "codec": codec, "bytes": 2,
-                             "shape": kind.column_shape(col, seq, self.teacher_config),
-                             "signal": name}
+        for kind, params in self.spec.kinds():
+            cols.update(kind.columns(params, self.context))
         return cols
 
     def bytes_per_token_by_signal(self) -> dict[str, float]:
@@ -145,6 +112,16 @@ class CachePlan:
         return total + 12
 
     # ------------------------------------------------------------------ description
+    def _signals_section(self) -> dict[str, Any]:
+        """The manifest's `signals`: the built-in kinds' entries, registered kinds by name."""
+        asked = {kind.name: params for kind, params in self.spec.kinds()}
+        out: dict[str, Any] = {"spec": self.identity["signals"]}
+        for kind in SIGNALS.values():
+            if kind.builtin:
+                out.update(kind.describe(asked.get(kind.name), self.context))
+        extra = {k.name: k.canonical(p) for k, p in self.spec.kinds() if not k.builtin}
+        return {**out, **({"extra": extra} if extra else {})}
+
     def describe(self) -> dict[str, Any]:
         tc = self.teacher_config
         spec = self.spec
@@ -158,14 +135,7 @@ class CachePlan:
                         "num_layers": int(tc.num_hidden_layers),
                         "hidden_size": int(tc.hidden_size), "vocab": self.vocab,
                         "softcap": getattr(tc, "final_logit_softcapping", None)},
-            "signals": {"spec": self.identity["signals"],
-                        "topk": None if spec.topk is None else {"k": spec.topk},
-                        "hidden": None if not spec.hidden_layers else {
-                            "layers": list(spec.hidden_layers), "dtype": self.hidden_dtype,
-                            "stride": spec.hidden_stride, "positions": self.positions},
-                        "pooled": list(spec.pooled),
-                        **({"extra": {n: SIGNALS[n].canonical(p) for n, p in spec.extra}}
-                           if spec.extra else {})},
+            "signals": self._signals_section(),
             "encoding": spec.encoding,
             "columns": self.columns,
         }

@@ -30,18 +30,11 @@ import torch
 
 from wattkd.config import ExperimentConfig
 from wattkd.data.manifest import read_manifest
-from wattkd.distill.signals import (
-    SIGNALS,
-    TOPK_COLUMNS,
-    SignalRequest,
-    TeacherSignals,
-    hidden_column,
-    pooled_column,
-)
+from wattkd.distill.signal_encoding import TOPK_COLUMNS
+from wattkd.distill.signals import CacheContext, SignalRequest, TeacherSignals
 from wattkd.hashing import file_sha256
 from wattkd.jobs import teacher_path
 from wattkd.models import resolve_device
-from wattkd.teacher_cache import encoding as enc
 from wattkd.teacher_cache.manifest import (
     CacheError,
     crc_column,
@@ -95,23 +88,13 @@ def check_cache(cfg: ExperimentConfig, shards_path: Path, *,
 
 
 def _check_request(m: dict[str, Any], request: SignalRequest, root: Path) -> None:
-    sig = m["signals"]
-    missing = []
-    if request.logits and not sig.get("topk"):
-        missing.append("top-k logits (topk)")
-    have = set((sig.get("hidden") or {}).get("layers", []))
-    lacking = sorted(set(request.hidden_layers) - have)
-    if lacking:
-        missing.append(f"hidden states of layers {lacking}")
-    missing += [f"{how}-pooled embeddings" for how in request.pooled
-                if how not in sig.get("pooled", [])]
-    for name, params in request.extra:
-        if any(c not in m["columns"] for c in SIGNALS[name].column_names(params)):
-            missing.append(f"{SIGNALS[name].canonical(params)} ({name})")
+    ctx = CacheContext(encoding=m["encoding"], columns=m["columns"], signals=m["signals"])
+    missing = [what for kind, params in request.kinds() for what in kind.missing(params, ctx)]
     if missing:
-        raise CacheError(f"teacher cache {root} ({sig.get('spec')}) lacks "
+        raise CacheError(f"teacher cache {root} ({m['signals'].get('spec')}) lacks "
                          f"{', '.join(missing)} that this method needs; rebuild it with "
                          "`wattkd teacher cache CONFIG --signals ...` including them")
+
 
 def _verify_parts(root: Path, m: dict[str, Any], level: str) -> None:
     if level not in ("none", "size", "sha256"):
@@ -303,16 +286,14 @@ class CachedTeacher:
         self.manifest = manifest
         self.device = torch.device(device) if device is not None else _default_device(cfg)
         self.check_rows = check_rows
-        cols: list[str] = []
-        if request.logits:
-            cols += TOPK_COLUMNS
-        cols += [hidden_column(i) for i in request.hidden_layers]
-        cols += [pooled_column(how) for how in request.pooled]
-        for name, params in request.extra:
-            cols += SIGNALS[name].column_names(params)
-        self._columns = tuple(cols)
+        self._kinds = request.kinds()
+        self._columns = tuple(c for kind, params in self._kinds
+                              for c in kind.column_names(params))
         order = self.reader.id_order
-        self._id_order = None if order is None else torch.from_numpy(order).to(self.device)
+        self._context = CacheContext(
+            encoding=self.reader.encoding, columns=self.reader.columns,
+            signals=manifest["signals"], device=self.device,
+            id_order=None if order is None else torch.from_numpy(order).to(self.device))
         self._lock = threading.Lock()
         self._ahead: dict[int, Future[dict[str, list[Any]]]] = {}
         self._prefetcher: ThreadPoolExecutor | None = None
@@ -357,28 +338,9 @@ class CachedTeacher:
         fut = self._ahead.pop(id(batch), None)
         cells = fut.result() if fut is not None else self._read(batch)
         sig = TeacherSignals()
-        dev = self.device
-        cols = self.reader.columns
-        if self.request.logits:
-            sig.topk = enc.decode_topk(self.reader.encoding, cols,
-                                       {k: cells[k] for k in TOPK_COLUMNS}, self._id_order, dev)
-        sig.hidden_stride = int((self.manifest["signals"].get("hidden") or {}).get("stride", 1))
-        for i in self.request.hidden_layers:
-            sig.hidden[i] = self._decode16(cells, hidden_column(i))
-        for how in self.request.pooled:
-            name = pooled_column(how)
-            sig.pooled[how] = enc.decode_f32(cells[name], int(cols[name]["shape"][0]), dev)
-        for name, params in self.request.extra:
-            kind = SIGNALS[name]
-            sig.extra[name] = kind.from_columns(
-                {c: self._decode16(cells, c) for c in kind.column_names(params)}, params)
+        for kind, params in self._kinds:
+            kind.put(sig, kind.decode(cells, params, self._context))
         return sig
-
-    def _decode16(self, cells: dict[str, list[Any]], column: str) -> torch.Tensor:
-        """A 16-bit float column (hidden states, registered kinds) of the batch's rows."""
-        c = self.reader.columns[column]
-        return enc.decode_hidden(self.reader.encoding, cells[column], c["shape"], c["values"],
-                                 self.device)
 
 
 def _check_crc(input_ids: torch.Tensor, crcs: list[int], rows: np.ndarray, root: Path) -> None:

@@ -17,12 +17,11 @@ poolings the methods ask for (mean if distill.cache_pooled and none does).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from wattkd.config import ExperimentConfig
 from wattkd.distill.methods import get_method
-from wattkd.distill.signals import SIGNALS, SignalRequest, merge_extra
+from wattkd.distill.signals import HIDDEN_DTYPES, POOLINGS, SIGNALS, SignalRequest
 from wattkd.errors import InputError
 
 __all__ = [
@@ -38,15 +37,11 @@ __all__ = [
 
 ENCODINGS = ("raw", "fp16", "packed")
 DEFAULT_ENCODING = SignalRequest.encoding
-HIDDEN_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "float16": "float16",
-                 "bfloat16": "bfloat16"}
-POOLINGS = ("mean", "last")
-GRAMMAR = ("topk[:K], hidden:L[:L...][:fp16|:bf16][:stride=S], pooled[:mean][:last]"
-           "{extra} (comma-separated, e.g. 'topk:64,hidden:2:4,pooled')")
 
 
 def _grammar() -> str:
-    return GRAMMAR.format(extra="".join(f", {k.grammar}" for k in SIGNALS.values()))
+    return (", ".join(k.grammar for k in SIGNALS.values())
+            + " (comma-separated, e.g. 'topk:64,hidden:2:4,pooled')")
 
 
 class SpecError(InputError, ValueError):
@@ -61,74 +56,40 @@ def parse_signals(text: str, *, default_k: int, default_pooled: tuple[str, ...] 
     """Parse a `--signals` string; every problem names the item and the expected grammar."""
     if not isinstance(text, str) or not text.strip():
         raise SpecError(f"--signals must not be empty; expected {_grammar()}")
-    topk: int | None = None
-    layers: set[int] = set()
-    dtype: str | None = None
-    stride = 1
-    pooled: list[str] = []
-    extra: dict[str, Any] = {}
-    seen: set[str] = set()
+    defaults = {"topk": default_k, "pooled": default_pooled}
+    chosen: dict[str, Any] = {}
     for raw in text.split(","):
         item = raw.strip()
         name, *args = item.split(":")
-        if name in seen:
+        if name in chosen:
             raise SpecError(f"--signals {text!r}: {name!r} given twice")
-        seen.add(name)
-        if name == "topk":
-            if len(args) > 1:
-                raise SpecError(f"--signals item {item!r}: expected topk or topk:K")
-            topk = _positive_int(args[0], item) if args else default_k
-        elif name == "hidden":
-            if not args:
-                raise SpecError(f"--signals item {item!r}: name at least one layer, e.g. "
-                                "hidden:2:4 (HF hidden_states index, 0 = embeddings)")
-            for a in args:
-                if a in HIDDEN_DTYPES:
-                    dtype = HIDDEN_DTYPES[a]
-                elif a.startswith("stride="):
-                    stride = _positive_int(a[len("stride="):], item)
-                elif re.fullmatch(r"\d+", a):
-                    layers.add(int(a))
-                else:
-                    raise SpecError(f"--signals item {item!r}: {a!r} is not a layer index, "
-                                    "fp16, bf16 or stride=S")
-            if not layers:
-                raise SpecError(f"--signals item {item!r}: no layer index given")
-        elif name == "pooled":
-            for a in args:
-                if a not in POOLINGS:
-                    raise SpecError(f"--signals item {item!r}: pooling {a!r} unknown; "
-                                    f"expected {' or '.join(POOLINGS)}")
-            pooled = sorted(set(args) or set(default_pooled), key=POOLINGS.index)
-        elif name in SIGNALS:
-            try:
-                extra[name] = SIGNALS[name].parse(args, item)
-            except ValueError as exc:
-                raise SpecError(f"--signals item {item!r}: {exc}; expected "
-                                f"{SIGNALS[name].grammar}") from None
-        else:
+        kind = SIGNALS.get(name)
+        if kind is None:
             raise SpecError(f"--signals item {item!r}: unknown signal {name!r}; "
                             f"expected {_grammar()}")
-    return SignalRequest(topk=topk, hidden_layers=tuple(sorted(layers)), hidden_dtype=dtype,
-                     hidden_stride=stride, pooled=tuple(pooled), encoding=_encoding(encoding),
-                     extra=tuple(sorted(extra.items())))
+        try:
+            chosen[name] = kind.parse_item(args, item, defaults.get(name))
+        except ValueError as exc:
+            raise SpecError(f"--signals item {item!r}: {exc}; expected {kind.grammar}") from None
+    return SignalRequest.of(chosen, encoding=_encoding(encoding))
 
 
 def default_spec(cfg: ExperimentConfig, encoding: str = DEFAULT_ENCODING) -> SignalRequest:
     """The signals the config's methods need (see module docstring)."""
     d = cfg.distill
-    requests = [get_method(m.mode).signals(
+    requests = [get_method(m.method).signals(
         m.model_copy(update={"losses": [t for t in m.losses if t.weight > 0]}))
         for m in d.methods]
-    layers = set(d.cache_hidden_layers) or {i for r in requests for i in r.hidden_layers}
-    pooled = {how for r in requests for how in r.pooled}
-    if d.cache_pooled and not pooled:
-        pooled = {"mean"}
-    return SignalRequest(topk=d.cache_top_k if any(r.logits for r in requests) else None,
-                     hidden_layers=tuple(sorted(layers)),
-                     hidden_stride=d.cache_hidden_stride if layers else 1,
-                     pooled=tuple(sorted(pooled, key=POOLINGS.index)),
-                     encoding=_encoding(encoding), extra=merge_extra(requests))
+    wanted: dict[str, list[Any]] = {}
+    for r in requests:
+        for kind, params in r.kinds():
+            wanted.setdefault(kind.name, []).append(params)
+    chosen = {}
+    for name, kind in SIGNALS.items():
+        params = kind.config_default(kind.merge(wanted[name]) if name in wanted else None, d)
+        if params is not None:
+            chosen[name] = params
+    return SignalRequest.of(chosen, encoding=_encoding(encoding))
 
 
 def resolve_spec(cfg: ExperimentConfig, signals: str | None,
@@ -146,16 +107,10 @@ def resolve_spec(cfg: ExperimentConfig, signals: str | None,
                             f"pass --signals {_grammar()}")
         return spec
     pooled = tuple(sorted({p for m in cfg.distill.methods
-                           for p in get_method(m.mode).signals(m).pooled} or {"mean"},
+                           for p in get_method(m.method).signals(m).pooled} or {"mean"},
                           key=POOLINGS.index))
     return parse_signals(signals, default_k=cfg.distill.cache_top_k, default_pooled=pooled,
                          encoding=enc)
-
-
-def _positive_int(text: str, item: str) -> int:
-    if not re.fullmatch(r"\d+", text or "") or int(text) <= 0:
-        raise SpecError(f"--signals item {item!r}: {text!r} must be a positive integer")
-    return int(text)
 
 
 def _encoding(name: str) -> str:

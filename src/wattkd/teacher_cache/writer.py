@@ -17,6 +17,7 @@ the manifest's `energy` block sums the sessions (see usage.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -42,20 +43,14 @@ from wattkd import __version__
 from wattkd.atomic import atomic_write_bytes, atomic_write_json
 from wattkd.config import ExperimentConfig
 from wattkd.data.loader import ShardDataset
-from wattkd.distill.signals import (
-    SIGNALS,
-    TOPK_COLUMNS,
-    SignalRequest,
-    TeacherSignals,
-    hidden_column,
-    pooled_column,
-)
+from wattkd.distill import signal_encoding as enc
+from wattkd.distill.signal_encoding import TOPK_COLUMNS
+from wattkd.distill.signals import SignalRequest
 from wattkd.energy.ledger import make_meter
 from wattkd.hashing import file_sha256
 from wattkd.models import load_teacher
 from wattkd.preflight import human_bytes
 from wattkd.progress import NoBar, TokenRate, progress_bar
-from wattkd.teacher_cache import encoding as enc
 from wattkd.teacher_cache.build_energy import summarize_energy
 from wattkd.teacher_cache.compute import teacher_batch
 from wattkd.teacher_cache.manifest import (
@@ -294,9 +289,8 @@ def _id_rank(plan: CachePlan, teacher: Any, root: Path, state: dict[str, Any]
         seen = []
         for b0 in range(0, rows, plan.batch_size):
             x = torch.from_numpy(ids[b0:b0 + plan.batch_size].astype(np.int64)).to(plan.device)
-            out = teacher_batch(teacher, x, spec, plan.vocab,
-                                plan.cfg.distill.logit_chunk_tokens, None)
-            seen.append(out.topk.ids.cpu())
+            out = teacher_batch(teacher, x, spec, plan.context)
+            seen.append(out["topk"].ids.cpu())
         order = enc.candidate_order(torch.cat(seen), plan.vocab)
         atomic_write_bytes(path, order.astype("<u4").tobytes())
         state["id_order"] = {"file": ID_ORDER, "sha256": file_sha256(path),
@@ -346,10 +340,8 @@ def _write_part(plan: CachePlan, teacher: Any, root: Path, index: int, row_start
         for b0 in range(0, info["rows"], plan.batch_size):
             b1 = min(b0 + plan.batch_size, info["rows"])
             x = torch.from_numpy(ids[b0:b1].astype(np.int64)).to(plan.device)
-            out = teacher_batch(teacher, x, plan.spec, plan.vocab,
-                                plan.cfg.distill.logit_chunk_tokens,
-                                getattr(torch, plan.hidden_dtype) if plan.hidden_dtype else None)
-            staged = _encode(plan, out, ids[b0:b1], row_start + b0, id_rank)
+            values = teacher_batch(teacher, x, plan.spec, plan.context)
+            staged = _encode(plan, values, ids[b0:b1], row_start + b0, id_rank)
             while len(futures) >= MAX_IN_FLIGHT:
                 futures.popleft().result()
             futures.append(pool.submit(consume, staged, b1 == info["rows"]))
@@ -403,22 +395,15 @@ def row_crc32(ids: np.ndarray) -> list[int]:
     return [zlib.crc32(r.tobytes()) for r in a]
 
 
-def _encode(plan: CachePlan, out: TeacherSignals, ids: np.ndarray, row0: int,
+def _encode(plan: CachePlan, values: dict[str, Any], ids: np.ndarray, row0: int,
             id_rank: torch.Tensor | None = None) -> dict[str, Any]:
     """Device side of encoding one batch: host arrays (enc.Staged) per column."""
     n = ids.shape[0]
     cells: dict[str, Any] = {"row": list(range(row0, row0 + n)),
                              "input_crc32": row_crc32(ids)}
-    if out.topk is not None:
-        cells.update(enc.stage_topk(plan.spec.encoding, out.topk.ids, out.topk.logprobs,
-                                    out.topk.tail_logprob, plan.vocab, id_rank=id_rank))
-    for i, h in out.hidden.items():
-        cells[hidden_column(i)] = enc.stage_hidden(plan.spec.encoding, h)
-    for how, p in out.pooled.items():
-        cells[pooled_column(how)] = enc.stage_f32(p)
-    for name, value in out.extra.items():  # registered kinds: 16-bit arrays like hidden
-        for col, t in SIGNALS[name].to_columns(value, dict(plan.spec.extra)[name]).items():
-            cells[col] = enc.stage_hidden(plan.spec.encoding, t)
+    ctx = dataclasses.replace(plan.context, id_rank=id_rank)
+    for kind, params in plan.spec.kinds():
+        cells.update(kind.stage(values[kind.name], params, ctx))
     return cells
 
 

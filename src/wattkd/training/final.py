@@ -48,7 +48,7 @@ def save_final(run_dir: Path, objective: Any, tokenizer: Any, job: TrainJob, *, 
             torch.save({"layer_map": job.method.layer_map, "state_dict": proj_state},
                        tmp / "projector.pt")
         (tmp / "wattkd.json").write_text(json.dumps({
-            "method": job.method.name, "mode": job.method.mode, "repeat": job.repeat,
+            "method": job.method.name, "mode": job.method.method, "repeat": job.repeat,
             "teacher": job.teacher_path or job.cfg.teacher.model, "steps": step,
             "tokens": tokens, "layer_map": job.method.layer_map}, indent=2))
     return final

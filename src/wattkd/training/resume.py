@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from wattkd import checkpoint
-from wattkd.config import dump
+from wattkd.config import dump, migrate_stored
 from wattkd.errors import InputError
 from wattkd.jobs import TrainJob, finished_run
 from wattkd.runlock import LOCK_FILE
@@ -104,9 +104,10 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[A
 
 
 def _started_with(run_dir: Path) -> tuple[dict[str, Any], str, int] | None:
-    """(config, method, repeat) the run in `run_dir` started with; None if it left no record."""
+    """(config, method, repeat) the run in `run_dir` started with, in today's keys (a run
+    written before a key was renamed compares as it was); None if it left no record."""
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config = migrate_stored(yaml.safe_load((run_dir / "config.yaml").read_text()))
         info = json.loads((run_dir / "run.json").read_text())
     except (OSError, ValueError, yaml.YAMLError):
         return None

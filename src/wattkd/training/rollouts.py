@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from wattkd.distill.signals import TeacherSignals, TopK
+from wattkd.distill.losses import TopKTeacher
+from wattkd.distill.signals import TeacherSignals, topk_logprobs
 from wattkd.generation import SamplingParams, generate
-from wattkd.teacher_cache.compute import topk_logprobs
 
 PHASES = ("rollout", "score", "update")   # energy windows inside a `step` window
 STATE_KEY = "rollouts"                    # this module's entry in a rank's rng.pt state
@@ -185,7 +185,7 @@ class TopKScores:
         ids, lps, tail = topk_logprobs(h.reshape(b * n, -1), sig.head.weight[:self.vocab],
                                        None if bias is None else bias[:self.vocab],
                                        sig.softcap, self.k, self.chunk_tokens)
-        sig.topk = TopK(ids.view(b, n, -1), lps.view(b, n, -1), tail.view(b, n))
+        sig.topk = TopKTeacher(ids.view(b, n, -1), lps.view(b, n, -1), tail.view(b, n))
         sig.last_hidden, sig.head = None, None
         return sig
 

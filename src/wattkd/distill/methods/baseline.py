@@ -1,4 +1,4 @@
-"""The no-KD baseline (`mode: none`): same student, same data, same loop, CE only."""
+"""The no-KD baseline (`method: none`): same student, same data, same loop, CE only."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ relation heads is shared. Teacher Q/K/V come from the `qkv` signal (online hooks
 teacher cache); the student's from hooks on its own layer.
 
     - name: minilm
-      mode: minilm
+      method: minilm
       params: {teacher_layer: 2, student_layer: -1, relation_heads: 4}
       losses: [{name: attention_relation_kl}, {name: ce}]
 """

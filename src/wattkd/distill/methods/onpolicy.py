@@ -1,4 +1,4 @@
-"""On-policy distillation (`mode: onpolicy`; GKD, Agarwal et al. 2024; on-policy distillation
+"""On-policy distillation (`method: onpolicy`; GKD, Agarwal et al. 2024; on-policy distillation
 as in Qwen3 and Thinking Machines): the student generates, the teacher scores the student's
 own tokens, the student learns from that.
 
@@ -15,7 +15,7 @@ Rollouts may be reused for `rollout_every` steps. The loop's side (rollouts, the
 checkpoint, energy windows per phase) is `wattkd.training.rollouts`.
 
     - name: onpolicy
-      mode: onpolicy
+      method: onpolicy
       params: {prompt_tokens: 32, completion_tokens: 32, lambda: 1.0, temperature: 1.0}
       losses: [{name: reverse_kl}]
 """
@@ -75,7 +75,7 @@ class OnPolicyMode(ResponseMode):
         p = method_params(method)
         problems = []
         if cfg is not None and cfg.distill.teacher_signals != "online":
-            problems.append("distill.teacher_signals: mode onpolicy scores the student's own "
+            problems.append("distill.teacher_signals: method onpolicy scores the student's own "
                             "tokens, which no teacher cache holds; expected online")
         if cfg is not None and p.sequence_tokens > cfg.data.seq_len:
             problems.append(f"params: prompt_tokens + completion_tokens = {p.sequence_tokens} "

@@ -1,4 +1,4 @@
-"""Method registry: a KD method (a config's `mode:`) declared in one place, its own file.
+"""Method registry: a KD method (a config's `method:`) declared in one place, its own file.
 
 `@register_method(name, ...)` on the method's nn.Module says everything the rest of wattkd
 asks about a method: the loss kinds it accepts, the teacher signals it needs
@@ -28,7 +28,7 @@ __all__ = ["METHODS", "MethodSpec", "check_loss_term", "check_method", "get_meth
 
 @dataclass(frozen=True)
 class MethodSpec:
-    name: str                                   # the config's `mode:` value
+    name: str                                   # the config's `method:` value
     cls: type                                   # nn.Module; `cls.build(method, student, dims)`
     loss_kinds: frozenset[str]                  # loss kinds it accepts ("ce" always allowed)
     needs_teacher: bool = True
@@ -59,7 +59,7 @@ METHODS: dict[str, MethodSpec] = {}
 def register_method(name: str, *, loss_kinds: set[str], needs_teacher: bool = True,
                     params: type[BaseModel] | None = None, guard: bool = False, kind: str | None = None, order: int = 5,
                     colour: str | None = None) -> Callable[[type], type]:
-    """Class decorator: register a method's module under its `mode:` name."""
+    """Class decorator: register a method's module under its `method:` name."""
 
     def wrap(cls: type) -> type:
         if name in METHODS:
@@ -81,19 +81,19 @@ def get_method(name: str) -> MethodSpec:
     try:
         return METHODS[name]
     except KeyError:
-        raise KeyError(f"unknown mode {name!r}; expected one of: {', '.join(METHODS)}") from None
+        raise KeyError(f"unknown method {name!r}; expected one of: {', '.join(METHODS)}") from None
 
 
 def check_method(method: Any, cfg: Any = None) -> list[str]:
-    """Problems of one configured method (mode name, params, the method's own checks)."""
+    """Problems of one configured method (method name, params, the method's own checks)."""
     _ensure_loaded()
-    spec = METHODS.get(method.mode)
+    spec = METHODS.get(method.method)
     if spec is None:
-        return [f"mode: unknown mode {method.mode!r}; expected one of: {', '.join(METHODS)}"]
+        return [f"method: unknown method {method.method!r}; expected one of: {', '.join(METHODS)}"]
     problems = []
     if spec.params is None:
         if method.params:
-            problems.append(f"params: mode {spec.name!r} takes no params, got "
+            problems.append(f"params: method {spec.name!r} takes no params, got "
                             f"{sorted(method.params)}")
     else:
         try:
@@ -109,27 +109,27 @@ def check_method(method: Any, cfg: Any = None) -> list[str]:
     return problems
 
 
-def check_loss_term(name: str, params: dict[str, Any], mode: str) -> str | None:
-    """Return a message if loss `name` with `params` cannot be used in method `mode`, else
+def check_loss_term(name: str, params: dict[str, Any], method: str) -> str | None:
+    """Return a message if loss `name` with `params` cannot be used in method `method`, else
     None: the method says which loss kinds it accepts (ce: every method), the loss registry
     checks the params."""
     spec = LOSSES.get(name)
     if spec is None:
         return f"unknown loss {name!r}; expected one of: {', '.join(sorted(LOSSES))}"
-    if mode not in known_methods():
-        return f"unknown mode {mode!r}; expected one of: {', '.join(METHODS)}"
-    kinds = METHODS[mode].loss_kinds
+    if method not in known_methods():
+        return f"unknown method {method!r}; expected one of: {', '.join(METHODS)}"
+    kinds = METHODS[method].loss_kinds
     if spec.kind not in kinds and name != "ce":
-        return (f"loss {name!r} is a {spec.kind} loss; mode {mode!r} accepts "
+        return (f"loss {name!r} is a {spec.kind} loss; method {method!r} accepts "
                 f"{', '.join(sorted(kinds)) or 'only ce'} losses")
     return check_params(spec, params)
 
 
 def method_params(method: Any) -> Any:
     """The method's `params:` as its declared schema (defaults filled in)."""
-    spec = get_method(method.mode)
+    spec = get_method(method.method)
     if spec.params is None:
-        raise ValueError(f"mode {spec.name!r} declares no params")
+        raise ValueError(f"method {spec.name!r} declares no params")
     return spec.params.model_validate(method.params)
 
 

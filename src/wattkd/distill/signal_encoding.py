@@ -34,12 +34,13 @@ import numpy as np
 import torch
 
 from wattkd.distill.losses import TopKTeacher
-from wattkd.distill.signals import TOPK_COLUMNS
 
+TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "topk_tail")
 IDS, LOGPROBS, TAIL = TOPK_COLUMNS
 
 __all__ = [
     "PACKED_SCALE",
+    "TOPK_COLUMNS",
     "candidate_order",
     "cells_tensor",
     "decode_f32",
