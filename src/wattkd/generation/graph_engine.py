@@ -6,7 +6,8 @@ host-bound and its measured J/token is mostly an idle card (benchmarks/RESULTS.m
 engine). Here, as in gpt-fast and vLLM's CUDA-graph decode: one decode step (the forward
 over a static KV cache, sampling or argmax, stop flags, the advance of token, position, slot
 and output column, all on device tensors) is compiled once as one graph (inductor fuses the
-elementwise work), then `steps` consecutive steps are captured as ONE CUDA graph per batch
+elementwise work; sampling's
+vocabulary scans stay eager kernels between two compiled parts), then `steps` consecutive steps are captured as ONE CUDA graph per batch
 bucket and replayed; the host checks the stop flags once per replay (one sync per `steps`
 tokens). Prefill runs outside the graph.
 
@@ -185,25 +186,41 @@ class GraphDecoder:
         self.live = torch.zeros(batch, steps, dtype=torch.bool, device=dev)
         self.uniform = torch.zeros(steps, batch, 1, dtype=torch.float32, device=dev)
         self.index = torch.zeros(1, **long)     # the step's column in out / live / uniform
+        self._logits, self._commit = self._step_logits, self._commit_token
+        self._advance = self._one_step
         if compile:   # True = INDUCTOR_OPTIONS; TUNED = TUNED_OPTIONS; a string names the mode
             _allow_recompiles()
             how = ({"options": TUNED_OPTIONS} if compile == TUNED else
                    {"mode": compile} if isinstance(compile, str) else
                    {"options": INDUCTOR_OPTIONS})
-            self._advance = torch.compile(self._one_step, fullgraph=True, **how)
-        else:
-            self._advance = self._one_step
+            if params.greedy:   # the whole step one compiled graph (argmax fused in)
+                self._advance = torch.compile(self._one_step, fullgraph=True, **how)
+            else:
+                # Sampling's softmax / cumsum / searchsorted over the vocabulary run as eager
+                # CUDA kernels between the two compiled parts (still inside the captured
+                # graph): inductor's scan code generation failed on an H100 (torch 2.11) at a
+                # 262,144-entry vocabulary, once as a SplitScan and once on a blocked scan.
+                self._logits = torch.compile(self._step_logits, fullgraph=True, **how)
+                self._commit = torch.compile(self._commit_token, fullgraph=True, **how)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     # -- the step ---------------------------------------------------------------------------
     def _one_step(self) -> None:
-        """One decode step on the static buffers, compiled as one graph: forward, sampling,
-        stop flags, and the token / position / slot / column advance (no Python int changes
-        between steps, so the same compiled code serves all `steps`)."""
+        """One decode step on the static buffers: forward, sampling, stop flags, and the
+        token / position / slot / column advance (no Python int changes between steps, so the
+        same compiled code serves all `steps`)."""
+        self._commit(self._choose(self._logits()))
+
+    def _step_logits(self) -> Tensor:
+        return self.fwd.step(self.tok, self.pos, self.slot, self.mask)
+
+    def _choose(self, logits: Tensor) -> Tensor:
         p = self.params
-        logits = self.fwd.step(self.tok, self.pos, self.slot, self.mask)
         uniform = None if p.greedy else self.uniform.index_select(0, self.index)[0]
-        nxt = sample_next(logits, p, uniform=uniform)
+        return sample_next(logits, p, uniform=uniform)
+
+    def _commit_token(self, nxt: Tensor) -> None:
+        p = self.params
         nxt = torch.where(self.done, torch.full_like(nxt, p.pad_token_id), nxt)
         self.out.index_copy_(1, self.index, nxt[:, None])
         self.live.index_copy_(1, self.index, ~self.done[:, None])

@@ -41,6 +41,7 @@ from wattkd.report.metrics import (
     energy_per_point,
     is_estimated_source,
     mean_quantity,
+    merge_sources,
     om_perf,
     ppl_retention,
     ratio,
@@ -572,7 +573,7 @@ def _e_avg(runs: Sequence[RunResult], basis: str) -> tuple[Quantity, Spread | No
     mean, std, n = ledger_e_avg(values)
     uncs = [q.unc for q in qs]
     q = Quantity(mean, "J", None if None in uncs else math.fsum(uncs) / n,  # type: ignore[arg-type]
-                 source=_merge(qs), estimated=any(x.estimated for x in qs))
+                 source=merge_sources(qs), estimated=any(x.estimated for x in qs))
     return q, Spread(mean, std, min(values), max(values), n)  # type: ignore[type-var]
 
 
@@ -609,7 +610,7 @@ def _method(name: str, rs: Sequence[RunResult], teacher: RunResult, basis: str) 
             uncs = [None if t.unc is None else t.unc * r.quality.value  # type: ignore[operator]
                     for t, r in zip(terms, usable, strict=True)]
             unc = None if None in uncs else math.fsum(uncs) / len(uncs)  # type: ignore[arg-type]
-            eff = Quantity(v, "", unc, _merge(terms), any(t.estimated for t in terms))
+            eff = Quantity(v, "", unc, merge_sources(terms), any(t.estimated for t in terms))
             for n in dict.fromkeys(x.note for x in [t_ept, *(r.ept_at for r in usable)]
                                    if x.note):
                 eff = eff.with_note(f"EPT {n}")
@@ -634,15 +635,6 @@ def _statistical(mean_q: Quantity, qs: Sequence[Quantity]) -> Quantity:
     unc = math.sqrt(math.fsum(q.unc ** 2 for q in have)) / len(have)  # type: ignore[operator]
     return Quantity(mean_q.value, mean_q.unit, unc, mean_q.source, mean_q.estimated,
                     note=mean_q.note)
-
-
-def _merge(qs: Sequence[Quantity]) -> str | None:
-    seen: list[str] = []
-    for q in qs:
-        for s in (q.source or "").split("+"):
-            if s and s not in seen:
-                seen.append(s)
-    return "+".join(seen) or None
 
 
 # ---------------------------------------------------------------------------- definitions

@@ -71,7 +71,8 @@ class Quantity:
         return {k: v for k, v in asdict(self).items() if v is not None and v is not False}
 
 
-def _merge_sources(qs: Iterable[Quantity]) -> str | None:
+def merge_sources(qs: Iterable[Quantity]) -> str | None:
+    """The sources of `qs` joined with "+", each once, in first-seen order."""
     seen: list[str] = []
     for q in qs:
         for s in (q.source or "").split("+"):
@@ -95,7 +96,7 @@ def total(qs: Sequence[Quantity], *, unit: str | None = None, what: str = "sum")
     uncs = [q.unc for q in qs]
     return Quantity(math.fsum(q.value for q in qs), unit or qs[0].unit,  # type: ignore[misc]
                     unc=None if any(u is None for u in uncs) else math.fsum(uncs),  # type: ignore[arg-type]
-                    source=_merge_sources(qs), estimated=any(q.estimated for q in qs))
+                    source=merge_sources(qs), estimated=any(q.estimated for q in qs))
 
 
 def ratio(num: Quantity, den: Quantity, unit: str) -> Quantity:
@@ -106,7 +107,7 @@ def ratio(num: Quantity, den: Quantity, unit: str) -> Quantity:
     if den.value == 0:
         return Quantity.missing("division by zero (denominator is 0)", unit)
     value = num.value / den.value  # type: ignore[operator]
-    return Quantity(value, unit, unc=_rel_unc(value, num, den), source=_merge_sources((num, den)),
+    return Quantity(value, unit, unc=_rel_unc(value, num, den), source=merge_sources((num, den)),
                     estimated=num.estimated or den.estimated)
 
 
@@ -160,7 +161,7 @@ def mean_quantity(qs: Sequence[Quantity], unit: str, *, what: str, names: Sequen
     uncs = [q.unc for _, q in have]
     q = Quantity(sp.mean, unit, unc=None if any(u is None for u in uncs)
                  else math.fsum(uncs) / len(uncs),  # type: ignore[arg-type]
-                 source=_merge_sources(q for _, q in have),
+                 source=merge_sources(q for _, q in have),
                  estimated=any(q.estimated for _, q in have))
     missing = [n for n, q in zip(names, qs, strict=True) if not q.ok]
     if missing:
