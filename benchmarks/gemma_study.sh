@@ -24,6 +24,9 @@
 #   CKPT_EVERY [50]    checkpoint interval, students and fine-tune (0: none; resume needs them)
 #   EVAL_EVERY [50]    held-out loss interval during training (0: off)
 #   NAME [gemma_study] results file benchmarks/results/$NAME.json
+#   CONFIG [configs/gemma-270m/study.yaml]  the experiment; configs/gemma-270m/onpolicy_study.yaml
+#                      is issue 27's row (on-policy vs response KD vs baseline at one energy
+#                      budget, train.energy_budget_j: there STEPS is only a cap, set it high)
 # Cost (estimated from the issue-10 run on an H200, not measured for this script): each student
 # trains ~10-16 s per 100 steps at MBS 16 plus ~20 s of start-up (load, compile, checkpoint),
 # the fine-tune about as long as a baseline student; evaluation (suite at limit 100 +
@@ -57,6 +60,7 @@ EPT_PREFILL=${EPT_PREFILL:-true}
 CKPT_EVERY=${CKPT_EVERY:-50}
 EVAL_EVERY=${EVAL_EVERY:-50}
 NAME=${NAME:-gemma_study}
+CONFIG=${CONFIG:-configs/gemma-270m/study.yaml}
 
 if [ ! -f "$model/config.json" ]; then
     prep=("${wattkd[@]}" models prepare gemma3-270m --out "$model")
@@ -77,8 +81,8 @@ overrides=(
 )
 [ -n "$EPT_WINDOW_S" ] && overrides+=(--set "eval.ept.min_window_s=$EPT_WINDOW_S")
 start=$(date +%s)
-"${wattkd[@]}" pipeline configs/gemma-270m/study.yaml "${overrides[@]}" "$@"
-knobs="STEPS=$STEPS FT_STEPS=$FT_STEPS FT_LR=$FT_LR REPEATS=$REPEATS MBS=$MBS EVAL_LIMIT=$EVAL_LIMIT"
+"${wattkd[@]}" pipeline "$CONFIG" "${overrides[@]}" "$@"
+knobs="CONFIG=$CONFIG STEPS=$STEPS FT_STEPS=$FT_STEPS FT_LR=$FT_LR REPEATS=$REPEATS MBS=$MBS EVAL_LIMIT=$EVAL_LIMIT"
 knobs+=" EPT_BATCHES=$EPT_BATCHES EPT_REPEATS=$EPT_REPEATS EPT_WINDOW_S=$EPT_WINDOW_S"
 knobs+=" EPT_PREFILL=$EPT_PREFILL CKPT_EVERY=$CKPT_EVERY EVAL_EVERY=$EVAL_EVERY"
 python3 benchmarks/study_summary.py "$out" --name "$NAME" --wall-s "$(( $(date +%s) - start ))" \
