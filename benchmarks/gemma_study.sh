@@ -11,7 +11,7 @@
 #   bash benchmarks/gemma_study.sh OUT_DIR [--set key=value ...]
 #
 # Scale with environment variables (defaults in brackets) to the device time you have:
-#   STEPS [100]        student steps (x MBS x 1024 tokens each: 1.64 M tokens at the defaults)
+#   STEPS [100; the config's own cap with CONFIG]  student steps (x MBS x 1024 tokens each)
 #   FT_STEPS [100]     teacher fine-tune steps (same batch)
 #   FT_LR [5e-5]       teacher fine-tune learning rate
 #   REPEATS [3]        repeats per method
@@ -26,7 +26,8 @@
 #   NAME [gemma_study] results file benchmarks/results/$NAME.json
 #   CONFIG [configs/gemma-270m/study.yaml]  the experiment; configs/gemma-270m/onpolicy_study.yaml
 #                      is issue 27's row (on-policy vs response KD vs baseline at one energy
-#                      budget, train.energy_budget_j: there STEPS is only a cap, set it high)
+#                      budget, train.energy_budget_j: STEPS is then left to the config's cap
+#                      unless given, so every run stops at the budget, not at a step count)
 # Cost (estimated from the issue-10 run on an H200, not measured for this script): each student
 # trains ~10-16 s per 100 steps at MBS 16 plus ~20 s of start-up (load, compile, checkpoint),
 # the fine-tune about as long as a baseline student; evaluation (suite at limit 100 +
@@ -47,7 +48,9 @@ out=${1:?usage: gemma_study.sh OUT_DIR [--set key=value ...]}
 shift
 model=models/gemma3-270m          # the path configs/gemma-270m/study.yaml names
 wattkd=(python3 -m wattkd.cli)
-STEPS=${STEPS:-100}
+CONFIG=${CONFIG:-configs/gemma-270m/study.yaml}
+[ "$CONFIG" = configs/gemma-270m/study.yaml ] && STEPS=${STEPS:-100}
+STEPS=${STEPS:-}
 FT_STEPS=${FT_STEPS:-100}
 FT_LR=${FT_LR:-5e-5}
 REPEATS=${REPEATS:-3}
@@ -60,7 +63,6 @@ EPT_PREFILL=${EPT_PREFILL:-true}
 CKPT_EVERY=${CKPT_EVERY:-50}
 EVAL_EVERY=${EVAL_EVERY:-50}
 NAME=${NAME:-gemma_study}
-CONFIG=${CONFIG:-configs/gemma-270m/study.yaml}
 
 if [ ! -f "$model/config.json" ]; then
     prep=("${wattkd[@]}" models prepare gemma3-270m --out "$model")
@@ -72,13 +74,14 @@ overrides=(
     --set "output_dir=$out"
     --set "teacher.finetune.max_steps=$FT_STEPS" --set "teacher.finetune.lr=$FT_LR"
     --set "teacher.finetune.warmup_steps=10" --set "teacher.finetune.micro_batch_size=$MBS"
-    --set "train.max_steps=$STEPS" --set "train.micro_batch_size=$MBS"
+    --set "train.micro_batch_size=$MBS"
     --set "train.repeats=$REPEATS" --set train.warmup_steps=10
     --set train.log_every=10 --set "train.eval_every=$EVAL_EVERY"
     --set "train.checkpoint_every=$CKPT_EVERY"
     --set "eval.limit=$EVAL_LIMIT" --set "eval.ept.batch_sizes=$EPT_BATCHES"
     --set "eval.ept.repeats=$EPT_REPEATS" --set "eval.ept.measure_prefill=$EPT_PREFILL"
 )
+[ -n "$STEPS" ] && overrides+=(--set "train.max_steps=$STEPS")
 [ -n "$EPT_WINDOW_S" ] && overrides+=(--set "eval.ept.min_window_s=$EPT_WINDOW_S")
 start=$(date +%s)
 "${wattkd[@]}" pipeline "$CONFIG" "${overrides[@]}" "$@"

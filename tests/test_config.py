@@ -141,6 +141,23 @@ def test_a_stored_config_with_the_old_key_is_migrated_on_read() -> None:
     assert [(m.name, m.method) for m in cfg.distill.methods] == [("r", "response"), ("b", "none")]
 
 
+@pytest.mark.parametrize("beside", ["jobs.json", "run.json"])
+def test_a_frozen_slurm_or_run_config_with_the_old_key_still_loads(tmp_path: Path,
+                                                                   beside: str) -> None:
+    """A Slurm pipeline frozen (slurm/config.yaml beside jobs.json) or a run's config.yaml
+    written before the rename: its queued jobs load it with today's key; the same file as a
+    user's own config is refused."""
+    old = {**MINIMAL, "distill": {"methods": [
+        {"name": "r", "mode": "response", "losses": [{"name": "forward_kl"}]}]}}
+    frozen = tmp_path / "slurm" / "config.yaml"
+    frozen.parent.mkdir()
+    frozen.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="renamed to `method`"):
+        load(frozen)
+    (frozen.parent / beside).write_text("{}")
+    assert load(frozen).distill.methods[0].method == "response"
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
 def test_shipped_configs_validate(path: Path) -> None:
     load(path)

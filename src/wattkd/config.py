@@ -691,6 +691,8 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Experimen
     data = load_yaml(p.read_text(), f"config {p}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {p}: top level must be a mapping, got {type(data).__name__}")
+    if stored_by_wattkd(p):   # e.g. a Slurm pipeline frozen before a key was renamed
+        data = migrate_stored(data)
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
     return validate(data, str(p))
@@ -704,6 +706,15 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {part} is not a mapping")
     node[parts[-1]] = value
+
+
+STORED_BESIDE = ("jobs.json", "run.json")   # `wattkd slurm submit`'s frozen config; a run's own
+
+
+def stored_by_wattkd(path: Path) -> bool:
+    """A config.yaml that wattkd wrote itself (beside a pipeline's jobs.json or a run's
+    run.json): read with `migrate_stored`, so queued jobs and old runs outlive a key rename."""
+    return path.name == "config.yaml" and any((path.parent / f).is_file() for f in STORED_BESIDE)
 
 
 def migrate_stored(data: Any) -> Any:
