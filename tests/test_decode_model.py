@@ -8,7 +8,6 @@ the step compiled with fullgraph=True (inductor, CPU)."""
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
@@ -257,20 +256,18 @@ def test_dora_adapter_is_refused():
 
 
 def test_whole_step_compiles_with_fullgraph_on_cpu_inductor():
-    """What the graph engine compiles before capture (forward, sampling, stop flags, advance)
-    as one graph with no breaks: the same tokens and stop positions as uncompiled, greedy
-    with EOS and seeded top-p sampling."""
+    """What the graph engine compiles before capture (greedy: forward, argmax, stop flags and
+    advance as one graph; sampling: the forward and the bookkeeping, each one graph) with no
+    breaks: the same tokens and stop positions as uncompiled, greedy with EOS and seeded top-p
+    sampling."""
     m = _model("llama")
     ids, mask = _prompts()
-    t0 = time.perf_counter()
     for params in (SamplingParams(max_new_tokens=12, eos_token_id=37),   # row 0 stops at 4
                    SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9)):
         decoders = [GraphDecoder(m, batch=4, max_len=32, params=params, steps=4, capture=False,
                                  compile=c, forward="wattkd") for c in (True, False)]
         got, ref = (d.decode(ids, mask, generator=torch.Generator().manual_seed(3))
                     for d in decoders)
-        if time.perf_counter() - t0 > 60:
-            pytest.skip("inductor's CPU compile took over 60 s on this machine")
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
         if params.greedy:
             eager = generate(m, ids, mask, params, engine="eager")

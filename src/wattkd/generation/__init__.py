@@ -4,8 +4,8 @@
 Engines: `eager` (a plain loop over HF's dynamic KV cache, any device: the CPU path and the
 reference every faster engine must match token for token under greedy decoding) and, on CUDA,
 the graph-captured static-cache engine (`graph`), whose forward is wattkd's own fused decode
-model (decode_model.py) where it serves the architecture, else HF's. Sampling is seeded through a torch.Generator
-so a resumed run draws the same tokens.
+model (decode_model.py) where it serves the architecture, else HF's. Sampling is seeded
+through a torch.Generator so a resumed run draws the same tokens.
 """
 
 from wattkd.generation.rollout import Rollout, generate

@@ -5,11 +5,11 @@ gate/up GEMMs, mask building and `repeat_kv` per layer, cache bookkeeping); at s
 the step is bound by kernel count, not bandwidth (benchmarks/RESULTS.md, decode engine). As in
 gpt-fast, `DecodeModel` holds the weights fused (q|k|v one matrix, gate|up one matrix, their
 biases concatenated), its own KV cache tensors, and a prefill and a one-token step written as
-plain torch ops, so inductor fuses norms, rope, residuals and cache writes; attention is
-`F.scaled_dot_product_attention` with one boolean mask per step (not per layer), and no
-`repeat_kv` copy: in the one-token step the G query heads sharing a KV head are folded into
-the query-length axis of that KV head (exact, any SDPA backend), in the prefill SDPA's
-`enable_gqa` serves them.
+plain torch ops, so inductor fuses norms, rope, residuals and cache writes. One boolean mask
+per step (not per layer) and no `repeat_kv` copy: in the one-token step the G query heads
+sharing a KV head become G query rows of that head, attention is two matmuls and an fp32
+softmax (cuDNN's SDPA cost 23 us a layer there); the prefill uses
+`F.scaled_dot_product_attention` with `enable_gqa`.
 
 The maths is HF's, read from the installed modeling files (Gemma 3 text, Llama, Qwen2):
 Gemma's RMSNorm (x * (1 + w), computed in fp32), q/k norms, the embedding scale in the model

@@ -5,15 +5,15 @@ logits processors, cache bookkeeping, a host sync per step), so a small model's 
 host-bound and its measured J/token is mostly an idle card (benchmarks/RESULTS.md, EPT by
 engine). Here, as in gpt-fast and vLLM's CUDA-graph decode: one decode step (the forward
 over a static KV cache, sampling or argmax, stop flags, the advance of token, position, slot
-and output column, all on device tensors) is compiled once as one graph (inductor fuses the
-elementwise work; sampling's
-vocabulary scans stay eager kernels between two compiled parts), then `steps` consecutive steps are captured as ONE CUDA graph per batch
-bucket and replayed; the host checks the stop flags once per replay (one sync per `steps`
-tokens). Prefill runs outside the graph.
+and output column, all on device tensors) is compiled once (inductor fuses the elementwise
+work; when sampling, its vocabulary scans stay eager kernels between two compiled parts), then
+`steps` consecutive steps are captured as ONE CUDA graph per batch bucket and replayed; the
+host checks the stop flags once per replay (one sync per `steps` tokens). Prefill runs outside
+the graph.
 
 The forward inside the step is, by default (`forward="auto"`), wattkd's own
 (`decode_model.DecodeModel`: fused q|k|v and gate|up weights, its own KV cache, one mask per
-step, SDPA without `repeat_kv`), a few kernels per layer instead of HF's ~15; its fused
+step, attention without `repeat_kv`), a few kernels per layer instead of HF's ~15; its fused
 weights are refreshed from the live parameters (LoRA merged) at the start of every `decode`,
 in place, so a training student's rollouts use its current weights and the captured graph
 stays valid (cost: one copy of the weights per `decode` call). Where it does not implement an
@@ -159,9 +159,9 @@ def forward_for(model: nn.Module) -> str:
 class GraphDecoder:
     """Decodes batches of up to `batch` rows with prompt + new tokens <= `max_len`, for one
     model and one SamplingParams (temperature, top-p, eos are baked into the graph).
-    `compile`: False, True (inductor with INDUCTOR_OPTIONS), TUNED or a torch.compile mode without
-    its own CUDA graphs ("default": plain inductor; "max-autotune-no-cudagraphs"). `forward`: see FORWARDS and
-    make_forward; `self.forward` names the one in use."""
+    `compile`: False, True (inductor with INDUCTOR_OPTIONS), TUNED or a torch.compile mode
+    without its own CUDA graphs ("default": plain inductor; "max-autotune-no-cudagraphs").
+    `forward`: see FORWARDS and make_forward; `self.forward` names the one in use."""
 
     def __init__(self, model: nn.Module, *, batch: int, max_len: int, params: SamplingParams,
                  steps: int = 16, capture: bool = True, compile: bool | str = True,

@@ -51,8 +51,9 @@ def generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
     static KV cache; CUDA only), `eager` (any device, the reference) or `auto` (graph where it
     can serve the request, else eager, with the reason logged once). `compile`: the graph
     engine's step compiled by inductor before capture (fuses the small kernels; True =
-    graph_engine.INDUCTOR_OPTIONS); a string names the torch.compile mode. `forward`: the graph engine's decode forward, wattkd's own
-    fused one where it serves the model (`auto`), or `wattkd` / `hf` (graph_engine.FORWARDS).
+    graph_engine.INDUCTOR_OPTIONS); a string names the torch.compile mode. `forward`: the
+    graph engine's decode forward, wattkd's own fused one where it serves the model (`auto`),
+    or `wattkd` / `hf` (graph_engine.FORWARDS).
     `refresh`: the graph engine copies the model's live weights before decoding (False where
     they have not changed since its decoder was built, as in EPT)."""
     if engine not in ENGINES:

@@ -58,7 +58,6 @@ def sample_next(logits: Tensor, params: SamplingParams,
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
-
 ARGMAX_BLOCK = 512
 
 
