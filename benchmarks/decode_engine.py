@@ -6,7 +6,10 @@ same number of tokens). For each engine and batch: the median wall time of `gene
 `--new-tokens` + 1 and with 1 new token (prompt `--prompt-tokens`), over `--reps` runs after a
 warm-up; ms per decoding step = (t_long - t_short) / new_tokens (prefill cancels). Engines:
 `graph` (wattkd.generation, the CUDA default of `wattkd ept`: wattkd's own fused decode forward,
-compiled by plain inductor, captured as CUDA graphs), `graph-tuned` (the same with
+compiled by plain inductor, captured as CUDA graphs, with its default step kernels),
+`graph-triton` (every Triton step kernel that serves: attention, and the GEMV up to batch 16),
+`graph-torch` / `graph-attn` / `graph-gemv` (the same forward with none / only the attention /
+only the GEMV kernel), `graph-tuned` (the same with
 coordinate-descent tuning), `graph-hf` (the graph engine around HF's own forward over HF's StaticCache,
 plain inductor: the previous `graph`), `graph-autotune` (max-autotune), `hf-static` (HF generate, static cache, torch.compile
 reduce-overhead) and `hf-dynamic` (HF eager). Each row names the decode forward it ran
@@ -65,10 +68,14 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-# engine -> (compile, forward). graph: the default (wattkd's forward, plain inductor);
-# graph-tuned: the same forward, coordinate-descent tuning; graph-hf: HF's
+# engine -> (compile, forward). graph: the default (wattkd's forward with its default step
+# kernels, plain inductor); graph-triton: every Triton step kernel that serves; graph-torch /
+# graph-attn / graph-gemv: no / only the attention / only the GEMV Triton kernel; graph-tuned: the same forward, coordinate-descent tuning; graph-hf: HF's
 # forward, plain inductor (the engine before wattkd's forward); graph-autotune: max-autotune
-GRAPH_MODES = {"graph": (True, "auto"), "graph-tuned": ("coordinate-descent", "auto"),
+GRAPH_MODES = {"graph": (True, "auto"), "graph-triton": (True, "wattkd-triton"),
+               "graph-torch": (True, "wattkd-torch"),
+               "graph-attn": (True, "wattkd-attention"), "graph-gemv": (True, "wattkd-gemv"),
+               "graph-tuned": ("coordinate-descent", "auto"),
                "graph-hf": ("default", "hf"),
                "graph-autotune": ("max-autotune-no-cudagraphs", "auto")}
 TOP_KERNELS = 12
@@ -131,6 +138,7 @@ def decoder_facts(net: torch.nn.Module, b: int, prompt: int, new: int,
                       compile=compile, forward=forward)
     facts: dict[str, Any] = {"forward": dec.forward}
     if dec.forward == "wattkd":
+        facts["kernels"] = list(dec.fwd.kernels)
         facts["refresh_ms"] = statistics.median(timed(dec.fwd.refresh) for _ in range(7)) * 1e3
         facts["refresh_bytes"] = 2 * dec.fwd.w.weight_bytes()   # read + write
     return facts
@@ -189,12 +197,11 @@ def main() -> None:
     rec: dict[str, Any] = {"benchmark": "decode_engine", "card": _card(),
                            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "versions": _versions(), "command": "python3 " + shlex.join(sys.argv),
-                           "copy_bandwidth_bytes_per_s": bw, "rows": [], "skipped": []}
+                           "copy_bandwidth_bytes_per_s": bw, "rows": [], "skipped": [], "errors": []}
     batches = [int(x) for x in a.batches.split(",")]
     layers = {"teacher": GEMMA_270M["num_hidden_layers"], "student": 6}
     for model in a.models.split(","):
         net = build(layers[model], a.tiny, device)
-        vocab = net.config.vocab_size
         for engine in a.engines.split(","):
             decode = runner(engine, net, device)
             for b in batches:
@@ -203,39 +210,52 @@ def main() -> None:
                 if a.deadline and time.perf_counter() - t0 > a.deadline:
                     rec["skipped"].append(f"{model}/{engine}/{b}")
                     continue
-                g = torch.Generator().manual_seed(b)
-                ids = torch.randint(3, vocab, (b, a.prompt_tokens), generator=g).to(device)
-                mask = torch.ones_like(ids)
-                first = timed(decode, ids, mask, a.new_tokens + 1) + timed(decode, ids, mask, 1)
-                long = [timed(decode, ids, mask, a.new_tokens + 1) for _ in range(a.reps)]
-                short = [timed(decode, ids, mask, 1) for _ in range(a.reps)]
-                ms = (statistics.median(long) - statistics.median(short)) / a.new_tokens * 1e3
-                ctx = a.prompt_tokens + a.new_tokens // 2
-                floor = step_bytes(net, b, ctx) / bw * 1e3 if bw else None
-                row = {"model": model, "engine": engine, "batch": b, "ms_per_step": ms,
-                       "out_tokens_per_s": b / ms * 1e3, "first_call_s": first,
-                       "floor_ms": floor, "x_floor": ms / floor if floor else None,
-                       "long_s": long, "short_s": short}
-                if engine in GRAPH_MODES and device == "cuda":
-                    row.update(decoder_facts(net, b, a.prompt_tokens, a.new_tokens, engine))
-                if engine in GRAPH_MODES and device == "cuda" and a.profile:
-                    row.update(profile_replay(net, b, a.prompt_tokens, a.new_tokens, engine))
-                if engine in GRAPH_MODES and b == batches[0]:
-                    ref = generate(net, ids, mask, SamplingParams(max_new_tokens=a.new_tokens,
-                                                                   ignore_eos=True),
-                                   engine="eager").sequences
-                    got = decode(ids, mask, a.new_tokens)
-                    row["greedy_match_vs_eager"] = float((got == ref).float().mean())
+                try:
+                    row = measure(a, net, engine, decode, b, batches[0], bw, device)
+                except Exception as exc:  # noqa: BLE001 - a failed row is recorded, the rest run
+                    rec["errors"].append(f"{model}/{engine}/{b}: {type(exc).__name__}: {exc}")
+                    print(rec["errors"][-1], flush=True)
+                    continue
+                row["model"] = model
                 rec["rows"].append(row)
-                print(f"{model:8s} {engine:14s} b={b:4d} {ms:8.3f} ms/step "
-                      f"floor {floor if floor is None else round(floor, 3)} first {first:.1f}s",
-                      flush=True)
+                print(f"{model:8s} {engine:14s} b={b:4d} {row['ms_per_step']:8.3f} ms/step "
+                      f"floor {row['floor_ms']} first {row['first_call_s']:.1f}s", flush=True)
                 (a.out / "decode_engine.json").write_text(json.dumps(rec, indent=1) + "\n")
         del net
         torch.cuda.empty_cache() if device == "cuda" else None
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
     (a.out / "decode_engine.json").write_text(json.dumps(rec, indent=1) + "\n")
     print(table(rec))
+
+
+def measure(a: argparse.Namespace, net: torch.nn.Module, engine: str, decode: Any, b: int,
+            first_batch: int, bw: float | None, device: str) -> dict[str, Any]:
+    """One row: ms per step (and the engine's facts, profile, greedy agreement)."""
+    g = torch.Generator().manual_seed(b)
+    vocab = net.config.vocab_size
+    ids = torch.randint(3, vocab, (b, a.prompt_tokens), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    first = timed(decode, ids, mask, a.new_tokens + 1) + timed(decode, ids, mask, 1)
+    long = [timed(decode, ids, mask, a.new_tokens + 1) for _ in range(a.reps)]
+    short = [timed(decode, ids, mask, 1) for _ in range(a.reps)]
+    ms = (statistics.median(long) - statistics.median(short)) / a.new_tokens * 1e3
+    ctx = a.prompt_tokens + a.new_tokens // 2
+    floor = step_bytes(net, b, ctx) / bw * 1e3 if bw else None
+    row = {"engine": engine, "batch": b, "ms_per_step": ms,
+           "out_tokens_per_s": b / ms * 1e3, "first_call_s": first,
+           "floor_ms": floor, "x_floor": ms / floor if floor else None,
+           "long_s": long, "short_s": short}
+    if engine in GRAPH_MODES and device == "cuda":
+        row.update(decoder_facts(net, b, a.prompt_tokens, a.new_tokens, engine))
+    if engine in GRAPH_MODES and device == "cuda" and a.profile:
+        row.update(profile_replay(net, b, a.prompt_tokens, a.new_tokens, engine))
+    if engine in GRAPH_MODES and b == first_batch:
+        ref = generate(net, ids, mask, SamplingParams(max_new_tokens=a.new_tokens,
+                                                       ignore_eos=True),
+                       engine="eager").sequences
+        got = decode(ids, mask, a.new_tokens)
+        row["greedy_match_vs_eager"] = float((got == ref).float().mean())
+    return row
 
 
 def table(rec: dict[str, Any]) -> str:

@@ -186,3 +186,17 @@ def test_phase_check_against_a_measured_counter(tmp_path: Path) -> None:
     warned = any("do not add up" in w for w in
                  json.loads((report.parent / "report.json").read_text())["warnings"])
     assert warned is not within
+
+
+def test_budget_note_names_an_equal_energy_comparison() -> None:
+    """Runs stopped by train.energy_budget_j train different tokens by design: the note says
+    equal energy, not that the token budgets differ."""
+    from types import SimpleNamespace
+
+    from wattkd.report.onpolicy_section import _budget_note
+
+    resp = SimpleNamespace(run=SimpleNamespace(status="budget"), tokens_train=300)
+    assert "equal-energy" in _budget_note(resp, {512}, by_energy=True)
+    assert "token budget 300 differs" in _budget_note(resp, {512}, by_energy=False)
+    done = SimpleNamespace(run=SimpleNamespace(status="completed"), tokens_train=300)
+    assert "token budget 300 differs" in _budget_note(done, {512}, by_energy=True)

@@ -263,6 +263,24 @@ def test_rerun_of_a_finished_run_does_not_train_again(workspace: Path) -> None:
     assert train(student_job(longer, "baseline"), progress=False).step == 6  # raised budget
 
 
+def test_a_run_stopped_by_its_energy_budget_logs_its_last_step_in_full(workspace: Path
+                                                                        ) -> None:
+    """The energy budget stops a run between full `train` records (log_every above the step
+    cap): the stop step still gets one, with its tokens, rate and energy (before, the last
+    interval's figures were lost)."""
+    data = experiment(workspace / "budget", max_steps=500, log_every=1000, checkpoint_every=0,
+                      energy_budget_j=40.0)
+    data["telemetry"]["cpu_watts_per_core"] = 400.0     # labelled estimates: energy on CPU
+    result = train(student_job(validate(data), "baseline"), progress=False)
+    assert result.status == "budget" and 1 <= result.step < 500
+    recs = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text()
+            .splitlines()]
+    last = [r for r in recs if r["step"] == result.step]
+    assert [r["kind"] for r in last] == ["step", "train"]
+    assert last[1]["tokens"] == result.tokens and last[1]["tokens_per_s"] > 0
+    assert last[1]["energy_j"] >= 40.0
+
+
 def test_run_json_records_the_fused_loss_path(workspace: Path) -> None:
     data = experiment(workspace / "exp", max_steps=2)
     data["distill"]["fused_kernel"] = "generic"

@@ -486,6 +486,8 @@ def run_loop(run: Run, pos: Position, progress: bool) -> str:
                 evaluate(run, pos, loop)
                 status = stop_decision(run, pos, loop)
                 if status is not None:
+                    if not full_record_due(run, pos.step):   # the stop step's figures too
+                        log_step(run, pos, loop, parts, grad_norm, inputs, final=True)
                     return status
     return "completed"
 
@@ -573,12 +575,19 @@ def advance(run: Run, pos: Position, loop: Loop, parts: dict[str, float]) -> Non
         raise DivergenceError(f"loss is {parts.get('loss')} at step {pos.step}")
 
 
+def full_record_due(run: Run, step: int) -> bool:
+    """A full `train` record every log_every steps and at the last step of max_steps."""
+    return step % run.tc.log_every == 0 or step == run.total_steps
+
+
 def log_step(run: Run, pos: Position, loop: Loop, parts: dict[str, float],
-             grad_norm: float | None, inputs: StepInputs) -> None:
+             grad_norm: float | None, inputs: StepInputs, *, final: bool = False) -> None:
     """metrics.jsonl: a full `train` record every log_every steps (and the last), else the
-    step's loss alone (every step's loss is logged, for exact-resume checks)."""
+    step's loss alone (every step's loss is logged, for exact-resume checks). `final`: the
+    full record of a step that stopped the run between those (energy budget, max tokens,
+    preemption), after its loss record, so the last interval's rate and energy are kept."""
     accelerator, step = run.accelerator, pos.step
-    if not (step % run.tc.log_every == 0 or step == run.total_steps):
+    if not (final or full_record_due(run, step)):
         loop.metrics.write({"kind": "step", "step": step, "loss": parts["loss"]})
         return
     now = time.perf_counter()

@@ -19,6 +19,13 @@ dtype, `query_pre_attn_scalar`, post-attention / post-feedforward norms, local l
 frequencies are taken from the model's own rotary module); Qwen2's qkv bias and its sliding
 layers. What is not implemented is refused with `EngineUnavailable` naming it.
 
+On CUDA the one-token step can also run through Triton kernels (`generation/kernels.py`,
+`KERNELS`, opt-in: `kernels="serving"` or named ones): each projection with the norm before
+it and the gated activation after it fused in (a GEMV, batch <= 16), and attention as one
+kernel per layer reading the cache only up to the current slot. The default stays the torch
+ops (DEFAULT_KERNELS) until the kernels' current revision is measured faster on a GPU
+(benchmarks/RESULTS.md, decode kernels).
+
 Weights change between rollouts while the student trains: `refresh()` copies the live
 parameters into the fused buffers in place (a peft LoRA adapter, unmerged, is merged into the
 buffer as W + scale * B @ A; the model is never touched), so a captured CUDA graph's
@@ -29,6 +36,8 @@ addresses stay valid. Its cost is one copy of the weights (read + write of every
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +49,13 @@ SUPPORTED = ("gemma3_text", "llama", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
 LAYER_KINDS = ("full_attention", "sliding_attention")
+KERNELS = ("attention", "gemv")   # the step's optional Triton kernels (generation/kernels.py)
+# What `kernels=None` gives: none yet. Measured on an H200 (RESULTS.md, decode kernels) the
+# attention kernel was faster at batch 32 and 256 but slower at batch 1 in an earlier
+# revision; the revision here (unrolled merge, the GEMV's GeGLU) is not measured on a GPU.
+DEFAULT_KERNELS: tuple[str, ...] = ()
+SERVING = "serving"               # kernels="serving": every kernel that serves the model
+GEMV_MAX_ROWS = 16                # kernels.MAX_ROWS (not imported: triton is optional)
 
 
 class EngineUnavailable(RuntimeError):
@@ -287,7 +303,8 @@ class DecodeModel(nn.Module):
 
     name = "wattkd"
 
-    def __init__(self, model: nn.Module, *, batch: int, max_len: int) -> None:
+    def __init__(self, model: nn.Module, *, batch: int, max_len: int,
+                 kernels: tuple[str, ...] | str | None = None) -> None:
         super().__init__()
         self.w = w = shared_weights(model)
         self.arch = a = w.arch
@@ -299,6 +316,14 @@ class DecodeModel(nn.Module):
                                      persistent=False)
         self.register_buffer("slots", torch.arange(max_len, device=dev), persistent=False)
         self.batch, self.max_len = batch, max_len
+        self.kernels = step_kernels(w, batch, kernels)
+        self._kern = None
+        if self.kernels:
+            from wattkd.generation import kernels as kern  # lazy: triton is optional
+            self._kern = kern
+            # the attention kernel's split-merge counters (left zero by every launch)
+            self.register_buffer("attn_count", torch.zeros(batch * a.kv_heads, device=dev,
+                                                           dtype=torch.int32), persistent=False)
 
     def cache(self, i: int) -> tuple[Tensor, Tensor]:
         """Layer i's (keys, values) [batch, kv_heads, max_len, head_dim]."""
@@ -334,34 +359,52 @@ class DecodeModel(nn.Module):
         bias = getattr(self.w, f"{name}_bias")
         return F.linear(x, getattr(self.w, name)[i], None if bias is None else bias[i])
 
-    def _qkv(self, h: Tensor, i: int, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """[B, S, hidden] -> q [B, Hq, S, D], k and v [B, Hkv, S, D] (normed, rotated)."""
+    def _project(self, x: Tensor, norm_w: Tensor | None, name: str, i: int, gemv: bool, *,
+                 gated: bool = False) -> Tensor:
+        """F.linear(norm(x), weight `name` of layer i) (norm skipped when norm_w is None);
+        `gated`: the gate|up weight, giving act(gate) * up. `gemv`: one Triton kernel."""
+        if gemv:
+            bias = getattr(self.w, f"{name}_bias")
+            norm = "none" if norm_w is None else "gemma" if self.arch.gemma else "llama"
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
+            out = self._kern.decode_gemv(
+                flat, getattr(self.w, name)[i], None if bias is None else bias[i], norm_w,
+                self.arch.eps, self._kern.NORMS[norm],
+                self._kern.ACTS[self.arch.act] if gated else 0)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        out = self._linear(x if norm_w is None else self._norm(x, norm_w), name, i)
+        if gated:
+            gate, up = out.chunk(2, dim=-1)
+            out = ACTIVATIONS[self.arch.act](gate) * up
+        return out
+
+    def _heads(self, qkv: Tensor, i: int, cos: Tensor, sin: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """q|k|v [B, S, (Hq + 2 Hkv) D] -> q [B, Hq, S, D], k and v [B, Hkv, S, D] (normed,
+        rotated)."""
         a = self.arch
-        b, s, _ = h.shape
-        qkv = self._linear(h, "qkv", i).view(b, s, a.heads + 2 * a.kv_heads, a.head_dim)
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, a.heads + 2 * a.kv_heads, a.head_dim)
         q, k, v = qkv.transpose(1, 2).split([a.heads, a.kv_heads, a.kv_heads], dim=1)
         if a.gemma:
             q, k = self._norm(q, self.w.q_norm[i]), self._norm(k, self.w.k_norm[i])
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
-    def _mlp(self, h: Tensor, i: int) -> Tensor:
-        gate, up = self._linear(h, "gate_up", i).chunk(2, dim=-1)
-        return self._linear(ACTIVATIONS[self.arch.act](gate) * up, "down", i)
-
-    def _layers(self, x: Tensor, pos: Tensor, attend: Any) -> Tensor:
+    def _layers(self, x: Tensor, pos: Tensor, attend: Any, gemv: bool = False) -> Tensor:
         """The decoder stack; `attend(i, q, k, v)` -> [B, S, Hq * D] does the cache and
-        attention of layer i (prefill or step)."""
+        attention of layer i (prefill or step); `gemv`: projections through the Triton GEMV."""
         gemma, w = self.arch.gemma, self.w
         ropes = self._rope(pos, x.dtype)
         for i in range(self.arch.layers):
-            h = self._norm(x, w.ln_input[i])
-            q, k, v = self._qkv(h, i, *ropes[w.rope_kind[i]])
-            out = self._linear(attend(i, q, k, v), "o", i)
+            qkv = self._project(x, w.ln_input[i], "qkv", i, gemv)
+            q, k, v = self._heads(qkv, i, *ropes[w.rope_kind[i]])
+            out = self._project(attend(i, q, k, v), None, "o", i, gemv)
             if gemma:
                 out = self._norm(out, w.ln_post_attention[i])
             x = x + out
-            h = self._norm(x, w.ln_pre_feedforward[i] if gemma else w.ln_post_attention[i])
-            out = self._mlp(h, i)
+            h = self._project(x, w.ln_pre_feedforward[i] if gemma else w.ln_post_attention[i],
+                              "gate_up", i, gemv, gated=True)
+            out = self._project(h, None, "down", i, gemv)
             if gemma:
                 out = self._norm(out, w.ln_post_feedforward[i])
             x = x + out
@@ -415,6 +458,12 @@ class DecodeModel(nn.Module):
             k_cache, v_cache = self.cache(i)
             k_cache.index_copy_(2, slot, k.to(k_cache.dtype))
             v_cache.index_copy_(2, slot, v.to(v_cache.dtype))
+            if "attention" in self.kernels:
+                window = a.window if a.sliding[i] and a.window else 0
+                out = self._kern.decode_attention(
+                    q.reshape(b, a.heads, a.head_dim).to(k_cache.dtype).contiguous(), k_cache,
+                    v_cache, pad, slot, self.attn_count, a.scaling, window, 0)
+                return out.view(b, 1, a.heads * a.head_dim)
             # the `group` query heads of one KV head become that head's query rows: GQA
             # without repeating the cache
             # one query row per head: plain matmuls + softmax (fp32, as HF's eager attention),
@@ -426,12 +475,69 @@ class DecodeModel(nn.Module):
             out = torch.softmax(scores, dim=-1).to(v_cache.dtype) @ v_cache
             return out.reshape(b, 1, a.heads * a.head_dim)
 
-        return self._logits(self._layers(self._embed(tok), pos, attend)[:, -1])
+        h = self._layers(self._embed(tok), pos, attend, gemv="gemv" in self.kernels)
+        return self._logits(h[:, -1])
 
     def _in_window(self, ok: Tensor, kv: Tensor, q: Tensor) -> Tensor:
         if self.arch.window is None:
             return ok
         return ok & (kv > q - self.arch.window)
+
+
+def step_kernels(w: FusedWeights, batch: int, asked: tuple[str, ...] | str | None
+                 ) -> tuple[str, ...]:
+    """The Triton kernels the one-token step uses. `asked` None: those of DEFAULT_KERNELS that
+    serve; SERVING: every one that serves (CUDA with triton installed, 16-bit weights, a
+    power-of-two head dim; the GEMV up to GEMV_MAX_ROWS rows); a tuple: exactly those, or
+    EngineUnavailable naming why not (on CPU they run only when named, under Triton's
+    interpreter: tests)."""
+    interpret = isinstance(asked, tuple) and os.environ.get("TRITON_INTERPRET") == "1"
+    why_not = _kernel_obstacles(w.arch, "cuda" if interpret else w.embed.device.type,
+                                w.matmul_dtype, batch)
+    if asked is None or asked == SERVING:
+        wanted = DEFAULT_KERNELS if asked is None else KERNELS
+        return tuple(k for k in wanted if k not in why_not)
+    if isinstance(asked, str):
+        raise EngineUnavailable(f"decode kernels {asked!r}: give {SERVING!r}, None or a tuple "
+                                f"of {', '.join(KERNELS)}")
+    for k in asked:
+        if k not in KERNELS:
+            raise EngineUnavailable(f"unknown decode kernel {k!r}; known: {', '.join(KERNELS)}")
+        if k in why_not:
+            raise EngineUnavailable(f"decode kernel {k!r} unavailable: {why_not[k]}")
+    return tuple(asked)
+
+
+def _kernel_obstacles(a: Arch, device_type: str, matmul_dtype: torch.dtype, batch: int
+                      ) -> dict[str, str]:
+    """Why each step kernel cannot serve (absent: it can)."""
+    why_not = {}
+    if device_type != "cuda":
+        why_not["attention"] = why_not["gemv"] = f"device {device_type} (needs CUDA)"
+    elif importlib.util.find_spec("triton") is None:
+        why_not["attention"] = why_not["gemv"] = "triton is not installed"
+    if matmul_dtype not in (torch.bfloat16, torch.float16):
+        why_not.setdefault("attention", f"weights in {matmul_dtype} (needs 16-bit)")
+        why_not.setdefault("gemv", f"weights in {matmul_dtype} (needs 16-bit)")
+    if a.head_dim < 16 or a.head_dim & (a.head_dim - 1):
+        why_not.setdefault("attention", f"head_dim {a.head_dim} (needs a power of two >= 16)")
+    if batch > GEMV_MAX_ROWS:
+        why_not.setdefault("gemv", f"batch {batch} (at most {GEMV_MAX_ROWS} rows)")
+    return why_not
+
+
+def kernels_note(model: nn.Module) -> str:
+    """Which Triton step kernels the default forward gives `model` where it is (for records:
+    they launch different kernels than the torch ops), e.g. "Triton attention; Triton GEMV
+    up to 16 rows", or "torch ops"."""
+    emb = base_model(model).model.embed_tokens.weight
+    a = inspect_arch(model)
+    small = _kernel_obstacles(a, emb.device.type, emb.dtype, 1)
+    small.update({k: "not a default" for k in KERNELS if k not in DEFAULT_KERNELS})
+    notes = ["Triton attention"] if "attention" not in small else []
+    if "gemv" not in small:
+        notes.append(f"Triton GEMV up to {GEMV_MAX_ROWS} rows")
+    return "; ".join(notes) or "torch ops"
 
 
 def _visible(pad: Tensor, kv: Tensor, q: Tensor) -> Tensor:

@@ -39,10 +39,12 @@ from torch import Tensor, nn
 from transformers import StaticCache
 
 from wattkd.generation.decode_model import (
+    SERVING,
     DecodeModel,
     EngineUnavailable,
     base_model,
     inspect_arch,
+    kernels_note,
     layer_linears,
     linear_parts,
 )
@@ -59,7 +61,14 @@ RECOMPILE_LIMIT = 64   # one compiled step per (model, bucket) lives in dynamo's
 INDUCTOR_OPTIONS: dict[str, bool] = {}
 TUNED = "coordinate-descent"
 TUNED_OPTIONS = {"coordinate_descent_tuning": True}
-FORWARDS = ("auto", "wattkd", "hf")
+# the decode forwards: wattkd's own with its default step kernels (decode_model
+# .DEFAULT_KERNELS), with every Triton step kernel that serves the model (`wattkd-triton`), with
+# exactly the named ones (`wattkd-torch`: none, plain torch ops), or HF's; `auto` is `wattkd`
+# where it serves the model, else HF's
+FORWARD_KERNELS: dict[str, tuple[str, ...] | str | None] = {
+    "wattkd": None, "wattkd-triton": SERVING, "wattkd-torch": (),
+    "wattkd-attention": ("attention",), "wattkd-gemv": ("gemv",)}
+FORWARDS = ("auto", *FORWARD_KERNELS, "hf")
 
 __all__ = ["BUCKETS", "FORWARDS", "EngineUnavailable", "GraphDecoder", "HFForward", "bucket_for",
            "check_servable", "forward_kwargs", "make_forward", "static_cache"]
@@ -127,15 +136,16 @@ class HFForward:
 
 def make_forward(model: nn.Module, forward: str, *, batch: int, max_len: int
                  ) -> DecodeModel | HFForward:
-    """The decode forward: wattkd's own (`wattkd`; `auto` where it serves the model, else HF's
-    with the reason logged) or HF's (`hf`)."""
+    """The decode forward: wattkd's own (`wattkd` and its kernel variants, FORWARD_KERNELS;
+    `auto` where it serves the model, else HF's with the reason logged) or HF's (`hf`)."""
     if forward not in FORWARDS:
         raise ValueError(f"unknown decode forward {forward!r}; known: {', '.join(FORWARDS)}")
     if forward != "hf":
         try:
-            return DecodeModel(model, batch=batch, max_len=max_len)
+            return DecodeModel(model, batch=batch, max_len=max_len,
+                               kernels=FORWARD_KERNELS.get(forward))
         except EngineUnavailable as exc:
-            if forward == "wattkd":
+            if forward != "auto":
                 raise
             if model.__dict__.get("_wattkd_hf_forward_reason") != str(exc):
                 log.info("generation: wattkd decode forward unavailable (%s); HF forward", exc)
@@ -144,8 +154,8 @@ def make_forward(model: nn.Module, forward: str, *, batch: int, max_len: int
 
 
 def forward_for(model: nn.Module) -> str:
-    """Which decode forward `auto` gives this model: "wattkd", or "hf (<why not wattkd>)". For
-    records (the EPT protocol): the two forwards launch different kernels."""
+    """Which decode forward `auto` gives this model: "wattkd (<its step kernels>)", or
+    "hf (<why not wattkd>)". For records (the EPT protocol): they launch different kernels."""
     try:
         inspect_arch(model)
         for layer in base_model(model).model.layers:
@@ -153,7 +163,7 @@ def forward_for(model: nn.Module) -> str:
                 linear_parts(mod)
     except EngineUnavailable as exc:
         return f"hf ({exc})"
-    return "wattkd"
+    return f"wattkd ({kernels_note(model)})"
 
 
 class GraphDecoder:

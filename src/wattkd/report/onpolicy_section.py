@@ -40,7 +40,12 @@ def _columns(a: Analysis) -> list[Column]:
     return cols
 
 
-def _budget_note(r: RunResult, budgets: set[int]) -> str | None:
+def _budget_note(r: RunResult, budgets: set[int], by_energy: bool) -> str | None:
+    """Why this off-policy row may not compare with the on-policy rows per token. by_energy:
+    the on-policy runs stopped at their energy budget (train.energy_budget_j)."""
+    if by_energy and r.run.status == "budget":
+        return ("stopped at its energy budget like the on-policy runs: an equal-energy "
+                "comparison (tokens trained differ by design)")
     if r.tokens_train in budgets or not budgets:
         return None
     shown = ", ".join(f"{b:,}" for b in sorted(budgets))
@@ -62,6 +67,7 @@ def onpolicy_table(a: Analysis) -> Table:
     if not a.onpolicy:
         return t
     budgets = {r.tokens_train for r in a.students if r.label in a.onpolicy and r.tokens_train}
+    by_energy = all(r.run.status == "budget" for r in a.students if r.label in a.onpolicy)
     for r in a.students:
         cells: dict[str, Cell] = {
             "run": r.label, "method": r.run.method, "kind": r.run.kind,
@@ -70,7 +76,7 @@ def onpolicy_table(a: Analysis) -> Table:
             "e_run": r.e_run[a.basis], "ept_train": r.ept_train}
         s = a.onpolicy.get(r.label)
         if s is None:
-            cells["ept_train"] = r.ept_train.with_note(_budget_note(r, budgets))
+            cells["ept_train"] = r.ept_train.with_note(_budget_note(r, budgets, by_energy))
             for c in t.columns[6:]:
                 cells[c.key] = NOT_ON_POLICY
             cells["check"] = NO_STEPS

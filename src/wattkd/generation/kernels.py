@@ -1,0 +1,289 @@
+"""Triton kernels for the one-token decode step at small batch: a GEMV with the RMSNorm before
+it and the gated activation after it fused in, and attention over the KV cache in one launch.
+
+Why: at batch 1 a Gemma-3-270M decode step is ~240 kernels of 2-4 us each although most read
+under 5 MB (benchmarks/RESULTS.md, decode engine): the step is bound by launches, not
+bandwidth. cuBLAS runs each projection as a GEMM tile kernel (2.7-4.1 us), the attention of
+one layer was two GEMMs and a softmax (~10 us), and every norm and activation a kernel of its
+own. Here a projection with its input norm and (gate|up) its activation is one kernel, and
+attention is one kernel per layer that reads the cache only up to the current slot.
+
+Numerics follow decode_model's torch path (HF's maths): the norm in fp32 rounded to the
+input's dtype, products accumulated in fp32 and rounded to the weight dtype, gate and up
+rounded before the activation and the activation before the product; attention scores rounded
+to the cache dtype before scaling (as a bf16 matmul's output is), softmax in fp32 (online,
+flash-decoding style, so probabilities are rounded unnormalised: within bf16 rounding of the
+torch path, checked against fp64 in tests/test_decode_kernels.py).
+
+Attention splits each sequence over programs of SPLIT slots (flash-decoding); the last program
+of a (row, KV head) to finish, found with an atomic counter, merges the partial results, so it
+is one launch. The counter is zero again when the kernel ends, so the op declares no mutation.
+
+Both are `torch.library.custom_op`s: opaque to torch.compile (inductor fuses the elementwise
+work around them) and captured into the engine's CUDA graph like any kernel. Runs on CUDA, and
+on CPU under TRITON_INTERPRET=1 (tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from wattkd.distill.kernels.body import _tanh
+
+NORMS = {"none": 0, "gemma": 1, "llama": 2}
+ACTS = {"none": 0, "gelu_pytorch_tanh": 1, "silu": 2}
+MAX_ROWS = 16            # the GEMV keeps every row in one tl.dot tile (its M side)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _gemv(x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, B, N, eps, K: tl.constexpr,
+          NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+          BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          UPCAST: tl.constexpr):
+    """out[b, n] = norm(x)[b] . w[n] (+ bias); with ACT, w holds gate rows then up rows and
+    out[b, n] = act(gate) * up. The K loops are unrolled (K is a constant): every tile's load
+    is issued before the first is used, one memory round trip instead of one per tile."""
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_B)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    rmask = rows < B
+    nmask = cols < N
+    x_dtype = x_ptr.dtype.element_ty
+    w_dtype = w_ptr.dtype.element_ty
+    rstd = tl.zeros((BLOCK_B,), tl.float32)
+    if NORM != 0:
+        ss = tl.zeros((BLOCK_B,), tl.float32)
+        for t in tl.static_range(0, K, BLOCK_K):
+            kk = t + ks
+            xv = tl.load(x_ptr + rows[:, None] * K + kk[None, :],
+                         mask=rmask[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+            ss += tl.sum(xv * xv, 1)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+    acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+    acc_up = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+    for t in tl.static_range(0, K, BLOCK_K):
+        kk = t + ks
+        km = kk < K
+        xv = tl.load(x_ptr + rows[:, None] * K + kk[None, :],
+                     mask=rmask[:, None] & km[None, :], other=0.0)
+        if NORM == 1:    # Gemma: (x * rstd * (1 + w)).to(x), the buffer holds 1 + w in fp32
+            nw = tl.load(norm_ptr + kk, mask=km, other=0.0).to(tl.float32)
+            xv = (xv.to(tl.float32) * rstd[:, None] * nw[None, :]).to(x_dtype)
+        if NORM == 2:    # Llama: w * (x * rstd).to(x)
+            nw = tl.load(norm_ptr + kk, mask=km, other=0.0).to(tl.float32)
+            xh = (xv.to(tl.float32) * rstd[:, None]).to(x_dtype).to(tl.float32)
+            xv = (nw[None, :] * xh).to(x_dtype)
+        a = xv.to(w_dtype)
+        wt = tl.load(w_ptr + cols[:, None] * K + kk[None, :],
+                     mask=nmask[:, None] & km[None, :], other=0.0)
+        if UPCAST:   # the interpreter's bf16 dot is wrong (triton 3.9): do it in fp32
+            acc += tl.dot(a.to(tl.float32), tl.trans(wt.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(a, tl.trans(wt))
+        if ACT != 0:
+            wu = tl.load(w_ptr + (cols + N)[:, None] * K + kk[None, :],
+                         mask=nmask[:, None] & km[None, :], other=0.0)
+            if UPCAST:
+                acc_up += tl.dot(a.to(tl.float32), tl.trans(wu.to(tl.float32)),
+                                 input_precision="ieee")
+            else:
+                acc_up += tl.dot(a, tl.trans(wu))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if ACT != 0:
+            acc_up += tl.load(bias_ptr + N + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    out = acc.to(w_dtype)
+    if ACT != 0:
+        g = out.to(tl.float32)
+        if ACT == 1:
+            # GeGLU's tanh approximation; 0.79788... = sqrt(2 / pi) (a literal: Triton reads
+            # no non-constexpr globals)
+            act = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+        else:
+            act = g / (1.0 + tl.exp(-g))
+        out = (act.to(w_dtype).to(tl.float32) * acc_up.to(w_dtype).to(tl.float32)).to(w_dtype)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], out,
+             mask=rmask[:, None] & nmask[None, :])
+
+
+def gemv_blocks(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps): 16 output rows a program (many programs for small N), K in
+    128- or 256-wide tiles; tiny tiles in the interpreter."""
+    if interpreting():
+        return 16, 32, 1
+    return 16, 128 if k <= 1024 else 256, 4
+
+
+@torch.library.custom_op("wattkd::decode_gemv", mutates_args=())
+def decode_gemv(x: Tensor, w: Tensor, bias: Tensor | None, norm_w: Tensor | None, eps: float,
+                norm: int, act: int) -> Tensor:
+    """x [B, K] (B <= MAX_ROWS) -> [B, N]: F.linear(norm(x), w, bias), N = w rows; with `act`
+    (ACTS) w is gate rows then up rows and the result act(gate) * up, N = w rows / 2.
+    `norm` (NORMS) with its weight `norm_w` (Gemma: 1 + w in fp32)."""
+    rows, k = x.shape
+    n = w.shape[0] // (2 if act else 1)
+    out = torch.empty(rows, n, device=x.device, dtype=w.dtype)
+    bn, bk, warps = gemv_blocks(n, k)
+    x = x.contiguous()
+    _gemv[(triton.cdiv(n, bn),)](
+        x, w, bias if bias is not None else w, norm_w if norm_w is not None else w, out,
+        rows, n, eps, K=k, NORM=norm, ACT=act, HAS_BIAS=bias is not None, BLOCK_B=MAX_ROWS,
+        BLOCK_N=bn, BLOCK_K=bk, UPCAST=interpreting(), num_warps=warps)
+    return out
+
+
+@decode_gemv.register_fake
+def _(x, w, bias, norm_w, eps, norm, act):
+    return x.new_empty(x.shape[0], w.shape[0] // (2 if act else 1), dtype=w.dtype)
+
+
+@triton.jit
+def _attend(q_ptr, k_ptr, v_ptr, pad_ptr, slot_ptr, out_ptr, part_ptr, stat_ptr, count_ptr,
+            scale, window, L, PAD_L, HKV, SPLITS,
+            G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
+            SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr, WINDOW: tl.constexpr,
+            UPCAST: tl.constexpr):
+    """Program (row b, KV head h, split s): the G query heads of h against slots
+    [lo + s * SPLIT, +SPLIT) of [lo, slot]; partial (max, sum, acc) merged by the last one."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    slot = tl.load(slot_ptr)
+    n = slot + 1
+    lo = 0
+    if WINDOW:
+        lo = tl.maximum(slot - window + 1, 0)
+    start = lo + s * SPLIT
+    if start < n:
+        active = tl.cdiv(n - lo, SPLIT)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        gmask = g < G
+        cache_dtype = k_ptr.dtype.element_ty
+        head = (b * HKV + h).to(tl.int64)
+        qrow = b.to(tl.int64) * HKV * G + h * G + g
+        q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
+        m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+        den = tl.zeros((BLOCK_G,), tl.float32)
+        acc = tl.zeros((BLOCK_G, D), tl.float32)
+        for j0 in range(start, tl.minimum(start + SPLIT, n), BLOCK_L):
+            j = j0 + tl.arange(0, BLOCK_L)
+            jm = (j < n) & (j < start + SPLIT)
+            kt = tl.load(k_ptr + (head * L + j)[:, None] * D + d[None, :], mask=jm[:, None],
+                         other=0.0)
+            vt = tl.load(v_ptr + (head * L + j)[:, None] * D + d[None, :], mask=jm[:, None],
+                         other=0.0)
+            if UPCAST:
+                sc = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32)),
+                            input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(kt))
+            sc = sc.to(cache_dtype).to(tl.float32) * scale
+            pad = tl.load(pad_ptr + b.to(tl.int64) * PAD_L + j, mask=jm, other=0)
+            seen = ((pad != 0) & (j <= slot)) | (j == slot)
+            if WINDOW:
+                seen = seen & (j > slot - window)
+            seen = seen & jm
+            sc = tl.where(seen[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            base = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(sc - base[:, None])
+            alpha = tl.exp(m - base)
+            den = den * alpha + tl.sum(p, 1)
+            if UPCAST:
+                pv = tl.dot(p.to(cache_dtype).to(tl.float32), vt.to(tl.float32),
+                            input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(cache_dtype), vt)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+        orow = qrow[:, None] * D + d[None, :]
+        if active == 1:
+            tl.store(out_ptr + orow, (acc / den[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=gmask[:, None])
+        else:
+            part = (head * SPLITS + s) * BLOCK_G + g
+            tl.store(part_ptr + part[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+            tl.store(stat_ptr + part * 2, m, mask=gmask)
+            tl.store(stat_ptr + part * 2 + 1, den, mask=gmask)
+            tl.debug_barrier()   # every thread's partials written before the counter moves
+            done = tl.atomic_add(count_ptr + head, 1, sem="acq_rel", scope="gpu")
+            if done == active - 1:       # the last program: merge, then zero the counter
+                # unrolled over the splits: every load in flight at once (L2, not L1: the
+                # other programs wrote them)
+                m_all = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+                for i in tl.static_range(MAX_SPLITS):
+                    pi = (head * SPLITS + i) * BLOCK_G + g
+                    use = gmask & (g * 0 + i < active)
+                    mi = tl.load(stat_ptr + pi * 2, mask=use, other=float("-inf"),
+                                 cache_modifier=".cg")
+                    m_all = tl.maximum(m_all, mi)
+                base = tl.where(m_all == float("-inf"), 0.0, m_all)
+                den_all = tl.zeros((BLOCK_G,), tl.float32)
+                acc_all = tl.zeros((BLOCK_G, D), tl.float32)
+                for i in tl.static_range(MAX_SPLITS):
+                    pi = (head * SPLITS + i) * BLOCK_G + g
+                    use = gmask & (g * 0 + i < active)
+                    mi = tl.load(stat_ptr + pi * 2, mask=use, other=float("-inf"),
+                                 cache_modifier=".cg")
+                    wi = tl.where(use, tl.exp(mi - base), 0.0)
+                    den_all += wi * tl.load(stat_ptr + pi * 2 + 1, mask=use, other=0.0,
+                                            cache_modifier=".cg")
+                    acc_all += wi[:, None] * tl.load(part_ptr + pi[:, None] * D + d[None, :],
+                                                     mask=use[:, None], other=0.0,
+                                                     cache_modifier=".cg")
+                tl.store(out_ptr + orow,
+                         (acc_all / den_all[:, None]).to(out_ptr.dtype.element_ty),
+                         mask=gmask[:, None])
+                tl.atomic_xchg(count_ptr + head, 0)
+
+
+def attention_tiles(max_len: int) -> tuple[int, int, int]:
+    """(SPLIT slots a program, BLOCK_L slots a tile, warps); tiny in the interpreter."""
+    if interpreting():
+        return 8, 4, 1
+    return 64, 32, 4
+
+
+@torch.library.custom_op("wattkd::decode_attention", mutates_args=())
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pad: Tensor, slot: Tensor,
+                     count: Tensor, scale: float, window: int, split: int) -> Tensor:
+    """One query token per row against the cache: q [B, Hq, D], k/v caches [B, Hkv, L, D]
+    holding the current token at `slot` (a 1-element device tensor), pad [B, >= L] (0 on
+    prompt padding) -> [B, Hq, D]. Slots after `slot` are not read; with window > 0 only the
+    last `window` slots are seen. `count`: int32 zeros [B * Hkv], left zero (the split merge's
+    counter). `split`: slots a program (0: attention_tiles'; else a multiple of 16)."""
+    b, hq, d = q.shape
+    hkv, max_len = k_cache.shape[1], k_cache.shape[2]
+    g = hq // hkv
+    split_len, block_l, warps = attention_tiles(max_len)
+    if split:   # a multiple of the tile (tl.dot needs tiles of >= 16 on the GPU)
+        split_len, block_l = split, min(block_l, split)
+        if split % block_l:
+            raise ValueError(f"split {split} is not a multiple of the {block_l}-slot tile")
+    splits = triton.cdiv(max_len, split_len)
+    block_g = max(16, triton.next_power_of_2(g))
+    out = torch.empty_like(q)
+    part = torch.empty(b * hkv * splits * block_g, d, device=q.device, dtype=torch.float32)
+    stat = torch.empty(b * hkv * splits * block_g, 2, device=q.device, dtype=torch.float32)
+    _attend[(b, hkv, splits)](
+        q.contiguous(), k_cache, v_cache, pad, slot, out, part, stat, count, scale, window,
+        max_len, pad.stride(0), hkv, splits, G=g, D=d, BLOCK_G=block_g, BLOCK_L=block_l,
+        SPLIT=split_len, MAX_SPLITS=triton.next_power_of_2(splits), WINDOW=window > 0, UPCAST=interpreting(),
+        num_warps=warps)
+    return out
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, pad, slot, count, scale, window, split):
+    return torch.empty_like(q)
