@@ -13,7 +13,7 @@ batch 1: each kernel alone per tile setting against what it replaces, then the w
    `graph` (the default: torch ops), `graph-gemv`, `graph-attn`, in that order until the
    deadline.
 
-    python3 benchmarks/decode_kernels.py --out OUT [--deadline 400]
+    python3 benchmarks/decode_kernels.py --out OUT [--deadline 200]
 
 Writes OUT/decode_kernels.json (card, date, versions, command, every timing, the tiles
 picked, the step rows) and prints the tables. CUDA only.
@@ -174,8 +174,9 @@ def sweep_attention(a: argparse.Namespace, rec: dict[str, Any], t0: float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--deadline", type=float, default=400.0,
-                    help="seconds: no new tile after 0.3 / 0.4 of it, no new step row after it")
+    ap.add_argument("--deadline", type=float, default=200.0,
+                    help="seconds: no new tile after 0.3 / 0.4 of it, no new step row after "
+                         "it (a row then takes ~40-60 s more: the default fits a 6-min call)")
     ap.add_argument("--launches", type=int, default=120)
     ap.add_argument("--copies", type=int, default=48)
     ap.add_argument("--context", type=int, default=176, help="cache slots attended")

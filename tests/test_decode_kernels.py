@@ -224,3 +224,19 @@ def test_captured_steps_with_kernels_are_the_uncaptured_ones_on_cuda(rows: int) 
             assert dec.fwd.kernels == (("attention", "gemv") if rows <= 16 else ("attention",))
             outs.append(dec.decode(ids, mask)[0])
         assert torch.equal(outs[0], outs[1])
+
+
+def test_kernel_arguments_are_checked() -> None:
+    """More rows than the GEMV's tile is an error, not silently unwritten rows; a split that
+    is not a power of two runs with the tiles that divide it."""
+    w = torch.randn(16, 32).to(BF16).to(DEVICE)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        kernels.decode_gemv(torch.randn(17, 32).to(BF16).to(DEVICE), w, None, None, 1e-6, 0, 0)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 32, generator=g).to(BF16)
+    k, v = (torch.randn(1, 1, 100, 32, generator=g).to(BF16) for _ in range(2))
+    pad = torch.ones(1, 100, dtype=torch.long)
+    count = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    got = kernels.decode_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), pad.to(DEVICE),
+                                   torch.tensor([97], device=DEVICE), count, 0.3, 0, 48).cpu()
+    assert _rel(got, _attention64(q, k, v, pad, 97, 0.3, 0)) < 1.5e-2

@@ -188,3 +188,17 @@ def test_a_cut_line_in_the_middle_is_named_for_what_it_is(tmp_path: Path) -> Non
         led = read_phases(path)
         assert len(led) == whole
         assert len(led.skipped) == 1
+
+
+def test_a_stop_steps_final_record_stays_in_its_sessions_block() -> None:
+    """A run stopped between full log records writes its stop step twice (`step`, then the
+    `final` train record); that is one session's block, while a resumed session logging the
+    same step again starts a new one."""
+    from wattkd.energy.killed_tokens import _blocks
+
+    first = [{"kind": "step", "step": s, "loss": 1.0} for s in range(1, 14)]
+    first.append({"kind": "train", "step": 13, "tokens": 13 * 64, "final": True})
+    resumed = [{"kind": "step", "step": s, "loss": 1.0} for s in range(13, 16)]
+    assert _blocks(first + resumed) == [(1, 13), (13, 15)]
+    plain = first[:-1] + [{"kind": "train", "step": 13, "tokens": 13 * 64}]
+    assert _blocks(plain) == [(1, 13), (13, 13)]   # without the flag: a step logged again

@@ -596,10 +596,12 @@ def log_step(run: Run, pos: Position, loop: Loop, parts: dict[str, float],
               "lr": run.scheduler.get_last_lr()[0], **parts, "grad_norm": grad_norm,
               "tokens_per_s": (pos.tokens - loop.tok_last) / max(now - loop.t_last, 1e-9),
               "energy_j": None if energy is None else pos.prior_energy + energy}
+    if final:
+        record["final"] = True   # a second record of this step (energy/killed_tokens.py)
     peak = peak_memory_gb(accelerator)
     if peak is not None:
         record["gpu_mem_peak_gb"] = peak
-    if loop.guard is not None:
+    if loop.guard is not None and not final:   # the stop decided stands: no new guard check
         with accelerator.autocast():
             lm = run.core.lm_loss(inputs)
         # every rank sees the same value, so all stop at the same step

@@ -40,11 +40,13 @@ def _step_records(path: Path) -> list[dict[str, Any]]:
 
 def _blocks(recs: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
     """(first step, last step) of each run of increasing steps (one per session): a step
-    logged again (not an `eval` of the step just logged) starts the next session's block."""
+    logged again (not an `eval` of the step just logged, nor the `final` train record of a
+    step that stopped the run) starts the next session's block."""
     blocks: list[list[int]] = []
     for r in recs:
         step = r["step"]
-        again = step < blocks[-1][1] or (step == blocks[-1][1] and r["kind"] != "eval") \
+        same_step = r["kind"] == "eval" or (r["kind"] == "train" and r.get("final") is True)
+        again = step < blocks[-1][1] or (step == blocks[-1][1] and not same_step) \
             if blocks else True
         if again:
             blocks.append([step, step])

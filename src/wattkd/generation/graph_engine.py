@@ -154,8 +154,9 @@ def make_forward(model: nn.Module, forward: str, *, batch: int, max_len: int
 
 
 def forward_for(model: nn.Module) -> str:
-    """Which decode forward `auto` gives this model: "wattkd (<its step kernels>)", or
-    "hf (<why not wattkd>)". For records (the EPT protocol): they launch different kernels."""
+    """Which decode forward `auto` gives this model: "wattkd" (torch ops), "wattkd (<its
+    Triton step kernels>)" once some are a default, or "hf (<why not wattkd>)". For records
+    (the EPT protocol, whose hash it enters): they launch different kernels."""
     try:
         inspect_arch(model)
         for layer in base_model(model).model.layers:
@@ -163,7 +164,8 @@ def forward_for(model: nn.Module) -> str:
                 linear_parts(mod)
     except EngineUnavailable as exc:
         return f"hf ({exc})"
-    return f"wattkd ({kernels_note(model)})"
+    note = kernels_note(model)
+    return "wattkd" if note == "torch ops" else f"wattkd ({note})"
 
 
 class GraphDecoder:

@@ -131,6 +131,8 @@ def decode_gemv(x: Tensor, w: Tensor, bias: Tensor | None, norm_w: Tensor | None
     (ACTS) w is gate rows then up rows and the result act(gate) * up, N = w rows / 2.
     `norm` (NORMS) with its weight `norm_w` (Gemma: 1 + w in fp32)."""
     rows, k = x.shape
+    if rows > MAX_ROWS:
+        raise ValueError(f"decode_gemv takes at most {MAX_ROWS} rows, got {rows}")
     n = w.shape[0] // (2 if act else 1)
     out = torch.empty(rows, n, device=x.device, dtype=w.dtype)
     bn, bk, warps = gemv_blocks(n, k)
@@ -212,7 +214,7 @@ def _attend(q_ptr, k_ptr, v_ptr, pad_ptr, slot_ptr, out_ptr, part_ptr, stat_ptr,
             tl.store(out_ptr + orow, (acc / den[:, None]).to(out_ptr.dtype.element_ty),
                      mask=gmask[:, None])
         else:
-            part = (head * SPLITS + s) * BLOCK_G + g
+            part = (head * SPLITS + s) * G + g
             tl.store(part_ptr + part[:, None] * D + d[None, :], acc, mask=gmask[:, None])
             tl.store(stat_ptr + part * 2, m, mask=gmask)
             tl.store(stat_ptr + part * 2 + 1, den, mask=gmask)
@@ -223,7 +225,7 @@ def _attend(q_ptr, k_ptr, v_ptr, pad_ptr, slot_ptr, out_ptr, part_ptr, stat_ptr,
                 # other programs wrote them)
                 m_all = tl.full((BLOCK_G,), float("-inf"), tl.float32)
                 for i in tl.static_range(MAX_SPLITS):
-                    pi = (head * SPLITS + i) * BLOCK_G + g
+                    pi = (head * SPLITS + i) * G + g
                     use = gmask & (g * 0 + i < active)
                     mi = tl.load(stat_ptr + pi * 2, mask=use, other=float("-inf"),
                                  cache_modifier=".cg")
@@ -232,7 +234,7 @@ def _attend(q_ptr, k_ptr, v_ptr, pad_ptr, slot_ptr, out_ptr, part_ptr, stat_ptr,
                 den_all = tl.zeros((BLOCK_G,), tl.float32)
                 acc_all = tl.zeros((BLOCK_G, D), tl.float32)
                 for i in tl.static_range(MAX_SPLITS):
-                    pi = (head * SPLITS + i) * BLOCK_G + g
+                    pi = (head * SPLITS + i) * G + g
                     use = gmask & (g * 0 + i < active)
                     mi = tl.load(stat_ptr + pi * 2, mask=use, other=float("-inf"),
                                  cache_modifier=".cg")
@@ -267,17 +269,18 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pad: Tensor, s
     hkv, max_len = k_cache.shape[1], k_cache.shape[2]
     g = hq // hkv
     split_len, block_l, warps = attention_tiles(max_len)
-    if split:   # a multiple of the tile (tl.dot needs tiles of >= 16 on the GPU)
-        split_len, block_l = split, min(block_l, split)
-        if split % block_l:
-            raise ValueError(f"split {split} is not a multiple of the {block_l}-slot tile")
+    if split:   # tiles: the largest power of two dividing it, at most the default's
+        split_len, block_l = split, min(block_l, split & -split)
+        if block_l < 16 and not interpreting():
+            raise ValueError(f"split {split} is not a multiple of 16 (tl.dot's smallest tile "
+                             "on the GPU)")
     splits = triton.cdiv(max_len, split_len)
     block_g = max(16, triton.next_power_of_2(g))
-    out = torch.empty_like(q)
-    part = torch.empty(b * hkv * splits * block_g, d, device=q.device, dtype=torch.float32)
-    stat = torch.empty(b * hkv * splits * block_g, 2, device=q.device, dtype=torch.float32)
+    out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
+    part = torch.empty(b * hkv * splits * g, d, device=q.device, dtype=torch.float32)
+    stat = torch.empty(b * hkv * splits * g, 2, device=q.device, dtype=torch.float32)
     _attend[(b, hkv, splits)](
-        q.contiguous(), k_cache, v_cache, pad, slot, out, part, stat, count, scale, window,
+        q.to(k_cache.dtype).contiguous(), k_cache, v_cache, pad, slot, out, part, stat, count, scale, window,
         max_len, pad.stride(0), hkv, splits, G=g, D=d, BLOCK_G=block_g, BLOCK_L=block_l,
         SPLIT=split_len, MAX_SPLITS=triton.next_power_of_2(splits), WINDOW=window > 0, UPCAST=interpreting(),
         num_warps=warps)
@@ -286,4 +289,4 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pad: Tensor, s
 
 @decode_attention.register_fake
 def _(q, k_cache, v_cache, pad, slot, count, scale, window, split):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)

@@ -44,8 +44,9 @@ def _budget_note(r: RunResult, budgets: set[int], by_energy: bool) -> str | None
     """Why this off-policy row may not compare with the on-policy rows per token. by_energy:
     the on-policy runs stopped at their energy budget (train.energy_budget_j)."""
     if by_energy and r.run.status == "budget":
-        return ("stopped at its energy budget like the on-policy runs: an equal-energy "
-                "comparison (tokens trained differ by design)")
+        return ("stopped at its energy budget, as the on-policy runs did: an equal-energy "
+                "comparison where the budgets (train.energy_budget_j) match; tokens trained "
+                "differ by design")
     if r.tokens_train in budgets or not budgets:
         return None
     shown = ", ".join(f"{b:,}" for b in sorted(budgets))
