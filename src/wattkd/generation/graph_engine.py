@@ -71,7 +71,7 @@ FORWARD_KERNELS: dict[str, tuple[str, ...] | str | None] = {
 FORWARDS = ("auto", *FORWARD_KERNELS, "hf")
 
 __all__ = ["BUCKETS", "FORWARDS", "EngineUnavailable", "GraphDecoder", "HFForward", "bucket_for",
-           "check_servable", "forward_kwargs", "make_forward", "static_cache"]
+           "check_servable", "forward_kwargs", "is_sharded", "make_forward", "static_cache"]
 
 
 def bucket_for(batch: int) -> int:
@@ -82,10 +82,15 @@ def bucket_for(batch: int) -> int:
     raise EngineUnavailable(f"batch {batch} is above the largest graph bucket {BUCKETS[-1]}")
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP shards some module of `model` (its forward then runs collectives)."""
+    return any("FSDP" in type(m).__name__ for m in model.modules())
+
+
 def check_servable(model: nn.Module) -> None:
     """Refuse what the captured step cannot do: FSDP-sharded modules (a collective per
     step)."""
-    if any("FSDP" in type(m).__name__ for m in model.modules()):
+    if is_sharded(model):
         raise EngineUnavailable("FSDP-sharded modules are not captured (collectives per step)")
 
 

@@ -280,10 +280,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pad: Tensor, s
     part = torch.empty(b * hkv * splits * g, d, device=q.device, dtype=torch.float32)
     stat = torch.empty(b * hkv * splits * g, 2, device=q.device, dtype=torch.float32)
     _attend[(b, hkv, splits)](
-        q.to(k_cache.dtype).contiguous(), k_cache, v_cache, pad, slot, out, part, stat, count, scale, window,
-        max_len, pad.stride(0), hkv, splits, G=g, D=d, BLOCK_G=block_g, BLOCK_L=block_l,
-        SPLIT=split_len, MAX_SPLITS=triton.next_power_of_2(splits), WINDOW=window > 0, UPCAST=interpreting(),
-        num_warps=warps)
+        q.to(k_cache.dtype).contiguous(), k_cache, v_cache, pad, slot, out, part, stat, count,
+        scale, window, max_len, pad.stride(0), hkv, splits, G=g, D=d, BLOCK_G=block_g,
+        BLOCK_L=block_l, SPLIT=split_len, MAX_SPLITS=triton.next_power_of_2(splits),
+        WINDOW=window > 0, UPCAST=interpreting(), num_warps=warps)
     return out
 
 

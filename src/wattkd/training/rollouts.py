@@ -25,6 +25,7 @@ from torch import nn
 from wattkd.distill.losses import TopKTeacher
 from wattkd.distill.signals import TeacherSignals, topk_logprobs
 from wattkd.generation import SamplingParams, generate
+from wattkd.generation.graph_engine import is_sharded
 
 PHASES = ("rollout", "score", "update")   # energy windows inside a `step` window
 STATE_KEY = "rollouts"                    # this module's entry in a rank's rng.pt state
@@ -148,7 +149,7 @@ class DecodeCopy:
         dtype, and no FSDP sharding (the graph engine does not serve sharded modules)."""
         if dtype is None or device.type != "cuda":
             return None
-        if any("FSDP" in type(m).__name__ for m in student.modules()):
+        if is_sharded(student):
             return None
         if all(p.dtype == dtype for p in student.parameters()):
             return None
