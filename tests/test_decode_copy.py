@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from wattkd.generation import SamplingParams, generate
-from wattkd.training.rollouts import DecodeCopy
+from wattkd.training.rollouts import DecodeCopy, needs_copy
 
 GEMMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
          "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
@@ -25,7 +25,7 @@ def student() -> torch.nn.Module:
 
 def test_the_copy_follows_the_student_and_keeps_its_buffers() -> None:
     s = student()
-    dc = DecodeCopy(s, torch.bfloat16)
+    dc = DecodeCopy(s, torch.bfloat16, torch.device("cpu"))
     assert all(p.dtype == torch.bfloat16 for p in dc.copy.parameters())
     assert not any(p.requires_grad for p in dc.copy.parameters())
     buffers = dict(s.named_buffers())
@@ -42,7 +42,7 @@ def test_the_copy_follows_the_student_and_keeps_its_buffers() -> None:
 
 def test_rollouts_from_the_copy_equal_the_student_in_that_dtype() -> None:
     s = student()
-    dc = DecodeCopy(s, torch.bfloat16)
+    dc = DecodeCopy(s, torch.bfloat16, torch.device("cpu"))
     with torch.no_grad():
         s.lm_head.weight.add_(0.01)   # tied to the embedding: both change
     ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(1))
@@ -54,7 +54,7 @@ def test_rollouts_from_the_copy_equal_the_student_in_that_dtype() -> None:
 
 def test_a_lora_student_is_copied_with_its_adapters() -> None:
     s = get_peft_model(student(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    dc = DecodeCopy(s, torch.bfloat16)
+    dc = DecodeCopy(s, torch.bfloat16, torch.device("cpu"))
     for name, p in s.named_parameters():
         if "lora_B" in name:
             with torch.no_grad():
@@ -66,11 +66,21 @@ def test_a_lora_student_is_copied_with_its_adapters() -> None:
 
 def test_no_copy_off_cuda_or_when_the_dtype_already_matches() -> None:
     s = student()
+    assert not needs_copy(s, torch.bfloat16, torch.device("cpu"))
+    assert not needs_copy(s, None, torch.device("cuda"))
+    assert not needs_copy(s.to(torch.bfloat16), torch.bfloat16, torch.device("cuda"))
     assert DecodeCopy.maybe(s, torch.bfloat16, torch.device("cpu")) is None
-    assert DecodeCopy.maybe(s, None, torch.device("cuda")) is None
-    assert DecodeCopy.maybe(s.to(torch.bfloat16), torch.bfloat16, torch.device("cuda")) is None
 
 
 def test_an_fp32_student_on_cuda_gets_a_copy() -> None:
-    assert isinstance(DecodeCopy.maybe(student(), torch.bfloat16, torch.device("cuda")),
-                      DecodeCopy)
+    assert needs_copy(student(), torch.bfloat16, torch.device("cuda"))
+
+
+def test_the_copy_is_made_on_the_rollout_device_for_a_student_still_on_the_cpu() -> None:
+    """The loop builds the student on the CPU and accelerate moves it later: the copy must sit
+    where rollouts run from the start ('meta' stands in for the GPU here)."""
+    s = student()
+    dc = DecodeCopy(s, torch.bfloat16, torch.device("meta"))
+    assert {t.device.type for t in [*dc.copy.parameters(), *dc.copy.buffers()]} == {"meta"}
+    assert all(p.dtype == torch.bfloat16 for p in dc.copy.parameters())
+    assert {p.device.type for p in s.parameters()} == {"cpu"}

@@ -405,3 +405,17 @@ def test_teacher_topk_scores_through_the_loop(shards: Path,
     assert result.status == "completed" and sorted(got) == [1, 2]
     assert all(0 < v < 10 for v in got.values())
     assert calls == [8] * 4   # 2 steps x grad_accum 2, each scored as top-8 + tail
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU path: CUDA, bf16 autocast")
+def test_onpolicy_trains_on_cuda_with_bf16_rollouts_from_the_graph_engine(shards: Path) -> None:
+    """On CUDA under bf16 the rollouts decode a bf16 copy of the fp32 student through the graph
+    engine; the student is built on the CPU and moved by accelerate (a copy left on the CPU
+    once failed the first rollout)."""
+    data = experiment(shards / "cuda", max_steps=2, checkpoint_every=0, device="cuda",
+                      precision="bf16")
+    cfg = validate(data)
+    result = train(student_job(cfg, "onpolicy"), progress=False)
+    got = losses(cfg.out / "onpolicy" / "rep0")
+    assert result.status == "completed" and sorted(got) == [1, 2]
+    assert all(0 < v < 10 for v in got.values())

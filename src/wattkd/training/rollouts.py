@@ -133,27 +133,30 @@ class DecodeCopy:
     such as rotary frequencies stay as they are, as under autocast), copied in place from the
     student before each rollout, so a captured graph keeps pointing at the same storage. Costs
     one copy of the parameters in `dtype` (2 bytes each in bf16) and one device copy per
-    rollout."""
+    rollout.
 
-    def __init__(self, student: nn.Module, dtype: torch.dtype) -> None:
+    The copy is made where the student is, cast, then moved to `device`, where rollouts run:
+    the loop builds the student on the CPU and accelerate moves it to the GPU only later, so a
+    copy left where the student was at first would decode on the CPU (found on the GPU)."""
+
+    def __init__(self, student: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
         self.student = student
         self.copy = copy.deepcopy(student).eval().requires_grad_(False)
         for p in self.copy.parameters():
             p.data = p.data.to(dtype)
-        self.pairs = list(zip(student.parameters(), self.copy.parameters(), strict=True))
+        self.copy.to(device)
+        # by name: moving a module may swap its parameter objects (ties included)
+        own = dict(self.copy.named_parameters(remove_duplicate=False))
+        targets = {}
+        for name, src in student.named_parameters(remove_duplicate=False):
+            targets.setdefault(id(own[name]), (src, own[name]))
+        self.pairs = list(targets.values())
 
     @classmethod
     def maybe(cls, student: nn.Module, dtype: torch.dtype | None,
               device: torch.device) -> DecodeCopy | None:
-        """A copy where one is needed: CUDA, a decode dtype given, parameters in another
-        dtype, and no FSDP sharding (the graph engine does not serve sharded modules)."""
-        if dtype is None or device.type != "cuda":
-            return None
-        if is_sharded(student):
-            return None
-        if all(p.dtype == dtype for p in student.parameters()):
-            return None
-        return cls(student, dtype)
+        """A copy on `device` where one is needed (needs_copy)."""
+        return cls(student, dtype, device) if needs_copy(student, dtype, device) else None
 
     @torch.no_grad()
     def refreshed(self) -> nn.Module:
@@ -161,6 +164,15 @@ class DecodeCopy:
         for src, dst in self.pairs:
             dst.copy_(src)
         return self.copy
+
+
+def needs_copy(student: nn.Module, dtype: torch.dtype | None, device: torch.device) -> bool:
+    """Rollouts decode a DecodeCopy when they run on CUDA, a decode dtype is given, the
+    student's parameters are in another dtype, and it is not FSDP-sharded (the graph engine
+    does not serve sharded modules)."""
+    if dtype is None or device.type != "cuda" or is_sharded(student):
+        return False
+    return any(p.dtype != dtype for p in student.parameters())
 
 
 def load_rollout_state(checkpoint_dir: Path, rank: int) -> dict[str, Any] | None:
