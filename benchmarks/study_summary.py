@@ -88,7 +88,7 @@ def main() -> None:
               "command": args.command, "energy_basis": report.get("energy_basis_label"),
               "quality": report.get("quality_label"), "ept_batch_for_eff":
                   report.get("ept_batch_size"), "wall_s": args.wall_s, "rows": rows,
-              "statistics": report.get("statistics")}
+              "statistics": report.get("statistics"), "warnings": report.get("warnings") or []}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     print(markdown(result))
@@ -132,6 +132,8 @@ def markdown(result: dict) -> str:
                  *[_f(r.get("scores", {}).get(t), ".2f") for t in tasks], om,
                  *[e(b) for b in batches], _f(r.get("eff_overall"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
+    if result.get("warnings"):   # the report's "Read first" (a collapsed model, ...)
+        lines += ["", "Read first:", ""] + [f"- {w}" for w in result["warnings"]]
     st = result.get("statistics") or {}
     if st.get("summary"):
         lines += ["", "| method | figure | n | mean | std | min | max |", "|---|---|---|---|---|---|---|"]

@@ -65,8 +65,8 @@ def eval_doc(scores: dict[str, tuple[float | None, float | None]], *, limit: int
                        for t, (v, se) in scores.items()}}
 
 
-def perplexity_doc(nll: float, ppl: float | None = None, *, max_tokens: int = 4096
-                   ) -> dict[str, Any]:
+def perplexity_doc(nll: float, ppl: float | None = None, *, max_tokens: int = 4096,
+                   vocab: int | None = None) -> dict[str, Any]:
     import math
 
     protocol = {"format": 1, "kind": "perplexity", "shards_manifest_sha256": "a" * 64,
@@ -74,7 +74,7 @@ def perplexity_doc(nll: float, ppl: float | None = None, *, max_tokens: int = 40
     return {"schema": "wattkd.perplexity/1", "model": {"id": "m"}, "protocol": protocol,
             "protocol_hash": protocol_hash(protocol), "nll": nll,
             "perplexity": math.exp(nll) if ppl is None else ppl, "tokens": max_tokens,
-            "sequences": 32}
+            "sequences": 32, **({"vocab": vocab} if vocab is not None else {})}
 
 
 def ept_doc(batches: dict[int, dict[str, Any]], *, dtype: str = "bfloat16") -> dict[str, Any]:

@@ -61,6 +61,7 @@ def test_uniform_model_has_perplexity_equal_to_vocab_and_exact_token_budget(setu
     assert res["tokens"] == 50 and res["sequences"] == 2  # 31 + 19 predicted tokens
     assert res["nll"] == pytest.approx(math.log(v), rel=1e-6)
     assert res["perplexity"] == pytest.approx(v, rel=1e-5)
+    assert res["vocab"] == v      # the uniform guess the report's collapse check compares with
 
 
 def test_matches_a_direct_computation_and_restores_train_mode(setup):

@@ -17,6 +17,7 @@ from report_synth import (
     gpu_experiment,
     make_cache,
     make_run,
+    perplexity_doc,
     phase,
     write_jsonl,
 )
@@ -362,3 +363,25 @@ def test_student_scoring_zero_on_a_task_keeps_its_quality(tmp_path):
     assert q.task_ratios["taskA"].value == 0.0 and q.task_ratios["taskA"].unc == 0.0
     ub = 0.8 * math.hypot(0.01 / 0.4, 0.01 / 0.5)
     assert q.quality.unc == approx(ub / 2)
+
+
+def test_a_student_worse_than_a_uniform_guess_is_flagged_collapsed(tmp_path: Path):
+    """Issue 27's lambda-1 on-policy student: held-out NLL 121 nats a token (ln V = 12.5), task
+    scores at chance, yet the best OM_perf of its study. The report names it collapsed."""
+    vocab = 262_144
+    make_run(tmp_path, "teacher", info={"method": "teacher", "mode": "none"},
+             evals={"offline": eval_doc({"taskA": (0.5, 0.02)})},
+             perplexity=perplexity_doc(3.8, vocab=vocab))
+    for method, nll in (("onpolicy", 120.89), ("response", 4.3)):
+        make_run(tmp_path, f"{method}/rep0", info={"method": method, "mode": method},
+                 phases=[phase("train", gpu=100.0, gpu_unc=1.0, tokens=1000)],
+                 evals={"offline": eval_doc({"taskA": (0.6, 0.02)})},
+                 perplexity=perplexity_doc(nll, vocab=vocab))
+    a = analyze(*collect([tmp_path / "onpolicy", tmp_path / "response"], tmp_path / "teacher"))
+    flagged = [w for w in a.warnings if "collapsed model" in w]
+    assert len(flagged) == 1 and flagged[0].startswith("onpolicy/rep0")
+    assert "above ln(262144) = 12.5" in flagged[0]
+    by = {r.label: r for r in a.students}
+    assert "collapsed model" in (by["onpolicy/rep0"].quality.note or "")
+    assert "collapsed" not in (by["response/rep0"].quality.note or "")
+    assert by["onpolicy/rep0"].quality.ok    # the figure stays, named for what it is

@@ -49,8 +49,9 @@ def _model_device(model: Any) -> torch.device:
 @torch.no_grad()
 def perplexity(model: Any, shards_path: Path, *, max_tokens: int, batch_size: int,
                device: str | torch.device | None = None) -> dict[str, Any]:
-    """{"perplexity", "nll", "tokens", "sequences", "per_sequence"} of `model` on the first
-    `max_tokens` predicted tokens of a shard set (`per_sequence`: each scored row's summed
+    """{"perplexity", "nll", "tokens", "sequences", "vocab", "per_sequence"} of `model` on the
+    first `max_tokens` predicted tokens of a shard set (`vocab`: its output vocabulary, for
+    report.metrics.worse_than_uniform) (`per_sequence`: each scored row's summed
     NLL and token count, in shard order, for paired comparisons between models).
 
     Leaves the model in the train/eval mode it came in (the training loop calls this every
@@ -124,7 +125,7 @@ def perplexity(model: Any, shards_path: Path, *, max_tokens: int, batch_size: in
         log.warning("perplexity: shards %s hold only %d scorable tokens (< max_tokens %d)",
                     shards_path, counted, max_tokens)
     return {"perplexity": math.exp(nll) if nll < 700 else math.inf, "nll": nll,
-            "tokens": counted, "sequences": sequences,
+            "tokens": counted, "sequences": sequences, "vocab": vocab,
             # paired statistics across models (report/stats.py): same rows, same order
             "per_sequence": {"nll_sum": per_seq_nll, "tokens": per_seq_tokens}}
 

@@ -46,6 +46,7 @@ from wattkd.report.metrics import (
     ppl_retention,
     ratio,
     total,
+    worse_than_uniform,
 )
 from wattkd.report.onpolicy import DEFINITIONS as ONPOLICY_DEFINITIONS
 from wattkd.report.onpolicy import StepSplit, step_split
@@ -490,6 +491,11 @@ def analyze(students: Sequence[RunData], teacher: RunData, *, ept_batch: int | N
                 Quantity.missing("teacher has no eval/perplexity.json"))
         else:
             rr.quality = Quantity.missing("no task scores and no perplexity for any run")
+    for rr in results + [tres]:
+        note = collapsed(rr.run)
+        if note:
+            rr.quality = rr.quality.with_note(note)
+            warnings.append(f"{rr.label}: {note}")
     if qbasis == "perplexity":
         warnings.append("no task evaluations: quality is perplexity retention OM_ppl = "
                         "ppl(teacher) / ppl(student), not OM_perf")
@@ -541,6 +547,19 @@ def analyze(students: Sequence[RunData], teacher: RunData, *, ept_batch: int | N
                     f"{s.check_text}" for label, s in onpolicy.items() if s.check == "outside")
     return Analysis(results, tres, configs, methods, basis, qbasis, suite, tasks, ept_batch,
                     batch_note, warnings, onpolicy)
+
+
+def collapsed(run: RunData) -> str | None:
+    """Why a run's model is degenerate (held-out NLL above a uniform guess over its
+    vocabulary), else None. Its task scores then sit at chance, and a quality figure built on
+    them (OM_perf) would rank a broken model (issue 27's lambda-1 on-policy student did)."""
+    doc = run.perplexity or {}
+    nll, vocab = doc.get("nll"), doc.get("vocab")
+    if nll is None or not isinstance(vocab, int) or not worse_than_uniform(float(nll), vocab):
+        return None
+    return (f"collapsed model: held-out NLL {float(nll):.3g} nats a token is above ln({vocab}) "
+            f"= {math.log(vocab):.3g}, a uniform guess over the vocabulary; its task scores sit "
+            "at chance and are no evidence of quality")
 
 
 def _j_per_point(energy: Quantity, quality: Quantity) -> Quantity:

@@ -188,6 +188,13 @@ def om_perf(student: Mapping[str, float], teacher: Mapping[str, float]) -> float
     return math.fsum(student[t] / teacher[t] for t in sorted(teacher)) / len(teacher)
 
 
+def worse_than_uniform(nll: float, vocab: int | None) -> bool:
+    """True when a mean held-out NLL (nats a token) exceeds ln(vocab), a uniform guess over the
+    vocabulary: the model has collapsed (for example onto its own degenerate on-policy
+    rollouts), and its log-likelihood task scores sit at chance, not at a quality."""
+    return vocab is not None and vocab > 1 and nll > math.log(vocab)
+
+
 def ppl_retention(student_ppl: float, teacher_ppl: float) -> float:
     """OM_ppl(S) = ppl(T) / ppl(S) = exp(-(nll_S - nll_T)); 1.0 = as good as the teacher."""
     if not (student_ppl > 0 and teacher_ppl > 0):
