@@ -22,9 +22,9 @@ layers. What is not implemented is refused with `EngineUnavailable` naming it.
 On CUDA the one-token step can also run through Triton kernels (`generation/kernels.py`,
 `KERNELS`, opt-in: `kernels="serving"` or named ones): each projection with the norm before
 it and the gated activation after it fused in (a GEMV, batch <= 16), and attention as one
-kernel per layer reading the cache only up to the current slot. The default stays the torch
-ops (DEFAULT_KERNELS) until the kernels' current revision is measured faster on a GPU
-(benchmarks/RESULTS.md, decode kernels).
+kernel per layer reading the cache only up to the current slot. The default (DEFAULT_KERNELS)
+is the attention kernel, measured faster than the torch ops on an H100 and an H200; the GEMV
+is opt-in: slower than cuBLAS on the H100 (benchmarks/RESULTS.md, decode kernels).
 
 Weights change between rollouts while the student trains: `refresh()` copies the live
 parameters into the fused buffers in place (a peft LoRA adapter, unmerged, is merged into the
@@ -50,10 +50,11 @@ ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
 LAYER_KINDS = ("full_attention", "sliding_attention")
 KERNELS = ("attention", "gemv")   # the step's optional Triton kernels (generation/kernels.py)
-# What `kernels=None` gives: none yet. Measured on an H200 (RESULTS.md, decode kernels) the
-# attention kernel was faster at batch 32 and 256 but slower at batch 1 in an earlier
-# revision; the revision here (unrolled merge, the GEMV's GeGLU) is not measured on a GPU.
-DEFAULT_KERNELS: tuple[str, ...] = ()
+# What `kernels=None` gives (RESULTS.md, decode kernels): attention, whose step is faster than
+# the torch ops' at batch 1 on an H100 (0.789 vs 0.819 ms, this revision) and at batch 32 and
+# 256 on an H200 (an earlier one); not the GEMV: 0.7-2.7 us slower than cuBLAS per projection
+# on the H100, the step 0.916 vs 0.819 ms.
+DEFAULT_KERNELS: tuple[str, ...] = ("attention",)
 SERVING = "serving"               # kernels="serving": every kernel that serves the model
 GEMV_MAX_ROWS = 16                # kernels.MAX_ROWS (not imported: triton is optional)
 

@@ -250,11 +250,17 @@ def _attend(q_ptr, k_ptr, v_ptr, pad_ptr, slot_ptr, out_ptr, part_ptr, stat_ptr,
                 tl.atomic_xchg(count_ptr + head, 0)
 
 
+MAX_ATTENTION_SPLITS = 64   # the merge is unrolled over the splits: bounds its code size
+
+
 def attention_tiles(max_len: int) -> tuple[int, int, int]:
-    """(SPLIT slots a program, BLOCK_L slots a tile, warps); tiny in the interpreter."""
+    """(SPLIT slots a program, BLOCK_L slots a tile, warps); tiny in the interpreter. 32-slot
+    splits were the fastest of six tilings on an H100 (5.3 us a layer at 176 slots against
+    6.2 us at 64: benchmarks/RESULTS.md, decode kernels); longer caches get longer splits so
+    that at most MAX_ATTENTION_SPLITS are merged."""
     if interpreting():
         return 8, 4, 1
-    return 64, 32, 4
+    return max(32, triton.next_power_of_2(triton.cdiv(max_len, MAX_ATTENTION_SPLITS))), 32, 4
 
 
 @torch.library.custom_op("wattkd::decode_attention", mutates_args=())
