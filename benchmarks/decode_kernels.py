@@ -10,8 +10,8 @@ batch 1: each kernel alone per tile setting against what it replaces, then the w
    (SPLIT, BLOCK_L, warps), against the torch path's two matmuls + softmax, same timing.
 3. The decode step end to end (benchmarks/decode_engine.py's measurement: (t_long - t_short) /
    new tokens, profiled kernels) for `graph-triton` with the fastest tiles of 1 and 2 set,
-   `graph` (the default: torch ops), `graph-gemv`, `graph-attn`, in that order until the
-   deadline.
+   `graph` (the default: torch ops + Triton attention), `graph-gemv`, `graph-torch`, in that
+   order until the deadline.
 
     python3 benchmarks/decode_kernels.py --out OUT [--deadline 200]
 
@@ -46,10 +46,13 @@ BF16 = torch.bfloat16
 SHAPES = {"qkv": (1536, 640, kernels.NORMS["gemma"], 0), "o": (640, 1024, 0, 0),
           "gate_up": (2048, 640, kernels.NORMS["gemma"], kernels.ACTS["gelu_pytorch_tanh"]),
           "down": (640, 2048, 0, 0)}
-GEMV_TILES = [(16, 128, 4), (16, 256, 4), (32, 128, 4), (16, 128, 2), (32, 256, 8), (64, 128, 4)]
+# batch 1 takes the kernel's one-row path (no tl.dot): few output rows a program, many programs;
+# (16, 256, 4) with tl.dot was the fastest several-row tiling on an H100 (RESULTS.md)
+GEMV_TILES = [(4, 256, 2), (8, 256, 2), (4, 256, 1), (8, 256, 4), (4, 512, 2), (2, 256, 1),
+              (16, 256, 4), (8, 128, 2)]
 ATTENTION_TILES = [(64, 32, 4), (128, 32, 4), (64, 64, 8), (128, 64, 8), (256, 64, 8),
                    (32, 32, 4)]
-STEP_ENGINES = ("graph-triton", "graph", "graph-gemv", "graph-attn")
+STEP_ENGINES = ("graph-triton", "graph", "graph-gemv", "graph-torch")
 
 
 def us_per_launch(fn: Any, launches: int) -> float:
@@ -99,7 +102,7 @@ def gemv_row(a: argparse.Namespace, n: int, k: int, norm: int, act: int, t0: flo
     for tiles in GEMV_TILES:
         if row["tiles"] and time.perf_counter() - t0 > a.deadline * 0.3:
             break
-        kernels.gemv_blocks = lambda n_, k_, _t=tiles: _t
+        kernels.gemv_blocks = lambda n_, k_, r_, _t=tiles: _t
         key = ",".join(map(str, tiles))
         try:
             row["tiles"][key] = us_per_launch(
@@ -200,7 +203,8 @@ def main() -> None:
                      "attention": best_attention}
     out.write_text(json.dumps(rec, indent=1) + "\n")
     default_gemv = kernels.gemv_blocks
-    kernels.gemv_blocks = lambda n, k: best_gemv.get((n, k)) or default_gemv(n, k)
+    kernels.gemv_blocks = lambda n, k, r: ((best_gemv.get((n, k)) if r == 1 else None)
+                                           or default_gemv(n, k, r))
     if best_attention is not None:
         kernels.attention_tiles = lambda m: best_attention
     net = decode_engine.build(18, False, "cuda")

@@ -51,7 +51,9 @@ def _gemv(x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, B, N, eps, K: tl.constexpr,
           UPCAST: tl.constexpr):
     """out[b, n] = norm(x)[b] . w[n] (+ bias); with ACT, w holds gate rows then up rows and
     out[b, n] = act(gate) * up. The K loops are unrolled (K is a constant): every tile's load
-    is issued before the first is used, one memory round trip instead of one per tile."""
+    is issued before the first is used, one memory round trip instead of one per tile.
+    BLOCK_B 1 (one row): products summed on the CUDA cores instead of tl.dot, whose 16-wide
+    tiles would force 16 output rows a program (too few programs for N = 640)."""
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_B)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,14 +88,18 @@ def _gemv(x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, B, N, eps, K: tl.constexpr,
         a = xv.to(w_dtype)
         wt = tl.load(w_ptr + cols[:, None] * K + kk[None, :],
                      mask=nmask[:, None] & km[None, :], other=0.0)
-        if UPCAST:   # the interpreter's bf16 dot is wrong (triton 3.9): do it in fp32
+        if BLOCK_B == 1:
+            acc += tl.sum(a.to(tl.float32) * wt.to(tl.float32), 1)[None, :]
+        elif UPCAST:   # the interpreter's bf16 dot is wrong (triton 3.9): do it in fp32
             acc += tl.dot(a.to(tl.float32), tl.trans(wt.to(tl.float32)), input_precision="ieee")
         else:
             acc += tl.dot(a, tl.trans(wt))
         if ACT != 0:
             wu = tl.load(w_ptr + (cols + N)[:, None] * K + kk[None, :],
                          mask=nmask[:, None] & km[None, :], other=0.0)
-            if UPCAST:
+            if BLOCK_B == 1:
+                acc_up += tl.sum(a.to(tl.float32) * wu.to(tl.float32), 1)[None, :]
+            elif UPCAST:
                 acc_up += tl.dot(a.to(tl.float32), tl.trans(wu.to(tl.float32)),
                                  input_precision="ieee")
             else:
@@ -116,12 +122,17 @@ def _gemv(x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, B, N, eps, K: tl.constexpr,
              mask=rmask[:, None] & nmask[None, :])
 
 
-def gemv_blocks(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps): 16 output rows a program (many programs for small N), K in
-    128- or 256-wide tiles; tiny tiles in the interpreter."""
+def gemv_blocks(n: int, k: int, rows: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps); tiny tiles in the interpreter. Several rows: 16 output rows
+    a program (tl.dot's smallest tile), K in 256-wide tiles (fastest of six tilings on an H100,
+    and still 0.7-2.7 us slower than cuBLAS: benchmarks/RESULTS.md, decode kernels). One row:
+    4-8 output rows a program so that N = 640 still fills the SMs (unmeasured: the next tile
+    sweep's first question)."""
     if interpreting():
         return 16, 32, 1
-    return 16, 128 if k <= 1024 else 256, 4
+    if rows == 1:
+        return (4 if n <= 1024 else 8), 256, 2
+    return 16, 256, 4
 
 
 @torch.library.custom_op("wattkd::decode_gemv", mutates_args=())
@@ -135,11 +146,12 @@ def decode_gemv(x: Tensor, w: Tensor, bias: Tensor | None, norm_w: Tensor | None
         raise ValueError(f"decode_gemv takes at most {MAX_ROWS} rows, got {rows}")
     n = w.shape[0] // (2 if act else 1)
     out = torch.empty(rows, n, device=x.device, dtype=w.dtype)
-    bn, bk, warps = gemv_blocks(n, k)
+    bn, bk, warps = gemv_blocks(n, k, rows)
     x = x.contiguous()
     _gemv[(triton.cdiv(n, bn),)](
         x, w, bias if bias is not None else w, norm_w if norm_w is not None else w, out,
-        rows, n, eps, K=k, NORM=norm, ACT=act, HAS_BIAS=bias is not None, BLOCK_B=MAX_ROWS,
+        rows, n, eps, K=k, NORM=norm, ACT=act, HAS_BIAS=bias is not None,
+        BLOCK_B=1 if rows == 1 else MAX_ROWS,
         BLOCK_N=bn, BLOCK_K=bk, UPCAST=interpreting(), num_warps=warps)
     return out
 
