@@ -77,6 +77,35 @@ def test_gemv_matches_fp64(rows: int, n: int, k: int, norm: str, act: str) -> No
     assert _rel(got, y) < ROUND
 
 
+@pytest.mark.parametrize("rows,n,k", [(1, 40, 72), (3, 16, 32)])
+@pytest.mark.parametrize("resid", ["plain", "gemma"])
+@pytest.mark.parametrize("norm,act", [("gemma", "gelu_pytorch_tanh"), ("llama", "silu"),
+                                      ("gemma", "none")])
+def test_residual_gemv_matches_fp64(rows: int, n: int, k: int, resid: str, norm: str,
+                                    act: str) -> None:
+    """h = res + x (Llama) or res + gemma_norm(x) (Gemma's post-norm), then the projection of
+    norm(h): one kernel, against fp64 with the torch ops' roundings; h comes back too."""
+    g = torch.Generator().manual_seed(rows * 100 + k + len(resid))
+    x = torch.randn(rows, k, generator=g).to(BF16)
+    res = (3.0 * torch.randn(rows, k, generator=g)).to(BF16)
+    post = 1.0 + 0.3 * torch.randn(k, generator=g)           # fp32 1 + w (Gemma's buffer)
+    w = (torch.randn(n * (2 if act != "none" else 1), k, generator=g) / math.sqrt(k)).to(BF16)
+    nw = 1.0 + 0.3 * torch.randn(k, generator=g)
+    nw = nw if norm == "gemma" else nw.to(BF16)
+    got, h = kernels.decode_residual_gemv(
+        x.to(DEVICE), res.to(DEVICE), post.to(DEVICE) if resid == "gemma" else None,
+        w.to(DEVICE), None, nw.to(DEVICE), 1e-6, kernels.NORMS[norm], kernels.ACTS[act])
+    branch = _norm64(x, post, "gemma", 1e-6) if resid == "gemma" else x.double()
+    want_h = _bf(res.double() + branch)
+    y = _bf(_norm64(want_h, nw, norm, 1e-6) @ w.double().T)
+    if act != "none":
+        gate, up = y.chunk(2, dim=-1)
+        f = F.silu if act == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
+        y = _bf(_bf(f(gate)) * up)
+    assert h.dtype == BF16 and _rel(h.cpu(), want_h) < ROUND
+    assert got.shape == (rows, n) and _rel(got.cpu(), y) < ROUND
+
+
 def _attention64(q, k, v, pad, slot, scale, window):
     """fp64 softmax attention of one query per row at `slot` over slots 0..slot (padding and
     the window masked; the own slot always seen)."""

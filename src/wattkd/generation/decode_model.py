@@ -20,9 +20,9 @@ frequencies are taken from the model's own rotary module); Qwen2's qkv bias and 
 layers. What is not implemented is refused with `EngineUnavailable` naming it.
 
 On CUDA the one-token step can also run through Triton kernels (`generation/kernels.py`,
-`KERNELS`, opt-in: `kernels="serving"` or named ones): each projection with the norm before
-it and the gated activation after it fused in (a GEMV, batch <= 16), and attention as one
-kernel per layer reading the cache only up to the current slot. The default (DEFAULT_KERNELS)
+`KERNELS`; `kernels="serving"` or named ones): each projection with the residual add and norm
+before it and the gated activation after it fused in (a GEMV, batch <= 16), and attention as
+one kernel per layer reading the cache only up to the current slot. The default (DEFAULT_KERNELS)
 is the attention kernel, measured faster than the torch ops on an H100 and an H200; the GEMV
 is opt-in: slower than cuBLAS on the H100 (benchmarks/RESULTS.md, decode kernels).
 
@@ -391,25 +391,51 @@ class DecodeModel(nn.Module):
             q, k = self._norm(q, self.w.q_norm[i]), self._norm(k, self.w.k_norm[i])
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
+    def _add(self, x: Tensor, branch: tuple[Tensor, Tensor | None] | None) -> Tensor:
+        """x + the pending branch output, post-normed first where it has a post-norm (Gemma)."""
+        if branch is None:
+            return x
+        out, post = branch
+        return x + (out if post is None else self._norm(out, post))
+
+    def _residual_project(self, x: Tensor, branch: tuple[Tensor, Tensor | None] | None,
+                          norm_w: Tensor, name: str, i: int, gemv: bool, *,
+                          gated: bool = False) -> tuple[Tensor, Tensor]:
+        """(projection `name` of norm(h), h) with h = x + the pending branch (`_add`). With the
+        GEMV the add (and Gemma's post-norm) is the projection kernel's prologue: one launch
+        instead of an elementwise kernel before it."""
+        if not (gemv and branch is not None):
+            h = self._add(x, branch)
+            return self._project(h, norm_w, name, i, gemv, gated=gated), h
+        out, post = branch
+        bias = getattr(self.w, f"{name}_bias")
+        k = x.shape[-1]
+        proj, h = self._kern.decode_residual_gemv(
+            out.reshape(-1, k), x.reshape(-1, k), post, getattr(self.w, name)[i],
+            None if bias is None else bias[i], norm_w, self.arch.eps,
+            self._kern.NORMS["gemma" if self.arch.gemma else "llama"],
+            self._kern.ACTS[self.arch.act] if gated else 0)
+        return proj.view(*x.shape[:-1], proj.shape[-1]), h.view(x.shape)
+
     def _layers(self, x: Tensor, pos: Tensor, attend: Any, gemv: bool = False) -> Tensor:
         """The decoder stack; `attend(i, q, k, v)` -> [B, S, Hq * D] does the cache and
-        attention of layer i (prefill or step); `gemv`: projections through the Triton GEMV."""
+        attention of layer i (prefill or step); `gemv`: projections through the Triton GEMV,
+        each residual add folded into the next projection. `branch`: a sublayer's output (and
+        its Gemma post-norm) not yet added to the residual stream x."""
         gemma, w = self.arch.gemma, self.w
         ropes = self._rope(pos, x.dtype)
+        branch: tuple[Tensor, Tensor | None] | None = None
         for i in range(self.arch.layers):
-            qkv = self._project(x, w.ln_input[i], "qkv", i, gemv)
+            qkv, x = self._residual_project(x, branch, w.ln_input[i], "qkv", i, gemv)
             q, k, v = self._heads(qkv, i, *ropes[w.rope_kind[i]])
             out = self._project(attend(i, q, k, v), None, "o", i, gemv)
-            if gemma:
-                out = self._norm(out, w.ln_post_attention[i])
-            x = x + out
-            h = self._project(x, w.ln_pre_feedforward[i] if gemma else w.ln_post_attention[i],
-                              "gate_up", i, gemv, gated=True)
+            branch = (out, w.ln_post_attention[i] if gemma else None)
+            h, x = self._residual_project(
+                x, branch, w.ln_pre_feedforward[i] if gemma else w.ln_post_attention[i],
+                "gate_up", i, gemv, gated=True)
             out = self._project(h, None, "down", i, gemv)
-            if gemma:
-                out = self._norm(out, w.ln_post_feedforward[i])
-            x = x + out
-        return self._norm(x, w.final_norm)
+            branch = (out, w.ln_post_feedforward[i] if gemma else None)
+        return self._norm(self._add(x, branch), w.final_norm)
 
     def _embed(self, ids: Tensor) -> Tensor:
         x = F.embedding(ids, self.w.embed)

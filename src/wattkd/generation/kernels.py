@@ -5,8 +5,10 @@ Why: at batch 1 a Gemma-3-270M decode step is ~240 kernels of 2-4 us each althou
 under 5 MB (benchmarks/RESULTS.md, decode engine): the step is bound by launches, not
 bandwidth. cuBLAS runs each projection as a GEMM tile kernel (2.7-4.1 us), the attention of
 one layer was two GEMMs and a softmax (~10 us), and every norm and activation a kernel of its
-own. Here a projection with its input norm and (gate|up) its activation is one kernel, and
-attention is one kernel per layer that reads the cache only up to the current slot.
+own. Here a projection with its input norm and (gate|up) its activation is one kernel, the
+residual add before it (with Gemma's post-norm of the branch output) its prologue
+(`decode_residual_gemv`), and attention is one kernel per layer that reads the cache only up
+to the current slot.
 
 Numerics follow decode_model's torch path (HF's maths): the norm in fp32 rounded to the
 input's dtype, products accumulated in fp32 and rounded to the weight dtype, gate and up
@@ -36,6 +38,9 @@ from torch import Tensor
 from wattkd.distill.kernels.body import _tanh
 
 NORMS = {"none": 0, "gemma": 1, "llama": 2}
+# the residual add folded into the GEMV's prologue: input = res + x (plain) or
+# res + gemma_norm(x) (Gemma's post-norm on the branch output before the add)
+RESIDUALS = {"none": 0, "plain": 1, "gemma": 2}
 ACTS = {"none": 0, "gelu_pytorch_tanh": 1, "silu": 2}
 MAX_ROWS = 16            # the GEMV keeps every row in one tl.dot tile (its M side)
 
@@ -45,15 +50,35 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def _gemv(x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, B, N, eps, K: tl.constexpr,
-          NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-          BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          UPCAST: tl.constexpr):
+def _input_tile(x_ptr, res_ptr, post_ptr, rows, kk, rmask, km, rstd_x, K: tl.constexpr,
+                RESID: tl.constexpr):
+    """The GEMV's input over columns kk: x, or res + x (RESID 1), or res + gemma_norm(x)
+    (RESID 2, rstd_x its rows' RMS factors), rounded where the torch ops round."""
+    m = rmask[:, None] & km[None, :]
+    v = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0.0)
+    if RESID != 0:
+        dt = x_ptr.dtype.element_ty
+        y = v.to(tl.float32)
+        if RESID == 2:
+            pw = tl.load(post_ptr + kk, mask=km, other=0.0).to(tl.float32)
+            y = (y * rstd_x[:, None] * pw[None, :]).to(dt).to(tl.float32)
+        r = tl.load(res_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0.0)
+        v = (r.to(tl.float32) + y).to(dt)
+    return v
+
+
+@triton.jit
+def _gemv(x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, res_ptr, post_ptr, h_ptr, B, N, eps,
+          K: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+          RESID: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     """out[b, n] = norm(x)[b] . w[n] (+ bias); with ACT, w holds gate rows then up rows and
     out[b, n] = act(gate) * up. The K loops are unrolled (K is a constant): every tile's load
     is issued before the first is used, one memory round trip instead of one per tile.
     BLOCK_B 1 (one row): products summed on the CUDA cores instead of tl.dot, whose 16-wide
-    tiles would force 16 output rows a program (too few programs for N = 640)."""
+    tiles would force 16 output rows a program (too few programs for N = 640).
+    RESID: the input is first h = res + x or res + gemma_norm(x) (RESIDUALS), which program 0
+    also writes to h (the residual stream); every program recomputes it from L2."""
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_B)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -62,13 +87,22 @@ def _gemv(x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, B, N, eps, K: tl.constexpr,
     nmask = cols < N
     x_dtype = x_ptr.dtype.element_ty
     w_dtype = w_ptr.dtype.element_ty
+    rstd_x = tl.zeros((BLOCK_B,), tl.float32)
+    if RESID == 2:
+        ss_x = tl.zeros((BLOCK_B,), tl.float32)
+        for t in tl.static_range(0, K, BLOCK_K):
+            kk = t + ks
+            xv = tl.load(x_ptr + rows[:, None] * K + kk[None, :],
+                         mask=rmask[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+            ss_x += tl.sum(xv * xv, 1)
+        rstd_x = 1.0 / tl.sqrt(ss_x / K + eps)
     rstd = tl.zeros((BLOCK_B,), tl.float32)
     if NORM != 0:
         ss = tl.zeros((BLOCK_B,), tl.float32)
         for t in tl.static_range(0, K, BLOCK_K):
             kk = t + ks
-            xv = tl.load(x_ptr + rows[:, None] * K + kk[None, :],
-                         mask=rmask[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+            xv = _input_tile(x_ptr, res_ptr, post_ptr, rows, kk, rmask, kk < K, rstd_x, K,
+                             RESID).to(tl.float32)
             ss += tl.sum(xv * xv, 1)
         rstd = 1.0 / tl.sqrt(ss / K + eps)
     acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
@@ -76,8 +110,10 @@ def _gemv(x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, B, N, eps, K: tl.constexpr,
     for t in tl.static_range(0, K, BLOCK_K):
         kk = t + ks
         km = kk < K
-        xv = tl.load(x_ptr + rows[:, None] * K + kk[None, :],
-                     mask=rmask[:, None] & km[None, :], other=0.0)
+        xv = _input_tile(x_ptr, res_ptr, post_ptr, rows, kk, rmask, km, rstd_x, K, RESID)
+        if RESID != 0:   # the new residual stream, written once
+            tl.store(h_ptr + rows[:, None] * K + kk[None, :], xv,
+                     mask=(rmask & (rows * 0 + pid == 0))[:, None] & km[None, :])
         if NORM == 1:    # Gemma: (x * rstd * (1 + w)).to(x), the buffer holds 1 + w in fp32
             nw = tl.load(norm_ptr + kk, mask=km, other=0.0).to(tl.float32)
             xv = (xv.to(tl.float32) * rstd[:, None] * nw[None, :]).to(x_dtype)
@@ -135,30 +171,57 @@ def gemv_blocks(n: int, k: int, rows: int) -> tuple[int, int, int]:
     return 16, 256, 4
 
 
+def _launch_gemv(x: Tensor, w: Tensor, bias: Tensor | None, norm_w: Tensor | None, eps: float,
+                 norm: int, act: int, res: Tensor | None = None, post_w: Tensor | None = None,
+                 resid: int = 0) -> tuple[Tensor, Tensor | None]:
+    rows, k = x.shape
+    if rows > MAX_ROWS:
+        raise ValueError(f"decode_gemv takes at most {MAX_ROWS} rows, got {rows}")
+    n = w.shape[0] // (2 if act else 1)
+    x = x.contiguous()
+    out = torch.empty(rows, n, device=x.device, dtype=w.dtype)
+    h = torch.empty_like(x) if resid else None
+    bn, bk, warps = gemv_blocks(n, k, rows)
+    _gemv[(triton.cdiv(n, bn),)](
+        x, w, bias if bias is not None else w, norm_w if norm_w is not None else w, out,
+        res.contiguous() if res is not None else x, post_w if post_w is not None else w,
+        h if h is not None else out, rows, n, eps, K=k, NORM=norm, ACT=act,
+        HAS_BIAS=bias is not None, RESID=resid, BLOCK_B=1 if rows == 1 else MAX_ROWS,
+        BLOCK_N=bn, BLOCK_K=bk, UPCAST=interpreting(), num_warps=warps)
+    return out, h
+
+
 @torch.library.custom_op("wattkd::decode_gemv", mutates_args=())
 def decode_gemv(x: Tensor, w: Tensor, bias: Tensor | None, norm_w: Tensor | None, eps: float,
                 norm: int, act: int) -> Tensor:
     """x [B, K] (B <= MAX_ROWS) -> [B, N]: F.linear(norm(x), w, bias), N = w rows; with `act`
     (ACTS) w is gate rows then up rows and the result act(gate) * up, N = w rows / 2.
     `norm` (NORMS) with its weight `norm_w` (Gemma: 1 + w in fp32)."""
-    rows, k = x.shape
-    if rows > MAX_ROWS:
-        raise ValueError(f"decode_gemv takes at most {MAX_ROWS} rows, got {rows}")
-    n = w.shape[0] // (2 if act else 1)
-    out = torch.empty(rows, n, device=x.device, dtype=w.dtype)
-    bn, bk, warps = gemv_blocks(n, k, rows)
-    x = x.contiguous()
-    _gemv[(triton.cdiv(n, bn),)](
-        x, w, bias if bias is not None else w, norm_w if norm_w is not None else w, out,
-        rows, n, eps, K=k, NORM=norm, ACT=act, HAS_BIAS=bias is not None,
-        BLOCK_B=1 if rows == 1 else MAX_ROWS,
-        BLOCK_N=bn, BLOCK_K=bk, UPCAST=interpreting(), num_warps=warps)
-    return out
+    return _launch_gemv(x, w, bias, norm_w, eps, norm, act)[0]
 
 
 @decode_gemv.register_fake
 def _(x, w, bias, norm_w, eps, norm, act):
     return x.new_empty(x.shape[0], w.shape[0] // (2 if act else 1), dtype=w.dtype)
+
+
+@torch.library.custom_op("wattkd::decode_residual_gemv", mutates_args=())
+def decode_residual_gemv(x: Tensor, res: Tensor, post_w: Tensor | None, w: Tensor,
+                         bias: Tensor | None, norm_w: Tensor | None, eps: float, norm: int,
+                         act: int) -> tuple[Tensor, Tensor]:
+    """The residual add before a projection folded into it: h = res + x (post_w None) or
+    res + gemma_norm(x, post_w) (Gemma's post-norm of the branch output x), then decode_gemv
+    of h. Returns (that projection, h: the new residual stream). x, res [B, K]."""
+    out, h = _launch_gemv(x, w, bias, norm_w, eps, norm, act, res, post_w,
+                          RESIDUALS["plain" if post_w is None else "gemma"])
+    assert h is not None
+    return out, h
+
+
+@decode_residual_gemv.register_fake
+def _(x, res, post_w, w, bias, norm_w, eps, norm, act):
+    return (x.new_empty(x.shape[0], w.shape[0] // (2 if act else 1), dtype=w.dtype),
+            torch.empty_like(x))
 
 
 @triton.jit
