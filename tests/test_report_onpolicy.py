@@ -110,6 +110,8 @@ def test_report_shows_on_policy_phases_as_computed_by_hand(cpu_study: Path) -> N
         assert op[f"tokens_{name}"] == hand[name]["tokens"]
         assert op[f"j_{name}"]["value"] == pytest.approx(hand[name]["per_token"], rel=1e-12)
         assert op[f"share_{name}"]["value"] == pytest.approx(hand[name]["share"], rel=1e-12)
+        assert op[f"time_{name}"] == pytest.approx(
+            100 * hand[name]["seconds"] / hand["step"]["seconds"], abs=0.006)   # 2 decimals
         # CPU time x W per core is an estimate: labelled, and without an uncertainty
         assert op[f"j_{name}"]["estimated"] is True and "unc" not in op[f"j_{name}"]
     assert hand["score"]["tokens"] == hand["update"]["tokens"] == 4 * 8 * 16
@@ -128,6 +130,8 @@ def test_report_shows_on_policy_phases_as_computed_by_hand(cpu_study: Path) -> N
     summary = json.loads((report.parent / "report.json").read_text())
     split = summary["onpolicy"]["onpolicy/rep0"]
     assert split["phases"]["rollout"]["tokens"] == hand["rollout"]["tokens"]
+    assert math.fsum(split["phases"][n]["time_share_percent"] for n in PHASES) == pytest.approx(
+        100 * (1 - hand["outside_s"] / hand["step"]["seconds"]), rel=1e-9)
     assert split["phases"]["update"]["j_per_token"]["value"] == pytest.approx(
         hand["update"]["per_token"], rel=1e-12)
     md = (report.parent / "report.md").read_text()

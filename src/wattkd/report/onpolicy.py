@@ -41,6 +41,12 @@ DEFINITIONS = [
     ("Phase share", (
         "E(phase) / E(step windows), in %; ± from both relative uncertainties added. Shares "
         "are those of the metered steps.")),
+    ("Phase time share", (
+        "Σ duration(phase windows) / Σ duration(step windows), in %: where the metered steps' "
+        "wall-clock time goes. It carries no counter quantisation, so it still resolves the "
+        "split where windows much shorter than the counter's update period leave the energy "
+        "shares' uncertainty larger than the shares (energy share / time share = the phase's "
+        "power relative to the step's mean power).")),
     ("Phase check", (
         "Σ E(phases) − E(step windows), ± the sum of every one of those windows' "
         "uncertainties: `within` when |difference| ≤ ±, `outside` otherwise (also listed "
@@ -59,6 +65,8 @@ class PhaseFigure:
     windows: int
     per_token: Quantity       # J per rollout / scored / update token
     share: Quantity           # % of the step windows' energy
+    seconds: float = 0.0      # its windows' wall time (per host)
+    time_share: float | None = None   # % of the step windows' wall time
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,14 @@ def _count(recs: list[dict[str, Any]]) -> int:
     return max(per_host.values(), default=0)
 
 
-def _phase(run: RunData, name: str, component: str, step: Quantity) -> PhaseFigure:
+def _seconds(recs: list[dict[str, Any]]) -> float:
+    """Wall time of windows, per host (every host meters the same steps)."""
+    hosts = len({r.get("host") for r in recs}) or 1
+    return math.fsum(float(r.get("duration_s", 0.0)) for r in recs) / hosts
+
+
+def _phase(run: RunData, name: str, component: str, step: Quantity, step_s: float
+           ) -> PhaseFigure:
     recs = _windows(run, name)
     if not recs:
         why = f"no {name} windows in the metered steps"
@@ -108,7 +123,9 @@ def _phase(run: RunData, name: str, component: str, step: Quantity) -> PhaseFigu
         share = Quantity(100.0 * share.value, "%",  # type: ignore[operator]
                          None if share.unc is None else 100.0 * share.unc, share.source,
                          share.estimated, note=energy.note)
-    return PhaseFigure(name, energy, tokens, _count(recs), per, share)
+    seconds = _seconds(recs)
+    return PhaseFigure(name, energy, tokens, _count(recs), per, share, seconds,
+                       100.0 * seconds / step_s if step_s > 0 else None)
 
 
 def _check(phases: list[Quantity], step: Quantity) -> tuple[Quantity, str, str]:
@@ -135,13 +152,11 @@ def step_split(run: RunData, component: str) -> StepSplit | None:
     if not steps:
         return None
     step, _ = phase_energy(run, STEP, component)
-    phases = {n: _phase(run, n, component, step) for n in PHASES}
+    step_s = _seconds(steps)
+    phases = {n: _phase(run, n, component, step, step_s) for n in PHASES}
     present = [p.energy for p in phases.values() if p.windows]
     diff, check, text = _check(present, step)
-    inner = [r for n in PHASES for r in _windows(run, n)]
-    hosts = len({r.get("host") for r in steps}) or 1
-    outside = (math.fsum(float(r.get("duration_s", 0.0)) for r in steps)
-               - math.fsum(float(r.get("duration_s", 0.0)) for r in inner)) / hosts
+    outside = step_s - math.fsum(p.seconds for p in phases.values())
     return StepSplit(component, _count(steps), step, window_tokens(steps), phases, diff, check,
                      text, outside)
 
@@ -153,5 +168,6 @@ def split_json(s: StepSplit) -> dict[str, Any]:
             "check": s.check, "check_text": s.check_text, "outside_s": s.outside_s,
             "phases": {n: {"energy": p.energy.to_json(), "tokens": p.tokens,
                            "windows": p.windows, "j_per_token": p.per_token.to_json(),
-                           "share_percent": p.share.to_json()}
+                           "share_percent": p.share.to_json(), "seconds": p.seconds,
+                           "time_share_percent": p.time_share}
                        for n, p in s.phases.items()}}

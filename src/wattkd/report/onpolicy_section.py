@@ -17,9 +17,11 @@ __all__ = ["onpolicy_plot", "onpolicy_table"]
 
 NOT_ON_POLICY = "n/a"
 NO_STEPS = "n/a: no step windows (an off-policy method, or phase_every: 0)"
-TITLES = {"rollout": ("Rollout tokens", "J per rollout token", "Rollout share"),
-          "score": ("Scored tokens", "J per scored token", "Score share"),
-          "update": ("Update tokens", "J per update token", "Update share")}
+TITLES = {"rollout": ("Rollout tokens", "J per rollout token", "Rollout share",
+                      "Rollout time share"),
+          "score": ("Scored tokens", "J per scored token", "Score share", "Score time share"),
+          "update": ("Update tokens", "J per update token", "Update share",
+                     "Update time share")}
 
 
 def _columns(a: Analysis) -> list[Column]:
@@ -30,10 +32,11 @@ def _columns(a: Analysis) -> list[Column]:
                                                          "J/token"),
             Column("steps", "Metered steps"), Column("e_step", f"Step windows ({b})", "J")]
     for name in PHASES:
-        tokens, per, _ = TITLES[name]
+        tokens, per, _, _ = TITLES[name]
         cols += [Column(f"tokens_{name}", tokens), Column(f"j_{name}", f"{per} ({b})",
                                                           "J/token")]
     cols += [Column(f"share_{n}", TITLES[n][2], "%") for n in PHASES]
+    cols += [Column(f"time_{n}", TITLES[n][3], "%") for n in PHASES]
     cols += [Column("difference", "Phases − step windows", "J"),
              Column("outside_s", "Time outside phases", "s"),
              Column("check", "Phase check", numeric=False)]
@@ -63,8 +66,9 @@ def onpolicy_table(a: Analysis) -> Table:
               "tokens trained): compare rows at the same tokens trained. J per rollout token = "
               "E(rollout windows) / tokens the student generated; J per scored / update token = "
               "E(score / update windows) / positions the teacher scored / the student trained "
-              "on; share = E(phase) / E(step windows). Phase check: Σ phases − step windows "
-              "against the sum of their uncertainties.", _columns(a))
+              "on; share = E(phase) / E(step windows); time share = wall time in the phase's "
+              "windows / in the step windows (no counter quantisation). Phase check: Σ phases "
+              "− step windows against the sum of their uncertainties.", _columns(a))
     if not a.onpolicy:
         return t
     budgets = {r.tokens_train for r in a.students if r.label in a.onpolicy and r.tokens_train}
@@ -89,6 +93,8 @@ def onpolicy_table(a: Analysis) -> Table:
             cells[f"tokens_{name}"] = p.tokens
             cells[f"j_{name}"] = p.per_token
             cells[f"share_{name}"] = p.share
+            cells[f"time_{name}"] = (round(p.time_share, 2) if p.time_share is not None
+                                     else Quantity.missing("no step time", "%"))
         t.add(**cells)
     return t
 
