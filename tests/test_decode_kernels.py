@@ -207,6 +207,25 @@ def test_step_with_kernels_matches_torch_ops(name: str) -> None:
     assert _rel(got, ref) < 2 * _rel(torch_ops, ref) + 1e-2
 
 
+@torch.no_grad()
+def test_gemv_keeps_an_fp32_residual_stream_under_autocast() -> None:
+    """fp32 weights decoded under bf16 autocast (the GEMVs run in bf16): the residual stream
+    stays fp32 as on the torch path, so the residual add is not folded into a bf16 kernel."""
+    model = _bf16_model("llama").float()
+    ids = torch.randint(3, 97, (2, 5), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    mask = torch.ones(2, 8, dtype=torch.long, device=DEVICE)
+    pos = torch.arange(5, device=DEVICE)[None].expand(2, 5)
+    out = {}
+    with torch.autocast(DEVICE.type, dtype=BF16):
+        for kern in [(), ("gemv",)]:
+            dec = DecodeModel(model, batch=2, max_len=8, kernels=kern)
+            dec.prefill(ids[:, :4], pos[:, :4], mask)
+            out[kern] = dec.step(ids[:, 4:], pos[:, 4:], torch.tensor([4], device=DEVICE),
+                                 mask).float()
+    # 3.5e-3 here (the GEMVs' own bf16 rounding); 6.7e-3 with the stream rounded to bf16
+    assert _rel(out[("gemv",)], out[()]) < 5e-3
+
+
 def test_kernels_refused_with_a_reason() -> None:
     model = _bf16_model("llama")
     with pytest.raises(EngineUnavailable, match="at most 16 rows"):

@@ -403,8 +403,10 @@ class DecodeModel(nn.Module):
                           gated: bool = False) -> tuple[Tensor, Tensor]:
         """(projection `name` of norm(h), h) with h = x + the pending branch (`_add`). With the
         GEMV the add (and Gemma's post-norm) is the projection kernel's prologue: one launch
-        instead of an elementwise kernel before it."""
-        if not (gemv and branch is not None):
+        instead of an elementwise kernel before it. Not where the residual stream is in
+        another dtype than the branch (fp32 weights under bf16 autocast: torch keeps the
+        stream in fp32, the kernel would round it to bf16)."""
+        if not (gemv and branch is not None and branch[0].dtype == x.dtype):
             h = self._add(x, branch)
             return self._project(h, norm_w, name, i, gemv, gated=gated), h
         out, post = branch

@@ -192,7 +192,7 @@ def worse_than_uniform(nll: float, vocab: int | None) -> bool:
     """True when a mean held-out NLL (nats a token) exceeds ln(vocab), a uniform guess over the
     vocabulary: the model has collapsed (for example onto its own degenerate on-policy
     rollouts), and its log-likelihood task scores sit at chance, not at a quality."""
-    return vocab is not None and vocab > 1 and nll > math.log(vocab)
+    return vocab is not None and vocab > 1 and not nll <= math.log(vocab)   # NaN included
 
 
 def ppl_retention(student_ppl: float, teacher_ppl: float) -> float:
