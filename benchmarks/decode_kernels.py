@@ -9,9 +9,9 @@ batch 1: each kernel alone per tile setting against what it replaces, then the w
 2. Attention over a `--context`-slot cache (1 KV head, 4 query heads, head_dim 256) per
    (SPLIT, BLOCK_L, warps), against the torch path's two matmuls + softmax, same timing.
 3. The decode step end to end (benchmarks/decode_engine.py's measurement: (t_long - t_short) /
-   new tokens, profiled kernels) for `graph-triton` with the fastest tiles of 1 and 2 set,
-   `graph` (the default: torch ops + Triton attention), `graph-gemv`, `graph-torch`, in that
-   order until the deadline.
+   new tokens, profiled kernels) with the fastest tiles of 1 and 2 set: every kernel
+   (`graph-triton`), attention only, GEMV only, the torch ops, at batch 1; every kernel and
+   attention only at batch 8 (STEP_ROWS, in that order until the deadline).
 
     python3 benchmarks/decode_kernels.py --out OUT [--deadline 200]
 
@@ -46,13 +46,17 @@ BF16 = torch.bfloat16
 SHAPES = {"qkv": (1536, 640, kernels.NORMS["gemma"], 0), "o": (640, 1024, 0, 0),
           "gate_up": (2048, 640, kernels.NORMS["gemma"], kernels.ACTS["gelu_pytorch_tanh"]),
           "down": (640, 2048, 0, 0)}
-# batch 1 takes the kernel's one-row path (no tl.dot): few output rows a program, many programs;
-# (16, 256, 4) with tl.dot was the fastest several-row tiling on an H100 (RESULTS.md)
-GEMV_TILES = [(4, 256, 2), (8, 256, 2), (4, 256, 1), (8, 256, 4), (4, 512, 2), (2, 256, 1),
-              (16, 256, 4), (8, 128, 2)]
-ATTENTION_TILES = [(64, 32, 4), (128, 32, 4), (64, 64, 8), (128, 64, 8), (256, 64, 8),
-                   (32, 32, 4)]
-STEP_ENGINES = ("graph-triton", "graph", "graph-gemv", "graph-torch")
+# batch 1 takes the kernel's one-row path (no tl.dot): few output rows a program, many programs
+# ((2, 256, 1) the fastest on an H100 of those swept first: RESULTS.md)
+GEMV_TILES = [(2, 256, 1), (1, 256, 1), (2, 128, 1), (2, 512, 1), (1, 512, 1), (4, 128, 1),
+              (2, 256, 2), (4, 256, 1)]
+ATTENTION_TILES = [(32, 32, 4), (16, 16, 4), (32, 32, 2), (32, 16, 4), (64, 32, 4),
+                   (16, 16, 2)]
+# (engine, batch): every kernel, attention only, GEMV only, none; at batch 8 the GEMV's
+# several-row path (tl.dot) against cuBLAS
+STEP_ROWS = (("graph-triton", 1), ("graph-attn", 1), ("graph-gemv", 1), ("graph-torch", 1),
+             ("graph-triton", 8), ("graph-attn", 8), ("graph-torch", 8))
+decode_engine.TOP_KERNELS = 40   # the whole kernel list of a step, not only the top 12
 
 
 def us_per_launch(fn: Any, launches: int) -> float:
@@ -102,7 +106,7 @@ def gemv_row(a: argparse.Namespace, n: int, k: int, norm: int, act: int, t0: flo
     for tiles in GEMV_TILES:
         if row["tiles"] and time.perf_counter() - t0 > a.deadline * 0.3:
             break
-        kernels.gemv_blocks = lambda n_, k_, r_, _t=tiles: _t
+        kernels.gemv_blocks = lambda n_, k_, r_, g_=False, _t=tiles: _t
         key = ",".join(map(str, tiles))
         try:
             row["tiles"][key] = us_per_launch(
@@ -137,13 +141,17 @@ def sweep_attention(a: argparse.Namespace, rec: dict[str, Any], t0: float
     ks = [torch.randn(1, 1, length, d, device="cuda", dtype=BF16) for _ in range(a.copies)]
     vs = [torch.randn(1, 1, length, d, device="cuda", dtype=BF16) for _ in range(a.copies)]
     q = torch.randn(1, 4, d, device="cuda", dtype=BF16)
+    qkv = torch.randn(1, 6 * d, device="cuda", dtype=BF16)       # 4 query heads, k, v
+    norms = torch.ones(d, device="cuda"), torch.ones(d, device="cuda")
+    ang = torch.arange(d, device="cuda") * 0.01
+    cos, sin = ang.cos().to(BF16)[None], ang.sin().to(BF16)[None]
     pad = torch.ones(1, length, device="cuda", dtype=torch.long)
     slot = torch.tensor([a.context], device="cuda")
     seen = torch.arange(length, device="cuda") <= a.context
     count = torch.zeros(1, device="cuda", dtype=torch.int32)
     nxt = Cycle(a.copies)
 
-    def torch_ops() -> None:
+    def torch_ops() -> None:     # the attention alone (its norms, rope, cache writes not counted)
         i = nxt()
         s = (q.view(1, 1, 4, d) @ ks[i].transpose(-1, -2)).float() * 0.0625
         torch.softmax(s.masked_fill(~seen, float("-inf")), -1).to(BF16) @ vs[i]
@@ -158,8 +166,9 @@ def sweep_attention(a: argparse.Namespace, rec: dict[str, Any], t0: float
         kernels.attention_tiles = lambda m, _t=tiles: _t
         try:
             row["tiles"][",".join(map(str, tiles))] = us_per_launch(
-                lambda: kernels.decode_attention(q, ks[nxt()], vs[nxt.i], pad, slot, count,
-                                                 0.0625, 0, 0), a.launches)
+                lambda: kernels.decode_attention(qkv, *norms, 1e-6, cos, sin, ks[nxt()],
+                                                 vs[nxt.i], pad, slot, count, 0.0625, 0, 0),
+                a.launches)
         except Exception as exc:  # noqa: BLE001 - a tile that does not compile is recorded
             row["tiles"][",".join(map(str, tiles))] = f"{type(exc).__name__}: {exc}"[:300]
     kernels.attention_tiles = default
@@ -203,25 +212,25 @@ def main() -> None:
                      "attention": best_attention}
     out.write_text(json.dumps(rec, indent=1) + "\n")
     default_gemv = kernels.gemv_blocks
-    kernels.gemv_blocks = lambda n, k, r: ((best_gemv.get((n, k)) if r == 1 else None)
-                                           or default_gemv(n, k, r))
+    kernels.gemv_blocks = lambda n, k, r, g=False: ((best_gemv.get((n, k)) if r == 1 else None)
+                                                    or default_gemv(n, k, r, g))
     if best_attention is not None:
         kernels.attention_tiles = lambda m: best_attention
     net = decode_engine.build(18, False, "cuda")
     bw = decode_engine.copy_bandwidth("cuda")
-    for engine in STEP_ENGINES:
+    for engine, batch in STEP_ROWS:
         if rec["rows"] and time.perf_counter() - t0 > a.deadline:
-            rec["errors"].append(f"{engine}: not run (deadline)")
+            rec["errors"].append(f"{engine} batch {batch}: not run (deadline)")
             continue
         try:
             row = decode_engine.measure(a, net, engine, decode_engine.runner(engine, net, "cuda"),
-                                        1, 1, bw, "cuda")
+                                        batch, 1, bw, "cuda")
         except Exception as exc:  # noqa: BLE001 - a failed row is recorded, the rest run
-            rec["errors"].append(f"{engine}: {type(exc).__name__}: {exc}"[:500])
+            rec["errors"].append(f"{engine} batch {batch}: {type(exc).__name__}: {exc}"[:500])
             continue
         row["model"] = "teacher"
         rec["rows"].append(row)
-        print(f"step {engine:13s} {row['ms_per_step']:.3f} ms "
+        print(f"step {engine:13s} batch {batch:2d} {row['ms_per_step']:.3f} ms "
               f"({row.get('kernels_per_step')} kernels)", flush=True)
         out.write_text(json.dumps(rec, indent=1) + "\n")
     rec["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -122,38 +122,87 @@ def _attention64(q, k, v, pad, slot, scale, window):
     return torch.einsum("bhl,bhld->bhd", torch.softmax(s, -1), vv)
 
 
+def _rope64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, D] rotated (rope; cos, sin [B, D]) in fp64, rounded once to bf16."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return _bf(x.double() * cos.double()[:, None] + rot.double() * sin.double()[:, None])
+
+
+def _qkv_case(b: int, hq: int, hkv: int, length: int, d: int, slot: int, seed: int,
+              qk_norm: bool, rope: bool) -> dict:
+    """A raw q|k|v row per sequence, caches, norms and rope, and what the kernel must give:
+    the normed, rotated heads, the caches with the new key / value at `slot`."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, (hq + 2 * hkv) * d, generator=g).to(BF16)
+    k = torch.randn(b, hkv, length, d, generator=g).to(BF16)
+    v = torch.randn(b, hkv, length, d, generator=g).to(BF16)
+    qn, kn = (1.0 + 0.3 * torch.randn(d, generator=g) for _ in range(2))   # fp32 1 + w
+    pos = torch.randint(0, 200, (b,), generator=g).double()
+    inv = 1.0 / (100.0 ** (torch.arange(0, d, 2).double() / d))
+    ang = torch.cat((pos[:, None] * inv, pos[:, None] * inv), -1)
+    cos, sin = ang.cos().to(BF16), ang.sin().to(BF16)
+    heads = qkv.view(b, hq + 2 * hkv, d)
+    q, k_new, v_new = heads[:, :hq], heads[:, hq:hq + hkv], heads[:, hq + hkv:]
+    if qk_norm:
+        q, k_new = _norm64(q, qn, "gemma", 1e-6), _norm64(k_new, kn, "gemma", 1e-6)
+    if rope:
+        q, k_new = _rope64(q, cos, sin), _rope64(k_new, cos, sin)
+    k_want, v_want = k.double(), v.double()
+    k_want[:, :, slot], v_want[:, :, slot] = k_new.double(), v_new.double()
+    return {"qkv": qkv, "k": k, "v": v, "q_norm": qn if qk_norm else None,
+            "k_norm": kn if qk_norm else None, "cos": cos if rope else None,
+            "sin": sin if rope else None, "q_want": q.double(), "k_want": k_want,
+            "v_want": v_want}
+
+
+def _attend(case: dict, pad: torch.Tensor, slot: int, count: torch.Tensor, scale: float,
+            window: int, split: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel on `case` (on DEVICE) -> (output, key cache, value cache) on the CPU."""
+    dev = {name: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t)
+           for name, t in case.items()}
+    out = kernels.decode_attention(dev["qkv"], dev["q_norm"], dev["k_norm"], 1e-6, dev["cos"],
+                                   dev["sin"], dev["k"], dev["v"], pad.to(DEVICE),
+                                   torch.tensor([slot], device=DEVICE), count, scale, window,
+                                   split)
+    return out.cpu(), dev["k"].cpu(), dev["v"].cpu()
+
+
 @pytest.mark.parametrize("split", [0, 16])
 @pytest.mark.parametrize("hq,hkv", [(4, 1), (4, 2), (2, 2)])
 @pytest.mark.parametrize("slot,window", [(0, 0), (5, 0), (29, 0), (37, 0), (29, 6), (37, 19)])
-def test_attention_matches_fp64(hq: int, hkv: int, slot: int, window: int, split: int) -> None:
+@pytest.mark.parametrize("qk_norm,rope", [(True, True), (False, True), (False, False)])
+def test_attention_matches_fp64(hq: int, hkv: int, slot: int, window: int, split: int,
+                                qk_norm: bool, rope: bool) -> None:
+    """From the raw q|k|v row: q/k norms (Gemma) and rope, the new key / value written at
+    `slot` (nothing else in the caches touched), attention over padding, windows, grouped
+    heads and split merges; against fp64 with the torch path's roundings."""
     b, length, d = 3, 40, 32
-    g = torch.Generator().manual_seed(slot * 10 + hq + hkv + window)
-    q = torch.randn(b, hq, d, generator=g).to(BF16)
-    k = torch.randn(b, hkv, length, d, generator=g).to(BF16)
-    v = torch.randn(b, hkv, length, d, generator=g).to(BF16)
+    case = _qkv_case(b, hq, hkv, length, d, slot, slot * 10 + hq + hkv + window + qk_norm,
+                     qk_norm, rope)
     pad = torch.ones(b, length + 3, dtype=torch.long)   # wider than the cache, like the engine's
     pad[1, :4] = 0          # left padding
     pad[2, :11] = 0
     count = torch.zeros(b * hkv, dtype=torch.int32, device=DEVICE)
-    got = kernels.decode_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), pad.to(DEVICE),
-                                   torch.tensor([slot], device=DEVICE), count, 0.3, window,
-                                   split).cpu()
-    want = _attention64(q, k, v, pad, slot, 0.3, window)
-    assert _rel(got, want) < 1.5e-2
+    got, k_cache, v_cache = _attend(case, pad, slot, count, 0.3, window, split)
+    want = _attention64(case["q_want"], case["k_want"], case["v_want"], pad, slot, 0.3, window)
+    assert got.shape == (b, hq, d) and _rel(got, want) < 1.5e-2
     assert not count.any(), "the split-merge counter must be left at zero"
+    others = torch.arange(length) != slot
+    assert torch.equal(k_cache[:, :, others], case["k"][:, :, others])
+    assert torch.equal(v_cache[:, :, others], case["v"][:, :, others])
+    assert torch.equal(v_cache[:, :, slot].double(), case["v_want"][:, :, slot])
+    assert _rel(k_cache[:, :, slot], case["k_want"][:, :, slot]) < ROUND
 
 
 def test_attention_splits_agree() -> None:
     """One program per sequence vs three: the merged result is the same attention."""
-    g = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 4, 32, generator=g).to(BF16).to(DEVICE)
-    k, v = (torch.randn(2, 1, 48, 32, generator=g).to(BF16).to(DEVICE) for _ in range(2))
-    pad = torch.ones(2, 48, dtype=torch.long, device=DEVICE)
-    slot = torch.tensor([45], device=DEVICE)
+    case = _qkv_case(2, 4, 1, 48, 32, 45, 3, True, True)
+    pad = torch.ones(2, 48, dtype=torch.long)
     count = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-    one = kernels.decode_attention(q, k, v, pad, slot, count, 0.2, 0, 64)
-    many = kernels.decode_attention(q, k, v, pad, slot, count, 0.2, 0, 16)
-    assert _rel(many.cpu(), one.cpu()) < 1e-2
+    one = _attend(case, pad, 45, count, 0.2, 0, 64)[0]
+    many = _attend(case, pad, 45, count, 0.2, 0, 16)[0]
+    assert _rel(many, one) < 1e-2
 
 
 TINY = {"vocab_size": 97, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 3,
@@ -239,11 +288,14 @@ def test_kernels_refused_with_a_reason() -> None:
 
 
 def test_default_and_serving_kernels() -> None:
-    """The default forward on CUDA runs the attention kernel (DEFAULT_KERNELS: measured faster
-    than the torch ops), the GEMV only when asked; "serving" takes what serves: on CPU nothing
-    (the interpreter only runs kernels named explicitly)."""
+    """The default forward on CUDA runs the attention kernel and, at one row, the GEMV
+    (DEFAULT_KERNELS: measured faster than the torch ops; the GEMV slower than cuBLAS at 8
+    rows); "serving" takes what serves: on CPU nothing (the interpreter only runs kernels
+    named explicitly)."""
     model = _bf16_model("llama")
-    assert DecodeModel(model, batch=1, max_len=8).kernels == (("attention",) if ON_CUDA else ())
+    assert DecodeModel(model, batch=1, max_len=8).kernels == (("attention", "gemv") if ON_CUDA
+                                                             else ())
+    assert DecodeModel(model, batch=2, max_len=8).kernels == (("attention",) if ON_CUDA else ())
     want = ("attention", "gemv") if ON_CUDA else ()
     assert DecodeModel(model, batch=1, max_len=8, kernels="serving").kernels == want
     assert DecodeModel(model, batch=32, max_len=8, kernels="serving").kernels == want[:1]
@@ -280,11 +332,13 @@ def test_kernel_arguments_are_checked() -> None:
     w = torch.randn(16, 32).to(BF16).to(DEVICE)
     with pytest.raises(ValueError, match="at most 16 rows"):
         kernels.decode_gemv(torch.randn(17, 32).to(BF16).to(DEVICE), w, None, None, 1e-6, 0, 0)
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(1, 2, 32, generator=g).to(BF16)
-    k, v = (torch.randn(1, 1, 100, 32, generator=g).to(BF16) for _ in range(2))
+    case = _qkv_case(1, 2, 1, 100, 32, 97, 5, False, True)
     pad = torch.ones(1, 100, dtype=torch.long)
     count = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    got = kernels.decode_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), pad.to(DEVICE),
-                                   torch.tensor([97], device=DEVICE), count, 0.3, 0, 48).cpu()
-    assert _rel(got, _attention64(q, k, v, pad, 97, 0.3, 0)) < 1.5e-2
+    got = _attend(case, pad, 97, count, 0.3, 0, 48)[0]
+    assert _rel(got, _attention64(case["q_want"], case["k_want"], case["v_want"], pad, 97, 0.3,
+                                  0)) < 1.5e-2
+    with pytest.raises(ValueError, match="qkv width"):
+        kernels.decode_attention(case["qkv"][:, :-16].to(DEVICE), None, None, 1e-6, None, None,
+                                 case["k"].to(DEVICE), case["v"].to(DEVICE), pad.to(DEVICE),
+                                 torch.tensor([97], device=DEVICE), count, 0.3, 0, 0)

@@ -19,12 +19,13 @@ dtype, `query_pre_attn_scalar`, post-attention / post-feedforward norms, local l
 frequencies are taken from the model's own rotary module); Qwen2's qkv bias and its sliding
 layers. What is not implemented is refused with `EngineUnavailable` naming it.
 
-On CUDA the one-token step can also run through Triton kernels (`generation/kernels.py`,
-`KERNELS`; `kernels="serving"` or named ones): each projection with the residual add and norm
-before it and the gated activation after it fused in (a GEMV, batch <= 16), and attention as
-one kernel per layer reading the cache only up to the current slot. The default (DEFAULT_KERNELS)
-is the attention kernel, measured faster than the torch ops on an H100 and an H200; the GEMV
-is opt-in: slower than cuBLAS on the H100 (benchmarks/RESULTS.md, decode kernels).
+On CUDA the one-token step runs through Triton kernels (`generation/kernels.py`, `KERNELS`;
+`kernels="serving"` or named ones): each projection with the residual add and norm before it
+and the gated activation after it fused in (a GEMV, batch <= 16), and attention as one kernel
+per layer from the raw q|k|v projection (q/k norms, rope, the cache writes, attention over the
+cache up to the current slot). The default (DEFAULT_KERNELS): both, the GEMV only at one row,
+where it is faster than cuBLAS; the batch-1 step on an H100 is 0.587 ms with both against 0.821
+with the torch ops (benchmarks/RESULTS.md, decode kernels, everything fused).
 
 Weights change between rollouts while the student trains: `refresh()` copies the live
 parameters into the fused buffers in place (a peft LoRA adapter, unmerged, is merged into the
@@ -50,11 +51,12 @@ ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
 LAYER_KINDS = ("full_attention", "sliding_attention")
 KERNELS = ("attention", "gemv")   # the step's optional Triton kernels (generation/kernels.py)
-# What `kernels=None` gives (RESULTS.md, decode kernels): attention, whose step is faster than
-# the torch ops' at batch 1 on an H100 (0.789 vs 0.819 ms, this revision) and at batch 32 and
-# 256 on an H200 (an earlier one); not the GEMV: 0.7-2.7 us slower than cuBLAS per projection
-# on the H100, the step 0.916 vs 0.819 ms.
-DEFAULT_KERNELS: tuple[str, ...] = ("attention",)
+# What `kernels=None` gives (RESULTS.md, decode kernels): both, the GEMV only at one row. At
+# batch 1 on an H100 the step with both took 0.625-0.638 ms against 0.733-0.822 with the torch
+# ops; at batch 8 the GEMV's several-row path (tl.dot tiles) made it slower than cuBLAS's
+# (1.005 vs 0.825 ms), so there the projections stay cuBLAS GEMMs.
+DEFAULT_KERNELS: tuple[str, ...] = ("attention", "gemv")
+GEMV_DEFAULT_ROWS = 1             # the default takes the GEMV up to this many rows
 SERVING = "serving"               # kernels="serving": every kernel that serves the model
 GEMV_MAX_ROWS = 16                # kernels.MAX_ROWS (not imported: triton is optional)
 
@@ -420,8 +422,8 @@ class DecodeModel(nn.Module):
         return proj.view(*x.shape[:-1], proj.shape[-1]), h.view(x.shape)
 
     def _layers(self, x: Tensor, pos: Tensor, attend: Any, gemv: bool = False) -> Tensor:
-        """The decoder stack; `attend(i, q, k, v)` -> [B, S, Hq * D] does the cache and
-        attention of layer i (prefill or step); `gemv`: projections through the Triton GEMV,
+        """The decoder stack; `attend(i, qkv, cos, sin)` -> [B, S, Hq * D] does the q/k norms
+        and rope (`_heads`), the cache and the attention of layer i (prefill or step); `gemv`: projections through the Triton GEMV,
         each residual add folded into the next projection. `branch`: a sublayer's output (and
         its Gemma post-norm) not yet added to the residual stream x."""
         gemma, w = self.arch.gemma, self.w
@@ -429,8 +431,7 @@ class DecodeModel(nn.Module):
         branch: tuple[Tensor, Tensor | None] | None = None
         for i in range(self.arch.layers):
             qkv, x = self._residual_project(x, branch, w.ln_input[i], "qkv", i, gemv)
-            q, k, v = self._heads(qkv, i, *ropes[w.rope_kind[i]])
-            out = self._project(attend(i, q, k, v), None, "o", i, gemv)
+            out = self._project(attend(i, qkv, *ropes[w.rope_kind[i]]), None, "o", i, gemv)
             branch = (out, w.ln_post_attention[i] if gemma else None)
             h, x = self._residual_project(
                 x, branch, w.ln_pre_feedforward[i] if gemma else w.ln_post_attention[i],
@@ -462,7 +463,8 @@ class DecodeModel(nn.Module):
         masks = {False: attend_ok[:, None],
                  True: self._in_window(attend_ok, idx[None, :], idx[:, None])[:, None]}
 
-        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        def attend(i: int, qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+            q, k, v = self._heads(qkv, i, cos, sin)
             k_cache, v_cache = self.cache(i)
             k_cache[:, :, :p] = k.to(k_cache.dtype)
             v_cache[:, :, :p] = v.to(v_cache.dtype)
@@ -483,16 +485,19 @@ class DecodeModel(nn.Module):
         ok = _visible(pad.bool(), self.slots[None, :], slot)          # [B, L], built once
         masks = {False: ok[:, None, None], True: self._in_window(ok, self.slots, slot)[:, None, None]}
 
-        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        def attend(i: int, qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
             k_cache, v_cache = self.cache(i)
-            k_cache.index_copy_(2, slot, k.to(k_cache.dtype))
-            v_cache.index_copy_(2, slot, v.to(v_cache.dtype))
-            if "attention" in self.kernels:
+            if "attention" in self.kernels:   # norms, rope, cache writes and attention: one op
                 window = a.window if a.sliding[i] and a.window else 0
                 out = self._kern.decode_attention(
-                    q.reshape(b, a.heads, a.head_dim).to(k_cache.dtype).contiguous(), k_cache,
-                    v_cache, pad, slot, self.attn_count, a.scaling, window, 0)
+                    qkv.reshape(b, -1), self.w.q_norm[i] if a.gemma else None,
+                    self.w.k_norm[i] if a.gemma else None, a.eps, cos.reshape(b, a.head_dim),
+                    sin.reshape(b, a.head_dim), k_cache, v_cache, pad, slot, self.attn_count,
+                    a.scaling, window, 0)
                 return out.view(b, 1, a.heads * a.head_dim)
+            q, k, v = self._heads(qkv, i, cos, sin)
+            k_cache.index_copy_(2, slot, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, slot, v.to(v_cache.dtype))
             # the `group` query heads of one KV head become that head's query rows: GQA
             # without repeating the cache
             # one query row per head: plain matmuls + softmax (fp32, as HF's eager attention),
@@ -516,13 +521,15 @@ class DecodeModel(nn.Module):
 def step_kernels(w: FusedWeights, batch: int, asked: tuple[str, ...] | str | None
                  ) -> tuple[str, ...]:
     """The Triton kernels the one-token step uses. `asked` None: those of DEFAULT_KERNELS that
-    serve; SERVING: every one that serves (CUDA with triton installed, 16-bit weights, a
+    serve (the GEMV up to GEMV_DEFAULT_ROWS rows); SERVING: every one that serves (CUDA with triton installed, 16-bit weights, a
     power-of-two head dim; the GEMV up to GEMV_MAX_ROWS rows); a tuple: exactly those, or
     EngineUnavailable naming why not (on CPU they run only when named, under Triton's
     interpreter: tests)."""
     interpret = isinstance(asked, tuple) and os.environ.get("TRITON_INTERPRET") == "1"
     why_not = _kernel_obstacles(w.arch, "cuda" if interpret else w.embed.device.type,
                                 w.matmul_dtype, batch)
+    if asked is None and batch > GEMV_DEFAULT_ROWS:
+        why_not.setdefault("gemv", f"batch {batch} (the default: at most {GEMV_DEFAULT_ROWS})")
     if asked is None or asked == SERVING:
         wanted = DEFAULT_KERNELS if asked is None else KERNELS
         return tuple(k for k in wanted if k not in why_not)
@@ -557,15 +564,16 @@ def _kernel_obstacles(a: Arch, device_type: str, matmul_dtype: torch.dtype, batc
 
 def kernels_note(model: nn.Module) -> str:
     """Which Triton step kernels the default forward gives `model` where it is (for records:
-    they launch different kernels than the torch ops), e.g. "Triton attention; Triton GEMV
-    up to 16 rows", or "torch ops"."""
+    they launch different kernels than the torch ops), e.g. "Triton attention (q/k norms,
+    rope, cache writes); Triton GEMV at 1 row", or "torch ops"."""
     emb = base_model(model).model.embed_tokens.weight
     a = inspect_arch(model)
     small = _kernel_obstacles(a, emb.device.type, emb.dtype, 1)
     small.update({k: "not a default" for k in KERNELS if k not in DEFAULT_KERNELS})
-    notes = ["Triton attention"] if "attention" not in small else []
+    notes = [] if "attention" in small else ["Triton attention (q/k norms, rope, cache writes)"]
     if "gemv" not in small:
-        notes.append(f"Triton GEMV up to {GEMV_MAX_ROWS} rows")
+        notes.append(f"Triton GEMV at {GEMV_DEFAULT_ROWS} row" if GEMV_DEFAULT_ROWS == 1
+                     else f"Triton GEMV up to {GEMV_DEFAULT_ROWS} rows")
     return "; ".join(notes) or "torch ops"
 
 

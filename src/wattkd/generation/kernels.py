@@ -1,5 +1,6 @@
-"""Triton kernels for the one-token decode step at small batch: a GEMV with the RMSNorm before
-it and the gated activation after it fused in, and attention over the KV cache in one launch.
+"""Triton kernels for the one-token decode step at small batch: a GEMV with the residual add
+and RMSNorm before it and the gated activation after it fused in, and attention from the raw
+q|k|v projection (q/k norms, rope, cache writes, attention over the KV cache) in one launch.
 
 Why: at batch 1 a Gemma-3-270M decode step is ~240 kernels of 2-4 us each although most read
 under 5 MB (benchmarks/RESULTS.md, decode engine): the step is bound by launches, not
@@ -7,8 +8,10 @@ bandwidth. cuBLAS runs each projection as a GEMM tile kernel (2.7-4.1 us), the a
 one layer was two GEMMs and a softmax (~10 us), and every norm and activation a kernel of its
 own. Here a projection with its input norm and (gate|up) its activation is one kernel, the
 residual add before it (with Gemma's post-norm of the branch output) its prologue
-(`decode_residual_gemv`), and attention is one kernel per layer that reads the cache only up
-to the current slot.
+(`decode_residual_gemv`), and attention is one kernel per layer that norms and rotates q and
+k, writes the new key and value into the cache and reads the cache only up to the current
+slot: 104 launches a step instead of 240, 0.587 ms instead of 0.821 on an H100
+(benchmarks/RESULTS.md, decode kernels, everything fused).
 
 Numerics follow decode_model's torch path (HF's maths): the norm in fp32 rounded to the
 input's dtype, products accumulated in fp32 and rounded to the weight dtype, gate and up
@@ -19,7 +22,8 @@ torch path, checked against fp64 in tests/test_decode_kernels.py).
 
 Attention splits each sequence over programs of SPLIT slots (flash-decoding); the last program
 of a (row, KV head) to finish, found with an atomic counter, merges the partial results, so it
-is one launch. The counter is zero again when the kernel ends, so the op declares no mutation.
+is one launch. The counter is zero again when the kernel ends, so the op declares no mutation
+of it; it declares the caches' (inductor then writes them in place: no copy).
 
 Both are `torch.library.custom_op`s: opaque to torch.compile (inductor fuses the elementwise
 work around them) and captured into the engine's CUDA graph like any kernel. Runs on CUDA, and
@@ -158,16 +162,19 @@ def _gemv(x_ptr, w_ptr, bias_ptr, norm_ptr, out_ptr, res_ptr, post_ptr, h_ptr, B
              mask=rmask[:, None] & nmask[None, :])
 
 
-def gemv_blocks(n: int, k: int, rows: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps); tiny tiles in the interpreter. Several rows: 16 output rows
-    a program (tl.dot's smallest tile), K in 256-wide tiles (fastest of six tilings on an H100,
-    and still 0.7-2.7 us slower than cuBLAS: benchmarks/RESULTS.md, decode kernels). One row:
-    4-8 output rows a program so that N = 640 still fills the SMs (unmeasured: the next tile
-    sweep's first question)."""
+def gemv_blocks(n: int, k: int, rows: int, gated: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps); tiny tiles in the interpreter. One row: one warp a program,
+    K in 256-wide tiles, 2 output rows a program, or 1 where that would read more than 2,048
+    weights (gated: gate and up rows). Swept on an H100 over the Gemma-3-270M projections
+    (benchmarks/RESULTS.md, decode kernels), these were the fastest of eight tilings or within
+    0.2 us of it, and faster than cuBLAS: 2.4-3.2 us against 3.7-6.3 (gate|up 4.3 against 4.7
+    with its activation fused). Several rows: 16 output rows a program
+    (tl.dot's smallest tile), the fastest of six tilings there, and slower than cuBLAS: the
+    default takes the GEMV only at one row (decode_model.GEMV_DEFAULT_ROWS)."""
     if interpreting():
         return 16, 32, 1
     if rows == 1:
-        return (4 if n <= 1024 else 8), 256, 2
+        return (2 if 2 * k * (2 if gated else 1) <= 2048 else 1), 256, 1
     return 16, 256, 4
 
 
@@ -181,7 +188,7 @@ def _launch_gemv(x: Tensor, w: Tensor, bias: Tensor | None, norm_w: Tensor | Non
     x = x.contiguous()
     out = torch.empty(rows, n, device=x.device, dtype=w.dtype)
     h = torch.empty_like(x) if resid else None
-    bn, bk, warps = gemv_blocks(n, k, rows)
+    bn, bk, warps = gemv_blocks(n, k, rows, bool(act))
     _gemv[(triton.cdiv(n, bn),)](
         x, w, bias if bias is not None else w, norm_w if norm_w is not None else w, out,
         res.contiguous() if res is not None else x, post_w if post_w is not None else w,
@@ -225,17 +232,103 @@ def _(x, res, post_w, w, bias, norm_w, eps, norm, act):
 
 
 @triton.jit
-def _attend(q_ptr, k_ptr, v_ptr, pad_ptr, slot_ptr, out_ptr, part_ptr, stat_ptr, count_ptr,
-            scale, window, L, PAD_L, HKV, SPLITS,
-            G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
-            SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr, WINDOW: tl.constexpr,
+def _head_load(qkv_ptr, base, d, rmask, norm_ptr, D: tl.constexpr, QK_NORM: tl.constexpr,
+               ROPE: tl.constexpr):
+    """The raw heads starting at base[r] (tile rows r), their rotate_half partners (rope) and
+    the norm weights of both: loads only, issued before any of them is used."""
+    half: tl.constexpr = D // 2
+    dp = (d + half) % D                         # rotate_half's partner of each column
+    x = tl.load(qkv_ptr + base[:, None] + d[None, :], mask=rmask[:, None], other=0.0)
+    xp = x
+    if ROPE:
+        xp = tl.load(qkv_ptr + base[:, None] + dp[None, :], mask=rmask[:, None], other=0.0)
+    nw = tl.zeros((D,), tl.float32)
+    nwp = nw
+    if QK_NORM:
+        nw = tl.load(norm_ptr + d)
+        nwp = tl.load(norm_ptr + dp)
+    return x, xp, nw, nwp
+
+
+@triton.jit
+def _head_math(x, xp, nw, nwp, cos, sin, d, eps, D: tl.constexpr, QK_NORM: tl.constexpr,
+               ROPE: tl.constexpr):
+    """Heads RMS-normed (Gemma's q/k norm: weight 1 + w in fp32, output rounded to the input
+    dtype) then rotated (rope: x * cos + rotate_half(x) * sin, cos / sin [D] in the model dtype,
+    rounded once as inductor's fused torch path does)."""
+    dt = x.dtype
+    xf = x.to(tl.float32)
+    xpf = xp.to(tl.float32)
+    if QK_NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / D + eps)
+        xf = (xf * rstd[:, None] * nw[None, :]).to(dt).to(tl.float32)
+        if ROPE:
+            xpf = (xpf * rstd[:, None] * nwp[None, :]).to(dt).to(tl.float32)
+    if ROPE:
+        sign = tl.where(d < D // 2, -1.0, 1.0)
+        xf = xf * cos[None, :] + (sign[None, :] * xpf) * sin[None, :]
+    return xf.to(dt)
+
+
+@triton.jit
+def _attend_tile(q, kt, vt, j, jm, slot, pad_ptr, b, PAD_L, scale, window, m, den, acc,
+                 WINDOW: tl.constexpr, UPCAST: tl.constexpr):
+    """One tile of slots j into the online softmax state (m, den, acc) of the query rows q."""
+    cache_dtype = kt.dtype
+    if UPCAST:   # the interpreter's bf16 dot is wrong (triton 3.9): do it in fp32
+        sc = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee")
+    else:
+        sc = tl.dot(q, tl.trans(kt))
+    sc = sc.to(cache_dtype).to(tl.float32) * scale
+    pad = tl.load(pad_ptr + b.to(tl.int64) * PAD_L + j, mask=jm, other=0)
+    seen = ((pad != 0) & (j <= slot)) | (j == slot)
+    if WINDOW:
+        seen = seen & (j > slot - window)
+    seen = seen & jm
+    sc = tl.where(seen[None, :], sc, float("-inf"))
+    m_new = tl.maximum(m, tl.max(sc, 1))
+    base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(sc - base[:, None])
+    alpha = tl.exp(m - base)
+    den = den * alpha + tl.sum(p, 1)
+    if UPCAST:
+        pv = tl.dot(p.to(cache_dtype).to(tl.float32), vt.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(cache_dtype), vt)
+    return m_new, den, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _attend(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, eps, k_ptr, v_ptr, pad_ptr, slot_ptr,
+            out_ptr, part_ptr, stat_ptr, count_ptr, scale, window, L, PAD_L, HKV, SPLITS,
+            QKV_W, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
+            BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr,
+            WINDOW: tl.constexpr, QK_NORM: tl.constexpr, ROPE: tl.constexpr,
             UPCAST: tl.constexpr):
-    """Program (row b, KV head h, split s): the G query heads of h against slots
-    [lo + s * SPLIT, +SPLIT) of [lo, slot]; partial (max, sum, acc) merged by the last one."""
+    """Program (row b, KV head h, split s): the G query heads of h (normed and rotated from
+    the raw q|k|v projection) against slots [lo + s * SPLIT, +SPLIT) of [lo, slot]; partial
+    (max, sum, acc) merged by the last one. The program whose split holds `slot` also norms
+    and rotates the new key, attends to it and the new value from registers and writes both
+    into the caches at `slot`. Every load that does not need another is issued first (one
+    memory round trip for the query, the new key / value and the last cache tile), and the
+    last tile (the one holding `slot`, usually the only one) is taken apart from the loop."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    r2 = tl.arange(0, 2)                   # the new key / value: row 0 of a 2-row tile
+    gmask = g < G
+    row = b.to(tl.int64) * QKV_W
+    # loads that need no slot: issued with the slot's
     slot = tl.load(slot_ptr)
+    qx, qxp, qnw, qnwp = _head_load(qkv_ptr, row + (h * G + g) * D, d, gmask, qn_ptr, D,
+                                    QK_NORM, ROPE)
+    cos = tl.zeros((D,), tl.float32)
+    sin = tl.zeros((D,), tl.float32)
+    if ROPE:
+        cos = tl.load(cos_ptr + b.to(tl.int64) * D + d).to(tl.float32)
+        sin = tl.load(sin_ptr + b.to(tl.int64) * D + d).to(tl.float32)
     n = slot + 1
     lo = 0
     if WINDOW:
@@ -243,48 +336,46 @@ def _attend(q_ptr, k_ptr, v_ptr, pad_ptr, slot_ptr, out_ptr, part_ptr, stat_ptr,
     start = lo + s * SPLIT
     if start < n:
         active = tl.cdiv(n - lo, SPLIT)
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, D)
-        gmask = g < G
         cache_dtype = k_ptr.dtype.element_ty
         head = (b * HKV + h).to(tl.int64)
-        qrow = b.to(tl.int64) * HKV * G + h * G + g
-        q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
+        end = tl.minimum(start + SPLIT, n)
+        last = start + ((end - start - 1) // BLOCK_L) * BLOCK_L
+        j = last + tl.arange(0, BLOCK_L)
+        jm = j < end
+        is_new = j == slot
+        tile = (head * L + j)[:, None] * D + d[None, :]
+        kt = tl.load(k_ptr + tile, mask=(jm & ~is_new)[:, None], other=0.0)
+        vt = tl.load(v_ptr + tile, mask=(jm & ~is_new)[:, None], other=0.0)
+        r2s = r2 * 0 + slot                # (a vector: the interpreter takes no scalar masks)
+        mine = (r2 == 0) & (r2s >= start) & (r2s < start + SPLIT)
+        kx, kxp, knw, knwp = _head_load(qkv_ptr, row + (HKV * G + h) * D + r2 * 0, d, mine,
+                                        kn_ptr, D, QK_NORM, ROPE)
+        vx = tl.load(qkv_ptr + row + (HKV * G + HKV + h) * D + r2[:, None] * 0 + d[None, :],
+                     mask=mine[:, None], other=0.0)
+        q = _head_math(qx, qxp, qnw, qnwp, cos, sin, d, eps, D, QK_NORM, ROPE).to(cache_dtype)
+        k_new = _head_math(kx, kxp, knw, knwp, cos, sin, d, eps, D, QK_NORM, ROPE
+                           ).to(cache_dtype)
+        v_new = vx.to(cache_dtype)
         m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
         den = tl.zeros((BLOCK_G,), tl.float32)
         acc = tl.zeros((BLOCK_G, D), tl.float32)
-        for j0 in range(start, tl.minimum(start + SPLIT, n), BLOCK_L):
-            j = j0 + tl.arange(0, BLOCK_L)
-            jm = (j < n) & (j < start + SPLIT)
-            kt = tl.load(k_ptr + (head * L + j)[:, None] * D + d[None, :], mask=jm[:, None],
-                         other=0.0)
-            vt = tl.load(v_ptr + (head * L + j)[:, None] * D + d[None, :], mask=jm[:, None],
-                         other=0.0)
-            if UPCAST:
-                sc = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32)),
-                            input_precision="ieee")
-            else:
-                sc = tl.dot(q, tl.trans(kt))
-            sc = sc.to(cache_dtype).to(tl.float32) * scale
-            pad = tl.load(pad_ptr + b.to(tl.int64) * PAD_L + j, mask=jm, other=0)
-            seen = ((pad != 0) & (j <= slot)) | (j == slot)
-            if WINDOW:
-                seen = seen & (j > slot - window)
-            seen = seen & jm
-            sc = tl.where(seen[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m, tl.max(sc, 1))
-            base = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(sc - base[:, None])
-            alpha = tl.exp(m - base)
-            den = den * alpha + tl.sum(p, 1)
-            if UPCAST:
-                pv = tl.dot(p.to(cache_dtype).to(tl.float32), vt.to(tl.float32),
-                            input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(cache_dtype), vt)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
-        orow = qrow[:, None] * D + d[None, :]
+        for j0 in range(start, last, BLOCK_L):          # the tiles before the last (if any)
+            jj = j0 + tl.arange(0, BLOCK_L)
+            t = (head * L + jj)[:, None] * D + d[None, :]
+            m, den, acc = _attend_tile(q, tl.load(k_ptr + t), tl.load(v_ptr + t), jj,
+                                       jj < end, slot, pad_ptr, b, PAD_L, scale, window, m,
+                                       den, acc, WINDOW, UPCAST)
+        # row 0 of the 2-row tiles (the other is zero) into the slot's row of the last tile
+        k_row = tl.sum(k_new.to(tl.float32), 0)
+        v_row = tl.sum(v_new.to(tl.float32), 0)
+        kt = tl.where(is_new[:, None], k_row[None, :].to(cache_dtype), kt)
+        vt = tl.where(is_new[:, None], v_row[None, :].to(cache_dtype), vt)
+        m, den, acc = _attend_tile(q, kt, vt, j, jm, slot, pad_ptr, b, PAD_L, scale, window, m,
+                                   den, acc, WINDOW, UPCAST)
+        at_slot = (head * L + slot) * D + r2[:, None] * 0 + d[None, :]
+        tl.store(k_ptr + at_slot, k_new, mask=mine[:, None])
+        tl.store(v_ptr + at_slot, v_new, mask=mine[:, None])
+        orow = (b.to(tl.int64) * HKV * G + h * G + g)[:, None] * D + d[None, :]
         if active == 1:
             tl.store(out_ptr + orow, (acc / den[:, None]).to(out_ptr.dtype.element_ty),
                      mask=gmask[:, None])
@@ -338,16 +429,29 @@ def attention_tiles(max_len: int) -> tuple[int, int, int]:
     return max(32, triton.next_power_of_2(triton.cdiv(max_len, MAX_ATTENTION_SPLITS))), 32, 4
 
 
-@torch.library.custom_op("wattkd::decode_attention", mutates_args=())
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pad: Tensor, slot: Tensor,
-                     count: Tensor, scale: float, window: int, split: int) -> Tensor:
-    """One query token per row against the cache: q [B, Hq, D], k/v caches [B, Hkv, L, D]
-    holding the current token at `slot` (a 1-element device tensor), pad [B, >= L] (0 on
-    prompt padding) -> [B, Hq, D]. Slots after `slot` are not read; with window > 0 only the
-    last `window` slots are seen. `count`: int32 zeros [B * Hkv], left zero (the split merge's
-    counter). `split`: slots a program (0: attention_tiles'; else a multiple of 16)."""
-    b, hq, d = q.shape
-    hkv, max_len = k_cache.shape[1], k_cache.shape[2]
+@torch.library.custom_op("wattkd::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention(qkv: Tensor, q_norm: Tensor | None, k_norm: Tensor | None, eps: float,
+                     cos: Tensor | None, sin: Tensor | None, k_cache: Tensor, v_cache: Tensor,
+                     pad: Tensor, slot: Tensor, count: Tensor, scale: float, window: int,
+                     split: int) -> Tensor:
+    """One query token per row, from its raw q|k|v projection to the attention output: qkv
+    [B, (Hq + 2 Hkv) D] (query heads, then key, then value heads); the q and k heads RMS-normed
+    with `q_norm` / `k_norm` (Gemma's 1 + w in fp32; None: no q/k norm) and rotated with
+    `cos` / `sin` [B, D] (the model dtype; None: no rope); the new key and value written into
+    the caches [B, Hkv, L, D] at `slot` (a 1-element device tensor); attention over the slots
+    up to it -> [B, Hq, D]. pad [B, >= L] is 0 on prompt padding; slots after `slot` are not
+    read; with window > 0 only the last `window` slots are seen. `count`: int32 zeros
+    [B * Hkv], left zero (the split merge's counter). `split`: slots a program (0:
+    attention_tiles'; else a multiple of 16). One launch for what the torch ops do in four
+    (q/k norm and rope, two cache writes, attention)."""
+    b = qkv.shape[0]
+    hkv, max_len, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    hq = qkv.shape[1] // d - 2 * hkv
+    if hq < hkv or hq % hkv or qkv.shape[1] != (hq + 2 * hkv) * d:
+        raise ValueError(f"qkv width {qkv.shape[1]} is not (Hq + 2 x {hkv}) x {d} with Hq a "
+                         f"multiple of {hkv}")
+    if (q_norm is None) != (k_norm is None) or (cos is None) != (sin is None):
+        raise ValueError("q_norm and k_norm, cos and sin: both or neither")
     g = hq // hkv
     split_len, block_l, warps = attention_tiles(max_len)
     if split:   # tiles: the largest power of two dividing it, at most the default's
@@ -357,17 +461,25 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pad: Tensor, s
                              "on the GPU)")
     splits = triton.cdiv(max_len, split_len)
     block_g = max(16, triton.next_power_of_2(g))
-    out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
-    part = torch.empty(b * hkv * splits * g, d, device=q.device, dtype=torch.float32)
-    stat = torch.empty(b * hkv * splits * g, 2, device=q.device, dtype=torch.float32)
+    out = torch.empty(b, hq, d, device=qkv.device, dtype=k_cache.dtype)
+    part = torch.empty(b * hkv * splits * g, d, device=qkv.device, dtype=torch.float32)
+    stat = torch.empty(b * hkv * splits * g, 2, device=qkv.device, dtype=torch.float32)
+    anything = qkv  # a valid pointer for the arguments a constexpr switches off
     _attend[(b, hkv, splits)](
-        q.to(k_cache.dtype).contiguous(), k_cache, v_cache, pad, slot, out, part, stat, count,
-        scale, window, max_len, pad.stride(0), hkv, splits, G=g, D=d, BLOCK_G=block_g,
-        BLOCK_L=block_l, SPLIT=split_len, MAX_SPLITS=triton.next_power_of_2(splits),
-        WINDOW=window > 0, UPCAST=interpreting(), num_warps=warps)
+        qkv.contiguous(), q_norm if q_norm is not None else anything,
+        k_norm if k_norm is not None else anything,
+        cos.contiguous() if cos is not None else anything,
+        sin.contiguous() if sin is not None else anything, eps, k_cache, v_cache, pad, slot,
+        out, part, stat, count, scale, window, max_len, pad.stride(0), hkv, splits,
+        qkv.shape[1], G=g, D=d, BLOCK_G=block_g, BLOCK_L=block_l, SPLIT=split_len,
+        MAX_SPLITS=triton.next_power_of_2(splits), WINDOW=window > 0,
+        QK_NORM=q_norm is not None, ROPE=cos is not None, UPCAST=interpreting(),
+        num_warps=warps)
     return out
 
 
 @decode_attention.register_fake
-def _(q, k_cache, v_cache, pad, slot, count, scale, window, split):
-    return q.new_empty(q.shape)
+def _(qkv, q_norm, k_norm, eps, cos, sin, k_cache, v_cache, pad, slot, count, scale, window,
+      split):
+    hkv, d = k_cache.shape[1], k_cache.shape[3]
+    return k_cache.new_empty(qkv.shape[0], qkv.shape[1] // d - 2 * hkv, d)
