@@ -51,10 +51,10 @@ ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
 LAYER_KINDS = ("full_attention", "sliding_attention")
 KERNELS = ("attention", "gemv")   # the step's optional Triton kernels (generation/kernels.py)
-# What `kernels=None` gives (RESULTS.md, decode kernels): both, the GEMV only at one row. At
-# batch 1 on an H100 the step with both took 0.625-0.638 ms against 0.733-0.822 with the torch
-# ops; at batch 8 the GEMV's several-row path (tl.dot tiles) made it slower than cuBLAS's
-# (1.005 vs 0.825 ms), so there the projections stay cuBLAS GEMMs.
+# What `kernels=None` gives (RESULTS.md, decode kernels, everything fused): both, the GEMV only
+# at one row. At batch 1 on an H100 the step with both took 0.587 ms against 0.821 with the
+# torch ops; at batch 8 the GEMV's several-row path (tl.dot tiles) made it slower than
+# attention alone with cuBLAS projections (0.968 vs 0.762 ms).
 DEFAULT_KERNELS: tuple[str, ...] = ("attention", "gemv")
 GEMV_DEFAULT_ROWS = 1             # the default takes the GEMV up to this many rows
 SERVING = "serving"               # kernels="serving": every kernel that serves the model
@@ -423,8 +423,8 @@ class DecodeModel(nn.Module):
 
     def _layers(self, x: Tensor, pos: Tensor, attend: Any, gemv: bool = False) -> Tensor:
         """The decoder stack; `attend(i, qkv, cos, sin)` -> [B, S, Hq * D] does the q/k norms
-        and rope (`_heads`), the cache and the attention of layer i (prefill or step); `gemv`: projections through the Triton GEMV,
-        each residual add folded into the next projection. `branch`: a sublayer's output (and
+        and rope (`_heads`), the cache and the attention of layer i (prefill or step); `gemv`:
+        projections through the Triton GEMV, each residual add folded into the next projection. `branch`: a sublayer's output (and
         its Gemma post-norm) not yet added to the residual stream x."""
         gemma, w = self.arch.gemma, self.w
         ropes = self._rope(pos, x.dtype)
@@ -482,8 +482,11 @@ class DecodeModel(nn.Module):
         a = self.arch
         b = tok.shape[0]
         group = a.heads // a.kv_heads
-        ok = _visible(pad.bool(), self.slots[None, :], slot)          # [B, L], built once
-        masks = {False: ok[:, None, None], True: self._in_window(ok, self.slots, slot)[:, None, None]}
+        masks = {}     # the torch attention's, built once a step (the kernel masks itself)
+        if "attention" not in self.kernels:
+            ok = _visible(pad.bool(), self.slots[None, :], slot)      # [B, L]
+            masks = {False: ok[:, None, None],
+                     True: self._in_window(ok, self.slots, slot)[:, None, None]}
 
         def attend(i: int, qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
             k_cache, v_cache = self.cache(i)
@@ -521,8 +524,9 @@ class DecodeModel(nn.Module):
 def step_kernels(w: FusedWeights, batch: int, asked: tuple[str, ...] | str | None
                  ) -> tuple[str, ...]:
     """The Triton kernels the one-token step uses. `asked` None: those of DEFAULT_KERNELS that
-    serve (the GEMV up to GEMV_DEFAULT_ROWS rows); SERVING: every one that serves (CUDA with triton installed, 16-bit weights, a
-    power-of-two head dim; the GEMV up to GEMV_MAX_ROWS rows); a tuple: exactly those, or
+    serve (the GEMV up to GEMV_DEFAULT_ROWS rows); SERVING: every one that serves (CUDA with
+    triton installed, 16-bit weights, a power-of-two head dim; the GEMV up to GEMV_MAX_ROWS
+    rows); a tuple: exactly those, or
     EngineUnavailable naming why not (on CPU they run only when named, under Triton's
     interpreter: tests)."""
     interpret = isinstance(asked, tuple) and os.environ.get("TRITON_INTERPRET") == "1"

@@ -168,9 +168,10 @@ def gemv_blocks(n: int, k: int, rows: int, gated: bool = False) -> tuple[int, in
     weights (gated: gate and up rows). Swept on an H100 over the Gemma-3-270M projections
     (benchmarks/RESULTS.md, decode kernels), these were the fastest of eight tilings or within
     0.2 us of it, and faster than cuBLAS: 2.4-3.2 us against 3.7-6.3 (gate|up 4.3 against 4.7
-    with its activation fused). Several rows: 16 output rows a program
-    (tl.dot's smallest tile), the fastest of six tilings there, and slower than cuBLAS: the
-    default takes the GEMV only at one row (decode_model.GEMV_DEFAULT_ROWS)."""
+    with its activation fused). `n` is unused here: it keys benchmarks/decode_kernels.py's
+    per-shape overrides. Several rows: 16 output rows a program (tl.dot's smallest tile), the
+    fastest of six tilings there, and slower than cuBLAS: the default takes the GEMV only at
+    one row (decode_model.GEMV_DEFAULT_ROWS)."""
     if interpreting():
         return 16, 32, 1
     if rows == 1:
