@@ -182,3 +182,34 @@ def test_resumed_run_appends_a_second_session(tmp_path: Path) -> None:
     phases = read_phases(tmp_path / "run")
     assert len({r["session"] for r in phases}) == 2
     assert e_run(phases).value == pytest.approx(4.0) and e_run(phases, "train").tokens == 20
+
+
+def test_a_bad_read_at_a_session_edge_is_judged_not_counted_as_a_reset(tmp_path: Path) -> None:
+    """A 0 read by the run's own edge reads (start, stop) gets the same second read as a phase
+    edge: before, the run record of a session that ended on such a read said counter-reset
+    (seen in the fault suite when the injected 0 fell on the last read)."""
+    gpus = two_gpus()
+    bad = {"n": 0}
+    real = gpus[0].counter
+
+    def counter() -> int:
+        if bad["n"]:
+            bad["n"] -= 1
+            gpus[0].reads += 1
+            return 0
+        return real()
+
+    gpus[0].counter = counter
+    slow = TelemetryConfig(idle_seconds=0, interval_s=30, slow_interval_s=30,
+                           progress_every_s=30)          # no sampler read between the edges
+    meter, _ = _meter(tmp_path, gpus, slow)
+    meter.start()
+    with meter.phase("train"):
+        gpus[0].energy_mj += 2_000
+    gpus[0].energy_mj += 3_000
+    bad["n"] = 1                                       # the stop's read returns 0
+    meter.stop()
+    run = read_phases(tmp_path / "run")[-1]
+    assert run["kind"] == "run"
+    assert "counter-reset" not in run["flags"] and "counter-glitch" in run["flags"]
+    assert run["per_gpu"][gpus[0].uuid]["energy_j"] == pytest.approx(5.0)

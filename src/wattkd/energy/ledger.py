@@ -429,7 +429,7 @@ class EnergyMeter(_MeterBase):
         if self._write_records and self.run_dir is not None:
             close_dead_windows(self.run_dir, self.host, self.session)
         self._measure_idle()
-        self._run_start = self._sampler.read_now()
+        self._run_start = self._read()
         self._run_t0 = (self._run_start.t_mono, self._run_start.t_wall)
         self._append(self._begin_record("run", "run", 0, 0, None, self._run_t0[1], 0, {}))
         self._progress_stop = threading.Event()
@@ -483,7 +483,7 @@ class EnergyMeter(_MeterBase):
         for w in list(self._stack):
             log.warning("energy meter stopped with phase %r still open", w.name)
         _cuda_sync()
-        end = self._sampler.read_now()
+        end = self._read()
         top = self._session_tokens
         rec = self._record("run", "run", self._run_start, end, self._run_t0,
                            (end.t_mono, end.t_wall), top, {}, [])
@@ -511,10 +511,12 @@ class EnergyMeter(_MeterBase):
 
     # ------------------------------------------------------------------ reads
     def _read(self) -> Snapshot | None:
+        """An edge read (phase, run, idle window): a drop or spike gets one more read, which
+        says whether it was a glitch, so no edge carries an unjudged counter reset."""
         if self._sampler is None:
             return None
         snap = self._sampler.read_now()
-        if snap.suspect:  # a drop or spike: one more read says whether it was a glitch
+        if snap.suspect:
             time.sleep(0.01)
             snap = self._sampler.read_now()
         return snap
@@ -661,9 +663,9 @@ class EnergyMeter(_MeterBase):
             return
         log.info("measuring idle power for %.3g s", secs)
         _cuda_sync()
-        a = self._sampler.read_now()
+        a = self._read()
         changes = self._poll_counter(secs)
-        b = self._sampler.read_now()
+        b = self._read()
         dt = b.t_mono - a.t_mono
         e = self._energies(a, b, dt)
         idle: dict[str, Any] = {"window_s": round(dt, 4), "per_gpu": {},
