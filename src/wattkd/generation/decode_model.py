@@ -424,8 +424,9 @@ class DecodeModel(nn.Module):
     def _layers(self, x: Tensor, pos: Tensor, attend: Any, gemv: bool = False) -> Tensor:
         """The decoder stack; `attend(i, qkv, cos, sin)` -> [B, S, Hq * D] does the q/k norms
         and rope (`_heads`), the cache and the attention of layer i (prefill or step); `gemv`:
-        projections through the Triton GEMV, each residual add folded into the next projection. `branch`: a sublayer's output (and
-        its Gemma post-norm) not yet added to the residual stream x."""
+        projections through the Triton GEMV, each residual add folded into the next
+        projection. `branch`: a sublayer's output (and its Gemma post-norm) not yet added to
+        the residual stream x."""
         gemma, w = self.arch.gemma, self.w
         ropes = self._rope(pos, x.dtype)
         branch: tuple[Tensor, Tensor | None] | None = None
@@ -526,9 +527,8 @@ def step_kernels(w: FusedWeights, batch: int, asked: tuple[str, ...] | str | Non
     """The Triton kernels the one-token step uses. `asked` None: those of DEFAULT_KERNELS that
     serve (the GEMV up to GEMV_DEFAULT_ROWS rows); SERVING: every one that serves (CUDA with
     triton installed, 16-bit weights, a power-of-two head dim; the GEMV up to GEMV_MAX_ROWS
-    rows); a tuple: exactly those, or
-    EngineUnavailable naming why not (on CPU they run only when named, under Triton's
-    interpreter: tests)."""
+    rows); a tuple: exactly those, or EngineUnavailable naming why not (on CPU they run only
+    when named, under Triton's interpreter: tests)."""
     interpret = isinstance(asked, tuple) and os.environ.get("TRITON_INTERPRET") == "1"
     why_not = _kernel_obstacles(w.arch, "cuda" if interpret else w.embed.device.type,
                                 w.matmul_dtype, batch)
